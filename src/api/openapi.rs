@@ -1,0 +1,58 @@
+//! The OpenAPI document (committed as `openapi/openapi.json`; a test fails on drift).
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "fewstep",
+        description = "Serve few-step distilled diffusion models. Errors are `application/problem+json` with a stable `code`.",
+        license(name = "Apache-2.0")
+    ),
+    paths(
+        super::generate::generate,
+        super::info::models,
+        super::info::health,
+        super::info::ready,
+        super::info::metrics,
+    ),
+    components(schemas(
+        super::schema::GenerateRequest,
+        super::schema::GenerateResponse,
+        super::schema::GeneratedOutput,
+        super::schema::StageTimings,
+        super::schema::ModelInfo,
+        super::schema::ModelList,
+        super::schema::Size,
+        super::schema::Status,
+        super::error::Problem,
+        crate::media::OutputFormat,
+    )),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "generation", description = "Text to image and video"),
+        (name = "models", description = "What the server runs"),
+        (name = "operations", description = "Probes and metrics (never need a key)"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The spec as pretty JSON, exactly what `fewstep openapi` prints.
+pub fn spec_json() -> String {
+    ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes")
+}

@@ -1,0 +1,139 @@
+//! Request and response bodies, documented for the OpenAPI spec.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::media::OutputFormat;
+
+/// A text-to-image (`num_frames` 1) or text-to-video (`num_frames` > 1) request.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"prompt": "a small red circle on the left", "n": 2, "seed": 7}))]
+pub struct GenerateRequest {
+    /// What to draw.
+    #[schema(example = "a red circle")]
+    pub prompt: String,
+    /// The unconditional branch of classifier-free guidance (only used when guidance > 1).
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+    /// Model id from `GET /v1/models`; the server's default when absent.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Number of outputs; output `i` uses seed `seed + i`.
+    #[serde(default)]
+    #[schema(minimum = 1, example = 1)]
+    pub n: Option<u32>,
+    #[serde(default)]
+    #[schema(example = 32)]
+    pub width: Option<u32>,
+    #[serde(default)]
+    #[schema(example = 32)]
+    pub height: Option<u32>,
+    /// 1 for an image; more for a video (see the model's `frames`).
+    #[serde(default)]
+    #[schema(example = 1)]
+    pub num_frames: Option<u32>,
+    /// Network evaluations; one of the model's `allowed_steps`.
+    #[serde(default)]
+    pub steps: Option<u32>,
+    /// Classifier-free guidance scale; 1 disables CFG.
+    #[serde(default)]
+    pub guidance: Option<f32>,
+    /// Seed of the first output; random when absent. The same seed gives the same pixels
+    /// whatever else shares the batch.
+    #[serde(default)]
+    #[schema(example = 42)]
+    pub seed: Option<u64>,
+    /// Media format: `png` (default for images), `jpeg`, `webp`; `gif` (default for
+    /// videos) or `apng`.
+    #[serde(default)]
+    pub output_format: Option<OutputFormat>,
+    /// Give up (504) if the request has not finished within this many milliseconds.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// One generated image or video.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct GeneratedOutput {
+    pub index: u32,
+    pub seed: u64,
+    #[schema(example = "image/png")]
+    pub media_type: String,
+    /// Base64 (standard alphabet, padded) of the encoded media.
+    pub data: String,
+    pub width: u32,
+    pub height: u32,
+    pub num_frames: u32,
+}
+
+/// Wall-clock time of each stage, in milliseconds. Text encoding, denoising and decoding are
+/// those of the whole batch the request ran in.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct StageTimings {
+    pub queue_ms: f64,
+    pub text_encoding_ms: f64,
+    pub denoising_ms: f64,
+    pub decoding_ms: f64,
+    pub encoding_ms: f64,
+    pub total_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct GenerateResponse {
+    /// Generation id (also in the `x-generation-id` header).
+    pub id: String,
+    pub model: String,
+    /// Content hash of the weights that produced the outputs.
+    pub model_version: String,
+    /// Unix seconds.
+    pub created: u64,
+    pub steps: u32,
+    pub guidance: f32,
+    /// Rows in the lock-step batch the request ran in.
+    pub batch_size: u32,
+    pub outputs: Vec<GeneratedOutput>,
+    pub timings: StageTimings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Size {
+    pub width: u32,
+    pub height: u32,
+}
+
+/// What a model can do.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ModelInfo {
+    #[schema(example = "tiny-shapes")]
+    pub id: String,
+    pub family: String,
+    pub description: String,
+    /// `image`, and `video` when frames > 1 are allowed.
+    pub kinds: Vec<String>,
+    pub sizes: Vec<Size>,
+    pub frames: Vec<u32>,
+    /// `student` (few-step, re-noising) or `euler` (multi-step teacher).
+    pub sampler: String,
+    pub default_steps: u32,
+    pub allowed_steps: Vec<u32>,
+    pub default_guidance: f32,
+    pub max_guidance: f32,
+    pub max_batch: u32,
+    /// Content hash of the weights being served.
+    pub version: String,
+    /// False while the model serves random weights.
+    pub trained: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ModelList {
+    pub default_model: String,
+    pub models: Vec<ModelInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Status {
+    #[schema(example = "ok")]
+    pub status: String,
+}

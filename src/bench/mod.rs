@@ -1,0 +1,3 @@
+//! `fewstep bench`: measurements printed as ratios taken in one run.
+
+pub mod model;

@@ -1,0 +1,347 @@
+//! Command-line interface: one subcommand per user-facing task.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::config::ServerConfig;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fewstep",
+    version,
+    about = "Serve and distill few-step diffusion models"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the configured models over HTTP.
+    Serve(ServeArgs),
+    /// Generate one image or video to a file, through the same engine as the server.
+    Generate(GenerateArgs),
+    /// Print the OpenAPI document.
+    Openapi,
+    /// List the models under the models directory.
+    Models(ModelsArgs),
+    /// Train the built-in tiny-shapes teacher on ShapesWorld.
+    TrainTeacher(TrainTeacherArgs),
+    /// Measure the denoiser and the server on this machine.
+    Bench(BenchArgs),
+}
+
+/// Flags shared by `serve` and `generate`; each overrides the config file and environment.
+#[derive(Debug, clap::Args, Default)]
+pub struct ServerFlags {
+    /// TOML config file (keys as in `ServerConfig`; `FEWSTEP_*` variables override it).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Directory holding `<model>/manifest.toml`.
+    #[arg(long)]
+    pub models_dir: Option<PathBuf>,
+    /// Models to load (comma-separated); the first is the default.
+    #[arg(long, value_delimiter = ',')]
+    pub models: Option<Vec<String>>,
+    /// Serve random weights where a model's weights file is missing (development, tests).
+    #[arg(long)]
+    pub allow_random_weights: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on (`HOST:PORT`; port 0 picks a free port). Default 127.0.0.1:8080.
+    #[arg(long)]
+    pub addr: Option<String>,
+    #[command(flatten)]
+    pub server: ServerFlags,
+    /// Jobs that may wait before new requests get 429.
+    #[arg(long)]
+    pub queue_capacity: Option<usize>,
+    /// Bearer API keys (comma-separated); none = open.
+    #[arg(long, value_delimiter = ',')]
+    pub api_keys: Option<Vec<String>>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GenerateArgs {
+    /// What to draw.
+    pub prompt: String,
+    /// Output file; the extension picks the format (png, jpg, webp, gif, apng).
+    #[arg(short, long, default_value = "out.png")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long)]
+    pub steps: Option<u32>,
+    #[arg(long)]
+    pub guidance: Option<f32>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Frames (1 = image).
+    #[arg(long, default_value_t = 1)]
+    pub frames: u32,
+    #[command(flatten)]
+    pub server: ServerFlags,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ModelsArgs {
+    #[arg(long, default_value = "models", env = "FEWSTEP_MODELS_DIR")]
+    pub models_dir: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TrainTeacherArgs {
+    /// Run directory: checkpoint, weights, tokenizer, metrics.jsonl, loss.png.
+    #[arg(long, default_value = "runs/teacher")]
+    pub out: PathBuf,
+    /// Continue from `<out>/checkpoint.safetensors`.
+    #[arg(long)]
+    pub resume: bool,
+    /// JSON file with a full `TeacherConfig` (see `--print-config`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Print the default config as JSON and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    #[arg(long)]
+    pub iterations: Option<u64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Model whose architecture to measure.
+    #[arg(long, default_value = "tiny-shapes")]
+    pub model: String,
+    #[arg(long, default_value = "models", env = "FEWSTEP_MODELS_DIR")]
+    pub models_dir: PathBuf,
+    /// Batch sizes for the denoiser measurement.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub batches: Vec<usize>,
+    #[arg(long, default_value_t = 1)]
+    pub frames: usize,
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    init_tracing();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Generate(args) => generate(args),
+        Command::Openapi => {
+            println!("{}", crate::api::openapi::spec_json());
+            Ok(())
+        }
+        Command::Models(args) => models(args),
+        Command::TrainTeacher(args) => train_teacher(args),
+        Command::Bench(args) => bench(args),
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tower_http=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn server_config(flags: &ServerFlags, extra: serde_json::Value) -> anyhow::Result<ServerConfig> {
+    let mut overrides = serde_json::Map::new();
+    if let Some(d) = &flags.models_dir {
+        overrides.insert("models_dir".into(), serde_json::json!(d));
+    }
+    if let Some(m) = &flags.models {
+        overrides.insert("models".into(), serde_json::json!(m));
+    }
+    if flags.allow_random_weights {
+        overrides.insert("allow_random_weights".into(), true.into());
+    }
+    if let serde_json::Value::Object(extra) = extra {
+        overrides.extend(extra);
+    }
+    Ok(ServerConfig::load(
+        flags.config.as_deref(),
+        serde_json::Value::Object(overrides),
+    )?)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut extra = serde_json::Map::new();
+    if let Some(a) = args.addr {
+        extra.insert("addr".into(), a.into());
+    }
+    if let Some(q) = args.queue_capacity {
+        extra.insert("queue_capacity".into(), q.into());
+    }
+    if let Some(k) = args.api_keys {
+        extra.insert("api_keys".into(), serde_json::json!(k));
+    }
+    let config = server_config(&args.server, serde_json::Value::Object(extra))?;
+    runtime()?.block_on(async move {
+        let handle = crate::server::spawn(config, crate::server::termination_signal()).await?;
+        handle.wait().await
+    })
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let config = server_config(&args.server, serde_json::json!({}))?;
+    let ext = args
+        .out
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("png")
+        .to_ascii_lowercase();
+    let format = match ext.as_str() {
+        "png" => crate::media::OutputFormat::Png,
+        "jpg" | "jpeg" => crate::media::OutputFormat::Jpeg,
+        "webp" => crate::media::OutputFormat::Webp,
+        "gif" => crate::media::OutputFormat::Gif,
+        "apng" => crate::media::OutputFormat::Apng,
+        other => anyhow::bail!("unsupported output extension .{other}"),
+    };
+    let device = candle_core::Device::Cpu;
+    let models = crate::server::load_models(&config, &device)?;
+    let engine = crate::engine::Engine::start(models, 1, device);
+    let name = args
+        .model
+        .clone()
+        .unwrap_or_else(|| config.models[0].clone());
+    let card = engine
+        .card(&name)
+        .with_context(|| format!("model {name} is not loaded"))?;
+    let req = crate::api::schema::GenerateRequest {
+        prompt: args.prompt,
+        negative_prompt: None,
+        model: Some(name),
+        n: Some(1),
+        width: None,
+        height: None,
+        num_frames: Some(args.frames),
+        steps: args.steps,
+        guidance: args.guidance,
+        seed: args.seed,
+        output_format: Some(format),
+        timeout_ms: None,
+    };
+    let v = crate::api::generate::validate(req, &card, &config)
+        .map_err(|e| anyhow::anyhow!("{}: {}", e.code, e.detail))?;
+    let (_, out) = runtime()?
+        .block_on(crate::api::generate::run_job(&engine, &v))
+        .map_err(|e| anyhow::anyhow!("{}: {}", e.code, e.detail))?;
+    let bytes = crate::media::encode(&out.outputs[0], format, config.video_fps)?;
+    crate::util::write_atomic(&args.out, &bytes)?;
+    engine.shutdown(std::time::Duration::from_secs(5));
+    tracing::info!(
+        out = %args.out.display(), seed = v.seed, version = %out.model_version,
+        steps = v.steps, "wrote output"
+    );
+    Ok(())
+}
+
+fn models(args: ModelsArgs) -> anyhow::Result<()> {
+    let list = crate::manifest::Manifest::list(&args.models_dir)?;
+    println!(
+        "{:<24} {:<6} {:<8} {:<7} {:<10} weights",
+        "model", "family", "sampler", "steps", "frames"
+    );
+    for m in list {
+        let weights = m.weights_path();
+        let state = if weights.is_file() {
+            "present"
+        } else {
+            "MISSING"
+        };
+        println!(
+            "{:<24} {:<6} {:<8} {:<7} {:<10} {} ({state})",
+            m.name,
+            format!("{:?}", m.family).to_lowercase(),
+            format!("{:?}", m.sampling.sampler).to_lowercase(),
+            m.sampling.default_steps,
+            format!("{:?}", m.serving.frames),
+            weights.display()
+        );
+    }
+    Ok(())
+}
+
+fn train_teacher(args: TrainTeacherArgs) -> anyhow::Result<()> {
+    use crate::train::teacher::{train_teacher, TeacherConfig};
+    if args.print_config {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&TeacherConfig::default())?
+        );
+        return Ok(());
+    }
+    let mut config = match &args.config {
+        Some(p) => serde_json::from_str(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| format!("parsing {}", p.display()))?,
+        None => TeacherConfig::default(),
+    };
+    if let Some(i) = args.iterations {
+        config.iterations = i;
+    }
+    if let Some(s) = args.seed {
+        config.seed = s;
+    }
+    let bar = indicatif::ProgressBar::new(config.iterations);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} ({eta} left) {msg}",
+        )?
+        .progress_chars("=> "),
+    );
+    let device = candle_core::Device::Cpu;
+    let weights = train_teacher(&config, &args.out, args.resume, &device, |step, loss| {
+        bar.set_position(step);
+        bar.set_message(format!("loss {loss:.4}"));
+    })?;
+    bar.finish();
+    println!("weights: {}", weights.display());
+    Ok(())
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let manifest = crate::manifest::Manifest::find(&args.models_dir, &args.model)?;
+    let tokenizer = crate::families::tiny::TinyTokenizer::from_file(&manifest.tokenizer_path())?;
+    let device = candle_core::Device::Cpu;
+    let rows = crate::bench::model::bench_model(
+        &manifest.architecture,
+        &tokenizer,
+        &args.batches,
+        args.frames,
+        args.reps,
+        &device,
+    )?;
+    println!("denoiser {} ({} frames)", args.model, args.frames);
+    println!("batch  fwd samples/s  train samples/s  fwd GFLOP/s  GEMM GFLOP/s  fwd MFU");
+    for r in rows {
+        println!(
+            "{:>5}  {:>13.1}  {:>15.1}  {:>11.2}  {:>12.2}  {:>6.1}%",
+            r.batch,
+            r.forward_samples_per_s,
+            r.train_samples_per_s,
+            r.forward_gflops,
+            r.gemm_gflops,
+            100.0 * r.forward_mfu
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! Server configuration: built-in defaults, then a TOML file, then `FEWSTEP_*` environment
+//! variables, then command-line flags, each layer overriding the one before.
+
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// `HOST:PORT` to listen on; port 0 picks a free port (logged at start).
+    pub addr: String,
+    /// Directory holding `<model>/manifest.toml`.
+    pub models_dir: PathBuf,
+    /// Models to load; the first is the default for requests that name none.
+    pub models: Vec<String>,
+    /// Serve random weights when a model's weights file is missing (tests, development).
+    pub allow_random_weights: bool,
+    /// Jobs that may wait in the queue before new requests get 429.
+    pub queue_capacity: usize,
+    /// Default and largest per-request deadline.
+    pub request_timeout_ms: u64,
+    pub max_body_bytes: usize,
+    pub max_prompt_chars: usize,
+    /// Most outputs one request may ask for (also bounded by the model's max batch).
+    pub max_n: usize,
+    /// Bearer keys; empty = no authentication.
+    pub api_keys: Vec<String>,
+    /// Bearer token for `/admin/*`; unset = admin routes disabled.
+    pub admin_token: Option<String>,
+    /// How long a graceful shutdown may take to finish accepted requests.
+    pub shutdown_timeout_s: u64,
+    /// Frames per second of returned animations.
+    pub video_fps: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            addr: "127.0.0.1:8080".into(),
+            models_dir: PathBuf::from("models"),
+            models: vec!["tiny-shapes".into()],
+            allow_random_weights: false,
+            queue_capacity: 256,
+            request_timeout_ms: 120_000,
+            max_body_bytes: 64 * 1024,
+            max_prompt_chars: 500,
+            max_n: 8,
+            api_keys: Vec::new(),
+            admin_token: None,
+            shutdown_timeout_s: 30,
+            video_fps: 8,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(String);
+
+impl ServerConfig {
+    /// Layers the optional TOML `file`, `FEWSTEP_*` variables (lists as `[a, b]`) and the
+    /// flags in `overrides` (a serialized map of only the flags the user gave).
+    pub fn load(file: Option<&Path>, overrides: serde_json::Value) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(ServerConfig::default()));
+        if let Some(f) = file {
+            if !f.is_file() {
+                return Err(ConfigError(format!(
+                    "config file {} not found",
+                    f.display()
+                )));
+            }
+            fig = fig.merge(Toml::file(f));
+        }
+        fig = fig
+            .merge(Env::prefixed("FEWSTEP_"))
+            .merge(Serialized::defaults(overrides));
+        let cfg: ServerConfig = fig.extract().map_err(|e| ConfigError(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.models.is_empty() {
+            return Err(ConfigError("at least one model must be configured".into()));
+        }
+        if self.queue_capacity == 0 || self.max_n == 0 || self.max_prompt_chars == 0 {
+            return Err(ConfigError(
+                "queue_capacity, max_n and max_prompt_chars must be positive".into(),
+            ));
+        }
+        if self.video_fps == 0 {
+            return Err(ConfigError("video_fps must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_env_then_flags() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "f.toml",
+                "addr = \"0.0.0.0:1\"\nmax_n = 3\nqueue_capacity = 5",
+            )?;
+            jail.set_env("FEWSTEP_MAX_N", "4");
+            jail.set_env("FEWSTEP_API_KEYS", "[k1, k2]");
+            let cfg = ServerConfig::load(
+                Some(Path::new("f.toml")),
+                serde_json::json!({"queue_capacity": 9}),
+            )
+            .map_err(|e| e.to_string())?;
+            assert_eq!(cfg.addr, "0.0.0.0:1");
+            assert_eq!(cfg.max_n, 4);
+            assert_eq!(cfg.queue_capacity, 9);
+            assert_eq!(cfg.api_keys, vec!["k1", "k2"]);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("f.toml", "adr = \"x\"")?;
+            assert!(ServerConfig::load(Some(Path::new("f.toml")), serde_json::json!({})).is_err());
+            jail.create_file("g.toml", "max_n = 0")?;
+            assert!(ServerConfig::load(Some(Path::new("g.toml")), serde_json::json!({})).is_err());
+            Ok(())
+        });
+    }
+}

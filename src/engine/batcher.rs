@@ -1,0 +1,152 @@
+//! Bucketing and batch selection: pure logic over queued jobs, tested without a model.
+
+use std::time::{Duration, Instant};
+
+use super::Job;
+
+/// Requests that can share a lock-step batch.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BucketKey {
+    pub model: String,
+    pub width: usize,
+    pub height: usize,
+    /// 1 = image, more = video.
+    pub frames: usize,
+    pub steps: usize,
+    /// `f32::to_bits` of the guidance scale (exact match, hashable).
+    pub guidance_bits: u32,
+}
+
+impl BucketKey {
+    pub fn guidance(&self) -> f32 {
+        f32::from_bits(self.guidance_bits)
+    }
+}
+
+/// What the worker should do next with its pending jobs.
+#[derive(Debug, PartialEq)]
+pub enum Decision {
+    /// Nothing pending.
+    Idle,
+    /// Run the jobs at these indices (of the pending list) as one batch.
+    Run(Vec<usize>),
+    /// The oldest bucket is not full yet: wait at most this long for company.
+    Wait(Duration),
+}
+
+/// Picks the bucket of the oldest pending job; runs it when it has `max_batch` rows or its
+/// oldest job has waited `max_wait`, else says how long to wait. Jobs are taken in arrival
+/// order while their rows fit in `max_batch` (a job never exceeds `max_batch` rows: the API
+/// validates `n`).
+pub fn decide(
+    pending: &[Job],
+    now: Instant,
+    max_batch: impl Fn(&BucketKey) -> usize,
+    max_wait: impl Fn(&BucketKey) -> Duration,
+) -> Decision {
+    let Some(oldest) = pending.iter().min_by_key(|j| j.enqueued) else {
+        return Decision::Idle;
+    };
+    let key = &oldest.key;
+    let cap = max_batch(key).max(1);
+    let mut chosen = Vec::new();
+    let mut rows = 0;
+    let mut order: Vec<usize> = (0..pending.len())
+        .filter(|&i| &pending[i].key == key)
+        .collect();
+    order.sort_by_key(|&i| pending[i].enqueued);
+    let bucket_rows: usize = order.iter().map(|&i| pending[i].rows()).sum();
+    for i in order {
+        let r = pending[i].rows();
+        if rows + r > cap {
+            if chosen.is_empty() {
+                // A job larger than the batch still runs, alone.
+                chosen.push(i);
+            }
+            break;
+        }
+        rows += r;
+        chosen.push(i);
+    }
+    let waited = now.saturating_duration_since(oldest.enqueued);
+    let wait = max_wait(key);
+    if bucket_rows >= cap || waited >= wait {
+        Decision::Run(chosen)
+    } else {
+        Decision::Wait(wait - waited)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::oneshot;
+
+    fn key(model: &str, frames: usize) -> BucketKey {
+        BucketKey {
+            model: model.into(),
+            width: 32,
+            height: 32,
+            frames,
+            steps: 4,
+            guidance_bits: 1f32.to_bits(),
+        }
+    }
+
+    fn job(k: BucketKey, rows: usize, at: Instant) -> Job {
+        let (reply, _rx) = oneshot::channel();
+        Job {
+            id: "t".into(),
+            key: k,
+            prompt: "p".into(),
+            negative_prompt: String::new(),
+            seeds: (0..rows as u64).collect(),
+            enqueued: at,
+            deadline: at + Duration::from_secs(60),
+            reply,
+        }
+    }
+
+    #[test]
+    fn oldest_bucket_goes_first_and_batches_fill_in_arrival_order() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let pending = vec![
+            job(key("m", 8), 1, t0 + ms(5)),
+            job(key("m", 1), 2, t0),
+            job(key("m", 1), 3, t0 + ms(1)),
+            job(key("m", 1), 4, t0 + ms(2)),
+        ];
+        let d = decide(&pending, t0 + ms(100), |_| 6, |_| ms(10));
+        assert_eq!(d, Decision::Run(vec![1, 2]));
+    }
+
+    #[test]
+    fn a_young_partial_bucket_waits_for_company() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let pending = vec![job(key("m", 1), 1, t0)];
+        assert_eq!(
+            decide(&pending, t0 + ms(3), |_| 8, |_| ms(10)),
+            Decision::Wait(ms(7))
+        );
+        assert_eq!(
+            decide(&pending, t0 + ms(10), |_| 8, |_| ms(10)),
+            Decision::Run(vec![0])
+        );
+    }
+
+    #[test]
+    fn a_full_bucket_runs_without_waiting() {
+        let t0 = Instant::now();
+        let pending: Vec<Job> = (0..4).map(|_| job(key("m", 1), 2, t0)).collect();
+        let d = decide(&pending, t0, |_| 8, |_| Duration::from_secs(1));
+        assert_eq!(d, Decision::Run(vec![0, 1, 2, 3]));
+    }
+
+    #[test]
+    fn nothing_pending_is_idle() {
+        let d = decide(&[], Instant::now(), |_| 8, |_| Duration::ZERO);
+        assert_eq!(d, Decision::Idle);
+    }
+}

@@ -1,0 +1,255 @@
+//! The engine: admission into a bounded queue, bucketing by generation shape, and one worker
+//! thread per device that owns the models and runs lock-step batches.
+//!
+//! Handlers never touch device tensors: they submit a [`Job`] and await its reply. The worker
+//! picks the bucket whose oldest job has waited longest (so no bucket starves), waits up to
+//! the model's `max_wait_ms` for company, and runs up to `max_batch` rows in one pass.
+
+mod batcher;
+mod worker;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use image::RgbImage;
+use tokio::sync::oneshot;
+
+use crate::manifest::{LoadedModel, Manifest};
+
+pub use batcher::BucketKey;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("the queue is full ({capacity} requests waiting); retry later")]
+    QueueFull { capacity: usize },
+    #[error("the server is not ready yet")]
+    NotReady,
+    #[error("the server is shutting down")]
+    Draining,
+    #[error("no model named {0:?} is loaded")]
+    UnknownModel(String),
+    #[error("the request's deadline passed before it could run")]
+    DeadlineExceeded,
+    #[error("generation failed: {0}")]
+    Generation(String),
+    #[error("reload refused: {0}")]
+    Reload(String),
+}
+
+/// What a loaded model can do, as the API validates and reports it.
+#[derive(Debug, Clone)]
+pub struct ModelCard {
+    pub manifest: Manifest,
+    pub version: String,
+    pub trained: bool,
+}
+
+/// One request: `seeds.len()` outputs of one prompt.
+pub struct Job {
+    pub id: String,
+    pub key: BucketKey,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub seeds: Vec<u64>,
+    pub enqueued: Instant,
+    pub deadline: Instant,
+    pub reply: oneshot::Sender<Result<JobOutput, EngineError>>,
+}
+
+impl Job {
+    pub fn rows(&self) -> usize {
+        self.seeds.len()
+    }
+}
+
+/// The result of one job, with the stage timings of the batch it ran in.
+#[derive(Debug, Clone)]
+pub struct JobOutput {
+    pub outputs: Vec<Vec<RgbImage>>,
+    pub model_version: String,
+    /// Rows in the batch this job ran in (across all its jobs).
+    pub batch_size: usize,
+    pub queue_s: f64,
+    pub text_s: f64,
+    pub denoise_s: f64,
+    pub decode_s: f64,
+}
+
+/// A snapshot of the queue for `/admin/queue` and metrics.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct QueueSnapshot {
+    pub queued_jobs: usize,
+    pub capacity: usize,
+    pub ready: bool,
+    pub draining: bool,
+}
+
+pub(crate) struct Shared {
+    queued: AtomicUsize,
+    capacity: usize,
+    ready: AtomicBool,
+    draining: AtomicBool,
+    cards: RwLock<BTreeMap<String, ModelCard>>,
+}
+
+impl Shared {
+    fn set_card(&self, card: ModelCard) {
+        let mut cards = self.cards.write().expect("cards lock poisoned");
+        cards.insert(card.manifest.name.clone(), card);
+    }
+}
+
+pub(crate) enum Msg {
+    Job(Job),
+    Reload {
+        model: String,
+        weights: std::path::PathBuf,
+        reply: oneshot::Sender<Result<ModelCard, EngineError>>,
+    },
+    /// Finish the accepted jobs, then exit.
+    Stop,
+}
+
+/// A cloneable handle to the engine. The worker stops when the last handle is dropped, after
+/// finishing every job it has accepted.
+#[derive(Clone)]
+pub struct Engine {
+    tx: std::sync::mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
+    worker: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl Engine {
+    /// Starts the worker thread and loads `models` on it; the engine reports ready once all
+    /// are loaded.
+    pub fn start(models: Vec<LoadedModel>, queue_capacity: usize, device: Device) -> Self {
+        let shared = Arc::new(Shared {
+            queued: AtomicUsize::new(0),
+            capacity: queue_capacity,
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            cards: RwLock::new(BTreeMap::new()),
+        });
+        for m in &models {
+            shared.set_card(ModelCard {
+                manifest: m.manifest.clone(),
+                version: m.version.clone(),
+                trained: m.trained,
+            });
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let worker_shared = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("fewstep-device-0".into())
+            .spawn(move || worker::run(models, rx, worker_shared, device))
+            .expect("spawning the device worker");
+        shared.ready.store(true, Ordering::SeqCst);
+        Self {
+            tx,
+            shared,
+            worker: Arc::new(Mutex::new(Some(handle))),
+        }
+    }
+
+    /// Queues a job. Fails at once when the queue is full, the engine is not ready or it is
+    /// draining; never blocks.
+    pub fn submit(&self, job: Job) -> Result<(), EngineError> {
+        if self.shared.draining.load(Ordering::SeqCst) {
+            return Err(EngineError::Draining);
+        }
+        if !self.shared.ready.load(Ordering::SeqCst) {
+            return Err(EngineError::NotReady);
+        }
+        let cap = self.shared.capacity;
+        let admitted = self
+            .shared
+            .queued
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
+                (q < cap).then_some(q + 1)
+            });
+        if admitted.is_err() {
+            return Err(EngineError::QueueFull { capacity: cap });
+        }
+        metrics::gauge!("fewstep_queue_depth").increment(1.0);
+        self.tx.send(Msg::Job(job)).map_err(|_| {
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            metrics::gauge!("fewstep_queue_depth").decrement(1.0);
+            EngineError::Draining
+        })
+    }
+
+    /// Loads `weights` for `model` beside the serving copy, validates it with a smoke
+    /// generation, and swaps it in between batches. The old version keeps serving on error.
+    pub async fn reload(
+        &self,
+        model: &str,
+        weights: std::path::PathBuf,
+    ) -> Result<ModelCard, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Reload {
+                model: model.to_string(),
+                weights,
+                reply,
+            })
+            .map_err(|_| EngineError::Draining)?;
+        rx.await.map_err(|_| EngineError::Draining)?
+    }
+
+    pub fn card(&self, model: &str) -> Option<ModelCard> {
+        self.shared
+            .cards
+            .read()
+            .expect("cards lock poisoned")
+            .get(model)
+            .cloned()
+    }
+
+    pub fn cards(&self) -> Vec<ModelCard> {
+        self.shared
+            .cards
+            .read()
+            .expect("cards lock poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.shared.ready.load(Ordering::SeqCst) && !self.shared.draining.load(Ordering::SeqCst)
+    }
+
+    /// Stops admitting new jobs; accepted ones still run.
+    pub fn start_draining(&self) {
+        self.shared.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn snapshot(&self) -> QueueSnapshot {
+        QueueSnapshot {
+            queued_jobs: self.shared.queued.load(Ordering::SeqCst),
+            capacity: self.shared.capacity,
+            ready: self.shared.ready.load(Ordering::SeqCst),
+            draining: self.shared.draining.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Stops admitting, lets the worker finish the accepted jobs, and waits up to `timeout`
+    /// for it to exit. Returns whether it did.
+    pub fn shutdown(&self, timeout: Duration) -> bool {
+        self.start_draining();
+        let _ = self.tx.send(Msg::Stop);
+        let handle = self.worker.lock().expect("worker lock poisoned").take();
+        let Some(handle) = handle else { return true };
+        let deadline = Instant::now() + timeout;
+        while !handle.is_finished() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        handle.join().is_ok()
+    }
+}

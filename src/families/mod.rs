@@ -1,0 +1,3 @@
+//! Model families: architecture, weight loading and conversion of native outputs to x0.
+
+pub mod tiny;

@@ -1,0 +1,155 @@
+//! The tiny family's denoiser: a video DiT in which an image is a one-frame video.
+//!
+//! Tokens are `patch x patch` pixel patches of every frame. Each block runs spatial
+//! self-attention within a frame, temporal self-attention across frames at the same spatial
+//! position (skipped for images), cross-attention to the prompt tokens, and an MLP; the
+//! timestep and the pooled prompt modulate the blocks through adaLN-Zero.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::config::TinyConfig;
+use super::text::TextCond;
+use crate::nn::embed::video_pos_embedding;
+use crate::nn::{
+    gated_residual, layer_norm, modulate, timestep_embedding, Attention, CrossAttention, Linear,
+};
+
+const EPS: f64 = 1e-6;
+
+#[derive(Debug, Clone)]
+struct Block {
+    ada: Linear,
+    spatial: Attention,
+    temporal: Attention,
+    cross: CrossAttention,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct Dit {
+    cfg: TinyConfig,
+    patch_in: Linear,
+    t_fc1: Linear,
+    t_fc2: Linear,
+    text_proj: Linear,
+    blocks: Vec<Block>,
+    final_ada: Linear,
+    patch_out: Linear,
+}
+
+impl Dit {
+    pub fn new(vb: VarBuilder, cfg: &TinyConfig) -> Result<Self> {
+        let d = cfg.dim;
+        let pd = cfg.patch * cfg.patch * cfg.channels;
+        let blocks = (0..cfg.depth)
+            .map(|i| {
+                let vb = vb.pp(format!("blocks.{i}"));
+                Ok(Block {
+                    ada: Linear::zeros(vb.pp("ada"), d, 6 * d)?,
+                    spatial: Attention::new(vb.pp("spatial"), d, cfg.heads, false)?,
+                    temporal: Attention::new(vb.pp("temporal"), d, cfg.heads, true)?,
+                    cross: CrossAttention::new(vb.pp("cross"), d, cfg.text_dim, cfg.heads)?,
+                    fc1: Linear::new(vb.pp("fc1"), d, cfg.mlp_ratio * d)?,
+                    fc2: Linear::new(vb.pp("fc2"), cfg.mlp_ratio * d, d)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            patch_in: Linear::new(vb.pp("patch_in"), pd, d)?,
+            t_fc1: Linear::new(vb.pp("t_fc1"), d, d)?,
+            t_fc2: Linear::new(vb.pp("t_fc2"), d, d)?,
+            text_proj: Linear::new(vb.pp("text_proj"), cfg.text_dim, d)?,
+            blocks,
+            final_ada: Linear::zeros(vb.pp("final_ada"), d, 2 * d)?,
+            patch_out: Linear::zeros(vb.pp("patch_out"), d, pd)?,
+        })
+    }
+
+    /// `[B, F, C, H, W]` -> `[B, F*N, C*p*p]`.
+    fn patchify(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, f, c, h, w) = x.dims5()?;
+        let p = self.cfg.patch;
+        let (gh, gw) = (h / p, w / p);
+        x.reshape((b * f, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b, f * gh * gw, c * p * p))
+    }
+
+    /// `[B, F*N, C*p*p]` -> `[B, F, C, H, W]`.
+    fn unpatchify(&self, x: &Tensor, f: usize, h: usize, w: usize) -> Result<Tensor> {
+        let (b, _, _) = x.dims3()?;
+        let p = self.cfg.patch;
+        let c = self.cfg.channels;
+        let (gh, gw) = (h / p, w / p);
+        x.reshape((b * f, gh, gw, c, p, p))?
+            .permute((0, 3, 1, 4, 2, 5))?
+            .contiguous()?
+            .reshape((b, f, c, h, w))
+    }
+
+    /// Flow-matching velocity `eps - x0` for `x` `[B, F, C, H, W]` at times `t` (`[B]`, in
+    /// `[0, 1]`, 1 = pure noise) under the prompt conditioning `text`.
+    pub fn forward(&self, x: &Tensor, t: &[f32], text: &TextCond) -> Result<Tensor> {
+        let (b, f, _c, h, w) = x.dims5()?;
+        let device = x.device();
+        let d = self.cfg.dim;
+        let p = self.cfg.patch;
+        let n = (h / p) * (w / p);
+
+        let pos = video_pos_embedding(f, h / p, w / p, d, device)?.to_dtype(x.dtype())?;
+        let mut tok = self
+            .patch_in
+            .forward(&self.patchify(x)?)?
+            .broadcast_add(&pos)?;
+
+        let temb = timestep_embedding(t, d, device)?.to_dtype(x.dtype())?;
+        let temb = self.t_fc2.forward(&self.t_fc1.forward(&temb)?.silu()?)?;
+        let cond = (temb + self.text_proj.forward(&text.pooled)?)?.silu()?;
+        let cross_bias = text.head_bias(self.cfg.heads)?;
+
+        for blk in &self.blocks {
+            let m = blk.ada.forward(&cond)?.chunk(6, 1)?;
+            // Spatial attention within each frame.
+            let hmod = modulate(&layer_norm(&tok, EPS)?, &m[0], &m[1])?;
+            let hs = blk
+                .spatial
+                .forward(&hmod.reshape((b * f, n, d))?, None)?
+                .reshape((b, f * n, d))?;
+            tok = gated_residual(&tok, &m[2], &hs)?;
+            // Temporal attention across frames at each spatial position.
+            if f > 1 {
+                let ht = layer_norm(&tok, EPS)?
+                    .reshape((b, f, n, d))?
+                    .transpose(1, 2)?
+                    .contiguous()?
+                    .reshape((b * n, f, d))?;
+                let ht = blk
+                    .temporal
+                    .forward(&ht, None)?
+                    .reshape((b, n, f, d))?
+                    .transpose(1, 2)?
+                    .contiguous()?
+                    .reshape((b, f * n, d))?;
+                tok = (tok + ht)?;
+            }
+            // Cross-attention to the prompt.
+            let hc = blk
+                .cross
+                .forward(&layer_norm(&tok, EPS)?, &text.tokens, Some(&cross_bias))?;
+            tok = (tok + hc)?;
+            // MLP.
+            let hm = modulate(&layer_norm(&tok, EPS)?, &m[3], &m[4])?;
+            let hm = blk.fc2.forward(&blk.fc1.forward(&hm)?.silu()?)?;
+            tok = gated_residual(&tok, &m[5], &hm)?;
+        }
+
+        let fm = self.final_ada.forward(&cond)?.chunk(2, 1)?;
+        let out = modulate(&layer_norm(&tok, EPS)?, &fm[0], &fm[1])?;
+        let out = self.patch_out.forward(&out)?;
+        self.unpatchify(&out, f, h, w)
+    }
+}

@@ -1,0 +1,189 @@
+//! The built-in tiny family: word-level tokenizer, small text encoder and a video DiT trained
+//! with rectified flow in pixel space (32x32 RGB, images are one-frame videos).
+
+pub mod config;
+pub mod dit;
+pub mod text;
+pub mod tokenizer;
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use image::RgbImage;
+
+pub use config::TinyConfig;
+pub use dit::Dit;
+pub use text::{TextCond, TextEncoder};
+pub use tokenizer::TinyTokenizer;
+
+use crate::pipeline::{
+    sample, BatchResult, BatchSpec, Denoiser, FlowSchedule, RowNoise, SamplerParams,
+};
+
+/// Conditioning for one batch: the prompts and, when CFG is on, the negative prompts.
+pub struct TinyCond {
+    pub cond: TextCond,
+    pub uncond: Option<TextCond>,
+}
+
+/// Text encoder + denoiser + tokenizer: everything needed to go from prompts to pixels.
+#[derive(Clone)]
+pub struct TinyModel {
+    pub cfg: TinyConfig,
+    pub tokenizer: TinyTokenizer,
+    pub text: TextEncoder,
+    pub dit: Dit,
+    pub schedule: FlowSchedule,
+    device: Device,
+}
+
+impl TinyModel {
+    /// Builds the model from `vb` (weights from a file, or fresh trainable variables).
+    pub fn new(
+        vb: VarBuilder,
+        cfg: &TinyConfig,
+        tokenizer: TinyTokenizer,
+        schedule: FlowSchedule,
+    ) -> Result<Self> {
+        Ok(Self {
+            cfg: cfg.clone(),
+            text: TextEncoder::new(vb.pp("text"), cfg)?,
+            dit: Dit::new(vb.pp("dit"), cfg)?,
+            tokenizer,
+            schedule,
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Encodes prompts (always padded to the full text length, so a row's result does not
+    /// depend on the other prompts of its batch).
+    pub fn encode(&self, prompts: &[&str]) -> Result<TextCond> {
+        let tokens = self
+            .tokenizer
+            .encode_batch(prompts, self.cfg.text_max_len)
+            .map_err(candle_core::Error::wrap)?;
+        self.text.forward(&tokens)
+    }
+
+    /// Flow velocity for `x` `[B, F, C, H, W]`.
+    pub fn velocity(&self, x: &Tensor, t: &[f32], text: &TextCond) -> Result<Tensor> {
+        self.dit.forward(x, t, text)
+    }
+
+    /// `x0 = x_t - t v` for rectified flow.
+    pub fn x0_from_velocity(&self, x: &Tensor, t: &[f32], v: &Tensor) -> Result<Tensor> {
+        let t = crate::pipeline::schedule::row_scale(t, x)?;
+        x - v.broadcast_mul(&t)?
+    }
+
+    /// Runs a whole batch: encode, sample, decode to 8-bit frames.
+    pub fn generate(&self, spec: &BatchSpec, params: SamplerParams) -> Result<BatchResult> {
+        let start = Instant::now();
+        let prompts: Vec<&str> = spec.prompts.iter().map(String::as_str).collect();
+        let cond = self.encode(&prompts)?;
+        let uncond = if params.guidance > 1.0 {
+            let neg: Vec<&str> = spec.negative_prompts.iter().map(String::as_str).collect();
+            Some(self.encode(&neg)?)
+        } else {
+            None
+        };
+        let text_s = start.elapsed().as_secs_f64();
+
+        let start = Instant::now();
+        let mut rows: Vec<RowNoise> = spec.seeds.iter().map(|&s| RowNoise::new(s)).collect();
+        let shape = [spec.frames, self.cfg.channels, spec.height, spec.width];
+        let cond = TinyCond { cond, uncond };
+        let x0 = sample(
+            self,
+            &self.schedule,
+            params,
+            &cond,
+            &mut rows,
+            &shape,
+            &self.device,
+        )?;
+        let denoise_s = start.elapsed().as_secs_f64();
+
+        let start = Instant::now();
+        let outputs = to_frames(&x0)?;
+        Ok(BatchResult {
+            outputs,
+            text_s,
+            denoise_s,
+            decode_s: start.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+impl Denoiser for TinyModel {
+    type Cond = TinyCond;
+
+    fn predict_x0(&self, x: &Tensor, t: &[f32], cond: &TinyCond, guidance: f32) -> Result<Tensor> {
+        match (&cond.uncond, guidance > 1.0) {
+            (Some(uncond), true) => {
+                // One pass over [cond; uncond], then v = vu + w (vc - vu).
+                let b = x.dim(0)?;
+                let xx = Tensor::cat(&[x, x], 0)?;
+                let tt: Vec<f32> = t.iter().chain(t.iter()).copied().collect();
+                let v = self.velocity(&xx, &tt, &cond.cond.cat(uncond)?)?;
+                let vc = v.narrow(0, 0, b)?;
+                let vu = v.narrow(0, b, b)?;
+                let v = (&vu + ((vc - &vu)? * guidance as f64)?)?;
+                self.x0_from_velocity(x, t, &v)
+            }
+            _ => {
+                let v = self.velocity(x, t, &cond.cond)?;
+                self.x0_from_velocity(x, t, &v)
+            }
+        }
+    }
+}
+
+/// `[B, F, 3, H, W]` in `[-1, 1]` -> per row, `F` RGB frames.
+pub fn to_frames(x: &Tensor) -> Result<Vec<Vec<RgbImage>>> {
+    let (b, f, c, h, w) = x.dims5()?;
+    if c != 3 {
+        candle_core::bail!("expected 3 channels, got {c}");
+    }
+    let px = ((x.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?
+        .round()?
+        .permute((0, 1, 3, 4, 2))?
+        .contiguous()?
+        .to_dtype(DType::U8)?
+        .flatten_all()?
+        .to_vec1::<u8>()?;
+    let frame = h * w * 3;
+    Ok((0..b)
+        .map(|i| {
+            (0..f)
+                .map(|j| {
+                    let off = (i * f + j) * frame;
+                    RgbImage::from_raw(w as u32, h as u32, px[off..off + frame].to_vec())
+                        .expect("buffer has exactly one frame")
+                })
+                .collect()
+        })
+        .collect())
+}
+
+/// Frames (`[-1, 1]` scaled) of one sample as a `[F, 3, H, W]` tensor: the inverse of
+/// [`to_frames`], used to build training batches from the world's renders.
+pub fn from_frames(frames: &[RgbImage], device: &Device) -> Result<Tensor> {
+    let (w, h) = frames[0].dimensions();
+    let (w, h) = (w as usize, h as usize);
+    let mut data = Vec::with_capacity(frames.len() * 3 * h * w);
+    for fr in frames {
+        let raw = fr.as_raw();
+        for c in 0..3 {
+            for i in 0..h * w {
+                data.push(raw[i * 3 + c] as f32 / 127.5 - 1.0);
+            }
+        }
+    }
+    Tensor::from_vec(data, (frames.len(), 3, h, w), device)
+}

@@ -1,0 +1,135 @@
+//! The tiny family's text encoder: token + position embeddings and a few pre-norm
+//! transformer blocks, trained jointly with the denoiser.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Embedding, VarBuilder};
+
+use super::config::TinyConfig;
+use super::tokenizer::TokenBatch;
+use crate::nn::{layer_norm, Attention, Linear};
+
+/// Padding keys get this bias: exp() of it is exactly 0 in f32.
+const NEG_INF: f64 = -1e9;
+
+/// Encoded prompts: per-token features, the key-padding bias for attention, and a pooled
+/// vector (mean over real tokens) for the global conditioning.
+#[derive(Debug, Clone)]
+pub struct TextCond {
+    /// `[B, L, Dt]`
+    pub tokens: Tensor,
+    /// `[B, 1, 1, L]`: 0 for real tokens, a large negative value for padding.
+    pub key_bias: Tensor,
+    /// `[B, Dt]`
+    pub pooled: Tensor,
+}
+
+impl TextCond {
+    pub fn batch_size(&self) -> Result<usize> {
+        self.tokens.dim(0)
+    }
+
+    /// Stacks two conditionings along the batch (CFG runs cond and uncond in one pass).
+    pub fn cat(&self, other: &TextCond) -> Result<TextCond> {
+        Ok(TextCond {
+            tokens: Tensor::cat(&[&self.tokens, &other.tokens], 0)?,
+            key_bias: Tensor::cat(&[&self.key_bias, &other.key_bias], 0)?,
+            pooled: Tensor::cat(&[&self.pooled, &other.pooled], 0)?,
+        })
+    }
+
+    /// Key bias repeated per attention head: `[B*H, 1, L]`.
+    pub fn head_bias(&self, heads: usize) -> Result<Tensor> {
+        let (b, _, _, l) = self.key_bias.dims4()?;
+        self.key_bias
+            .broadcast_as((b, heads, 1, l))?
+            .contiguous()?
+            .reshape((b * heads, 1, l))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct TextBlock {
+    attn: Attention,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct TextEncoder {
+    embed: Embedding,
+    pos: Tensor,
+    blocks: Vec<TextBlock>,
+    heads: usize,
+}
+
+impl TextEncoder {
+    pub fn new(vb: VarBuilder, cfg: &TinyConfig) -> Result<Self> {
+        let d = cfg.text_dim;
+        let table = vb.get_with_hints(
+            (cfg.vocab_size, d),
+            "embed.weight",
+            candle_nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.5,
+            },
+        )?;
+        let pos = vb.get_with_hints(
+            (cfg.text_max_len, d),
+            "pos",
+            candle_nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.1,
+            },
+        )?;
+        let blocks = (0..cfg.text_depth)
+            .map(|i| {
+                let vb = vb.pp(format!("blocks.{i}"));
+                Ok(TextBlock {
+                    attn: Attention::new(vb.pp("attn"), d, cfg.heads, false)?,
+                    fc1: Linear::new(vb.pp("fc1"), d, 2 * d)?,
+                    fc2: Linear::zeros(vb.pp("fc2"), 2 * d, d)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embed: Embedding::new(table, d),
+            pos,
+            blocks,
+            heads: cfg.heads,
+        })
+    }
+
+    pub fn forward(&self, tokens: &TokenBatch) -> Result<TextCond> {
+        let device = self.pos.device();
+        let l = tokens.max_len;
+        let b = tokens.ids.len() / l;
+        let ids = Tensor::from_slice(&tokens.ids, (b, l), device)?;
+        let mask = Tensor::from_slice(&tokens.mask, (b, l), device)?;
+        // (mask - 1) is 0 for real tokens and -1 for padding.
+        let key_bias = ((mask.clone() - 1.0)? * -NEG_INF)?.reshape((b, 1, 1, l))?;
+        let mut x = self
+            .embed
+            .forward(&ids)?
+            .broadcast_add(&self.pos.narrow(0, 0, l)?)?;
+        let head_bias = key_bias
+            .broadcast_as((b, self.heads, 1, l))?
+            .contiguous()?
+            .reshape((b * self.heads, 1, l))?;
+        for blk in &self.blocks {
+            let h = blk.attn.forward(&layer_norm(&x, 1e-5)?, Some(&head_bias))?;
+            x = (x + h)?;
+            let h = blk
+                .fc2
+                .forward(&blk.fc1.forward(&layer_norm(&x, 1e-5)?)?.silu()?)?;
+            x = (x + h)?;
+        }
+        let x = layer_norm(&x, 1e-5)?;
+        let m = mask.unsqueeze(2)?;
+        let pooled = x.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?)?;
+        Ok(TextCond {
+            tokens: x,
+            key_bias,
+            pooled,
+        })
+    }
+}

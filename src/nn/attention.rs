@@ -1,0 +1,102 @@
+//! Multi-head attention composed of differentiable ops.
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::Linear;
+
+/// Scaled dot-product attention over `[B*H, Tq, Dh]` x `[B*H, Tk, Dh]`, with an optional
+/// additive bias broadcastable to `[B*H, Tq, Tk]` (0 for visible keys, a large negative value
+/// for padding). Uses the composed softmax, which has a backward.
+pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if let Some(b) = bias {
+        scores = scores.broadcast_add(b)?;
+    }
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    probs.matmul(v)
+}
+
+/// `[B, T, H*Dh]` -> `[B*H, T, Dh]`.
+fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, d) = x.dims3()?;
+    x.reshape((b, t, heads, d / heads))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b * heads, t, d / heads))
+}
+
+/// `[B*H, T, Dh]` -> `[B, T, H*Dh]`.
+fn merge_heads(x: &Tensor, batch: usize) -> Result<Tensor> {
+    let (bh, t, dh) = x.dims3()?;
+    let heads = bh / batch;
+    x.reshape((batch, heads, t, dh))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((batch, t, heads * dh))
+}
+
+/// Self-attention with a fused QKV projection.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    qkv: Linear,
+    out: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    /// `zero_out` starts the output projection at zero, so a freshly added branch is the
+    /// identity on its residual stream.
+    pub fn new(vb: VarBuilder, dim: usize, heads: usize, zero_out: bool) -> Result<Self> {
+        let qkv = Linear::new(vb.pp("qkv"), dim, 3 * dim)?;
+        let out = if zero_out {
+            Linear::zeros(vb.pp("out"), dim, dim)?
+        } else {
+            Linear::new(vb.pp("out"), dim, dim)?
+        };
+        Ok(Self { qkv, out, heads })
+    }
+
+    /// `x`: `[B, T, D]`; `bias`: additive key bias broadcastable to `[B*H, T, T]`.
+    pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let (b, _t, d) = x.dims3()?;
+        let qkv = self.qkv.forward(x)?;
+        let q = split_heads(&qkv.narrow(D::Minus1, 0, d)?, self.heads)?;
+        let k = split_heads(&qkv.narrow(D::Minus1, d, d)?, self.heads)?;
+        let v = split_heads(&qkv.narrow(D::Minus1, 2 * d, d)?, self.heads)?;
+        let o = sdpa(&q, &k, &v, bias)?;
+        self.out.forward(&merge_heads(&o, b)?)
+    }
+}
+
+/// Attention from image tokens to text tokens.
+#[derive(Debug, Clone)]
+pub struct CrossAttention {
+    q: Linear,
+    kv: Linear,
+    out: Linear,
+    heads: usize,
+}
+
+impl CrossAttention {
+    pub fn new(vb: VarBuilder, dim: usize, context_dim: usize, heads: usize) -> Result<Self> {
+        Ok(Self {
+            q: Linear::new(vb.pp("q"), dim, dim)?,
+            kv: Linear::new(vb.pp("kv"), context_dim, 2 * dim)?,
+            out: Linear::zeros(vb.pp("out"), dim, dim)?,
+            heads,
+        })
+    }
+
+    /// `x`: `[B, T, D]`, `context`: `[B, L, Dc]`, `bias`: `[B*H, 1, L]` key-padding bias.
+    pub fn forward(&self, x: &Tensor, context: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let (b, _t, d) = x.dims3()?;
+        let q = split_heads(&self.q.forward(x)?, self.heads)?;
+        let kv = self.kv.forward(context)?;
+        let k = split_heads(&kv.narrow(D::Minus1, 0, d)?, self.heads)?;
+        let v = split_heads(&kv.narrow(D::Minus1, d, d)?, self.heads)?;
+        let o = sdpa(&q, &k, &v, bias)?;
+        self.out.forward(&merge_heads(&o, b)?)
+    }
+}

@@ -1,0 +1,55 @@
+//! A dense layer that folds all leading dimensions into one GEMM.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+/// `y = x W^T + b`. Unlike `candle_nn::Linear`, inputs of rank 3 or more are flattened to a
+/// single `[rows, in]` matrix, so the CPU runs one large GEMM instead of a batch of small ones
+/// against a broadcast weight.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// A layer with the default (Kaiming-normal) weight init and zero bias.
+    pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+        let init = candle_nn::init::DEFAULT_KAIMING_NORMAL;
+        Self::with_init(vb, in_dim, out_dim, init)
+    }
+
+    /// A layer whose weight and bias start at zero (adaLN-Zero gates, output heads).
+    pub fn zeros(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+        Self::with_init(vb, in_dim, out_dim, candle_nn::init::ZERO)
+    }
+
+    pub fn with_init(vb: VarBuilder, in_dim: usize, out_dim: usize, init: Init) -> Result<Self> {
+        let weight = vb.get_with_hints((out_dim, in_dim), "weight", init)?;
+        let bias = vb.get_with_hints(out_dim, "bias", candle_nn::init::ZERO)?;
+        Ok(Self {
+            weight,
+            bias: Some(bias),
+        })
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.weight.dim(0).unwrap_or(0)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows = x.elem_count() / in_dim.max(1);
+        let x2 = x.reshape((rows, in_dim))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
+        y.reshape(out_dims)
+    }
+}

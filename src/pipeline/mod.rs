@@ -1,0 +1,46 @@
+//! The family-agnostic generation contract: noise schedules, per-request host noise and the
+//! samplers (few-step student, multi-step teacher with CFG), written against [`Denoiser`].
+
+pub mod noise;
+pub mod sampler;
+pub mod schedule;
+
+pub use noise::RowNoise;
+pub use sampler::{sample, SamplerKind, SamplerParams};
+pub use schedule::{FlowSchedule, NoiseSchedule};
+
+use candle_core::{Result, Tensor};
+
+/// A network used as an x0-predictor (AMD.md section 1): each family converts its native
+/// output (epsilon, v, velocity) to a clean-sample estimate.
+pub trait Denoiser {
+    /// Family-specific conditioning (encoded prompts and, for CFG, the unconditional branch).
+    type Cond;
+
+    /// Clean-sample estimate for `x` at per-row times `t` (fractions of the schedule, 1 =
+    /// pure noise). `guidance > 1` applies classifier-free guidance.
+    fn predict_x0(&self, x: &Tensor, t: &[f32], cond: &Self::Cond, guidance: f32)
+        -> Result<Tensor>;
+}
+
+/// One lock-step batch for a model: a row per output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchSpec {
+    pub prompts: Vec<String>,
+    /// The unconditional branch of CFG per row ("" when the request has no negative prompt).
+    pub negative_prompts: Vec<String>,
+    /// Seed of each row's noise stream.
+    pub seeds: Vec<u64>,
+    pub frames: usize,
+    pub width: usize,
+    pub height: usize,
+}
+
+/// The decoded outputs of one batch (one frame list per row) and how long each stage took.
+#[derive(Debug, Clone)]
+pub struct BatchResult {
+    pub outputs: Vec<Vec<image::RgbImage>>,
+    pub text_s: f64,
+    pub denoise_s: f64,
+    pub decode_s: f64,
+}

@@ -1,0 +1,67 @@
+//! Samplers over any [`Denoiser`]: the few-step student sampler of AMD.md section 2 and a
+//! multi-step deterministic (Euler/DDIM) teacher sampler with CFG.
+
+use candle_core::{Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::noise::{batch_noise, RowNoise};
+use super::{Denoiser, NoiseSchedule};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SamplerKind {
+    /// Predict x0, re-noise it with fresh noise to the next time, repeat (distilled students).
+    Student,
+    /// Deterministic Euler/DDIM steps from 1 to 0 (teachers, usually with CFG).
+    Euler,
+}
+
+/// What to run: the sampler, its number of network evaluations, the CFG scale.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplerParams {
+    pub kind: SamplerKind,
+    pub steps: usize,
+    pub guidance: f32,
+}
+
+/// Runs the sampler from pure noise for `rows` outputs of `sample_shape` and returns the final
+/// x0 estimate, `[rows, sample_shape...]`.
+pub fn sample<M: Denoiser, S: NoiseSchedule>(
+    model: &M,
+    schedule: &S,
+    params: SamplerParams,
+    cond: &M::Cond,
+    rows: &mut [RowNoise],
+    sample_shape: &[usize],
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let b = rows.len();
+    let mut x = batch_noise(rows, sample_shape, device)?;
+    let SamplerParams {
+        kind,
+        steps,
+        guidance,
+    } = params;
+    match kind {
+        SamplerKind::Student => {
+            let times = schedule.student_times(steps);
+            let mut x0 = x.clone();
+            for (i, &t) in times.iter().enumerate() {
+                x0 = model.predict_x0(&x, &vec![t; b], cond, guidance)?;
+                if let Some(&next) = times.get(i + 1) {
+                    let n = batch_noise(rows, sample_shape, device)?;
+                    x = schedule.add_noise(&x0, &n, &vec![next; b])?;
+                }
+            }
+            Ok(x0)
+        }
+        SamplerKind::Euler => {
+            let times = schedule.euler_times(steps);
+            for w in times.windows(2) {
+                let x0 = model.predict_x0(&x, &vec![w[0]; b], cond, guidance)?;
+                x = schedule.step(&x, &x0, w[0], w[1])?;
+            }
+            Ok(x)
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! Starting, running and gracefully stopping the HTTP server.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use candle_core::Device;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::api::{router, AppState};
+use crate::config::ServerConfig;
+use crate::engine::Engine;
+use crate::manifest::{LoadedModel, Manifest, ManifestError};
+
+/// The process-wide Prometheus recorder (the `metrics` facade has one global recorder).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let latency = [
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("fewstep_batch_size".into()),
+                    &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
+                )
+                .and_then(|b| b.set_buckets(&latency))
+                .expect("bucket lists are non-empty");
+            match builder.install_recorder() {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(error = %e, "a metrics recorder is already installed");
+                    PrometheusBuilder::new().build_recorder().handle()
+                }
+            }
+        })
+        .clone()
+}
+
+/// Loads every configured model (random weights only where allowed and the file is missing).
+pub fn load_models(config: &ServerConfig, device: &Device) -> anyhow::Result<Vec<LoadedModel>> {
+    let mut out = Vec::new();
+    for name in &config.models {
+        let manifest = Manifest::find(&config.models_dir, name)?;
+        let model = match LoadedModel::load(&manifest, device) {
+            Ok(m) => m,
+            Err(ManifestError::MissingWeights { path }) if config.allow_random_weights => {
+                tracing::warn!(model = %name, %path, "weights missing: serving RANDOM weights");
+                LoadedModel::random(&manifest, 0, device)?
+            }
+            Err(e) => return Err(e).with_context(|| format!("loading model {name}")),
+        };
+        tracing::info!(model = %name, version = %model.version, trained = model.trained, "model loaded");
+        out.push(model);
+    }
+    Ok(out)
+}
+
+/// A running server.
+pub struct ServerHandle {
+    pub addr: SocketAddr,
+    pub engine: Engine,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl ServerHandle {
+    /// Waits until the server stops (after its shutdown signal).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await?
+    }
+
+    /// Graceful shutdown: stop admitting, finish what was accepted, return.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.await?
+    }
+}
+
+/// Binds, loads models and serves until `signal` resolves (or [`ServerHandle::shutdown`]).
+pub async fn spawn(
+    config: ServerConfig,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<ServerHandle> {
+    let device = Device::Cpu;
+    let listener = TcpListener::bind(&config.addr)
+        .await
+        .with_context(|| format!("binding {}", config.addr))?;
+    let addr = listener.local_addr()?;
+    let models = tokio::task::spawn_blocking({
+        let config = config.clone();
+        let device = device.clone();
+        move || load_models(&config, &device)
+    })
+    .await??;
+    let engine = Engine::start(models, config.queue_capacity, device);
+    let state = AppState {
+        engine: engine.clone(),
+        default_model: config.models[0].clone(),
+        config: Arc::new(config.clone()),
+        metrics: metrics_handle(),
+    };
+    let app = router(state);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let drain_engine = engine.clone();
+    let timeout = Duration::from_secs(config.shutdown_timeout_s);
+    let (signalled_tx, signalled_rx) = oneshot::channel::<()>();
+    let shutdown = async move {
+        tokio::select! {
+            _ = signal => {},
+            _ = stop_rx => {},
+        }
+        tracing::info!("shutting down: draining accepted requests");
+        drain_engine.start_draining();
+        let _ = signalled_tx.send(());
+    };
+    let worker_engine = engine.clone();
+    let task = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+        let bounded = async {
+            // After the signal, in-flight requests get `timeout` to finish.
+            let _ = signalled_rx.await;
+            tokio::time::sleep(timeout).await;
+        };
+        tokio::select! {
+            r = serve => r.context("server error")?,
+            _ = bounded => tracing::warn!("shutdown timeout reached; closing open requests"),
+        }
+        let finished = tokio::task::spawn_blocking(move || worker_engine.shutdown(timeout)).await?;
+        if !finished {
+            tracing::warn!("device worker did not finish in time");
+        }
+        tracing::info!("server stopped");
+        Ok(())
+    });
+    tracing::info!(%addr, "listening");
+    Ok(ServerHandle {
+        addr,
+        engine,
+        stop: Some(stop_tx),
+        task,
+    })
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn termination_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,21 @@
+//! Training machinery shared by `train-teacher` and `distill`: AdamW with warmup and
+//! gradient clipping, EMA weights, and atomic, resumable checkpoints.
+
+pub mod checkpoint;
+pub mod ema;
+pub mod optim;
+
+pub mod teacher;
+
+pub use checkpoint::Checkpoint;
+pub use ema::Ema;
+pub use optim::{AdamW, AdamWConfig, StepStats};
+
+/// Named trainable variables of `map`, sorted by name (the order optimizers and checkpoints
+/// use).
+pub fn named_vars(map: &candle_nn::VarMap) -> Vec<(String, candle_core::Var)> {
+    let data = map.data().lock().expect("var map lock poisoned");
+    let mut v: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}

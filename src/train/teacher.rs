@@ -1,0 +1,285 @@
+//! `fewstep train-teacher`: flow-matching training of the tiny family on ShapesWorld.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_nn::VarMap;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+
+use super::{named_vars, AdamW, AdamWConfig, Checkpoint, Ema};
+use crate::families::tiny::{from_frames, TinyConfig, TinyModel, TinyTokenizer};
+use crate::pipeline::FlowSchedule;
+use crate::world::{self, Split};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TeacherConfig {
+    pub architecture: TinyConfig,
+    pub optim: AdamWConfig,
+    pub iterations: u64,
+    pub image_batch: usize,
+    pub video_batch: usize,
+    /// Probability of training a row on the empty prompt (for CFG).
+    pub cfg_dropout: f64,
+    pub ema_decay: f64,
+    pub seed: u64,
+    pub checkpoint_every: u64,
+    pub log_every: u64,
+}
+
+impl Default for TeacherConfig {
+    fn default() -> Self {
+        Self {
+            architecture: TinyConfig::default(),
+            optim: AdamWConfig {
+                lr: 1e-3,
+                warmup_steps: 200,
+                clip_grad_norm: 1.0,
+                weight_decay: 0.01,
+                ..Default::default()
+            },
+            iterations: 4000,
+            image_batch: 48,
+            video_batch: 4,
+            cfg_dropout: 0.1,
+            ema_decay: 0.999,
+            seed: 0,
+            checkpoint_every: 100,
+            log_every: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Meta {
+    step: u64,
+    config: TeacherConfig,
+}
+
+/// One logged training interval.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TeacherLog {
+    pub step: u64,
+    pub loss: f64,
+    pub image_loss: f64,
+    pub video_loss: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub samples_per_s: f64,
+}
+
+/// A training batch: clean samples, prompts (some dropped to ""), of one frame count.
+pub struct WorldBatch {
+    pub x0: Tensor,
+    pub prompts: Vec<String>,
+}
+
+/// Renders `n` training scenes of `frames` frames (1 or `world::VIDEO_FRAMES`).
+pub fn world_batch(
+    rng: &mut ChaCha8Rng,
+    n: usize,
+    video: bool,
+    cfg_dropout: f64,
+    device: &Device,
+) -> Result<WorldBatch> {
+    let mut xs = Vec::with_capacity(n);
+    let mut prompts = Vec::with_capacity(n);
+    for _ in 0..n {
+        let spec = world::sample_spec(rng, Split::Train, video);
+        let frames = world::render(&spec, rng);
+        xs.push(from_frames(&frames, device)?);
+        let drop = rng.random::<f64>() < cfg_dropout;
+        prompts.push(if drop {
+            String::new()
+        } else {
+            world::prompt(&spec)
+        });
+    }
+    Ok(WorldBatch {
+        x0: Tensor::stack(&xs, 0)?,
+        prompts,
+    })
+}
+
+/// Flow-matching loss `mean |v(x_t, t) - (noise - x0)|^2` with logit-normal `t`.
+pub fn flow_matching_loss(
+    model: &TinyModel,
+    batch: &WorldBatch,
+    rng: &mut ChaCha8Rng,
+) -> Result<Tensor> {
+    let b = batch.x0.dim(0)?;
+    let t: Vec<f32> = (0..b)
+        .map(|_| {
+            let z: f32 = StandardNormal.sample(rng);
+            1.0 / (1.0 + (-z).exp())
+        })
+        .collect();
+    let n = batch.x0.elem_count();
+    let noise: Vec<f32> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
+    let noise = Tensor::from_vec(noise, batch.x0.shape(), batch.x0.device())?;
+    let tt = crate::pipeline::schedule::row_scale(&t, &batch.x0)?;
+    let xt = (batch.x0.broadcast_mul(&(1.0 - &tt)?)? + noise.broadcast_mul(&tt)?)?;
+    let prompts: Vec<&str> = batch.prompts.iter().map(String::as_str).collect();
+    let text = model.encode(&prompts)?;
+    let v = model.velocity(&xt, &t, &text)?;
+    (v - (noise - &batch.x0)?)?.sqr()?.mean_all()
+}
+
+fn tensors_of(vars: &[(String, Var)]) -> HashMap<String, Tensor> {
+    vars.iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect()
+}
+
+/// Where a run keeps its files.
+pub struct RunPaths {
+    pub dir: PathBuf,
+}
+
+impl RunPaths {
+    pub fn checkpoint(&self) -> PathBuf {
+        self.dir.join("checkpoint.safetensors")
+    }
+    pub fn weights(&self) -> PathBuf {
+        self.dir.join("teacher.safetensors")
+    }
+    pub fn tokenizer(&self) -> PathBuf {
+        self.dir.join("tokenizer.json")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("metrics.jsonl")
+    }
+}
+
+/// Trains (or resumes) a teacher in `out`; calls `progress` after every step with the step
+/// number and the last loss. Returns the final EMA weights' path.
+pub fn train_teacher(
+    config: &TeacherConfig,
+    out: &Path,
+    resume: bool,
+    device: &Device,
+    mut progress: impl FnMut(u64, f64),
+) -> anyhow::Result<PathBuf> {
+    let paths = RunPaths {
+        dir: out.to_path_buf(),
+    };
+    std::fs::create_dir_all(out)?;
+    let tokenizer = TinyTokenizer::from_vocabulary(&world::vocabulary())?;
+    let mut arch = config.architecture.clone();
+    arch.vocab_size = tokenizer.vocab_size();
+    tokenizer.save(&paths.tokenizer())?;
+
+    let map = VarMap::new();
+    let vb = crate::nn::seeded_var_builder(&map, config.seed, DType::F32, device);
+    let model = TinyModel::new(vb, &arch, tokenizer, FlowSchedule::default())?;
+    let vars = named_vars(&map);
+    let mut opt = AdamW::new(vars.clone(), config.optim.clone())?;
+    let mut ema = Ema::new(&vars, config.ema_decay)?;
+
+    if resume && paths.checkpoint().is_file() {
+        let (meta, groups): (Meta, _) =
+            Checkpoint::load(&paths.checkpoint(), &["param.", "ema.", "opt."], device)?;
+        for (name, var) in &vars {
+            let t = groups[0]
+                .get(name)
+                .ok_or_else(|| anyhow::anyhow!("checkpoint lacks {name}"))?;
+            var.set(t)?;
+        }
+        ema.shadow = groups[1].clone();
+        opt.load_state(&groups[2], meta.step)?;
+        tracing::info!(step = meta.step, "resumed from checkpoint");
+    }
+
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(paths.log())?;
+    let mut window = Instant::now();
+    let mut acc = (0f64, 0f64, 0f64, 0f64, 0u64);
+    while opt.step < config.iterations {
+        let step = opt.step;
+        // A fresh RNG per step, derived from (seed, step): a resumed run sees the same data.
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(config.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let ib = world_batch(
+            &mut rng,
+            config.image_batch,
+            false,
+            config.cfg_dropout,
+            device,
+        )?;
+        let li = flow_matching_loss(&model, &ib, &mut rng)?;
+        let (loss, lv) = if config.video_batch > 0 {
+            let vbt = world_batch(
+                &mut rng,
+                config.video_batch,
+                true,
+                config.cfg_dropout,
+                device,
+            )?;
+            let lv = flow_matching_loss(&model, &vbt, &mut rng)?;
+            let (ni, nv) = (config.image_batch as f64, config.video_batch as f64);
+            let loss = (((&li * ni)? + (&lv * nv)?)? / (ni + nv))?;
+            (loss, Some(lv))
+        } else {
+            (li.clone(), None)
+        };
+        let stats = opt.backward_step(&loss)?;
+        ema.update(opt.vars(), opt.step)?;
+        let l = loss.to_scalar::<f32>()? as f64;
+        acc.0 += l;
+        acc.1 += li.to_scalar::<f32>()? as f64;
+        acc.2 += lv.map(|t| t.to_scalar::<f32>()).transpose()?.unwrap_or(0.0) as f64;
+        acc.3 += stats.grad_norm;
+        acc.4 += 1;
+        progress(opt.step, l);
+
+        if opt.step % config.log_every == 0 || opt.step == config.iterations {
+            let k = acc.4 as f64;
+            let samples = k * (config.image_batch + config.video_batch) as f64;
+            let entry = TeacherLog {
+                step: opt.step,
+                loss: acc.0 / k,
+                image_loss: acc.1 / k,
+                video_loss: acc.2 / k,
+                grad_norm: acc.3 / k,
+                lr: stats.lr,
+                samples_per_s: samples / window.elapsed().as_secs_f64(),
+            };
+            writeln!(log, "{}", serde_json::to_string(&entry)?)?;
+            acc = (0.0, 0.0, 0.0, 0.0, 0);
+            window = Instant::now();
+        }
+        if opt.step % config.checkpoint_every == 0 || opt.step == config.iterations {
+            save(&paths, config, &opt, &ema, &vars)?;
+        }
+    }
+    Ok(paths.weights())
+}
+
+fn save(
+    paths: &RunPaths,
+    config: &TeacherConfig,
+    opt: &AdamW,
+    ema: &Ema,
+    vars: &[(String, Var)],
+) -> anyhow::Result<()> {
+    let meta = Meta {
+        step: opt.step,
+        config: config.clone(),
+    };
+    let params = tensors_of(vars);
+    let state = opt.state();
+    Checkpoint::save(
+        &paths.checkpoint(),
+        &meta,
+        &[("param.", &params), ("ema.", &ema.shadow), ("opt.", &state)],
+    )?;
+    super::checkpoint::save_tensors_atomic(&ema.shadow, &paths.weights())?;
+    Ok(())
+}
