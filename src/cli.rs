@@ -32,6 +32,10 @@ pub enum Command {
     TrainTeacher(TrainTeacherArgs),
     /// Measure the denoiser and the server on this machine.
     Bench(BenchArgs),
+    /// Score a model on fixed ShapesWorld prompt sets (GenEval-style pass rates, FD, diversity).
+    Eval(EvalArgs),
+    /// Plot numeric fields of a metrics.jsonl log against step.
+    Plot(PlotArgs),
 }
 
 /// Flags shared by `serve` and `generate`; each overrides the config file and environment.
@@ -128,6 +132,72 @@ pub struct BenchArgs {
     pub frames: usize,
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
+    /// Also measure the bare engine and the HTTP server (loopback) side by side.
+    #[arg(long)]
+    pub http: bool,
+    /// Skip the denoiser (forward/training/MFU) table.
+    #[arg(long)]
+    pub skip_denoiser: bool,
+    /// Sampler steps for the engine and HTTP measurements (default: the model's).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Guidance for the engine and HTTP measurements (default: the model's).
+    #[arg(long)]
+    pub guidance: Option<f32>,
+    /// Client concurrencies for the HTTP measurement.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub concurrency: Vec<usize>,
+    /// Requests per concurrency level (each level also stops after --max-seconds).
+    #[arg(long, default_value_t = 256)]
+    pub requests: usize,
+    #[arg(long, default_value_t = 60)]
+    pub max_seconds: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    #[arg(long, default_value = "tiny-shapes")]
+    pub model: String,
+    #[arg(long, default_value = "models", env = "FEWSTEP_MODELS_DIR")]
+    pub models_dir: PathBuf,
+    /// Safetensors weights to evaluate instead of the manifest's file (e.g. a run's EMA).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Evaluate random weights when the manifest's weights file is missing.
+    #[arg(long)]
+    pub allow_random_weights: bool,
+    /// Sampler steps (default: the manifest's default_steps).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Guidance weight (default: the manifest's default_guidance); above 1 runs CFG.
+    #[arg(long)]
+    pub cfg: Option<f32>,
+    /// Output directory (default: runs/eval/<model>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Image prompts per split.
+    #[arg(long, default_value_t = 96)]
+    pub image_prompts: usize,
+    /// Video prompts per split.
+    #[arg(long, default_value_t = 32)]
+    pub video_prompts: usize,
+    #[arg(long, default_value_t = 1)]
+    pub samples_per_prompt: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PlotArgs {
+    /// A metrics.jsonl log (one JSON object with a `step` per line).
+    #[arg(long)]
+    pub metrics: PathBuf,
+    /// Output PNG.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Fields to plot (comma-separated); default: every numeric field.
+    #[arg(long, value_delimiter = ',')]
+    pub fields: Vec<String>,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -142,7 +212,40 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Models(args) => models(args),
         Command::TrainTeacher(args) => train_teacher(args),
         Command::Bench(args) => bench(args),
+        Command::Eval(args) => eval(args),
+        Command::Plot(args) => {
+            let fields: Vec<&str> = args.fields.iter().map(String::as_str).collect();
+            crate::eval::plot_jsonl(&args.metrics, &args.out, &fields)
+        }
     }
+}
+
+fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    let device = candle_core::Device::Cpu;
+    let model = crate::eval::load_model(
+        &args.models_dir,
+        &args.model,
+        args.weights.as_deref(),
+        args.allow_random_weights,
+        &device,
+    )?;
+    let out = args
+        .out
+        .unwrap_or_else(|| PathBuf::from("runs/eval").join(&args.model));
+    let opts = crate::eval::EvalOptions {
+        steps: args.steps,
+        guidance: args.cfg,
+        image_prompts: args.image_prompts,
+        video_prompts: args.video_prompts,
+        samples_per_prompt: args.samples_per_prompt,
+        seed: args.seed,
+        out_dir: Some(out.clone()),
+        ..Default::default()
+    };
+    let report = crate::eval::evaluate(&model, &opts)?;
+    println!("{}", report.markdown());
+    println!("wrote {}", out.display());
+    Ok(())
 }
 
 fn init_tracing() {
@@ -150,6 +253,7 @@ fn init_tracing() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tower_http=warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -214,7 +318,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         "apng" => crate::media::OutputFormat::Apng,
         other => anyhow::bail!("unsupported output extension .{other}"),
     };
-    let device = candle_core::Device::Cpu;
+    let device = config.device()?;
     let models = crate::server::load_models(&config, &device)?;
     let engine = crate::engine::Engine::start(models, 1, device);
     let name = args
@@ -320,27 +424,112 @@ fn train_teacher(args: TrainTeacherArgs) -> anyhow::Result<()> {
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let manifest = crate::manifest::Manifest::find(&args.models_dir, &args.model)?;
-    let tokenizer = crate::families::tiny::TinyTokenizer::from_file(&manifest.tokenizer_path())?;
     let device = candle_core::Device::Cpu;
-    let rows = crate::bench::model::bench_model(
-        &manifest.architecture,
-        &tokenizer,
-        &args.batches,
-        args.frames,
-        args.reps,
-        &device,
-    )?;
-    println!("denoiser {} ({} frames)", args.model, args.frames);
-    println!("batch  fwd samples/s  train samples/s  fwd GFLOP/s  GEMM GFLOP/s  fwd MFU");
-    for r in rows {
+    if !args.skip_denoiser {
+        let tokenizer =
+            crate::families::tiny::TinyTokenizer::from_file(&manifest.tokenizer_path())?;
+        let rows = crate::bench::model::bench_model(
+            &manifest.architecture,
+            &tokenizer,
+            &args.batches,
+            args.frames,
+            args.reps,
+            &device,
+        )?;
+        println!("denoiser {} ({} frames)", args.model, args.frames);
+        println!("batch  fwd samples/s  train samples/s  fwd GFLOP/s  GEMM GFLOP/s  fwd MFU");
+        for r in rows {
+            println!(
+                "{:>5}  {:>13.1}  {:>15.1}  {:>11.2}  {:>12.2}  {:>6.1}%",
+                r.batch,
+                r.forward_samples_per_s,
+                r.train_samples_per_s,
+                r.forward_gflops,
+                r.gemm_gflops,
+                100.0 * r.forward_mfu
+            );
+        }
+    }
+    if args.http {
+        bench_http(&args, &manifest)?;
+    }
+    Ok(())
+}
+
+fn bench_http(args: &BenchArgs, manifest: &crate::manifest::Manifest) -> anyhow::Result<()> {
+    use crate::bench::http::{engine_throughput, http_load};
+    let steps = args.steps.unwrap_or(manifest.sampling.default_steps);
+    let guidance = args.guidance.unwrap_or(manifest.sampling.default_guidance);
+    let config = ServerConfig {
+        addr: "127.0.0.1:0".into(),
+        models_dir: args.models_dir.clone(),
+        models: vec![args.model.clone()],
+        allow_random_weights: true,
+        queue_capacity: 4096,
+        ..ServerConfig::default()
+    };
+    let device = candle_core::Device::Cpu;
+    let model = crate::server::load_models(&config, &device)?.remove(0);
+    println!(
+        "\nengine vs HTTP: {} (version {}{}), steps {steps}, guidance {guidance}",
+        args.model,
+        model.version,
+        if model.trained {
+            ""
+        } else {
+            ", UNTRAINED random weights"
+        }
+    );
+    let mut engine_rows = Vec::new();
+    println!("bare engine: batch  images/s  batch ms");
+    for &b in &args.batches {
+        let r = engine_throughput(&model, b, steps, guidance, args.reps)?;
         println!(
-            "{:>5}  {:>13.1}  {:>15.1}  {:>11.2}  {:>12.2}  {:>6.1}%",
-            r.batch,
-            r.forward_samples_per_s,
-            r.train_samples_per_s,
-            r.forward_gflops,
-            r.gemm_gflops,
-            100.0 * r.forward_mfu
+            "             {:>5}  {:>8.1}  {:>8.1}",
+            r.batch, r.images_per_s, r.batch_ms
+        );
+        engine_rows.push(r);
+    }
+    drop(model);
+    let rt = runtime()?;
+    let body = serde_json::json!({"prompt": "a small red circle on the left", "steps": steps, "guidance": guidance});
+    let http_rows = rt.block_on(async {
+        let handle = crate::server::spawn(config, std::future::pending()).await?;
+        let base = format!("http://{}", handle.addr);
+        let mut rows = Vec::new();
+        for &c in &args.concurrency {
+            // Warm up the connection pool and the batch shapes.
+            http_load(
+                &base,
+                body.clone(),
+                c,
+                c,
+                std::time::Duration::from_secs(args.max_seconds),
+            )
+            .await;
+            rows.push(
+                http_load(
+                    &base,
+                    body.clone(),
+                    c,
+                    args.requests,
+                    std::time::Duration::from_secs(args.max_seconds),
+                )
+                .await,
+            );
+        }
+        handle.shutdown().await?;
+        anyhow::Ok(rows)
+    })?;
+    println!("HTTP: concurrency  requests  errors  images/s  p50 ms  p99 ms  mean batch  HTTP/engine at that batch");
+    for r in &http_rows {
+        let same = engine_rows.iter().find(|e| e.batch == r.concurrency);
+        let ratio = same.map_or("-".to_string(), |e| {
+            format!("{:.2}", r.images_per_s / e.images_per_s)
+        });
+        println!(
+            "      {:>11}  {:>8}  {:>6}  {:>8.1}  {:>6.0}  {:>6.0}  {:>10.1}  {ratio}",
+            r.concurrency, r.requests, r.errors, r.images_per_s, r.p50_ms, r.p99_ms, r.mean_batch
         );
     }
     Ok(())

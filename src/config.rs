@@ -34,6 +34,8 @@ pub struct ServerConfig {
     pub shutdown_timeout_s: u64,
     /// Frames per second of returned animations.
     pub video_fps: u32,
+    /// `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
+    pub device: String,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +54,7 @@ impl Default for ServerConfig {
             admin_token: None,
             shutdown_timeout_s: 30,
             video_fps: 8,
+            device: "cpu".into(),
         }
     }
 }
@@ -94,7 +97,24 @@ impl ServerConfig {
         if self.video_fps == 0 {
             return Err(ConfigError("video_fps must be positive".into()));
         }
+        self.device()?;
         Ok(())
+    }
+
+    /// The configured device (fails for CUDA when the build has no CUDA support).
+    pub fn device(&self) -> Result<candle_core::Device, ConfigError> {
+        let d = self.device.trim().to_ascii_lowercase();
+        let ordinal = match d.as_str() {
+            "cpu" => return Ok(candle_core::Device::Cpu),
+            "cuda" => 0,
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(|| {
+                    ConfigError(format!("unknown device {other:?}; use cpu, cuda or cuda:N"))
+                })?,
+        };
+        candle_core::Device::new_cuda(ordinal).map_err(|e| ConfigError(format!("device {d}: {e}")))
     }
 }
 
@@ -102,7 +122,9 @@ impl ServerConfig {
 mod tests {
     use super::*;
 
+    // figment::Jail's closures return figment::Error, which is large by design.
     #[test]
+    #[allow(clippy::result_large_err)]
     fn file_then_env_then_flags() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(
@@ -125,6 +147,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)]
     fn unknown_keys_and_bad_values_are_refused() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("f.toml", "adr = \"x\"")?;

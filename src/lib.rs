@@ -6,6 +6,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod eval;
 pub mod families;
 pub mod manifest;
 pub mod media;

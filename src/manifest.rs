@@ -111,11 +111,11 @@ impl Manifest {
             return Err("serving.sizes and serving.frames must not be empty".into());
         }
         let a = &self.architecture;
-        if a.dim % a.heads != 0 || a.text_dim % a.heads != 0 {
+        if !a.dim.is_multiple_of(a.heads) || !a.text_dim.is_multiple_of(a.heads) {
             return Err("architecture: dim and text_dim must be multiples of heads".into());
         }
         for [w, h] in &self.serving.sizes {
-            if w % a.patch != 0 || h % a.patch != 0 {
+            if !w.is_multiple_of(a.patch) || !h.is_multiple_of(a.patch) {
                 return Err(format!("size {w}x{h} is not a multiple of the patch size"));
             }
         }
@@ -211,13 +211,28 @@ impl LoadedModel {
     /// has been trained. Reported as untrained.
     pub fn random(manifest: &Manifest, seed: u64, device: &Device) -> Result<Self, ManifestError> {
         let tokenizer = TinyTokenizer::from_file(&manifest.tokenizer_path())?;
+        let werr = |e: candle_core::Error| ManifestError::Weights {
+            path: "<random>".into(),
+            message: e.to_string(),
+        };
         let map = VarMap::new();
         let vb = crate::nn::random_var_builder(&map, seed, DType::F32, device);
+        TinyModel::new(
+            vb,
+            &manifest.architecture,
+            tokenizer.clone(),
+            manifest.schedule(),
+        )
+        .map_err(werr)?;
+        // Rebuild from plain tensors: a model over `Var`s would record a graph on every
+        // forward pass, which serving never needs.
+        let tensors = crate::train::named_vars(&map)
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().detach()))
+            .collect();
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         let model = TinyModel::new(vb, &manifest.architecture, tokenizer, manifest.schedule())
-            .map_err(|e| ManifestError::Weights {
-                path: "<random>".into(),
-                message: e.to_string(),
-            })?;
+            .map_err(werr)?;
         Ok(Self {
             manifest: manifest.clone(),
             version: format!("random-{seed}"),

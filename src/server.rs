@@ -90,7 +90,7 @@ pub async fn spawn(
     config: ServerConfig,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<ServerHandle> {
-    let device = Device::Cpu;
+    let device = config.device()?;
     let listener = TcpListener::bind(&config.addr)
         .await
         .with_context(|| format!("binding {}", config.addr))?;

@@ -1,3 +1,4 @@
 //! `fewstep bench`: measurements printed as ratios taken in one run.
 
+pub mod http;
 pub mod model;

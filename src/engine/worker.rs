@@ -90,12 +90,13 @@ fn drop_dead_jobs(pending: &mut Vec<Job>, shared: &Shared) {
     let before = pending.len();
     let mut kept = Vec::with_capacity(before);
     for job in pending.drain(..) {
-        if job.reply.is_closed() {
-            metrics::counter!("fewstep_jobs_dropped_total", "reason" => "client_gone").increment(1);
-            tracing::debug!(id = %job.id, "client went away; dropped before running");
-        } else if now >= job.deadline {
+        // Deadline first: a handler that gave up at its deadline also closes the channel.
+        if now >= job.deadline {
             metrics::counter!("fewstep_jobs_dropped_total", "reason" => "deadline").increment(1);
             let _ = job.reply.send(Err(EngineError::DeadlineExceeded));
+        } else if job.reply.is_closed() {
+            metrics::counter!("fewstep_jobs_dropped_total", "reason" => "client_gone").increment(1);
+            tracing::debug!(id = %job.id, "client went away; dropped before running");
         } else {
             kept.push(job);
         }

@@ -47,7 +47,9 @@ pub fn sample<M: Denoiser, S: NoiseSchedule>(
             let times = schedule.student_times(steps);
             let mut x0 = x.clone();
             for (i, &t) in times.iter().enumerate() {
-                x0 = model.predict_x0(&x, &vec![t; b], cond, guidance)?;
+                // Sampling never needs a graph; detaching keeps a trainable model's steps from
+                // chaining every forward pass into one.
+                x0 = model.predict_x0(&x, &vec![t; b], cond, guidance)?.detach();
                 if let Some(&next) = times.get(i + 1) {
                     let n = batch_noise(rows, sample_shape, device)?;
                     x = schedule.add_noise(&x0, &n, &vec![next; b])?;
@@ -59,7 +61,7 @@ pub fn sample<M: Denoiser, S: NoiseSchedule>(
             let times = schedule.euler_times(steps);
             for w in times.windows(2) {
                 let x0 = model.predict_x0(&x, &vec![w[0]; b], cond, guidance)?;
-                x = schedule.step(&x, &x0, w[0], w[1])?;
+                x = schedule.step(&x, &x0.detach(), w[0], w[1])?.detach();
             }
             Ok(x)
         }

@@ -14,7 +14,7 @@ impl Ema {
     pub fn new(vars: &[(String, Var)], decay: f64) -> Result<Self> {
         let shadow = vars
             .iter()
-            .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().detach().copy()?)))
             .collect::<Result<HashMap<_, _>>>()?;
         Ok(Self { decay, shadow })
     }
@@ -26,7 +26,8 @@ impl Ema {
         let d = self.decay.min(warm);
         for (name, var) in vars {
             if let Some(s) = self.shadow.get_mut(name) {
-                *s = ((&*s * d)? + (var.as_tensor() * (1.0 - d))?)?;
+                // Detached, or each step's average would hold a graph back to the first.
+                *s = ((&*s * d)? + (var.as_tensor().detach() * (1.0 - d))?)?;
             }
         }
         Ok(())

@@ -128,8 +128,8 @@ impl AdamW {
             let m = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
-            let theta = var.as_tensor();
-            let decayed = (theta * (1.0 - lr * c.weight_decay))?;
+            let theta = var.as_tensor().detach();
+            let decayed = (&theta * (1.0 - lr * c.weight_decay))?;
             var.set(&(decayed - (update * lr)?)?)?;
             self.m[i] = m;
             self.v[i] = v;

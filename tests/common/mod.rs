@@ -1,0 +1,102 @@
+//! Shared helpers for the integration tests: a models directory with test settings and a
+//! real server on an ephemeral loopback port.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use fewstep::config::ServerConfig;
+use fewstep::server::{spawn, ServerHandle};
+
+/// A temporary models directory holding `tiny-shapes` with its manifest edited by `edit`
+/// (no weights file, so the server runs seeded random weights).
+pub fn models_dir(tag: &str, edit: impl FnOnce(&mut toml::Table)) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("fewstep-test-{tag}-{}", std::process::id()));
+    let model = dir.join("tiny-shapes");
+    std::fs::create_dir_all(&model).unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-shapes");
+    let mut manifest: toml::Table =
+        toml::from_str(&std::fs::read_to_string(src.join("manifest.toml")).unwrap()).unwrap();
+    manifest.insert("weights".into(), "absent.safetensors".into());
+    edit(&mut manifest);
+    std::fs::write(
+        model.join("manifest.toml"),
+        toml::to_string(&manifest).unwrap(),
+    )
+    .unwrap();
+    std::fs::copy(src.join("tokenizer.json"), model.join("tokenizer.json")).unwrap();
+    dir
+}
+
+/// Sets `[section] key = value` in a manifest table.
+pub fn set(m: &mut toml::Table, section: &str, key: &str, value: impl Into<toml::Value>) {
+    m.get_mut(section)
+        .and_then(|s| s.as_table_mut())
+        .unwrap()
+        .insert(key.into(), value.into());
+}
+
+pub fn config(models_dir: &Path) -> ServerConfig {
+    ServerConfig {
+        addr: "127.0.0.1:0".into(),
+        models_dir: models_dir.to_path_buf(),
+        allow_random_weights: true,
+        ..ServerConfig::default()
+    }
+}
+
+pub struct TestServer {
+    pub handle: ServerHandle,
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+pub async fn start(config: ServerConfig) -> TestServer {
+    let handle = spawn(config, std::future::pending()).await.unwrap();
+    let base = format!("http://{}", handle.addr);
+    TestServer {
+        handle,
+        base,
+        client: reqwest::Client::new(),
+    }
+}
+
+impl TestServer {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn generate(&self, body: serde_json::Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/generate"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+/// Sum of a Prometheus sample over all label sets whose text contains `labels`.
+pub fn metric(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split([' ', '{']).next() == Some(name) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+pub fn decode_b64(s: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+}
