@@ -398,16 +398,7 @@ async fn a_request_whose_client_left_never_reaches_the_device() {
     let dropped = |t: &str| metric(t, "fewstep_jobs_dropped_total", "reason=\"client_gone\"");
     let before = dropped(&s.metrics().await);
     // Keep the worker busy, then send a request and hang up before it can run.
-    let busy = {
-        let s = s.clone();
-        tokio::spawn(async move {
-            s.generate(
-                json!({"prompt": "a red circle", "num_frames": 8, "steps": 8, "guidance": 3.0}),
-            )
-            .await
-            .status()
-        })
-    };
+    let busy = keep_worker_busy(&s);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let quitter = reqwest::Client::builder()
         .timeout(Duration::from_millis(100))
@@ -436,16 +427,7 @@ async fn a_request_whose_client_left_never_reaches_the_device() {
 async fn a_passed_deadline_is_a_504() {
     let dir = models_dir("deadline", |m| set(m, "serving", "max_batch", 1));
     let s = std::sync::Arc::new(start(config(&dir)).await);
-    let busy = {
-        let s = s.clone();
-        tokio::spawn(async move {
-            s.generate(
-                json!({"prompt": "a red circle", "num_frames": 8, "steps": 8, "guidance": 3.0}),
-            )
-            .await
-            .status()
-        })
-    };
+    let busy = keep_worker_busy(&s);
     tokio::time::sleep(Duration::from_millis(50)).await;
     let res = s
         .generate(json!({"prompt": "a red circle", "steps": 1, "timeout_ms": 20}))
@@ -454,6 +436,17 @@ async fn a_passed_deadline_is_a_504() {
     let p: Value = res.json().await.unwrap();
     assert_eq!(p["code"], "deadline_exceeded");
     assert_eq!(busy.await.unwrap(), 200);
+}
+
+/// A video request that occupies the (max_batch 1) worker for a while.
+fn keep_worker_busy(
+    s: &std::sync::Arc<TestServer>,
+) -> tokio::task::JoinHandle<reqwest::StatusCode> {
+    let s = s.clone();
+    tokio::spawn(async move {
+        let body = json!({"prompt": "a red circle", "num_frames": 8, "steps": 8, "guidance": 3.0});
+        s.generate(body).await.status()
+    })
 }
 
 #[test]
