@@ -39,12 +39,17 @@ impl TextCond {
 
     /// Key bias repeated per attention head: `[B*H, 1, L]`.
     pub fn head_bias(&self, heads: usize) -> Result<Tensor> {
-        let (b, _, _, l) = self.key_bias.dims4()?;
-        self.key_bias
-            .broadcast_as((b, heads, 1, l))?
-            .contiguous()?
-            .reshape((b * heads, 1, l))
+        head_bias(&self.key_bias, heads)
     }
+}
+
+/// `[B, 1, 1, L]` key bias -> `[B*H, 1, L]`, one copy per attention head.
+fn head_bias(key_bias: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, _, _, l) = key_bias.dims4()?;
+    key_bias
+        .broadcast_as((b, heads, 1, l))?
+        .contiguous()?
+        .reshape((b * heads, 1, l))
 }
 
 #[derive(Debug, Clone)]
@@ -111,10 +116,7 @@ impl TextEncoder {
             .embed
             .forward(&ids)?
             .broadcast_add(&self.pos.narrow(0, 0, l)?)?;
-        let head_bias = key_bias
-            .broadcast_as((b, self.heads, 1, l))?
-            .contiguous()?
-            .reshape((b * self.heads, 1, l))?;
+        let head_bias = head_bias(&key_bias, self.heads)?;
         for blk in &self.blocks {
             let h = blk.attn.forward(&layer_norm(&x, 1e-5)?, Some(&head_bias))?;
             x = (x + h)?;
