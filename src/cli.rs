@@ -28,6 +28,8 @@ pub enum Command {
     Openapi,
     /// List the models under the models directory.
     Models(ModelsArgs),
+    /// Distill a few-step student from a teacher (DMD2 or AMD), or refine a served student.
+    Distill(DistillArgs),
     /// Train the built-in tiny-shapes teacher on ShapesWorld.
     TrainTeacher(TrainTeacherArgs),
     /// Measure the denoiser and the server on this machine.
@@ -116,6 +118,53 @@ pub struct TrainTeacherArgs {
     pub iterations: Option<u64>,
     #[arg(long)]
     pub seed: Option<u64>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DistillArgs {
+    /// Model to start from: a teacher, or a served student whose manifest names its teacher.
+    #[arg(long, default_value = "tiny-shapes-teacher")]
+    pub model: String,
+    #[arg(long, default_value = "models", env = "FEWSTEP_MODELS_DIR")]
+    pub models_dir: PathBuf,
+    #[arg(long, value_enum)]
+    pub method: Option<crate::distill::Method>,
+    /// Steps of the student's sampler.
+    #[arg(long)]
+    pub student_steps: Option<usize>,
+    /// Training iterations.
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Run directory: checkpoint, metrics.jsonl, plots, eval, and the student as a model
+    /// directory `<out>/<name>/`.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Prompt file, one per line (default: the world's training grammar).
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Continue from `<out>/checkpoint.safetensors`.
+    #[arg(long)]
+    pub resume: bool,
+    /// TOML file with `DistillConfig` keys (see `--print-config`); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Print the effective config as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Image prompts per split in the final eval (0 skips the eval).
+    #[arg(long, default_value_t = 64)]
+    pub eval_prompts: usize,
+    /// Video prompts per split in the final eval.
+    #[arg(long, default_value_t = 16)]
+    pub eval_video_prompts: usize,
+    /// Prompts per split and modality in the eval's diversity set (4 samples each).
+    #[arg(long, default_value_t = 8)]
+    pub eval_diversity_prompts: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -211,6 +260,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Models(args) => models(args),
         Command::TrainTeacher(args) => train_teacher(args),
+        Command::Distill(args) => distill(args),
         Command::Bench(args) => bench(args),
         Command::Eval(args) => eval(args),
         Command::Plot(args) => {
@@ -405,13 +455,7 @@ fn train_teacher(args: TrainTeacherArgs) -> anyhow::Result<()> {
     if let Some(s) = args.seed {
         config.seed = s;
     }
-    let bar = indicatif::ProgressBar::new(config.iterations);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:40}] {pos}/{len} ({eta} left) {msg}",
-        )?
-        .progress_chars("=> "),
-    );
+    let bar = progress_bar(config.iterations)?;
     let device = candle_core::Device::Cpu;
     let weights = train_teacher(&config, &args.out, args.resume, &device, |step, loss| {
         bar.set_position(step);
@@ -419,6 +463,83 @@ fn train_teacher(args: TrainTeacherArgs) -> anyhow::Result<()> {
     })?;
     bar.finish();
     println!("weights: {}", weights.display());
+    Ok(())
+}
+
+/// The training commands' progress bar: elapsed, bar, count, ETA and a live message.
+fn progress_bar(len: u64) -> anyhow::Result<indicatif::ProgressBar> {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} ({eta} left) {msg}",
+        )?
+        .progress_chars("=> "),
+    );
+    Ok(bar)
+}
+
+fn distill(args: DistillArgs) -> anyhow::Result<()> {
+    use crate::distill::{load_config, run, DistillConfig, RunOptions};
+    let mut config = match &args.config {
+        Some(p) => load_config(p)?,
+        None => DistillConfig::default(),
+    };
+    if let Some(m) = args.method {
+        config.method = m;
+    }
+    if let Some(n) = args.student_steps {
+        config.student_steps = n;
+    }
+    if let Some(n) = args.steps {
+        config.iterations = n;
+    }
+    if let Some(s) = args.seed {
+        config.seed = s;
+    }
+    if args.print_config {
+        print!("{}", toml::to_string(&config)?);
+        return Ok(());
+    }
+    let device = crate::config::parse_device(&args.device)?;
+    let eval = (args.eval_prompts > 0).then(|| crate::eval::EvalOptions {
+        image_prompts: args.eval_prompts,
+        video_prompts: args.eval_video_prompts,
+        diversity_prompts: args.eval_diversity_prompts,
+        ..Default::default()
+    });
+    let opts = RunOptions {
+        models_dir: args.models_dir,
+        model: args.model,
+        out: args.out.clone(),
+        prompts: args.prompts,
+        resume: args.resume,
+        config,
+        eval,
+    };
+    let bar = progress_bar(opts.config.iterations)?;
+    let mut last_gen = None;
+    let out = run(&opts, &device, |s, _| {
+        bar.set_position(s.iteration);
+        if let Some(g) = &s.generator {
+            last_gen = Some(g.loss);
+        }
+        bar.set_message(format!(
+            "reward {:.3}  critic {:.4}  generator {}",
+            s.reward_mean,
+            s.critic_loss,
+            last_gen.map_or("-".into(), |l| format!("{l:.4}"))
+        ));
+    })?;
+    bar.finish();
+    if let Some(report) = &out.report {
+        println!("{}", report.markdown());
+    }
+    println!(
+        "student: {} (serve it with --models-dir {} --models {})",
+        out.student_dir.display(),
+        args.out.display(),
+        out.manifest.name
+    );
     Ok(())
 }
 

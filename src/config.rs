@@ -103,19 +103,24 @@ impl ServerConfig {
 
     /// The configured device (fails for CUDA when the build has no CUDA support).
     pub fn device(&self) -> Result<candle_core::Device, ConfigError> {
-        let d = self.device.trim().to_ascii_lowercase();
-        let ordinal = match d.as_str() {
-            "cpu" => return Ok(candle_core::Device::Cpu),
-            "cuda" => 0,
-            other => other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse::<usize>().ok())
-                .ok_or_else(|| {
-                    ConfigError(format!("unknown device {other:?}; use cpu, cuda or cuda:N"))
-                })?,
-        };
-        candle_core::Device::new_cuda(ordinal).map_err(|e| ConfigError(format!("device {d}: {e}")))
+        parse_device(&self.device)
     }
+}
+
+/// `cpu`, `cuda` or `cuda:N` as a device (fails for CUDA when the build has no CUDA support).
+pub fn parse_device(name: &str) -> Result<candle_core::Device, ConfigError> {
+    let d = name.trim().to_ascii_lowercase();
+    let ordinal = match d.as_str() {
+        "cpu" => return Ok(candle_core::Device::Cpu),
+        "cuda" => 0,
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| {
+                ConfigError(format!("unknown device {other:?}; use cpu, cuda or cuda:N"))
+            })?,
+    };
+    candle_core::Device::new_cuda(ordinal).map_err(|e| ConfigError(format!("device {d}: {e}")))
 }
 
 #[cfg(test)]

@@ -76,6 +76,10 @@ pub struct Manifest {
     pub architecture: TinyConfig,
     pub sampling: Sampling,
     pub serving: Serving,
+    /// For a distilled student: the model (under the same models directory) it was distilled
+    /// from, which `fewstep distill` uses as the real teacher when refining it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<String>,
     /// Directory the manifest was read from (set on load).
     #[serde(skip)]
     pub dir: PathBuf,

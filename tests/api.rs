@@ -560,3 +560,105 @@ fn sigterm_drains_accepted_requests_and_exits_cleanly() {
     let log = log.join().unwrap().join("\n");
     assert!(log.contains("server stopped"), "{log}");
 }
+
+/// `fewstep distill` as a user runs it: a few CI-sized iterations on the committed teacher,
+/// a refused overwrite, a resume, and an exported student that loads and generates.
+#[test]
+fn distill_runs_resumes_and_exports_a_servable_student() {
+    use std::process::Command;
+
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::temp_dir().join(format!("fewstep-test-distill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("small.toml");
+    std::fs::write(
+        &config,
+        "prompts = 2\ngroup_size = 2\nvideo_every = 2\nvideo_prompts = 1\n\
+         generator_every = 2\nlog_every = 1\ncheckpoint_every = 1\n[student_optim]\nlr = 1e-4\n",
+    )
+    .unwrap();
+    let out = dir.join("run");
+    let distill = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_fewstep"))
+            .args([
+                "distill",
+                "--model",
+                "tiny-shapes-teacher",
+                "--student-steps",
+                "2",
+            ])
+            .arg("--models-dir")
+            .arg(root.join("models"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--out")
+            .arg(&out)
+            .args(extra)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap()
+    };
+    let eval = [
+        "--eval-prompts",
+        "2",
+        "--eval-video-prompts",
+        "1",
+        "--eval-diversity-prompts",
+        "1",
+    ];
+    let first = distill(&[&["--steps", "2"][..], &eval].concat());
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let log = || std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(log().lines().count(), 2);
+    assert!(out.join("eval/report.json").is_file());
+    assert!(out.join("losses.png").is_file() && out.join("reward.png").is_file());
+
+    // A second run into the same directory must not clobber it.
+    let again = distill(&["--steps", "2", "--eval-prompts", "0"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+
+    // Resume to iteration 3.
+    let resumed = distill(&["--steps", "3", "--resume", "--eval-prompts", "0"]);
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let last: Value = serde_json::from_str(log().lines().last().unwrap()).unwrap();
+    assert_eq!(last["step"], 3);
+    assert!(last["critic_loss"].as_f64().unwrap().is_finite());
+
+    // The export is a model directory that loads and generates with its own sampler.
+    let manifest =
+        fewstep::manifest::Manifest::from_file(&out.join("tiny-shapes/manifest.toml")).unwrap();
+    assert_eq!(manifest.teacher.as_deref(), Some("tiny-shapes-teacher"));
+    assert_eq!(manifest.sampling.default_steps, 2);
+    let model = fewstep::manifest::LoadedModel::load(&manifest, &candle_core::Device::Cpu).unwrap();
+    let spec = fewstep::pipeline::BatchSpec {
+        prompts: vec!["a red circle".into()],
+        negative_prompts: vec![String::new()],
+        seeds: vec![1],
+        frames: 1,
+        width: 32,
+        height: 32,
+    };
+    let out_img = model.generate(&spec, 2, 1.0).unwrap();
+    assert_eq!(out_img.outputs[0][0].dimensions(), (32, 32));
+
+    // A bad key in the config is a clear error, not a silently ignored setting.
+    std::fs::write(&config, "prompt = 2\n").unwrap();
+    let bad = distill(&["--steps", "1", "--resume"]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("unknown field") && err.contains("prompt"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

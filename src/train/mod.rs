@@ -9,7 +9,7 @@ pub mod teacher;
 
 pub use checkpoint::Checkpoint;
 pub use ema::Ema;
-pub use optim::{AdamW, AdamWConfig, StepStats};
+pub use optim::{AdamW, AdamWConfig, LrDecay, StepStats};
 
 /// Named trainable variables of `map`, sorted by name (the order optimizers and checkpoints
 /// use).

@@ -19,6 +19,18 @@ pub struct AdamWConfig {
     pub warmup_steps: u64,
     /// Global gradient-norm clip; 0 disables clipping.
     pub clip_grad_norm: f64,
+    /// Optional linear decay after the constant phase; absent keeps the rate constant.
+    #[serde(default)]
+    pub decay: Option<LrDecay>,
+}
+
+/// Linear decay of the learning rate from `lr` at step `start` to `lr * to` at step `end`
+/// (a warmup-stable-decay schedule; the decay can be added when resuming a run).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LrDecay {
+    pub start: u64,
+    pub end: u64,
+    pub to: f64,
 }
 
 impl Default for AdamWConfig {
@@ -32,6 +44,7 @@ impl Default for AdamWConfig {
             weight_decay: 0.01,
             warmup_steps: 500,
             clip_grad_norm: 10.0,
+            decay: None,
         }
     }
 }
@@ -75,13 +88,19 @@ impl AdamW {
         &self.vars
     }
 
-    /// The learning rate of the next step (linear warmup from 0).
+    /// The learning rate of the next step (linear warmup from 0, then the optional decay).
     pub fn current_lr(&self) -> f64 {
-        let w = self.config.warmup_steps;
-        if w == 0 || self.step >= w {
-            self.config.lr
-        } else {
-            self.config.lr * (self.step + 1) as f64 / w as f64
+        let (lr, w, step) = (self.config.lr, self.config.warmup_steps, self.step);
+        if w > 0 && step < w {
+            return lr * (step + 1) as f64 / w as f64;
+        }
+        match &self.config.decay {
+            Some(d) if step >= d.start => {
+                let span = d.end.saturating_sub(d.start).max(1) as f64;
+                let frac = ((step - d.start) as f64 / span).min(1.0);
+                lr * (1.0 - frac * (1.0 - d.to))
+            }
+            _ => lr,
         }
     }
 
@@ -208,6 +227,27 @@ mod tests {
         let stats = opt.backward_step(&loss)?;
         assert!((stats.grad_norm - 5.0).abs() < 1e-5);
         assert!((stats.lr - 0.25).abs() < 1e-12);
+        Ok(())
+    }
+
+    #[test]
+    fn decay_is_linear_between_its_steps() -> Result<()> {
+        let w = Var::new(&[0.0f32], &Device::Cpu)?;
+        let cfg = AdamWConfig {
+            lr: 1.0,
+            warmup_steps: 0,
+            decay: Some(LrDecay {
+                start: 10,
+                end: 20,
+                to: 0.1,
+            }),
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(vec![("w".into(), w)], cfg)?;
+        for (step, want) in [(5, 1.0), (10, 1.0), (15, 0.55), (20, 0.1), (99, 0.1)] {
+            opt.step = step;
+            assert!((opt.current_lr() - want).abs() < 1e-12, "step {step}");
+        }
         Ok(())
     }
 }

@@ -94,6 +94,18 @@ impl Dit {
     /// Flow-matching velocity `eps - x0` for `x` `[B, F, C, H, W]` at times `t` (`[B]`, in
     /// `[0, 1]`, 1 = pure noise) under the prompt conditioning `text`.
     pub fn forward(&self, x: &Tensor, t: &[f32], text: &TextCond) -> Result<Tensor> {
+        Ok(self.forward_with_features(x, t, text, false)?.0)
+    }
+
+    /// [`Self::forward`], also returning the tokens after the middle block (`[B, F*N, D]`)
+    /// when `features` is set: what a discriminator head reads.
+    pub fn forward_with_features(
+        &self,
+        x: &Tensor,
+        t: &[f32],
+        text: &TextCond,
+        features: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, f, _c, h, w) = x.dims5()?;
         let device = x.device();
         let d = self.cfg.dim;
@@ -111,7 +123,11 @@ impl Dit {
         let cond = (temb + self.text_proj.forward(&text.pooled)?)?.silu()?;
         let cross_bias = text.head_bias(self.cfg.heads)?;
 
-        for blk in &self.blocks {
+        let mut mid = None;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            if features && i == self.blocks.len() / 2 {
+                mid = Some(tok.clone());
+            }
             let m = blk.ada.forward(&cond)?.chunk(6, 1)?;
             // Spatial attention within each frame.
             let hmod = modulate(&layer_norm(&tok, EPS)?, &m[0], &m[1])?;
@@ -150,6 +166,10 @@ impl Dit {
         let fm = self.final_ada.forward(&cond)?.chunk(2, 1)?;
         let out = modulate(&layer_norm(&tok, EPS)?, &fm[0], &fm[1])?;
         let out = self.patch_out.forward(&out)?;
-        self.unpatchify(&out, f, h, w)
+        Ok((self.unpatchify(&out, f, h, w)?, mid))
+    }
+
+    pub fn dim(&self) -> usize {
+        self.cfg.dim
     }
 }

@@ -1,0 +1,318 @@
+//! `fewstep distill`: builds the players from model manifests, runs DMD2/AMD with a metrics
+//! log, plots and atomic checkpoints, exports the student as a servable model directory, and
+//! evaluates it.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::config::{DistillConfig, Method};
+use super::prompts::PromptSource;
+use super::trainer::{Distiller, IterStats};
+use crate::eval::{EvalOptions, EvalReport};
+use crate::manifest::{LoadedModel, Manifest};
+use crate::pipeline::SamplerKind;
+
+/// What to distill and where.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub models_dir: PathBuf,
+    /// The model to start from: a teacher, or a served student whose manifest names its
+    /// teacher (then the student continues from its current weights).
+    pub model: String,
+    pub out: PathBuf,
+    /// Prompt file (one per line); `None` draws from the world's training grammar.
+    pub prompts: Option<PathBuf>,
+    pub resume: bool,
+    pub config: DistillConfig,
+    /// Evaluation of the exported student (`None` skips it).
+    pub eval: Option<EvalOptions>,
+}
+
+/// One logged interval of `metrics.jsonl` (`step` is the iteration).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DistillLog {
+    pub step: u64,
+    pub generator_loss: Option<f64>,
+    pub critic_loss: f64,
+    pub reward_mean: f64,
+    pub reward_std: f64,
+    pub forbidden_frac: f64,
+    pub repulsion_low: Option<f64>,
+    pub repulsion_high: Option<f64>,
+    pub h_abs: Option<f64>,
+    pub lr_student: Option<f64>,
+    pub lr_critic: f64,
+    pub grad_norm_student: Option<f64>,
+    pub grad_norm_critic: f64,
+    pub gan_d_loss: Option<f64>,
+    pub gan_g_loss: Option<f64>,
+    pub samples_per_s: f64,
+}
+
+/// The plots written beside the log: file name and the fields in it.
+const PLOTS: &[(&str, &[&str])] = &[
+    (
+        "losses.png",
+        &["generator_loss", "critic_loss", "gan_d_loss", "gan_g_loss"],
+    ),
+    (
+        "reward.png",
+        &["reward_mean", "reward_std", "forbidden_frac"],
+    ),
+    (
+        "repulsion.png",
+        &["repulsion_low", "repulsion_high", "h_abs"],
+    ),
+    (
+        "optim.png",
+        &[
+            "lr_student",
+            "lr_critic",
+            "grad_norm_student",
+            "grad_norm_critic",
+        ],
+    ),
+    ("speed.png", &["samples_per_s"]),
+];
+
+/// Averages of the iterations since the last log line.
+#[derive(Default)]
+struct Window {
+    stats: Vec<IterStats>,
+    start: Option<Instant>,
+}
+
+fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
+    let v: Vec<f64> = xs.collect();
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+impl Window {
+    fn push(&mut self, s: IterStats) {
+        self.start.get_or_insert_with(Instant::now);
+        self.stats.push(s);
+    }
+
+    fn flush(&mut self) -> DistillLog {
+        let s = std::mem::take(&mut self.stats);
+        let elapsed = self
+            .start
+            .take()
+            .map(|t| t.elapsed().as_secs_f64())
+            .unwrap_or(0.0);
+        let wall = elapsed.max(s.iter().map(|x| x.seconds).sum::<f64>());
+        let gens: Vec<_> = s.iter().filter_map(|x| x.generator.as_ref()).collect();
+        let all = |f: fn(&IterStats) -> f64| mean(s.iter().map(f)).unwrap_or(0.0);
+        DistillLog {
+            step: s.last().map_or(0, |x| x.iteration),
+            generator_loss: mean(gens.iter().map(|g| g.loss)),
+            critic_loss: all(|x| x.critic_loss),
+            reward_mean: all(|x| x.reward_mean),
+            reward_std: all(|x| x.reward_std),
+            forbidden_frac: all(|x| x.forbidden),
+            repulsion_low: mean(gens.iter().filter_map(|g| g.repulsion_low)),
+            repulsion_high: mean(gens.iter().filter_map(|g| g.repulsion_high)),
+            h_abs: mean(gens.iter().map(|g| g.h_abs)),
+            lr_student: mean(gens.iter().map(|g| g.step.lr)),
+            lr_critic: all(|x| x.critic.lr),
+            grad_norm_student: mean(gens.iter().map(|g| g.step.grad_norm)),
+            grad_norm_critic: all(|x| x.critic.grad_norm),
+            gan_d_loss: mean(s.iter().filter_map(|x| x.gan_d_loss)),
+            gan_g_loss: mean(gens.iter().filter_map(|g| g.gan_g_loss)),
+            samples_per_s: s.iter().map(|x| x.samples).sum::<usize>() as f64 / wall.max(1e-9),
+        }
+    }
+}
+
+/// Reads a TOML config over the defaults: every key left out (also inside a table such as
+/// `[student_optim]`) keeps its default.
+pub fn load_config(path: &Path) -> anyhow::Result<DistillConfig> {
+    use figment::providers::{Format, Serialized, Toml};
+    anyhow::ensure!(path.is_file(), "config file {} not found", path.display());
+    figment::Figment::from(Serialized::defaults(DistillConfig::default()))
+        .merge(Toml::file(path))
+        .extract()
+        .with_context(|| format!("parsing {}", path.display()))
+}
+
+fn load_tensors(path: &Path, device: &Device) -> anyhow::Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, device)
+        .with_context(|| format!("loading weights {}", path.display()))
+}
+
+/// The name a first student gets: `tiny-shapes-teacher` -> `tiny-shapes`.
+fn student_name(model: &Manifest) -> String {
+    match (&model.teacher, model.name.strip_suffix("-teacher")) {
+        (Some(_), _) => model.name.clone(),
+        (None, Some(base)) => base.to_string(),
+        (None, None) => format!("{}-student", model.name),
+    }
+}
+
+/// The manifest of an exported student: the teacher's architecture and serving limits, the
+/// few-step sampler without CFG, and a pointer back to the teacher.
+fn student_manifest(teacher: &Manifest, name: String, cfg: &DistillConfig) -> Manifest {
+    let n = cfg.student_steps;
+    let mut m = teacher.clone();
+    m.name = name;
+    m.description = format!(
+        "{}-step {} student of {} ({})",
+        n,
+        match cfg.method {
+            Method::Amd => "AMD",
+            Method::Dmd2 => "DMD2",
+        },
+        teacher.name,
+        teacher.description
+    );
+    m.weights = PathBuf::from("student.safetensors");
+    m.tokenizer = PathBuf::from("tokenizer.json");
+    m.sampling.sampler = SamplerKind::Student;
+    m.sampling.default_steps = n;
+    m.sampling.allowed_steps = (1..=n).collect();
+    m.sampling.default_guidance = 1.0;
+    m.sampling.max_guidance = 1.0;
+    m.teacher = Some(teacher.name.clone());
+    m
+}
+
+/// What a finished run produced.
+pub struct RunOutput {
+    /// A model directory (`manifest.toml`, weights, tokenizer) that `serve` and `eval` load.
+    pub student_dir: PathBuf,
+    pub manifest: Manifest,
+    pub report: Option<EvalReport>,
+}
+
+/// Runs (or resumes) a distillation; `progress` sees every iteration.
+pub fn run(
+    opts: &RunOptions,
+    device: &Device,
+    mut progress: impl FnMut(&IterStats, u64),
+) -> anyhow::Result<RunOutput> {
+    let mut config = opts.config.clone();
+    config.validate()?;
+    let model = Manifest::find(&opts.models_dir, &opts.model)?;
+    let teacher_manifest = match &model.teacher {
+        Some(t) => Manifest::find(&opts.models_dir, t)
+            .with_context(|| format!("the teacher {t:?} of {}", model.name))?,
+        None => model.clone(),
+    };
+    config
+        .guidance
+        .get_or_insert(teacher_manifest.sampling.default_guidance);
+    let reward = crate::reward::by_name(&config.reward)?;
+    let prompts = match &opts.prompts {
+        Some(p) => PromptSource::from_file(p, reward.as_ref())?,
+        None => PromptSource::Grammar,
+    };
+
+    let dir = &opts.out;
+    let checkpoint = dir.join("checkpoint.safetensors");
+    if checkpoint.is_file() && !opts.resume {
+        anyhow::bail!(
+            "{} already holds a run; pass --resume to continue it or choose another --out",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+
+    let teacher = LoadedModel::load(&teacher_manifest, device)?;
+    let teacher_tensors = load_tensors(&teacher_manifest.weights_path(), device)?;
+    let student_init = if model.teacher.is_some() {
+        load_tensors(&model.weights_path(), device)?
+    } else {
+        teacher_tensors.clone()
+    };
+    let mut d = Distiller::new(
+        config.clone(),
+        teacher.model,
+        teacher_tensors,
+        &student_init,
+        reward,
+        prompts,
+    )?;
+    if opts.resume && checkpoint.is_file() {
+        d.load_checkpoint(&checkpoint)?;
+        tracing::info!(iteration = d.state.iteration, "resumed from checkpoint");
+    }
+    crate::util::write_atomic(
+        &dir.join("config.toml"),
+        toml::to_string(&config)?.as_bytes(),
+    )?;
+    tracing::info!(
+        teacher = %teacher_manifest.name,
+        from = %model.name,
+        method = ?config.method,
+        steps = config.student_steps,
+        guidance = config.guidance,
+        "distilling"
+    );
+
+    let log_path = dir.join("metrics.jsonl");
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
+    let mut window = Window::default();
+    while d.state.iteration < config.iterations {
+        let stats = d.step()?;
+        progress(&stats, config.iterations);
+        let it = stats.iteration;
+        window.push(stats);
+        let last = it == config.iterations;
+        if it % config.log_every == 0 || last {
+            writeln!(log, "{}", serde_json::to_string(&window.flush())?)?;
+            log.flush()?;
+        }
+        if it % config.checkpoint_every == 0 || last {
+            d.save_checkpoint(&checkpoint)?;
+        }
+    }
+
+    for (file, fields) in PLOTS {
+        if let Err(e) = crate::eval::plot_jsonl(&log_path, &dir.join(file), fields) {
+            tracing::warn!(plot = file, error = %e, "could not plot");
+        }
+    }
+
+    // Named like the model, so `--models-dir <out>` serves it.
+    let manifest = student_manifest(&teacher_manifest, student_name(&model), &config);
+    let student_dir = dir.join(&manifest.name);
+    crate::train::checkpoint::save_tensors_atomic(
+        &d.student_weights(),
+        &student_dir.join(&manifest.weights),
+    )?;
+    std::fs::copy(
+        teacher_manifest.tokenizer_path(),
+        student_dir.join(&manifest.tokenizer),
+    )?;
+    crate::util::write_atomic(
+        &student_dir.join("manifest.toml"),
+        toml::to_string(&manifest)?.as_bytes(),
+    )?;
+    let manifest = Manifest::from_file(&student_dir.join("manifest.toml"))?;
+
+    let report = match &opts.eval {
+        Some(eval) => {
+            let student = LoadedModel::load(&manifest, device)?;
+            let eval = EvalOptions {
+                out_dir: Some(dir.join("eval")),
+                ..eval.clone()
+            };
+            Some(crate::eval::evaluate(&student, &eval)?)
+        }
+        None => None,
+    };
+    Ok(RunOutput {
+        student_dir,
+        manifest,
+        report,
+    })
+}
