@@ -36,6 +36,11 @@ pub struct ServerConfig {
     pub video_fps: u32,
     /// `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
     pub device: String,
+    /// Generation log: `sqlite://PATH` (created on first start) or `postgres://...`; unset
+    /// keeps no log (and `/feedback` answers 404).
+    pub store_url: Option<String>,
+    /// Log records that may wait for the database before new ones are dropped.
+    pub log_buffer: usize,
 }
 
 impl Default for ServerConfig {
@@ -55,6 +60,8 @@ impl Default for ServerConfig {
             shutdown_timeout_s: 30,
             video_fps: 8,
             device: "cpu".into(),
+            store_url: Some("sqlite://data/fewstep.db".into()),
+            log_buffer: 1024,
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod nn;
 pub mod pipeline;
 pub mod reward;
 pub mod server;
+pub mod store;
 pub mod train;
 pub mod util;
 pub mod world;

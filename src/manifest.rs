@@ -61,6 +61,10 @@ pub struct Serving {
     pub sizes: Vec<[usize; 2]>,
     /// Allowed frame counts (1 = image).
     pub frames: Vec<usize>,
+    /// Keep the encoded outputs in the generation log, so feedback can be tied to pixels
+    /// (cheap for small models; off by default).
+    #[serde(default)]
+    pub keep_media: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -101,8 +101,19 @@ pub async fn spawn(
         move || load_models(&config, &device)
     })
     .await??;
+    let log = match &config.store_url {
+        Some(url) => {
+            let store = crate::store::Store::connect(url)
+                .await
+                .with_context(|| format!("opening the generation log {url}"))?;
+            tracing::info!(url = %redact(url), "generation log open");
+            Some(crate::store::LogWriter::spawn(store, config.log_buffer))
+        }
+        None => None,
+    };
     let engine = Engine::start(models, config.queue_capacity, device);
     let state = AppState {
+        log,
         engine: engine.clone(),
         default_model: config.models[0].clone(),
         config: Arc::new(config.clone()),
@@ -148,6 +159,18 @@ pub async fn spawn(
         stop: Some(stop_tx),
         task,
     })
+}
+
+/// A store URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            let user = creds.split(':').next().unwrap_or_default();
+            format!("{}{user}:***{}", &url[..s + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

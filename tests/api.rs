@@ -662,3 +662,6 @@ fn distill_runs_resumes_and_exports_a_servable_student() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[path = "api/log.rs"]
+mod log;

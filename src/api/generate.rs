@@ -256,6 +256,63 @@ pub async fn run_job(engine: &Engine, v: &Validated) -> Result<(String, JobOutpu
     }
 }
 
+/// The log row of a finished request (never holds the API key itself, only a hash prefix).
+fn log_record(
+    id: &str,
+    v: &Validated,
+    out: &JobOutput,
+    headers: &HeaderMap,
+    total_s: f64,
+    encoding_s: f64,
+    kept: Option<&Vec<Vec<u8>>>,
+) -> crate::store::GenerationRecord {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let api_key_id = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(|k| crate::util::sha256_hex(k.trim().as_bytes())[..12].to_string());
+    crate::store::GenerationRecord {
+        id: id.to_string(),
+        created_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64),
+        model: v.model.clone(),
+        model_version: out.model_version.clone(),
+        prompt: v.prompt.clone(),
+        negative_prompt: v.negative_prompt.clone(),
+        kind: if v.frames > 1 { "video" } else { "image" }.into(),
+        width: v.width as i64,
+        height: v.height as i64,
+        frames: v.frames as i64,
+        steps: v.steps as i64,
+        guidance: v.guidance as f64,
+        seeds: (0..v.n as u64).map(|i| v.seed.wrapping_add(i)).collect(),
+        batch_size: out.batch_size as i64,
+        timings: serde_json::json!({
+            "queue_ms": out.queue_s * 1e3,
+            "text_encoding_ms": out.text_s * 1e3,
+            "denoising_ms": out.denoise_s * 1e3,
+            "decoding_ms": out.decode_s * 1e3,
+            "encoding_ms": encoding_s * 1e3,
+            "total_ms": total_s * 1e3,
+        }),
+        api_key_id,
+        outputs: kept
+            .map(|enc| {
+                enc.iter()
+                    .enumerate()
+                    .map(|(i, bytes)| crate::store::StoredOutput {
+                        index: i as i64,
+                        media_type: v.format.media_type().to_string(),
+                        data: b64.encode(bytes),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
 /// Generate images or videos.
 #[utoipa::path(
     post,
@@ -361,6 +418,19 @@ pub async fn generate(
         id = %id, model = %v.model, n = v.n, frames = v.frames, steps = v.steps,
         batch = out.batch_size, total_ms = total_s * 1e3, "generated"
     );
+
+    if let Some(log) = &state.log {
+        let keep = card.manifest.serving.keep_media;
+        log.log(log_record(
+            &id,
+            &v,
+            &out,
+            &headers,
+            total_s,
+            encoding_s,
+            keep.then_some(&encoded),
+        ));
+    }
 
     if let Wanted::Raw(fmt) = wanted {
         let mut res = encoded

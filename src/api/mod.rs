@@ -1,6 +1,8 @@
 //! The HTTP API: routes, authentication, metrics middleware and the OpenAPI document.
 
+pub mod admin;
 pub mod error;
+pub mod feedback;
 pub mod generate;
 mod info;
 pub mod openapi;
@@ -29,6 +31,8 @@ pub struct AppState {
     pub config: Arc<ServerConfig>,
     pub default_model: String,
     pub metrics: PrometheusHandle,
+    /// The generation log (`None` when `store_url` is unset).
+    pub log: Option<crate::store::LogWriter>,
 }
 
 /// The whole application: public probes, then everything else behind the API keys.
@@ -36,17 +40,28 @@ pub fn router(state: AppState) -> Router {
     let protected = Router::new()
         .route("/generate", post(generate::generate))
         .route("/v1/models", get(info::models))
+        .route("/feedback", post(feedback::feedback))
+        .route("/generations/{id}", get(feedback::generation))
         .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::ApiDoc::openapi()))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
         ));
+    let admin = Router::new()
+        .route("/admin/models/{id}/reload", post(admin::reload))
+        .route("/admin/queue", get(admin::queue))
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            admin::require_admin,
+        ));
     Router::new()
         .route("/health", get(info::health))
         .route("/ready", get(info::ready))
         .route("/metrics", get(info::metrics))
         .merge(protected)
+        .merge(admin)
         .layer(middleware::from_fn(record_metrics))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
@@ -85,7 +100,7 @@ async fn require_api_key(
 }
 
 /// Compares without an early exit on the first differing byte.
-fn constant_time_eq(a: &str, b: &str) -> bool {
+pub(crate) fn constant_time_eq(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

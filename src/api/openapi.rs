@@ -16,6 +16,10 @@ use utoipa::{Modify, OpenApi};
         super::info::health,
         super::info::ready,
         super::info::metrics,
+        super::feedback::feedback,
+        super::feedback::generation,
+        super::admin::reload,
+        super::admin::queue,
     ),
     components(schemas(
         super::schema::GenerateRequest,
@@ -27,12 +31,21 @@ use utoipa::{Modify, OpenApi};
         super::schema::Size,
         super::schema::Status,
         super::error::Problem,
+        super::feedback::FeedbackRequest,
+        super::feedback::Feedback,
+        super::feedback::Generation,
+        super::feedback::Thumbs,
+        super::admin::ReloadRequest,
+        super::admin::ReloadResponse,
+        super::admin::QueueState,
         crate::media::OutputFormat,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "generation", description = "Text to image and video"),
         (name = "models", description = "What the server runs"),
+        (name = "feedback", description = "The generation log and user ratings"),
+        (name = "admin", description = "Hot reload and queue state (admin token)"),
         (name = "operations", description = "Probes and metrics (never need a key)"),
     )
 )]
@@ -46,6 +59,15 @@ impl Modify for BearerAuth {
         components.add_security_scheme(
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "admin",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("The server's `admin_token`"))
+                    .build(),
+            ),
         );
     }
 }

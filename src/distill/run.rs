@@ -81,6 +81,28 @@ const PLOTS: &[(&str, &[&str])] = &[
     ("speed.png", &["samples_per_s"]),
 ];
 
+/// Writes the [`PLOTS`], each with the fields that have values (the GAN's only when it is on).
+fn plot_metrics(log_path: &Path, dir: &Path) {
+    let text = std::fs::read_to_string(log_path).unwrap_or_default();
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    for (file, fields) in PLOTS {
+        let present: Vec<&str> = fields
+            .iter()
+            .copied()
+            .filter(|f| rows.iter().any(|r| r[*f].is_number()))
+            .collect();
+        if present.is_empty() {
+            continue;
+        }
+        if let Err(e) = crate::eval::plot_jsonl(log_path, &dir.join(file), &present) {
+            tracing::warn!(plot = file, error = %e, "could not plot");
+        }
+    }
+}
+
 /// Averages of the iterations since the last log line.
 #[derive(Default)]
 struct Window {
@@ -276,11 +298,7 @@ pub fn run(
         }
     }
 
-    for (file, fields) in PLOTS {
-        if let Err(e) = crate::eval::plot_jsonl(&log_path, &dir.join(file), fields) {
-            tracing::warn!(plot = file, error = %e, "could not plot");
-        }
-    }
+    plot_metrics(&log_path, dir);
 
     // Named like the model, so `--models-dir <out>` serves it.
     let manifest = student_manifest(&teacher_manifest, student_name(&model), &config);

@@ -41,6 +41,8 @@ pub fn config(models_dir: &Path) -> ServerConfig {
         addr: "127.0.0.1:0".into(),
         models_dir: models_dir.to_path_buf(),
         allow_random_weights: true,
+        // Every test server logs, to its own SQLite file.
+        store_url: Some(format!("sqlite://{}/log.db", models_dir.display())),
         ..ServerConfig::default()
     }
 }

@@ -1,0 +1,434 @@
+//! The generation log, feedback, admin reload and queue, on SQLite and (when
+//! `POSTGRES_TEST_URL` names a server, as in CI) on PostgreSQL.
+
+use super::*;
+use fewstep::store::{FeedbackRecord, GenerationRecord, Store, StoredOutput};
+
+/// A fresh, empty PostgreSQL database on the server of `POSTGRES_TEST_URL`.
+async fn postgres_url(tag: &str) -> Option<String> {
+    let base = std::env::var("POSTGRES_TEST_URL").ok()?;
+    let admin = Store::connect(&base)
+        .await
+        .expect("POSTGRES_TEST_URL is reachable");
+    let db = format!("fewstep_test_{tag}_{}", std::process::id());
+    admin
+        .execute(&format!("DROP DATABASE IF EXISTS {db}"))
+        .await
+        .unwrap();
+    admin
+        .execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
+    let (head, _) = base.rsplit_once('/').expect("a URL with a database name");
+    Some(format!("{head}/{db}"))
+}
+
+/// SQLite always; PostgreSQL when configured.
+async fn store_urls(tag: &str, dir: &std::path::Path) -> Vec<String> {
+    let mut urls = vec![format!("sqlite://{}/{tag}.db", dir.display())];
+    match postgres_url(tag).await {
+        Some(u) => urls.push(u),
+        None => eprintln!("POSTGRES_TEST_URL unset: PostgreSQL part skipped"),
+    }
+    urls
+}
+
+fn record(id: &str, prompt: &str, created_ms: i64) -> GenerationRecord {
+    GenerationRecord {
+        id: id.into(),
+        created_ms,
+        model: "tiny-shapes".into(),
+        model_version: "abc".into(),
+        prompt: prompt.into(),
+        negative_prompt: String::new(),
+        kind: "image".into(),
+        width: 32,
+        height: 32,
+        frames: 1,
+        steps: 4,
+        guidance: 1.0,
+        seeds: vec![7, 8],
+        batch_size: 3,
+        timings: json!({"total_ms": 12.5}),
+        api_key_id: Some("k1".into()),
+        outputs: vec![StoredOutput {
+            index: 1,
+            media_type: "image/png".into(),
+            data: "iVBORw0K".into(),
+        }],
+    }
+}
+
+fn rating(id: &str, generation: &str, index: i64, score: f64, at: i64) -> FeedbackRecord {
+    FeedbackRecord {
+        id: id.into(),
+        generation_id: generation.into(),
+        output_index: index,
+        score,
+        thumbs: None,
+        comment: Some("ok".into()),
+        created_ms: at,
+    }
+}
+
+#[tokio::test]
+async fn store_round_trips_on_every_database() {
+    let dir = models_dir("store", |_| {});
+    for url in store_urls("roundtrip", &dir).await {
+        let store = Store::connect(&url).await.unwrap();
+        // Connecting again re-runs the migrations as a no-op.
+        let store2 = Store::connect(&url).await.unwrap();
+        let a = record("g1", "a red circle", 1_000);
+        store.insert_generation(&a).await.unwrap();
+        store2
+            .insert_generation(&record("g2", "a red circle", 2_000))
+            .await
+            .unwrap();
+        store
+            .insert_generation(&record("g3", "two blue squares", 3_000))
+            .await
+            .unwrap();
+        assert!(store.insert_generation(&a).await.is_err(), "ids are unique");
+        assert_eq!(store.generation("g1").await.unwrap().unwrap(), a, "{url}");
+        assert!(store.generation("nope").await.unwrap().is_none());
+
+        store
+            .insert_feedback(&rating("f1", "g1", 1, 0.25, 10))
+            .await
+            .unwrap();
+        store
+            .insert_feedback(&rating("f2", "g2", 1, 0.75, 11))
+            .await
+            .unwrap();
+        let fb = store.feedback_for("g1").await.unwrap();
+        assert_eq!(fb, vec![rating("f1", "g1", 1, 0.25, 10)]);
+        assert!(
+            store
+                .insert_feedback(&rating("f3", "missing", 0, 1.0, 12))
+                .await
+                .is_err(),
+            "feedback must name a logged generation ({url})"
+        );
+
+        let stats = store.prompt_stats(0, Some("tiny-shapes")).await.unwrap();
+        assert_eq!(stats.len(), 2);
+        let red = stats.iter().find(|s| s.prompt == "a red circle").unwrap();
+        assert_eq!((red.generations, red.ratings), (2, 2));
+        assert!((red.mean_score.unwrap() - 0.5).abs() < 1e-12);
+        let blue = stats
+            .iter()
+            .find(|s| s.prompt == "two blue squares")
+            .unwrap();
+        assert_eq!((blue.ratings, blue.mean_score), (0, None));
+        assert_eq!(
+            store.prompt_stats(2_500, None).await.unwrap().len(),
+            1,
+            "since filters"
+        );
+        let rated = store.rated_outputs(0).await.unwrap();
+        assert_eq!(rated.len(), 2);
+        assert_eq!(rated[0].data, "iVBORw0K");
+    }
+}
+
+async fn post_feedback(s: &TestServer, body: Value) -> (u16, Value) {
+    let r = s
+        .client
+        .post(s.url("/feedback"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn feedback_is_validated_and_tied_to_the_logged_generation() {
+    let s = default_server("feedback").await;
+    let r: Value = s
+        .generate(json!({"prompt": "a red circle", "n": 2, "seed": 3, "steps": 1}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = r["id"].as_str().unwrap().to_string();
+
+    // Right after the response: the log row may still be in flight; feedback waits for it.
+    let (code, fb) = post_feedback(&s, json!({"generation_id": id, "score": 0.7})).await;
+    assert_eq!(code, 201, "{fb}");
+    assert_eq!(fb["output_index"], 0);
+    let (code, _) = post_feedback(
+        &s,
+        json!({"generation_id": id, "output_index": 1, "thumbs": "down", "comment": "blurry"}),
+    )
+    .await;
+    assert_eq!(code, 201);
+
+    for (body, want) in [
+        (json!({"generation_id": id}), "invalid_feedback"),
+        (
+            json!({"generation_id": id, "score": 1, "thumbs": "up"}),
+            "invalid_feedback",
+        ),
+        (json!({"generation_id": id, "score": 1.5}), "invalid_score"),
+        (
+            json!({"generation_id": id, "score": 0.5, "output_index": 2}),
+            "invalid_output_index",
+        ),
+        (
+            json!({"generation_id": id, "thumbs": "sideways"}),
+            "invalid_json",
+        ),
+        (
+            json!({"generation_id": id, "score": 0.5, "extra": 1}),
+            "invalid_json",
+        ),
+        (
+            json!({"generation_id": id, "score": 0.5, "comment": "x".repeat(2001)}),
+            "comment_too_long",
+        ),
+    ] {
+        let (code, p) = post_feedback(&s, body.clone()).await;
+        assert_eq!((code, p["code"].as_str().unwrap()), (400, want), "{body}");
+    }
+    let (code, p) = post_feedback(&s, json!({"generation_id": "gen_nope", "score": 0.5})).await;
+    assert_eq!(
+        (code, p["code"].as_str().unwrap()),
+        (404, "unknown_generation")
+    );
+
+    let g: Value = s
+        .client
+        .get(s.url(&format!("/generations/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(g["prompt"], "a red circle");
+    assert_eq!(g["seeds"], json!([3, 4]));
+    assert_eq!(
+        g["kept_outputs"],
+        json!([0, 1]),
+        "the built-in model keeps its media"
+    );
+    let scores: Vec<f64> = g["feedback"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["score"].as_f64().unwrap())
+        .collect();
+    assert_eq!(scores, vec![0.7, 0.0]);
+    let missing = s
+        .client
+        .get(s.url("/generations/gen_nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_keeps_serving_while_its_database_fails_and_recovers() {
+    let dir = models_dir("outage", |_| {});
+    for url in store_urls("outage", &dir).await {
+        let mut cfg = config(&dir);
+        cfg.store_url = Some(url.clone());
+        let s = start(cfg).await;
+        let side = Store::connect(&url).await.unwrap();
+        let dropped = |m: &str| metric(m, "fewstep_log_dropped_total", "db_error");
+        let before = dropped(&s.metrics().await);
+
+        // The table disappears under the running server: generations still succeed.
+        side.execute("ALTER TABLE generations RENAME TO generations_away")
+            .await
+            .unwrap();
+        let mut lost = Vec::new();
+        for seed in 0..3 {
+            let r = s
+                .generate(json!({"prompt": "a red circle", "seed": seed, "steps": 1}))
+                .await;
+            assert_eq!(r.status(), 200, "{url}");
+            lost.push(
+                r.json::<Value>().await.unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while dropped(&s.metrics().await) < before + 3.0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "drops never counted ({url})"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        // It comes back: new generations are logged again.
+        side.execute("ALTER TABLE generations_away RENAME TO generations")
+            .await
+            .unwrap();
+        let r: Value = s
+            .generate(json!({"prompt": "a blue square", "steps": 1}))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let g = s
+            .client
+            .get(s.url(&format!("/generations/{}", r["id"].as_str().unwrap())))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(g.status(), 200, "{url}");
+        let gone = s
+            .client
+            .get(s.url(&format!("/generations/{}", lost[0])))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            gone.status(),
+            404,
+            "a dropped record is gone, not half-written"
+        );
+        s.handle.shutdown().await.unwrap();
+    }
+}
+
+/// Writes random weights for the tiny-shapes architecture to `path`.
+fn random_weights(path: &std::path::Path, seed: u64) {
+    let manifest = fewstep::manifest::Manifest::from_file(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-shapes/manifest.toml"),
+    )
+    .unwrap();
+    let map = candle_nn::VarMap::new();
+    let vb = fewstep::nn::random_var_builder(
+        &map,
+        seed,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    );
+    let tok =
+        fewstep::families::tiny::TinyTokenizer::from_file(&manifest.tokenizer_path()).unwrap();
+    fewstep::families::tiny::TinyModel::new(vb, &manifest.architecture, tok, manifest.schedule())
+        .unwrap();
+    map.save(path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_swaps_weights_under_load_and_refuses_bad_files() {
+    let dir = models_dir("reload", |_| {});
+    let mut cfg = config(&dir);
+    cfg.admin_token = Some("sesame".into());
+    let s = start(cfg).await;
+    let admin = |path: &str| {
+        s.client
+            .post(s.url(path))
+            .bearer_auth("sesame")
+            .header("content-type", "application/json")
+    };
+    let version = |body: &Value| body["model_version"].as_str().unwrap().to_string();
+    let good = dir.join("good.safetensors");
+    random_weights(&good, 5);
+
+    // Reload in the middle of 16 concurrent requests: every request succeeds.
+    let requests: Vec<_> = (0..16)
+        .map(|seed| {
+            let (client, url) = (s.client.clone(), s.url("/generate"));
+            let body = json!({"prompt": "a red circle", "seed": seed, "steps": 2});
+            tokio::spawn(async move { client.post(url).json(&body).send().await.unwrap() })
+        })
+        .collect();
+    let reloaded = admin("/admin/models/tiny-shapes/reload")
+        .json(&json!({"checkpoint": good}))
+        .send()
+        .await
+        .unwrap();
+    let mut responses = Vec::new();
+    for r in requests {
+        responses.push(r.await.unwrap());
+    }
+    assert_eq!(reloaded.status(), 200);
+    let body: Value = reloaded.json().await.unwrap();
+    assert_eq!(body["previous_version"], "random-0");
+    let new_version = version(&body);
+    assert_ne!(new_version, "random-0");
+    let mut versions = std::collections::HashSet::new();
+    for r in responses {
+        assert_eq!(r.status(), 200);
+        versions.insert(version(&r.json::<Value>().await.unwrap()));
+    }
+    assert!(
+        versions
+            .iter()
+            .all(|v| v == "random-0" || *v == new_version),
+        "{versions:?}"
+    );
+    let after: Value = s
+        .generate(json!({"prompt": "a red circle", "steps": 2}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(version(&after), new_version);
+
+    // A corrupt file and a missing one are refused; the new version keeps serving.
+    let corrupt = dir.join("corrupt.safetensors");
+    std::fs::write(&corrupt, b"not a safetensors file").unwrap();
+    for path in [corrupt, dir.join("missing.safetensors")] {
+        let r = admin("/admin/models/tiny-shapes/reload")
+            .json(&json!({"checkpoint": path}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 422);
+        assert_eq!(r.json::<Value>().await.unwrap()["code"], "reload_refused");
+    }
+    let still: Value = s
+        .generate(json!({"prompt": "a red circle", "steps": 2}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(version(&still), new_version);
+
+    // Admin auth, unknown models and the queue.
+    let r = s.client.get(s.url("/admin/queue")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let q: Value = s
+        .client
+        .get(s.url("/admin/queue"))
+        .bearer_auth("sesame")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (q["ready"].as_bool(), q["queued_jobs"].as_u64()),
+        (Some(true), Some(0))
+    );
+    let r = admin("/admin/models/nope/reload")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let open = default_server("reload-off").await;
+    let r = open
+        .client
+        .get(open.url("/admin/queue"))
+        .bearer_auth("sesame")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        404,
+        "no admin token configured: admin routes are off"
+    );
+}
