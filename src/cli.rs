@@ -165,6 +165,38 @@ pub struct DistillArgs {
     /// Prompts per split and modality in the eval's diversity set (4 samples each).
     #[arg(long, default_value_t = 8)]
     pub eval_diversity_prompts: usize,
+    /// Train on a server's generation log (`sqlite://PATH` or `postgres://...`): its prompts,
+    /// oversampling low-rated ones, and a reward fitted to its feedback.
+    #[arg(long)]
+    pub from_log: Option<String>,
+    /// With --from-log: only generations since this time (RFC 3339, e.g. 2026-11-27T08:00:00Z,
+    /// or Unix milliseconds).
+    #[arg(long, requires = "from_log")]
+    pub since: Option<String>,
+    /// With --from-log: rated outputs needed to fit the `logged` reward head.
+    #[arg(long, default_value_t = 32, requires = "from_log")]
+    pub min_feedback: usize,
+    /// With --from-log: extra weight of a prompt rated 0 (`1 + x * (1 - mean score)`).
+    #[arg(long, default_value_t = 2.0, requires = "from_log")]
+    pub oversample: f64,
+    /// Reload the student into this running server when training ends (its admin route).
+    #[arg(long)]
+    pub publish: Option<String>,
+    /// Admin token for --publish.
+    #[arg(long, env = "FEWSTEP_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+}
+
+/// Unix milliseconds from RFC 3339 (UTC `Z` or an offset) or a plain integer.
+fn parse_since(s: &str) -> anyhow::Result<i64> {
+    if let Ok(ms) = s.parse::<i64>() {
+        return Ok(ms);
+    }
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .with_context(|| {
+            format!("--since {s:?}: use RFC 3339 (2026-11-27T08:00:00Z) or Unix ms")
+        })?;
+    Ok((t.unix_timestamp_nanos() / 1_000_000) as i64)
 }
 
 #[derive(Debug, clap::Args)]
@@ -507,7 +539,31 @@ fn distill(args: DistillArgs) -> anyhow::Result<()> {
         diversity_prompts: args.eval_diversity_prompts,
         ..Default::default()
     });
+    let from_log = match &args.from_log {
+        Some(url) => Some(crate::distill::run::LogSource {
+            url: url.clone(),
+            since_ms: args
+                .since
+                .as_deref()
+                .map(parse_since)
+                .transpose()?
+                .unwrap_or(0),
+            min_feedback: args.min_feedback,
+            oversample: args.oversample,
+        }),
+        None => None,
+    };
+    let publish = match (&args.publish, &args.admin_token) {
+        (Some(url), Some(token)) => Some(crate::distill::run::Publish {
+            url: url.clone(),
+            admin_token: token.clone(),
+        }),
+        (Some(_), None) => anyhow::bail!("--publish needs --admin-token or FEWSTEP_ADMIN_TOKEN"),
+        (None, _) => None,
+    };
     let opts = RunOptions {
+        from_log,
+        publish,
         models_dir: args.models_dir,
         model: args.model,
         out: args.out.clone(),

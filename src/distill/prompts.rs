@@ -3,10 +3,12 @@
 
 use std::path::Path;
 
-use rand::seq::IndexedRandom;
 use rand::Rng;
+use rand_distr::weighted::WeightedIndex;
+use rand_distr::Distribution;
 
 use crate::reward::Reward;
+use crate::store::PromptStats;
 use crate::world::{self, Split};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,18 +28,43 @@ pub enum PromptError {
     Empty(String),
 }
 
+/// Prompts with sampling weights.
+#[derive(Debug, Clone, Default)]
+pub struct Weighted {
+    pub prompts: Vec<String>,
+    pub weights: Vec<f64>,
+}
+
+impl Weighted {
+    fn push(&mut self, prompt: String, weight: f64) {
+        self.prompts.push(prompt);
+        self.weights.push(weight);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.prompts.is_empty()
+    }
+}
+
+/// What `distill --from-log` took from the log.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LogSummary {
+    pub prompts: usize,
+    pub rated_prompts: usize,
+    /// Logged prompts the reward cannot score (left out).
+    pub skipped: usize,
+    pub generations: i64,
+}
+
 /// A prompt distribution for image and video iterations.
 #[derive(Debug, Clone)]
 pub enum PromptSource {
     /// Fresh prompts from the world's grammar, training split only (held-out compositions are
     /// never trained on).
     Grammar,
-    /// A fixed list: prompts naming a motion feed video iterations, the others image
+    /// A weighted list: prompts naming a motion feed video iterations, the others image
     /// iterations; when one kind is missing the other stands in.
-    List {
-        images: Vec<String>,
-        videos: Vec<String>,
-    },
+    List { images: Weighted, videos: Weighted },
 }
 
 impl PromptSource {
@@ -54,7 +81,7 @@ impl PromptSource {
             .enumerate()
             .map(|(i, l)| (i + 1, l.trim()))
             .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'));
-        let (mut images, mut videos) = (Vec::new(), Vec::new());
+        let (mut images, mut videos) = (Weighted::default(), Weighted::default());
         for (line, prompt) in lines {
             reward
                 .check_prompt(prompt)
@@ -64,12 +91,48 @@ impl PromptSource {
                     reason: e.to_string(),
                 })?;
             let video = world::parse(prompt).is_ok_and(|s| s.is_video());
-            if video { &mut videos } else { &mut images }.push(prompt.to_string());
+            if video { &mut videos } else { &mut images }.push(prompt.to_string(), 1.0);
         }
         if images.is_empty() && videos.is_empty() {
             return Err(PromptError::Empty(name));
         }
         Ok(Self::List { images, videos })
+    }
+
+    /// The logged prompt distribution: each prompt weighted by its traffic, and rated prompts
+    /// by `1 + oversample * (1 - mean score)` on top, so prompts users rated low (where the
+    /// student likely sits in a Forbidden Zone) are trained on more often.
+    pub fn from_log(
+        stats: &[PromptStats],
+        reward: &dyn Reward,
+        oversample: f64,
+    ) -> Result<(Self, LogSummary), PromptError> {
+        let (mut images, mut videos) = (Weighted::default(), Weighted::default());
+        let mut summary = LogSummary {
+            prompts: 0,
+            rated_prompts: 0,
+            skipped: 0,
+            generations: 0,
+        };
+        for s in stats {
+            if reward.check_prompt(&s.prompt).is_err() {
+                summary.skipped += 1;
+                continue;
+            }
+            let boost = s
+                .mean_score
+                .map_or(1.0, |m| 1.0 + oversample * (1.0 - m).clamp(0.0, 1.0));
+            let weight = s.generations.max(1) as f64 * boost;
+            let video = s.kind == "video";
+            if video { &mut videos } else { &mut images }.push(s.prompt.clone(), weight);
+            summary.prompts += 1;
+            summary.rated_prompts += s.mean_score.is_some() as usize;
+            summary.generations += s.generations;
+        }
+        if images.is_empty() && videos.is_empty() {
+            return Err(PromptError::Empty("the generation log".into()));
+        }
+        Ok((Self::List { images, videos }, summary))
     }
 
     /// `n` prompts for an image (`video == false`) or video iteration.
@@ -85,13 +148,13 @@ impl PromptSource {
                     (images, videos)
                 };
                 let pool = if first.is_empty() { other } else { first };
-                (0..n)
-                    .map(|_| {
-                        pool.choose(rng)
-                            .expect("a list source is never empty")
-                            .clone()
-                    })
-                    .collect()
+                match WeightedIndex::new(&pool.weights) {
+                    Ok(index) => (0..n)
+                        .map(|_| pool.prompts[index.sample(rng)].clone())
+                        .collect(),
+                    // Unreachable for lists built here (never empty, weights >= 1).
+                    Err(_) => Vec::new(),
+                }
             }
         }
     }
@@ -126,5 +189,31 @@ mod tests {
         assert!(err.to_string().contains("bad.txt:2:"), "{err}");
         std::fs::remove_dir_all(&dir)?;
         Ok(())
+    }
+
+    #[test]
+    fn low_rated_log_prompts_are_oversampled() {
+        let stat = |p: &str, n, mean: Option<f64>| PromptStats {
+            prompt: p.into(),
+            kind: "image".into(),
+            generations: n,
+            ratings: mean.is_some() as i64,
+            mean_score: mean,
+        };
+        let stats = [
+            stat("a red circle", 10, Some(1.0)),
+            stat("a blue square", 10, Some(0.0)),
+            stat("a purple unicorn", 50, None),
+        ];
+        let (src, summary) = PromptSource::from_log(&stats, &VerifierReward, 2.0).unwrap();
+        assert_eq!(
+            (summary.prompts, summary.skipped, summary.rated_prompts),
+            (2, 1, 2)
+        );
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let drawn = src.draw(&mut rng, 4000, false);
+        let blue = drawn.iter().filter(|p| *p == "a blue square").count() as f64 / 4000.0;
+        // Weights 10 * (1 + 2 * 1) = 30 vs 10: three quarters blue.
+        assert!((blue - 0.75).abs() < 0.03, "{blue}");
     }
 }

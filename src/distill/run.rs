@@ -32,6 +32,31 @@ pub struct RunOptions {
     pub config: DistillConfig,
     /// Evaluation of the exported student (`None` skips it).
     pub eval: Option<EvalOptions>,
+    /// Train on the server's generation log instead of `prompts` or the grammar.
+    pub from_log: Option<LogSource>,
+    /// A running server whose model is reloaded with the student when training ends.
+    pub publish: Option<Publish>,
+}
+
+/// `--from-log`: where the log is and which part of it to use.
+#[derive(Debug, Clone)]
+pub struct LogSource {
+    /// `sqlite://...` or `postgres://...`, as in the server's `store_url`.
+    pub url: String,
+    /// Only generations at or after this Unix time (milliseconds).
+    pub since_ms: i64,
+    /// Rated outputs (with kept media) needed to fit the `logged` reward head.
+    pub min_feedback: usize,
+    /// Extra weight of a prompt rated 0 (`1 + oversample * (1 - mean score)`).
+    pub oversample: f64,
+}
+
+/// `--publish`: the server to hot-swap the student into.
+#[derive(Debug, Clone)]
+pub struct Publish {
+    /// Base URL, e.g. `http://127.0.0.1:8080`.
+    pub url: String,
+    pub admin_token: String,
 }
 
 /// One logged interval of `metrics.jsonl` (`step` is the iteration).
@@ -204,6 +229,83 @@ fn student_manifest(teacher: &Manifest, name: String, cfg: &DistillConfig) -> Ma
     m
 }
 
+/// Reads the log: the weighted prompt distribution and the `logged` reward (or its base when
+/// too few outputs were rated). Writes what it used to `<out>/log-source.json`.
+fn from_log(
+    src: &LogSource,
+    config: &DistillConfig,
+    model: &str,
+    dir: &Path,
+) -> anyhow::Result<(Box<dyn crate::reward::Reward>, PromptSource)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (stats, rated) = rt.block_on(async {
+        let store = crate::store::Store::connect(&src.url).await?;
+        let stats = store.prompt_stats(src.since_ms, Some(model)).await?;
+        let rated = store.rated_outputs(src.since_ms).await?;
+        anyhow::Ok((stats, rated))
+    })?;
+    let base = crate::reward::by_name(&config.reward)?;
+    let (reward, fit) = crate::reward::LoggedReward::fit(base, &rated, src.min_feedback);
+    let (prompts, summary) = PromptSource::from_log(&stats, &reward, src.oversample)?;
+    match fit.used.as_str() {
+        "logged" => {
+            tracing::info!(rows = fit.rows, r2 = ?fit.train_r2, "reward: a head fitted to logged feedback")
+        }
+        base => tracing::warn!(
+            rows = fit.rows,
+            needed = fit.min_rows,
+            "reward: too few rated outputs with kept media; using the {base} proxy alone"
+        ),
+    }
+    tracing::info!(
+        prompts = summary.prompts,
+        rated = summary.rated_prompts,
+        skipped = summary.skipped,
+        "prompts from the generation log"
+    );
+    std::fs::create_dir_all(dir)?;
+    crate::util::write_atomic(
+        &dir.join("log-source.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "prompts": summary,
+            "reward": fit,
+            "since_ms": src.since_ms,
+        }))?
+        .as_bytes(),
+    )?;
+    Ok((Box::new(reward), prompts))
+}
+
+/// Asks a running server to load the exported student (its admin reload route).
+fn publish(p: &Publish, manifest: &Manifest) -> anyhow::Result<()> {
+    let weights = std::fs::canonicalize(manifest.weights_path())?;
+    let url = format!(
+        "{}/admin/models/{}/reload",
+        p.url.trim_end_matches('/'),
+        manifest.name
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let body: serde_json::Value = rt.block_on(async {
+        let res = reqwest::Client::new()
+            .post(&url)
+            .bearer_auth(&p.admin_token)
+            .json(&serde_json::json!({ "checkpoint": weights }))
+            .send()
+            .await
+            .with_context(|| format!("publishing to {url}"))?;
+        let status = res.status();
+        let body: serde_json::Value = res.json().await.unwrap_or_default();
+        anyhow::ensure!(status.is_success(), "{url} answered {status}: {body}");
+        anyhow::Ok(body)
+    })?;
+    tracing::info!(%url, version = %body["model_version"], "published");
+    Ok(())
+}
+
 /// What a finished run produced.
 pub struct RunOutput {
     /// A model directory (`manifest.toml`, weights, tokenizer) that `serve` and `eval` load.
@@ -229,13 +331,19 @@ pub fn run(
     config
         .guidance
         .get_or_insert(teacher_manifest.sampling.default_guidance);
-    let reward = crate::reward::by_name(&config.reward)?;
-    let prompts = match &opts.prompts {
-        Some(p) => PromptSource::from_file(p, reward.as_ref())?,
-        None => PromptSource::Grammar,
+    let dir = &opts.out;
+    let (reward, prompts) = match &opts.from_log {
+        Some(src) => from_log(src, &config, &model.name, dir)?,
+        None => {
+            let reward = crate::reward::by_name(&config.reward)?;
+            let prompts = match &opts.prompts {
+                Some(p) => PromptSource::from_file(p, reward.as_ref())?,
+                None => PromptSource::Grammar,
+            };
+            (reward, prompts)
+        }
     };
 
-    let dir = &opts.out;
     let checkpoint = dir.join("checkpoint.safetensors");
     if checkpoint.is_file() && !opts.resume {
         anyhow::bail!(
@@ -316,6 +424,9 @@ pub fn run(
         toml::to_string(&manifest)?.as_bytes(),
     )?;
     let manifest = Manifest::from_file(&student_dir.join("manifest.toml"))?;
+    if let Some(p) = &opts.publish {
+        publish(p, &manifest)?;
+    }
 
     let report = match &opts.eval {
         Some(eval) => {

@@ -128,6 +128,26 @@ fn encode_apng(frames: &[RgbImage], fps: u32) -> Result<Vec<u8>, MediaError> {
     Ok(out)
 }
 
+/// Decodes media written by [`encode`] back to RGB frames (every frame of a GIF; the first
+/// of an APNG), e.g. kept outputs in the generation log.
+pub fn decode(bytes: &[u8], media_type: &str) -> Result<Vec<RgbImage>, MediaError> {
+    let dec = |e: image::ImageError| MediaError::Encode(format!("decoding {media_type}: {e}"));
+    if media_type == "image/gif" {
+        use image::AnimationDecoder;
+        let frames = image::codecs::gif::GifDecoder::new(Cursor::new(bytes))
+            .map_err(dec)?
+            .into_frames()
+            .collect_frames()
+            .map_err(dec)?;
+        return Ok(frames
+            .into_iter()
+            .map(|f| image::DynamicImage::ImageRgba8(f.into_buffer()).to_rgb8())
+            .collect());
+    }
+    Ok(vec![image::load_from_memory(bytes).map_err(dec)?.to_rgb8()])
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,8 +1,10 @@
 //! Reward proxies (AMD.md section 6): frozen scorers of a decoded sample against its prompt,
 //! behind one trait so that distillation does not care which one it uses.
 
+mod logged;
 mod verifier;
 
+pub use logged::{FitReport, LoggedReward};
 pub use verifier::VerifierReward;
 
 use candle_core::Tensor;
@@ -32,7 +34,8 @@ pub trait Reward: Send {
     fn score(&self, prompts: &[String], samples: &Tensor) -> Result<Vec<f32>, RewardError>;
 }
 
-/// The reward named in a config (`verifier` is the only one for the built-in world).
+/// The reward named in a config (`verifier` for the built-in world; `logged` is fitted from
+/// the generation log by `distill --from-log`).
 pub fn by_name(name: &str) -> Result<Box<dyn Reward>, RewardError> {
     match name {
         "verifier" => Ok(Box::new(VerifierReward)),

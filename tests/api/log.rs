@@ -432,3 +432,134 @@ async fn reload_swaps_weights_under_load_and_refuses_bad_files() {
         "no admin token configured: admin routes are off"
     );
 }
+
+/// The refinement loop at CI size: serve a student, log requests and feedback, distill from
+/// the log for a few iterations, publish, and see the new version serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distill_from_the_log_publishes_a_new_version_into_the_running_server() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    let dir = std::env::temp_dir().join(format!("fewstep-test-loop-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // A models directory with the committed teacher and a 2-step student of it.
+    let teacher = dir.join("models/tiny-shapes-teacher");
+    std::fs::create_dir_all(&teacher).unwrap();
+    for f in ["manifest.toml", "teacher.safetensors", "tokenizer.json"] {
+        std::fs::copy(root.join("tiny-shapes-teacher").join(f), teacher.join(f)).unwrap();
+    }
+    let student = dir.join("models/tiny-shapes");
+    std::fs::create_dir_all(&student).unwrap();
+    let mut m: toml::Table =
+        toml::from_str(&std::fs::read_to_string(teacher.join("manifest.toml")).unwrap()).unwrap();
+    m.insert("name".into(), "tiny-shapes".into());
+    m.insert("teacher".into(), "tiny-shapes-teacher".into());
+    set(&mut m, "sampling", "sampler", "student");
+    set(&mut m, "sampling", "default_steps", 2);
+    set(&mut m, "sampling", "allowed_steps", vec![1, 2]);
+    set(&mut m, "sampling", "default_guidance", 1.0);
+    set(&mut m, "sampling", "max_guidance", 1.0);
+    std::fs::write(student.join("manifest.toml"), toml::to_string(&m).unwrap()).unwrap();
+    for f in ["teacher.safetensors", "tokenizer.json"] {
+        std::fs::copy(teacher.join(f), student.join(f)).unwrap();
+    }
+
+    let log_url = format!("sqlite://{}/log.db", dir.display());
+    let mut cfg = config(&dir.join("models"));
+    cfg.allow_random_weights = false;
+    cfg.store_url = Some(log_url.clone());
+    cfg.admin_token = Some("sesame".into());
+    let s = start(cfg).await;
+    let before: Value = s
+        .client
+        .get(s.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let v0 = before["models"][0]["version"].as_str().unwrap().to_string();
+
+    // Users ask for a few things and rate them.
+    for (i, prompt) in [
+        "a red circle",
+        "two blue squares",
+        "a green triangle on the left",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let r: Value = s
+            .generate(json!({"prompt": prompt, "n": 2, "seed": i}))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(r["model_version"], v0.as_str());
+        let (code, _) = post_feedback(
+            &s,
+            json!({"generation_id": r["id"], "score": 0.2 * i as f64}),
+        )
+        .await;
+        assert_eq!(code, 201);
+    }
+
+    let conf = dir.join("small.toml");
+    std::fs::write(
+        &conf,
+        "prompts = 2\ngroup_size = 2\nvideo_every = 0\ngenerator_every = 1\nlog_every = 1\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fewstep"))
+        .args([
+            "distill",
+            "--model",
+            "tiny-shapes",
+            "--steps",
+            "2",
+            "--eval-prompts",
+            "0",
+        ])
+        .arg("--models-dir")
+        .arg(dir.join("models"))
+        .arg("--config")
+        .arg(&conf)
+        .arg("--out")
+        .arg(dir.join("run"))
+        .args(["--from-log", &log_url, "--min-feedback", "100"])
+        .args(["--publish", &s.base, "--admin-token", "sesame"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("using the verifier proxy alone"),
+        "{stderr}"
+    );
+    let used: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("run/log-source.json")).unwrap())
+            .unwrap();
+    assert_eq!(used["prompts"]["prompts"], 3);
+    assert_eq!(used["reward"]["used"], "verifier");
+
+    let after: Value = s
+        .client
+        .get(s.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let v1 = after["models"][0]["version"].as_str().unwrap().to_string();
+    assert_ne!(v1, v0, "the published student serves");
+    let r: Value = s
+        .generate(json!({"prompt": "a red circle"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["model_version"], v1.as_str());
+    s.handle.shutdown().await.unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}
