@@ -38,6 +38,10 @@ pub enum Command {
     Eval(EvalArgs),
     /// Plot numeric fields of a metrics.jsonl log against step.
     Plot(PlotArgs),
+    /// Print ShapesWorld prompts of a split (what the simulated users of load-tests/ ask).
+    Prompts(PromptsArgs),
+    /// Score media against prompts with the ShapesWorld verifier (JSON lines in and out).
+    Verify(VerifyArgs),
 }
 
 /// Flags shared by `serve` and `generate`; each overrides the config file and environment.
@@ -268,6 +272,34 @@ pub struct EvalArgs {
     pub seed: u64,
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum SplitArg {
+    Train,
+    HeldOut,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PromptsArgs {
+    #[arg(long, value_enum, default_value = "train")]
+    pub split: SplitArg,
+    #[arg(long, default_value_t = 20)]
+    pub n: usize,
+    /// Video prompts (with motions) instead of image prompts.
+    #[arg(long)]
+    pub video: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// JSON lines `{"prompt", "media_type", "data" (base64)}` or `{"prompt", "path"}`; `-`
+    /// reads stdin. Prints one `{"prompt", "pass", "score", "failures"}` (or `{"error"}`) per
+    /// line.
+    #[arg(long, default_value = "-")]
+    pub jsonl: PathBuf,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct PlotArgs {
     /// A metrics.jsonl log (one JSON object with a `step` per line).
@@ -295,6 +327,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Distill(args) => distill(args),
         Command::Bench(args) => bench(args),
         Command::Eval(args) => eval(args),
+        Command::Prompts(args) => {
+            let split = match args.split {
+                SplitArg::Train => crate::world::Split::Train,
+                SplitArg::HeldOut => crate::world::Split::HeldOut,
+            };
+            for spec in crate::world::prompt_set(split, args.n, args.seed, args.video) {
+                println!("{}", crate::world::prompt(&spec));
+            }
+            Ok(())
+        }
+        Command::Verify(args) => verify(args),
         Command::Plot(args) => {
             let fields: Vec<&str> = args.fields.iter().map(String::as_str).collect();
             crate::eval::plot_jsonl(&args.metrics, &args.out, &fields)
@@ -327,6 +370,49 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let report = crate::eval::evaluate(&model, &opts)?;
     println!("{}", report.markdown());
     println!("wrote {}", out.display());
+    Ok(())
+}
+
+fn verify(args: VerifyArgs) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    use std::io::{BufRead, Write};
+    let input: Box<dyn BufRead> = if args.jsonl.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(&args.jsonl)
+                .with_context(|| format!("opening {}", args.jsonl.display()))?,
+        ))
+    };
+    let one = |line: &str| -> anyhow::Result<serde_json::Value> {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        let prompt = v["prompt"].as_str().context("missing \"prompt\"")?;
+        let bytes = match (v["data"].as_str(), v["path"].as_str()) {
+            (Some(d), _) => base64::engine::general_purpose::STANDARD.decode(d)?,
+            (None, Some(p)) => std::fs::read(p).with_context(|| format!("reading {p}"))?,
+            (None, None) => anyhow::bail!("need \"data\" (base64) or \"path\""),
+        };
+        let media_type = v["media_type"].as_str().unwrap_or("image/png");
+        let frames = crate::media::decode(&bytes, media_type)?;
+        let mut spec = crate::world::parse(prompt)?;
+        spec.frames = frames.len();
+        let verdict = crate::world::verify(&spec, &frames);
+        Ok(serde_json::json!({
+            "prompt": prompt,
+            "pass": verdict.pass,
+            "score": verdict.score,
+            "failures": verdict.failures,
+        }))
+    };
+    let mut out = std::io::stdout().lock();
+    for line in input.lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row = one(&line).unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }));
+        writeln!(out, "{row}")?;
+    }
     Ok(())
 }
 

@@ -147,7 +147,6 @@ pub fn decode(bytes: &[u8], media_type: &str) -> Result<Vec<RgbImage>, MediaErro
     Ok(vec![image::load_from_memory(bytes).map_err(dec)?.to_rgb8()])
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
