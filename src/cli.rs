@@ -237,6 +237,10 @@ pub struct BenchArgs {
     pub requests: usize,
     #[arg(long, default_value_t = 60)]
     pub max_seconds: u64,
+    /// Compare end-to-end generation speed of these models (comma-separated; each with its
+    /// own sampler, steps and guidance), interleaved in one run; the first is the baseline.
+    #[arg(long, value_delimiter = ',')]
+    pub compare: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -715,6 +719,32 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.http {
         bench_http(&args, &manifest)?;
+    }
+    if !args.compare.is_empty() {
+        let models = args
+            .compare
+            .iter()
+            .map(|name| {
+                let m = crate::manifest::Manifest::find(&args.models_dir, name)?;
+                Ok(crate::manifest::LoadedModel::load(&m, &device)?)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let batch = args.batches.iter().copied().max().unwrap_or(32);
+        let rows = crate::bench::samplers::compare(&models, batch, args.frames, args.reps)?;
+        println!(
+            "\nmodels, batch {batch}, {} frame(s), median of {} interleaved rounds",
+            args.frames, args.reps
+        );
+        println!(
+            "{:<24} {:>8} {:>5} {:>8} {:>4} {:>10} {:>8}",
+            "model", "sampler", "steps", "guidance", "NFE", "samples/s", "speedup"
+        );
+        for r in rows {
+            println!(
+                "{:<24} {:>8} {:>5} {:>8.1} {:>4} {:>10.1} {:>7.1}x",
+                r.model, r.sampler, r.steps, r.guidance, r.nfe, r.samples_per_s, r.speedup
+            );
+        }
     }
     Ok(())
 }

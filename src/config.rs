@@ -48,7 +48,7 @@ impl Default for ServerConfig {
         Self {
             addr: "127.0.0.1:8080".into(),
             models_dir: PathBuf::from("models"),
-            models: vec!["tiny-shapes".into()],
+            models: vec!["tiny-shapes".into(), "tiny-shapes-teacher".into()],
             allow_random_weights: false,
             queue_capacity: 256,
             request_timeout_ms: 120_000,

@@ -494,10 +494,13 @@ fn sigterm_drains_accepted_requests_and_exits_cleanly() {
             "--addr",
             "127.0.0.1:0",
             "--allow-random-weights",
+            "--models",
+            "tiny-shapes",
             "--models-dir",
         ])
         .arg(&dir)
         .env("RUST_LOG", "info")
+        .env("FEWSTEP_STORE_URL", format!("sqlite://{}/log.db", dir.display()))
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()

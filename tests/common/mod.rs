@@ -8,15 +8,17 @@ use std::path::{Path, PathBuf};
 use fewstep::config::ServerConfig;
 use fewstep::server::{spawn, ServerHandle};
 
-/// A temporary models directory holding `tiny-shapes` with its manifest edited by `edit`
-/// (no weights file, so the server runs seeded random weights).
+/// A temporary models directory holding `tiny-shapes`, built from the teacher's manifest (the
+/// multi-step sampler with CFG, so the tests reach every parameter) and edited by `edit` (no
+/// weights file, so the server runs seeded random weights).
 pub fn models_dir(tag: &str, edit: impl FnOnce(&mut toml::Table)) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("fewstep-test-{tag}-{}", std::process::id()));
     let model = dir.join("tiny-shapes");
     std::fs::create_dir_all(&model).unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-shapes");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-shapes-teacher");
     let mut manifest: toml::Table =
         toml::from_str(&std::fs::read_to_string(src.join("manifest.toml")).unwrap()).unwrap();
+    manifest.insert("name".into(), "tiny-shapes".into());
     manifest.insert("weights".into(), "absent.safetensors".into());
     edit(&mut manifest);
     std::fs::write(
@@ -41,6 +43,7 @@ pub fn config(models_dir: &Path) -> ServerConfig {
         addr: "127.0.0.1:0".into(),
         models_dir: models_dir.to_path_buf(),
         allow_random_weights: true,
+        models: vec!["tiny-shapes".into()],
         // Every test server logs, to its own SQLite file.
         store_url: Some(format!("sqlite://{}/log.db", models_dir.display())),
         ..ServerConfig::default()
