@@ -15,6 +15,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY assets ./assets
+COPY migrations ./migrations
 RUN cargo build --release --features cuda --locked
 
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu22.04
@@ -22,6 +23,9 @@ RUN useradd --system --home /srv fewstep
 WORKDIR /srv
 COPY --from=build /src/target/release/fewstep /usr/local/bin/fewstep
 COPY models ./models
+# The generation log (SQLite by default; set FEWSTEP_STORE_URL=postgres://... to share one).
+RUN mkdir -p /srv/data && chown fewstep /srv/data
+VOLUME /srv/data
 USER fewstep
 ENV FEWSTEP_ADDR=0.0.0.0:8080 FEWSTEP_DEVICE=cuda RUST_LOG=info
 EXPOSE 8080

@@ -500,7 +500,10 @@ fn sigterm_drains_accepted_requests_and_exits_cleanly() {
         ])
         .arg(&dir)
         .env("RUST_LOG", "info")
-        .env("FEWSTEP_STORE_URL", format!("sqlite://{}/log.db", dir.display()))
+        .env(
+            "FEWSTEP_STORE_URL",
+            format!("sqlite://{}/log.db", dir.display()),
+        )
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()

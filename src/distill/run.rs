@@ -209,14 +209,12 @@ fn student_manifest(teacher: &Manifest, name: String, cfg: &DistillConfig) -> Ma
     let mut m = teacher.clone();
     m.name = name;
     m.description = format!(
-        "{}-step {} student of {} ({})",
-        n,
+        "{n}-step {} student of {}",
         match cfg.method {
             Method::Amd => "AMD",
             Method::Dmd2 => "DMD2",
         },
-        teacher.name,
-        teacher.description
+        teacher.name
     );
     m.weights = PathBuf::from("student.safetensors");
     m.tokenizer = PathBuf::from("tokenizer.json");

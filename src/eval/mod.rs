@@ -660,7 +660,8 @@ mod tests {
     }
 
     fn manifest() -> Manifest {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-shapes-teacher/manifest.toml");
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-shapes-teacher/manifest.toml");
         Manifest::from_file(&path).expect("tiny-shapes manifest")
     }
 
