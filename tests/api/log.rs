@@ -4,23 +4,36 @@
 use super::*;
 use fewstep::store::{FeedbackRecord, GenerationRecord, Store, StoredOutput};
 
+/// Runs one statement on the server of `POSTGRES_TEST_URL` (its maintenance database,
+/// untouched otherwise: no migrations run there).
+async fn postgres_admin(base: &str, sql: &str) {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(base)
+        .await
+        .expect("POSTGRES_TEST_URL is reachable");
+    sqlx::query(sql).execute(&pool).await.unwrap();
+    pool.close().await;
+}
+
 /// A fresh, empty PostgreSQL database on the server of `POSTGRES_TEST_URL`.
 async fn postgres_url(tag: &str) -> Option<String> {
     let base = std::env::var("POSTGRES_TEST_URL").ok()?;
-    let admin = Store::connect(&base)
-        .await
-        .expect("POSTGRES_TEST_URL is reachable");
     let db = format!("fewstep_test_{tag}_{}", std::process::id());
-    admin
-        .execute(&format!("DROP DATABASE IF EXISTS {db}"))
-        .await
-        .unwrap();
-    admin
-        .execute(&format!("CREATE DATABASE {db}"))
-        .await
-        .unwrap();
+    postgres_admin(&base, &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
+    postgres_admin(&base, &format!("CREATE DATABASE {db}")).await;
     let (head, _) = base.rsplit_once('/').expect("a URL with a database name");
     Some(format!("{head}/{db}"))
+}
+
+/// Drops a database made by [`postgres_url`] (no-op for SQLite URLs).
+async fn drop_database(url: &str) {
+    if let (Ok(base), true) = (
+        std::env::var("POSTGRES_TEST_URL"),
+        url.starts_with("postgres"),
+    ) {
+        let db = url.rsplit_once('/').map(|(_, d)| d).unwrap_or_default();
+        postgres_admin(&base, &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
+    }
 }
 
 /// SQLite always; PostgreSQL when configured.
@@ -128,6 +141,8 @@ async fn store_round_trips_on_every_database() {
         let rated = store.rated_outputs(0).await.unwrap();
         assert_eq!(rated.len(), 2);
         assert_eq!(rated[0].data, "iVBORw0K");
+        drop((store, store2));
+        drop_database(&url).await;
     }
 }
 
@@ -295,6 +310,8 @@ async fn the_log_keeps_serving_while_its_database_fails_and_recovers() {
             "a dropped record is gone, not half-written"
         );
         s.handle.shutdown().await.unwrap();
+        drop(side);
+        drop_database(&url).await;
     }
 }
 
