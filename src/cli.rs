@@ -241,6 +241,9 @@ pub struct BenchArgs {
     /// own sampler, steps and guidance), interleaved in one run; the first is the baseline.
     #[arg(long, value_delimiter = ',')]
     pub compare: Vec<String>,
+    /// Also time the fused ops against the composed candle ops they replace.
+    #[arg(long)]
+    pub ops: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -719,6 +722,24 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.http {
         bench_http(&args, &manifest)?;
+    }
+    if args.ops {
+        // The spatial attention scores of the largest batch: [batch * heads, tokens, tokens].
+        let a = &manifest.architecture;
+        let batch = args.batches.iter().copied().max().unwrap_or(32);
+        let t = a.tokens_per_frame();
+        let r = crate::bench::ops::softmax(batch * a.heads, t, t, args.reps, &device)?;
+        println!(
+            "\nop                               shape          composed ms  fused ms  speedup"
+        );
+        println!(
+            "{:<32} {:<14} {:>11.3} {:>9.3} {:>7.2}x",
+            r.op,
+            format!("{:?}", r.shape),
+            r.composed_ms,
+            r.fused_ms,
+            r.speedup
+        );
     }
     if !args.compare.is_empty() {
         let models = args

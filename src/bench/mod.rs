@@ -2,4 +2,5 @@
 
 pub mod http;
 pub mod model;
+pub mod ops;
 pub mod samplers;

@@ -7,14 +7,14 @@ use super::Linear;
 
 /// Scaled dot-product attention over `[B*H, Tq, Dh]` x `[B*H, Tk, Dh]`, with an optional
 /// additive bias broadcastable to `[B*H, Tq, Tk]` (0 for visible keys, a large negative value
-/// for padding). Uses the composed softmax, which has a backward.
+/// for padding). Uses the one-pass softmax with a backward (`super::softmax`).
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     let mut scores = (q.matmul(&k.t()?)? * scale)?;
     if let Some(b) = bias {
         scores = scores.broadcast_add(b)?;
     }
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    let probs = super::softmax_last_dim(&scores)?;
     probs.matmul(v)
 }
 

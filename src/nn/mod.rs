@@ -9,12 +9,14 @@ pub mod embed;
 pub mod init;
 pub mod linear;
 pub mod norm;
+pub mod softmax;
 
 pub use attention::{Attention, CrossAttention};
 pub use embed::{sincos_1d, timestep_embedding};
 pub use init::{random_var_builder, seeded_var_builder};
 pub use linear::Linear;
 pub use norm::layer_norm;
+pub use softmax::softmax_last_dim;
 
 use candle_core::{Result, Tensor};
 
