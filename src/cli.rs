@@ -401,9 +401,7 @@ fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         };
         let media_type = v["media_type"].as_str().unwrap_or("image/png");
         let frames = crate::media::decode(&bytes, media_type)?;
-        let mut spec = crate::world::parse(prompt)?;
-        spec.frames = frames.len();
-        let verdict = crate::world::verify(&spec, &frames);
+        let verdict = crate::reward::VerifierReward::verdict(prompt, &frames)?;
         Ok(serde_json::json!({
             "prompt": prompt,
             "pass": verdict.pass,

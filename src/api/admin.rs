@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use axum::extract::{Path, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::Json;
@@ -52,12 +52,7 @@ pub async fn require_admin(
             "admin routes are disabled (set `admin_token`)",
         ));
     };
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+    let token = super::bearer_token(req.headers());
     match token {
         Some(t) if super::constant_time_eq(expected, t) => Ok(next.run(req).await),
         _ => Err(ApiError::new(

@@ -1,7 +1,7 @@
 //! `POST /feedback` and `GET /generations/{id}`: what users thought of what they got, tied
 //! to the logged generation (the input of `fewstep distill --from-log`).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -101,6 +101,14 @@ fn log(state: &AppState) -> Result<&LogWriter, ApiError> {
     })
 }
 
+fn unknown_generation(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_generation",
+        format!("no logged generation {id:?}"),
+    )
+}
+
 fn to_feedback(f: FeedbackRecord) -> Feedback {
     Feedback {
         id: f.id,
@@ -115,12 +123,6 @@ fn to_feedback(f: FeedbackRecord) -> Feedback {
         comment: f.comment,
         created_ms: f.created_ms,
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Rate one output of a generation.
@@ -186,13 +188,7 @@ pub async fn feedback(
         .generation(&req.generation_id)
         .await
         .map_err(store_error)?
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "unknown_generation",
-                format!("no logged generation {:?}", req.generation_id),
-            )
-        })?;
+        .ok_or_else(|| unknown_generation(&req.generation_id))?;
     let index = req.output_index.unwrap_or(0);
     if index as usize >= generation.seeds.len() {
         return Err(ApiError::bad_request(
@@ -214,7 +210,7 @@ pub async fn feedback(
             Thumbs::Down => "down".to_string(),
         }),
         comment,
-        created_ms: now_ms(),
+        created_ms: crate::util::unix_ms(),
     };
     log.store
         .insert_feedback(&record)
@@ -249,13 +245,7 @@ pub async fn generation(
         .generation(&id)
         .await
         .map_err(store_error)?
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "unknown_generation",
-                format!("no logged generation {id:?}"),
-            )
-        })?;
+        .ok_or_else(|| unknown_generation(&id))?;
     let feedback = log.store.feedback_for(&id).await.map_err(store_error)?;
     Ok(Json(Generation {
         kept_outputs: g.outputs.iter().map(|o| o.index as u32).collect(),

@@ -267,16 +267,11 @@ fn log_record(
     kept: Option<&Vec<Vec<u8>>>,
 ) -> crate::store::GenerationRecord {
     let b64 = base64::engine::general_purpose::STANDARD;
-    let api_key_id = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .map(|k| crate::util::sha256_hex(k.trim().as_bytes())[..12].to_string());
+    let api_key_id = super::bearer_token(headers)
+        .map(|k| crate::util::sha256_hex(k.as_bytes())[..12].to_string());
     crate::store::GenerationRecord {
         id: id.to_string(),
-        created_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64),
+        created_ms: crate::util::unix_ms(),
         model: v.model.clone(),
         model_version: out.model_version.clone(),
         prompt: v.prompt.clone(),

@@ -76,12 +76,7 @@ async fn require_api_key(
     if state.config.api_keys.is_empty() {
         return Ok(next.run(req).await);
     }
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+    let token = bearer_token(req.headers());
     match token {
         Some(t) if state.config.api_keys.iter().any(|k| constant_time_eq(k, t)) => {
             Ok(next.run(req).await)
@@ -97,6 +92,15 @@ async fn require_api_key(
             "send `Authorization: Bearer <key>`",
         )),
     }
+}
+
+/// The token of `Authorization: Bearer <token>`, if any.
+pub(crate) fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
 }
 
 /// Compares without an early exit on the first differing byte.

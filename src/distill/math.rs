@@ -3,6 +3,8 @@
 
 use candle_core::{Result, Tensor};
 
+use crate::pipeline::schedule::row_scale;
+
 /// Mean over every dimension but the first: `[B, ...]` -> `[B]`.
 pub fn per_sample_mean(x: &Tensor) -> Result<Tensor> {
     x.flatten_from(1)?.mean(1)
@@ -67,15 +69,14 @@ pub fn generator_direction(
     let xcfg = cfg_target(p, w)?;
     let mut h = (&xcfg - p.fake)?;
     if let Some(a) = adapt {
-        let dev = x.device();
         let beta_m1: Vec<f32> = a.beta.iter().map(|b| b - 1.0).collect();
         let alpha_m1: Vec<f32> = a
             .alpha
             .iter()
             .map(|a| (a - 1.0) * (w as f32 - 1.0))
             .collect();
-        let beta_m1 = rows(&Tensor::new(beta_m1.as_slice(), dev)?, x)?;
-        let alpha_m1 = rows(&Tensor::new(alpha_m1.as_slice(), dev)?, x)?;
+        let beta_m1 = row_scale(&beta_m1, x)?;
+        let alpha_m1 = row_scale(&alpha_m1, x)?;
         let d_dm = (p.cond - p.fake)?;
         let d_ca = (p.cond - p.uncond)?;
         h = ((h + d_dm.broadcast_mul(&beta_m1)?)? + d_ca.broadcast_mul(&alpha_m1)?)?;

@@ -8,13 +8,15 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::config::{DistillConfig, Method};
 use super::prompts::PromptSource;
 use super::trainer::{Distiller, IterStats};
 use crate::eval::{EvalOptions, EvalReport};
+use crate::families::tiny::{TinyModel, TinyTokenizer};
 use crate::manifest::{LoadedModel, Manifest};
 use crate::pipeline::SamplerKind;
 
@@ -188,6 +190,14 @@ pub fn load_config(path: &Path) -> anyhow::Result<DistillConfig> {
         .with_context(|| format!("parsing {}", path.display()))
 }
 
+/// Runs one async task (the store, an HTTP call) from this synchronous command.
+fn block_on<T>(fut: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(fut)
+}
+
 fn load_tensors(path: &Path, device: &Device) -> anyhow::Result<HashMap<String, Tensor>> {
     candle_core::safetensors::load(path, device)
         .with_context(|| format!("loading weights {}", path.display()))
@@ -235,10 +245,7 @@ fn from_log(
     model: &str,
     dir: &Path,
 ) -> anyhow::Result<(Box<dyn crate::reward::Reward>, PromptSource)> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let (stats, rated) = rt.block_on(async {
+    let (stats, rated) = block_on(async {
         let store = crate::store::Store::connect(&src.url).await?;
         let stats = store.prompt_stats(src.since_ms, Some(model)).await?;
         let rated = store.rated_outputs(src.since_ms).await?;
@@ -284,10 +291,7 @@ fn publish(p: &Publish, manifest: &Manifest) -> anyhow::Result<()> {
         p.url.trim_end_matches('/'),
         manifest.name
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let body: serde_json::Value = rt.block_on(async {
+    let body: serde_json::Value = block_on(async {
         let res = reqwest::Client::new()
             .post(&url)
             .bearer_auth(&p.admin_token)
@@ -351,8 +355,15 @@ pub fn run(
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
 
-    let teacher = LoadedModel::load(&teacher_manifest, device)?;
+    // The teacher's file is read once: its tensors build the frozen teacher, the critic and
+    // (for a first distillation) the student.
     let teacher_tensors = load_tensors(&teacher_manifest.weights_path(), device)?;
+    let teacher = TinyModel::new(
+        VarBuilder::from_tensors(teacher_tensors.clone(), DType::F32, device),
+        &teacher_manifest.architecture,
+        TinyTokenizer::from_file(&teacher_manifest.tokenizer_path())?,
+        teacher_manifest.schedule(),
+    )?;
     let student_init = if model.teacher.is_some() {
         load_tensors(&model.weights_path(), device)?
     } else {
@@ -360,7 +371,7 @@ pub fn run(
     };
     let mut d = Distiller::new(
         config.clone(),
-        teacher.model,
+        teacher,
         teacher_tensors,
         &student_init,
         reward,

@@ -19,7 +19,7 @@ use super::prompts::PromptSource;
 use crate::families::tiny::{Dit, TextCond, TinyModel};
 use crate::pipeline::NoiseSchedule;
 use crate::reward::Reward;
-use crate::train::{named_vars, AdamW, Checkpoint, Ema, StepStats};
+use crate::train::{named_vars, tensors_of, AdamW, Checkpoint, Ema, StepStats};
 
 /// What one iteration did (the generator part only on generator iterations).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,12 +101,6 @@ fn trainable_dit(
             .map_err(|e| anyhow::anyhow!("initial weight {name}: {e}"))?;
     }
     Ok(Trainable { dit, head, vars })
-}
-
-fn tensors_of(vars: &[(String, Var)]) -> HashMap<String, Tensor> {
-    vars.iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
-        .collect()
 }
 
 fn randn(rng: &mut ChaCha8Rng, shape: &[usize], device: &Device) -> Result<Tensor> {

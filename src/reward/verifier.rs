@@ -10,6 +10,17 @@ use crate::world::{self, SceneSpec};
 pub struct VerifierReward;
 
 impl VerifierReward {
+    /// The verifier's full judgement of `frames` against `prompt` (a still prompt may be
+    /// rendered as a video and the other way round: the generated frames are judged).
+    pub fn verdict(
+        prompt: &str,
+        frames: &[image::RgbImage],
+    ) -> Result<world::Verdict, RewardError> {
+        let mut spec = Self::spec(prompt)?;
+        spec.frames = frames.len();
+        Ok(world::verify(&spec, frames))
+    }
+
     fn spec(prompt: &str) -> Result<SceneSpec, RewardError> {
         world::parse(prompt).map_err(|e| RewardError::Prompt {
             reward: "verifier",
@@ -33,13 +44,7 @@ impl Reward for VerifierReward {
         prompts
             .iter()
             .zip(&frames)
-            .map(|(p, f)| {
-                let mut spec = Self::spec(p)?;
-                // A still prompt may be rendered as a video and the other way round: judge
-                // the frames that were generated.
-                spec.frames = f.len();
-                Ok(world::verify(&spec, f).score)
-            })
+            .map(|(p, f)| Ok(Self::verdict(p, f)?.score))
             .collect()
     }
 }

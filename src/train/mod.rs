@@ -11,6 +11,15 @@ pub use checkpoint::Checkpoint;
 pub use ema::Ema;
 pub use optim::{AdamW, AdamWConfig, LrDecay, StepStats};
 
+/// The current values of `vars` by name, detached from any graph (what checkpoints save).
+pub fn tensors_of(
+    vars: &[(String, candle_core::Var)],
+) -> std::collections::HashMap<String, candle_core::Tensor> {
+    vars.iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+        .collect()
+}
+
 /// Named trainable variables of `map`, sorted by name (the order optimizers and checkpoints
 /// use).
 pub fn named_vars(map: &candle_nn::VarMap) -> Vec<(String, candle_core::Var)> {

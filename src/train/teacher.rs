@@ -1,6 +1,5 @@
 //! `fewstep train-teacher`: flow-matching training of the tiny family on ShapesWorld.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -12,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
-use super::{named_vars, AdamW, AdamWConfig, Checkpoint, Ema};
+use super::{named_vars, tensors_of, AdamW, AdamWConfig, Checkpoint, Ema};
 use crate::families::tiny::{from_frames, TinyConfig, TinyModel, TinyTokenizer};
 use crate::pipeline::FlowSchedule;
 use crate::world::{self, Split};
@@ -128,12 +127,6 @@ pub fn flow_matching_loss(
     let text = model.encode(&prompts)?;
     let v = model.velocity(&xt, &t, &text)?;
     (v - (noise - &batch.x0)?)?.sqr()?.mean_all()
-}
-
-fn tensors_of(vars: &[(String, Var)]) -> HashMap<String, Tensor> {
-    vars.iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect()
 }
 
 /// Where a run keeps its files.

@@ -212,15 +212,7 @@ async fn feedback_is_validated_and_tied_to_the_logged_generation() {
         (404, "unknown_generation")
     );
 
-    let g: Value = s
-        .client
-        .get(s.url(&format!("/generations/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, g) = s.get(&format!("/generations/{id}")).await;
     assert_eq!(g["prompt"], "a red circle");
     assert_eq!(g["seeds"], json!([3, 4]));
     assert_eq!(
@@ -235,13 +227,7 @@ async fn feedback_is_validated_and_tied_to_the_logged_generation() {
         .map(|f| f["score"].as_f64().unwrap())
         .collect();
     assert_eq!(scores, vec![0.7, 0.0]);
-    let missing = s
-        .client
-        .get(s.url("/generations/gen_nope"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(missing.status(), 404);
+    assert_eq!(s.get("/generations/gen_nope").await.0, 404);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,24 +277,12 @@ async fn the_log_keeps_serving_while_its_database_fails_and_recovers() {
             .json()
             .await
             .unwrap();
-        let g = s
-            .client
-            .get(s.url(&format!("/generations/{}", r["id"].as_str().unwrap())))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(g.status(), 200, "{url}");
-        let gone = s
-            .client
-            .get(s.url(&format!("/generations/{}", lost[0])))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            gone.status(),
-            404,
-            "a dropped record is gone, not half-written"
-        );
+        let (found, _) = s
+            .get(&format!("/generations/{}", r["id"].as_str().unwrap()))
+            .await;
+        assert_eq!(found, 200, "{url}");
+        let (gone, _) = s.get(&format!("/generations/{}", lost[0])).await;
+        assert_eq!(gone, 404, "a dropped record is gone, not half-written");
         s.handle.shutdown().await.unwrap();
         drop(side);
         drop_database(&url).await;
@@ -485,15 +459,7 @@ async fn distill_from_the_log_publishes_a_new_version_into_the_running_server() 
     cfg.store_url = Some(log_url.clone());
     cfg.admin_token = Some("sesame".into());
     let s = start(cfg).await;
-    let before: Value = s
-        .client
-        .get(s.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, before) = s.get("/v1/models").await;
     let v0 = before["models"][0]["version"].as_str().unwrap().to_string();
 
     // Users ask for a few things and rate them.
@@ -559,15 +525,7 @@ async fn distill_from_the_log_publishes_a_new_version_into_the_running_server() 
     assert_eq!(used["prompts"]["prompts"], 3);
     assert_eq!(used["reward"]["used"], "verifier");
 
-    let after: Value = s
-        .client
-        .get(s.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, after) = s.get("/v1/models").await;
     let v1 = after["models"][0]["version"].as_str().unwrap().to_string();
     assert_ne!(v1, v0, "the published student serves");
     let r: Value = s
