@@ -1,0 +1,720 @@
+#!/usr/bin/env python3
+"""Parity fixtures for the Stable Diffusion family (issue 6, item 4).
+
+Builds three tiny random-weight models with the reference implementation (diffusers and
+transformers), saves each in the diffusers directory layout under ``tests/fixtures/sd/<name>/``
+and writes, beside it, ``<name>.reference.safetensors`` (fixed inputs and the reference outputs)
+and ``<name>.reference.json`` (prompts, timesteps, package versions, what each tensor is).
+The Rust tests load the directory with the project's own code and compare against the
+reference file. ``tests/fixtures/sd/README.md`` documents every tensor.
+
+    sd15-tiny   SD1.5 / DMD2-SD1.5 structure, epsilon, quick_gelu CLIP, conv projections
+    sd2-tiny    SD2.1 / SD-Turbo structure, v_prediction, gelu CLIP, linear projections
+    sdxl-tiny   SDXL / SDXL-Turbo / DMD2-SDXL structure, two text encoders, text_time embedding
+
+Usage (after ``bash tools/parity/setup.sh``), from the repository root:
+
+    PYTHONPATH=tools/parity/.pydeps /usr/bin/python3 tools/parity/make_fixtures.py
+    PYTHONPATH=tools/parity/.pydeps /usr/bin/python3 tools/parity/make_fixtures.py --check
+
+``--check`` writes nothing: it reloads every saved directory with ``from_pretrained`` (and the
+tokenizer.json with the ``tokenizers`` library alone), recomputes every output from the inputs
+stored in the reference file and fails if anything differs, which proves that the saved layout
+alone reproduces the reference. Generation is seeded and deterministic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+# Nothing is ever downloaded: every model is built here from a config.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy  # noqa: E402
+import safetensors  # noqa: E402
+import safetensors.torch  # noqa: E402
+import tokenizers  # noqa: E402
+import torch  # noqa: E402
+import diffusers  # noqa: E402
+import transformers  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (  # noqa: E402
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPTokenizerFast,
+)
+from transformers.models.clip.tokenization_clip import bytes_to_unicode  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+OUT_DIR = REPO / "tests" / "fixtures" / "sd"
+
+# Two prompts of different lengths; upper case and punctuation exercise the normalizer.
+PROMPTS = ["A photo of a cat, 4k!", "an astronaut riding a horse on the moon"]
+MAX_LEN = 77
+BATCH = len(PROMPTS)
+LATENT_SHAPE = (BATCH, 4, 16, 16)
+# One timestep per row, different rows different: the UNet must embed each row's own t.
+UNET_TIMESTEPS = [[999.0, 249.0], [500.0, 10.0], [0.0, 750.0]]
+PIPELINE_TIMESTEPS = [999, 749, 499, 249]
+# Every output std must lie in this range, or the random init is degenerate or blows up.
+STD_RANGE = (0.1, 5.0)
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+# Words that BPE merges fully into one token, and sub-word pieces that it only partly
+# merges (so that "astronaut" and "moon" come out as several tokens).
+FULL_WORDS = ["a", "photo", "of", "cat", "an", "riding", "horse", "on", "the"]
+PIECES = ["as", "tr", "au", "moo", "ph", "ri"]
+
+SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    steps_offset=1,
+)
+
+
+def clip_text_config(vocab_size, hidden, act, heads, eos_id, pad_id, bos_id, projection_dim=None):
+    """A 2-layer CLIP text config with the real models' shape ratios (MLP = 4 x hidden)."""
+    cfg = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        max_position_embeddings=MAX_LEN,
+        hidden_act=act,
+        layer_norm_eps=1e-5,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+    if projection_dim is not None:
+        cfg["projection_dim"] = projection_dim
+    return CLIPTextConfig(**cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny byte-level CLIP BPE vocabulary
+# --------------------------------------------------------------------------------------------
+
+
+def _merge_chain(word: str, end_of_word: bool) -> list[tuple[str, str]]:
+    """Left-to-right merges that build `word` (with `</w>` on its last symbol if end_of_word)."""
+    symbols = list(word)
+    if end_of_word:
+        symbols[-1] += "</w>"
+    merges, acc = [], symbols[0]
+    for s in symbols[1:]:
+        merges.append((acc, s))
+        acc += s
+    return merges
+
+
+def build_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's vocabulary layout in miniature: the 256 byte symbols, their `</w>` forms, one
+    token per merge in merge order, then `<|startoftext|>` and `<|endoftext|>` (largest id)."""
+    merges: list[tuple[str, str]] = []
+    for piece in PIECES:
+        merges += _merge_chain(piece, end_of_word=False)
+    for word in FULL_WORDS:
+        merges += _merge_chain(word, end_of_word=True)
+    seen, unique = set(), []
+    for m in merges:
+        if m not in seen:
+            seen.add(m)
+            unique.append(m)
+    base = list(bytes_to_unicode().values())
+    tokens = base + [b + "</w>" for b in base]
+    for a, b in unique:
+        assert a in tokens and b in tokens, (a, b)
+        if a + b not in tokens:
+            tokens.append(a + b)
+    tokens += [BOS, EOS]
+    return {t: i for i, t in enumerate(tokens)}, unique
+
+
+def build_tokenizer(pad_token: str, workdir: Path) -> CLIPTokenizerFast:
+    """Slow and fast CLIP tokenizers from the tiny vocab; fails unless they agree."""
+    vocab, merges = build_vocab()
+    workdir.mkdir(parents=True, exist_ok=True)
+    vocab_file, merges_file = workdir / "vocab.json", workdir / "merges.txt"
+    vocab_file.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    # The slow tokenizer skips the first line of merges.txt (a version header).
+    merges_file.write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
+    )
+    kw = dict(pad_token=pad_token, model_max_length=MAX_LEN)
+    slow = CLIPTokenizer(str(vocab_file), str(merges_file), **kw)
+    fast = CLIPTokenizerFast(str(vocab_file), str(merges_file), **kw)
+    probes = PROMPTS + ["", "photo " * 100, "The cat's horse: riding ON the moon?"]
+    for text in probes:
+        a = slow(text, padding="max_length", max_length=MAX_LEN, truncation=True).input_ids
+        b = fast(text, padding="max_length", max_length=MAX_LEN, truncation=True).input_ids
+        if a != b:
+            raise SystemExit(f"slow and fast CLIP tokenizers disagree on {text!r}:\n{a}\n{b}")
+    # Calls leave their padding/truncation in the backend; a hub tokenizer.json has neither,
+    # so the saved one must not either (the pad token is named in tokenizer_config.json).
+    fast.backend_tokenizer.no_padding()
+    fast.backend_tokenizer.no_truncation()
+    return fast
+
+
+def tokenize(tok, prompts=PROMPTS) -> torch.Tensor:
+    return tok(
+        prompts, padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt"
+    ).input_ids.to(torch.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Random weights
+# --------------------------------------------------------------------------------------------
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Re-draws every parameter so that nothing is an identity or a zero (norm affine params
+    included) while activations stay O(1): weights N(0, 1/fan_in), biases N(0, 0.1^2), norm
+    weights N(1, 0.25^2), norm biases N(0, 0.25^2), embeddings N(0, 0.5^2)."""
+    g = torch.Generator().manual_seed(seed)
+    done: set[int] = set()
+
+    def draw(p, mean, std):
+        with torch.no_grad():
+            p.copy_(torch.randn(p.shape, generator=g) * std + mean)
+        done.add(id(p))
+
+    for name, m in sorted(model.named_modules(), key=lambda x: x[0]):
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            fan_in = m.weight[0].numel()
+            draw(m.weight, 0.0, 1.0 / math.sqrt(fan_in))
+            if m.bias is not None:
+                draw(m.bias, 0.0, 0.1)
+        elif isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            if m.weight is not None:
+                draw(m.weight, 1.0, 0.25)
+            if m.bias is not None:
+                draw(m.bias, 0.0, 0.25)
+        elif isinstance(m, torch.nn.Embedding):
+            draw(m.weight, 0.0, 0.5)
+    missed = [n for n, p in model.named_parameters() if id(p) not in done]
+    if missed:
+        raise SystemExit(f"randomize: parameters of unknown modules left untouched: {missed}")
+
+
+# --------------------------------------------------------------------------------------------
+# The three models
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_vae(scaling_factor: float, seed: int) -> AutoencoderKL:
+    """Two-level KL autoencoder (8x real downsampling becomes 2x): 16x16 latent <-> 32x32 image,
+    with the real VAE's mid-block attention and quant convs."""
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+        scaling_factor=scaling_factor,
+    )
+    randomize(vae, seed)
+    return vae.eval()
+
+
+def build_sd15(workdir: Path) -> dict:
+    vocab, _ = build_vocab()
+    tok = build_tokenizer(EOS, workdir / "tok")
+    eos_id = vocab[EOS]
+    # Legacy CLIP config (eos_token_id 2, as in the real SD1.5 text encoder): pooled = argmax(ids).
+    te = CLIPTextModel(clip_text_config(len(vocab), 32, "quick_gelu", 4, 2, eos_id, vocab[BOS]))
+    randomize(te, 101)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(16, 24),
+        layers_per_block=2,
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        attention_head_dim=2,
+        use_linear_projection=False,
+    )
+    randomize(unet, 102)
+    sched = DDPMScheduler(**SCHEDULER, prediction_type="epsilon", clip_sample=False)
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(0.18215, 103),
+        text_encoder=te.eval(),
+        tokenizer=tok,
+        unet=unet.eval(),
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return dict(pipe=pipe, kind="sd", input_seed=1001)
+
+
+def build_sd2(workdir: Path) -> dict:
+    vocab, _ = build_vocab()
+    tok = build_tokenizer("!", workdir / "tok")
+    # Real eos id: pooled = first position of eos_token_id.
+    te = CLIPTextModel(
+        clip_text_config(len(vocab), 32, "gelu", 2, vocab[EOS], vocab["!"], vocab[BOS])
+    )
+    randomize(te, 201)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        cross_attention_dim=32,
+        attention_head_dim=[2, 4],
+        use_linear_projection=True,
+    )
+    randomize(unet, 202)
+    sched = EulerDiscreteScheduler(
+        **SCHEDULER, prediction_type="v_prediction", timestep_spacing="trailing"
+    )
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(0.18215, 203),
+        text_encoder=te.eval(),
+        tokenizer=tok,
+        unet=unet.eval(),
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return dict(pipe=pipe, kind="sd", input_seed=2001)
+
+
+SDXL_H1, SDXL_H2, SDXL_TIME_DIM = 32, 48, 8
+
+
+def build_sdxl(workdir: Path) -> dict:
+    vocab, _ = build_vocab()
+    tok1 = build_tokenizer(EOS, workdir / "tok1")
+    tok2 = build_tokenizer("!", workdir / "tok2")
+    # Encoder 1 mirrors CLIP ViT-L (quick_gelu, legacy eos id); encoder 2 mirrors OpenCLIP
+    # bigG (gelu, projection), with the real eos id.
+    te1 = CLIPTextModel(
+        clip_text_config(len(vocab), SDXL_H1, "quick_gelu", 4, 2, vocab[EOS], vocab[BOS])
+    )
+    randomize(te1, 301)
+    te2 = CLIPTextModelWithProjection(
+        clip_text_config(
+            len(vocab), SDXL_H2, "gelu", 4, vocab[EOS], vocab["!"], vocab[BOS],
+            projection_dim=SDXL_H2,
+        )
+    )
+    randomize(te2, 302)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=2,
+        transformer_layers_per_block=[1, 2],
+        norm_num_groups=4,
+        cross_attention_dim=SDXL_H1 + SDXL_H2,
+        attention_head_dim=[1, 2],
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_DIM,
+        projection_class_embeddings_input_dim=SDXL_H2 + 6 * SDXL_TIME_DIM,
+    )
+    randomize(unet, 303)
+    sched = EulerDiscreteScheduler(
+        **SCHEDULER, prediction_type="epsilon", timestep_spacing="trailing"
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(0.13025, 304),
+        text_encoder=te1.eval(),
+        text_encoder_2=te2.eval(),
+        tokenizer=tok1,
+        tokenizer_2=tok2,
+        unet=unet.eval(),
+        scheduler=sched,
+    )
+    return dict(pipe=pipe, kind="sdxl", input_seed=3001)
+
+
+BUILDERS = {"sd15-tiny": build_sd15, "sd2-tiny": build_sd2, "sdxl-tiny": build_sdxl}
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and reference outputs
+# --------------------------------------------------------------------------------------------
+
+
+def vae_scale(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def pipe_time_ids(vae) -> list[int]:
+    """SDXL's time_ids row: [orig H, orig W, crop top, crop left, target H, target W] in pixels."""
+    s = vae_scale(vae)
+    h, w = LATENT_SHAPE[2] * s, LATENT_SHAPE[3] * s
+    return [h, w, 0, 0, h, w]
+
+
+def make_inputs(kind: str, vae, seed: int) -> dict[str, torch.Tensor]:
+    """Fixed, seeded inputs; every one of them is stored in the reference file."""
+    g = torch.Generator().manual_seed(seed)
+    s = vae_scale(vae)
+    b, c, h, w = LATENT_SHAPE
+    x = {"unet.sample": torch.randn(LATENT_SHAPE, generator=g)}
+    for k, ts in enumerate(UNET_TIMESTEPS):
+        x[f"unet.timesteps.{k}"] = torch.tensor(ts, dtype=torch.float32)
+    if kind == "sdxl":
+        # [orig H, orig W, crop top, crop left, target H, target W] in pixels, per row.
+        x["unet.time_ids"] = torch.tensor([pipe_time_ids(vae)] * b, dtype=torch.float32)
+    x["vae.latents"] = torch.randn(LATENT_SHAPE, generator=g)
+    x["vae.image"] = torch.rand((b, 3, h * s, w * s), generator=g) * 2 - 1
+    x["pipeline.timesteps"] = torch.tensor(PIPELINE_TIMESTEPS, dtype=torch.int64)
+    for k in range(len(PIPELINE_TIMESTEPS)):
+        x[f"pipeline.noise.{k}"] = torch.randn(LATENT_SHAPE, generator=g)
+    return x
+
+
+def compute_reference(kind: str, c: dict, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every reference output, from components `c` (pipeline.components) and inputs `x`.
+
+    The arithmetic runs in float64 (the modules are cast in place, exactly, from their f32
+    weights; the f32 inputs likewise) and the outputs are rounded to f32. The reference is then
+    the exact result to within f32 storage, so a Rust f32 run is compared with the truth and
+    not with torch's own f32 rounding. diffusers still computes the sinusoidal timestep
+    embedding and the VAE attention softmax in f32, as the Rust side does."""
+    for m in c.values():
+        if isinstance(m, torch.nn.Module):
+            m.to(torch.float64)
+    x64 = {k: v.double() if v.is_floating_point() else v for k, v in x.items()}
+    default = torch.get_default_dtype()
+    # transformers builds its causal mask with torch.full(finfo(dtype).min), which torch 1.13
+    # only accepts in float64 when that is the default dtype.
+    torch.set_default_dtype(torch.float64)
+    try:
+        r = _compute(kind, c, x64)
+    finally:
+        torch.set_default_dtype(default)
+    return {k: v.float() if v.is_floating_point() else v for k, v in r.items()}
+
+
+@torch.no_grad()
+def _compute(kind: str, c: dict, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    r: dict[str, torch.Tensor] = {}
+    ids = tokenize(c["tokenizer"])
+    o = c["text_encoder"](ids, output_hidden_states=True)
+    r["text.input_ids"] = ids
+    r["text.hidden_states"] = torch.stack(o.hidden_states)
+    r["text.last_hidden_state"] = o.last_hidden_state
+    r["text.pooled"] = o.pooler_output
+    added = None
+    if kind == "sdxl":
+        ids2 = tokenize(c["tokenizer_2"])
+        o2 = c["text_encoder_2"](ids2, output_hidden_states=True)
+        r["text2.input_ids"] = ids2
+        r["text2.hidden_states"] = torch.stack(o2.hidden_states)
+        r["text2.last_hidden_state"] = o2.last_hidden_state
+        r["text2.pooled"] = c["text_encoder_2"].text_model(ids2).pooler_output
+        r["text2.text_embeds"] = o2.text_embeds
+        cond = torch.cat([o.hidden_states[-2], o2.hidden_states[-2]], dim=-1)
+        r["unet.text_embeds"] = o2.text_embeds
+        added = {"text_embeds": o2.text_embeds, "time_ids": x["unet.time_ids"]}
+    else:
+        cond = o.last_hidden_state
+    r["unet.encoder_hidden_states"] = cond
+
+    unet, vae = c["unet"], c["vae"]
+
+    def eps(sample, t):
+        return unet(sample, t, encoder_hidden_states=cond, added_cond_kwargs=added).sample
+
+    for k in range(len(UNET_TIMESTEPS)):
+        r[f"unet.out.{k}"] = eps(x["unet.sample"], x[f"unet.timesteps.{k}"])
+
+    r["vae.decoded"] = vae.decode(x["vae.latents"]).sample
+    post = vae.encode(x["vae.image"]).latent_dist
+    r["vae.posterior_mean"] = post.mean
+    r["vae.posterior_logvar"] = post.logvar
+
+    # The DMD2-style student sampler (AMD.md section 2), written out without a scheduler so the
+    # arithmetic is exactly what the contract states.
+    # alphas_cumprod as diffusers computes it (f32), then used in f64.
+    a32 = c["scheduler"].alphas_cumprod.to(torch.float32)
+    a = a32.double()
+    v_pred = c["scheduler"].config.prediction_type == "v_prediction"
+    ts = x["pipeline.timesteps"]
+    xt = x["pipeline.noise.0"]
+    for k, t in enumerate(ts.tolist()):
+        out = eps(xt, torch.full((BATCH,), float(t)))
+        at = a[t]
+        if v_pred:
+            x0 = at.sqrt() * xt - (1 - at).sqrt() * out
+        else:
+            x0 = (xt - (1 - at).sqrt() * out) / at.sqrt()
+        r[f"pipeline.x0.{k}"] = x0
+        if k + 1 < len(ts):
+            an = a[int(ts[k + 1])]
+            xt = an.sqrt() * x0 + (1 - an).sqrt() * x[f"pipeline.noise.{k + 1}"]
+    r["pipeline.image"] = vae.decode(x0 / vae.config.scaling_factor).sample
+    r["pipeline.alphas_cumprod"] = a32
+    return r
+
+
+DESCRIPTIONS = {
+    "text.input_ids": "i64 [2,77]: tokenizer/ output for the prompts, padded/truncated to 77",
+    "text.hidden_states": "[L+1,2,77,hidden]: text_encoder output_hidden_states stacked (0 = embeddings)",
+    "text.last_hidden_state": "[2,77,hidden]: text_encoder last_hidden_state (after final_layer_norm)",
+    "text.pooled": "[2,hidden]: text_encoder pooler_output",
+    "text2.input_ids": "i64 [2,77]: tokenizer_2/ output for the prompts (pad '!')",
+    "text2.hidden_states": "[L+1,2,77,hidden2]: text_encoder_2 output_hidden_states stacked",
+    "text2.last_hidden_state": "[2,77,hidden2]: text_encoder_2 last_hidden_state",
+    "text2.pooled": "[2,hidden2]: text_encoder_2.text_model pooler_output (before text_projection; extra)",
+    "text2.text_embeds": "[2,proj]: text_encoder_2 text_embeds = text_projection(pooled)",
+    "unet.sample": "input [2,4,16,16]: latent fed to the UNet",
+    "unet.encoder_hidden_states": "[2,77,cross_dim]: the conditioning the UNet gets (sd: text.last_hidden_state; sdxl: cat(text.hidden_states[-2], text2.hidden_states[-2]))",
+    "unet.text_embeds": "[2,proj]: sdxl added_cond_kwargs text_embeds (= text2.text_embeds)",
+    "unet.time_ids": "input [2,6]: sdxl added_cond_kwargs time_ids = [H_px, W_px, 0, 0, H_px, W_px]",
+    "unet.timesteps.K": "input [2] f32: one timestep per row for call K",
+    "unet.out.K": "[2,4,16,16]: unet(unet.sample, unet.timesteps.K, unet.encoder_hidden_states[, added_cond]).sample",
+    "vae.latents": "input [2,4,16,16]",
+    "vae.decoded": "[2,3,32,32]: vae.decode(vae.latents).sample (no scaling, no clamp)",
+    "vae.image": "input [2,3,32,32] uniform in [-1,1]",
+    "vae.posterior_mean": "[2,4,16,16]: vae.encode(vae.image).latent_dist.mean",
+    "vae.posterior_logvar": "[2,4,16,16]: vae.encode(vae.image).latent_dist.logvar (clamped to [-30,20])",
+    "pipeline.timesteps": "input i64 [4] = [999,749,499,249]",
+    "pipeline.noise.K": "input [2,4,16,16] for K = 0..3 (noise.0 is the starting latent)",
+    "pipeline.x0.K": "[2,4,16,16]: the student's x0 prediction at step K = 0..3",
+    "pipeline.image": "[2,3,32,32]: vae.decode(pipeline.x0.3 / scaling_factor).sample (no clamp)",
+    "pipeline.alphas_cumprod": "[1000] f32: the scheduler's alphas_cumprod used by the sampler (extra)",
+}
+
+
+def describe(name: str) -> str:
+    for key, text in DESCRIPTIONS.items():
+        if key == name or (key.endswith(".K") and name.rsplit(".", 1)[0] == key[:-2]):
+            return text
+    raise KeyError(name)
+
+
+def versions() -> dict[str, str]:
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "safetensors": safetensors.__version__,
+    }
+
+
+def is_input(name: str) -> bool:
+    return name in ("unet.sample", "unet.time_ids", "vae.latents", "vae.image", "pipeline.timesteps") or (
+        name.startswith(("unet.timesteps.", "pipeline.noise."))
+    )
+
+
+def summary(name: str, pipe, kind: str) -> dict:
+    c = pipe.components
+    s = {
+        "mirrors": {"sd15-tiny": "SD1.5 / DMD2-SD1.5", "sd2-tiny": "SD2.1 / SD-Turbo",
+                    "sdxl-tiny": "SDXL / SDXL-Turbo / DMD2-SDXL"}[name],
+        "prediction_type": c["scheduler"].config.prediction_type,
+        "vae_scaling_factor": c["vae"].config.scaling_factor,
+        "vae_scale": vae_scale(c["vae"]),
+        "text_conditioning": "cat(text.hidden_states[-2], text2.hidden_states[-2]) on features"
+        if kind == "sdxl" else "text.last_hidden_state",
+        "tokenizer_pad_id": c["tokenizer"].pad_token_id,
+        "text_encoder_eos_token_id": c["text_encoder"].config.eos_token_id,
+        "eos_id": c["tokenizer"].eos_token_id,
+        "bos_id": c["tokenizer"].bos_token_id,
+    }
+    if kind == "sdxl":
+        s["tokenizer_2_pad_id"] = c["tokenizer_2"].pad_token_id
+        s["text_encoder_2_eos_token_id"] = c["text_encoder_2"].config.eos_token_id
+        s["pooled"] = "text2.text_embeds"
+        s["time_ids_row"] = [float(v) for v in pipe_time_ids(c["vae"])]
+    return s
+
+
+def std_check(name: str, r: dict[str, torch.Tensor]) -> dict[str, float]:
+    stds = {}
+    for k, v in r.items():
+        if v.dtype != torch.float32 or k == "pipeline.alphas_cumprod":
+            continue
+        if not torch.isfinite(v).all():
+            raise SystemExit(f"{name}: {k} has non-finite values")
+        std = float(v.std())
+        stds[k] = round(std, 4)
+        # An epsilon student's x0 is (x - sqrt(1-a) eps) / sqrt(a): with a random eps it is
+        # ~15x the noise at t=999, by the arithmetic and not by an unstable network.
+        if k.startswith("pipeline.x0."):
+            continue
+        if not STD_RANGE[0] <= std <= STD_RANGE[1]:
+            raise SystemExit(f"{name}: {k} std {std:.4g} is outside {STD_RANGE}: fix the init scale")
+    return stds
+
+
+def generate(name: str) -> None:
+    model_dir = OUT_DIR / name
+    with tempfile.TemporaryDirectory() as tmp:
+        built = BUILDERS[name](Path(tmp))
+        pipe, kind = built["pipe"], built["kind"]
+        comps = pipe.components
+        x = make_inputs(kind, comps["vae"], built["input_seed"])
+        # Saved in f32 before compute_reference casts the modules to f64.
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        pipe.save_pretrained(model_dir, safe_serialization=True)
+    r = compute_reference(kind, comps, x)
+    stds = std_check(name, r)
+
+    tensors = {**x, **r}
+    tensors = {k: v.detach().clone().contiguous() for k, v in sorted(tensors.items())}
+    safetensors.torch.save_file(tensors, str(OUT_DIR / f"{name}.reference.safetensors"))
+    meta = {
+        "model": name,
+        "directory": name,
+        "generator": "tools/parity/make_fixtures.py",
+        "prompts": PROMPTS,
+        "max_length": MAX_LEN,
+        "unet_timesteps": UNET_TIMESTEPS,
+        "pipeline_timesteps": PIPELINE_TIMESTEPS,
+        "versions": versions(),
+        "model_summary": summary(name, pipe, kind),
+        "computed_in": "float64 from the f32 weights and inputs, stored as float32",
+        "tolerance": "max abs difference <= 1e-4 (f32), reported relative to the reference's max abs value",
+        "output_std": stds,
+        "output_max_abs": {
+            k: round(float(v.abs().max()), 4) for k, v in sorted(r.items()) if v.dtype == torch.float32
+        },
+        "tensors": {
+            k: {
+                "shape": list(v.shape),
+                "dtype": str(v.dtype).replace("torch.", ""),
+                "role": "input" if is_input(k) else "output",
+                "description": describe(k),
+            }
+            for k, v in tensors.items()
+        },
+    }
+    (OUT_DIR / f"{name}.reference.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"{name}: wrote {model_dir.relative_to(REPO)} and its reference ({len(tensors)} tensors)")
+    for k in ("text.last_hidden_state", "unet.out.0", "unet.out.1", "unet.out.2", "vae.decoded",
+              "pipeline.x0.3", "pipeline.image"):
+        print(f"  std {k}: {stds[k]}")
+
+
+# --------------------------------------------------------------------------------------------
+# --check: reload the saved layout and reproduce the reference
+# --------------------------------------------------------------------------------------------
+
+
+def check(name: str) -> bool:
+    model_dir = OUT_DIR / name
+    ref = safetensors.torch.load_file(str(OUT_DIR / f"{name}.reference.safetensors"))
+    meta = json.loads((OUT_DIR / f"{name}.reference.json").read_text())
+    kind = "sdxl" if "text2.input_ids" in ref else "sd"
+    cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+    pipe = cls.from_pretrained(model_dir)
+    comps = pipe.components
+    ok = True
+    for sub, key in (("tokenizer", "text"), ("tokenizer_2", "text2")):
+        if sub not in comps or comps[sub] is None:
+            continue
+        if not isinstance(comps[sub], CLIPTokenizerFast):
+            print(f"{name}: {sub} did not load as a fast tokenizer")
+            ok = False
+        # The Rust side reads tokenizer.json with the tokenizers library alone (no padding there).
+        raw = tokenizers.Tokenizer.from_file(str(model_dir / sub / "tokenizer.json"))
+        if raw.padding is not None or raw.truncation is not None:
+            print(f"{name}: {sub}/tokenizer.json carries padding or truncation")
+            ok = False
+        ids = ref[f"{key}.input_ids"]
+        for i, p in enumerate(meta["prompts"]):
+            enc = raw.encode(p).ids
+            if enc != ids[i, : len(enc)].tolist():
+                print(f"{name}: {sub}/tokenizer.json encodes {p!r} as {enc}")
+                ok = False
+        for f in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+                  "special_tokens_map.json"):
+            if not (model_dir / sub / f).is_file():
+                print(f"{name}: missing {sub}/{f}")
+                ok = False
+    inputs = {k: v for k, v in ref.items() if meta["tensors"][k]["role"] == "input"}
+    r = compute_reference(kind, comps, inputs)
+    missing = set(ref) - set(inputs) - set(r)
+    if missing:
+        print(f"{name}: reference tensors not reproduced: {sorted(missing)}")
+        ok = False
+    worst = 0.0
+    for k, v in r.items():
+        if ref[k].shape != v.shape or ref[k].dtype != v.dtype:
+            print(f"{name}: {k}: {tuple(v.shape)} {v.dtype} != stored {tuple(ref[k].shape)} {ref[k].dtype}")
+            ok = False
+            continue
+        d = float((ref[k].double() - v.double()).abs().max())
+        worst = max(worst, d)
+        if d > 1e-6:
+            print(f"{name}: {k} differs from the reference by {d:.3g}")
+            ok = False
+    print(f"{name}: {'ok' if ok else 'FAILED'} ({len(r)} outputs, worst max abs diff {worst:.3g})")
+    return ok
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="reload the saved fixtures and verify them")
+    ap.add_argument("names", nargs="*", default=list(BUILDERS), help="which fixtures (default: all)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    unknown = [n for n in args.names if n not in BUILDERS]
+    if unknown:
+        raise SystemExit(f"unknown fixture(s) {unknown}; known: {list(BUILDERS)}")
+    if args.check:
+        results = [check(n) for n in args.names]
+        if not all(results):
+            raise SystemExit(1)
+        return
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    for n in args.names:
+        generate(n)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Installs what tools/parity/make_fixtures.py needs on a Debian 12 machine:
+#   - Debian's CPU build of PyTorch (python3-torch 1.13.1) and numpy for /usr/bin/python3,
+#   - pinned diffusers/transformers and their pure-Python (or self-contained wheel) deps,
+#     installed with --no-deps into tools/parity/.pydeps so no second torch or numpy is pulled.
+# Idempotent: apt is skipped when torch already imports, pip when .pydeps matches the pins.
+# Usage (as root): bash tools/parity/setup.sh
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+py=/usr/bin/python3
+target="$here/.pydeps"
+
+# Every package is pinned; the list is the whole closure that diffusers and transformers
+# import at run time (numpy and torch come from Debian).
+pins=(
+  diffusers==0.29.2
+  transformers==4.41.2
+  tokenizers==0.19.1
+  safetensors==0.4.3
+  huggingface_hub==0.23.4
+  regex==2024.5.15
+  filelock==3.15.4
+  fsspec==2024.6.0
+  packaging==24.1
+  PyYAML==6.0.1
+  requests==2.32.3
+  urllib3==2.2.2
+  idna==3.7
+  charset-normalizer==3.3.2
+  certifi==2024.6.2
+  tqdm==4.66.4
+  typing_extensions==4.12.2
+  importlib_metadata==7.1.0
+  zipp==3.19.2
+  Pillow==10.3.0
+)
+
+if ! "$py" -c 'import torch, numpy; assert torch.__version__.startswith("1.13")' 2>/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update
+  apt-get install -y --no-install-recommends python3-torch python3-numpy python3-pip
+fi
+if ! "$py" -m pip --version >/dev/null 2>&1; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update
+  apt-get install -y --no-install-recommends python3-pip
+fi
+
+stamp="$target/.pins"
+want="$(printf '%s\n' "${pins[@]}")"
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+  echo "tools/parity/.pydeps is up to date"
+else
+  rm -rf "$target"
+  # --target skips Debian's externally-managed check; --no-deps keeps torch/numpy out.
+  "$py" -m pip install --no-deps --only-binary=:all: --no-compile --target "$target" "${pins[@]}"
+  printf '%s\n' "$want" >"$stamp"
+fi
+
+PYTHONPATH="$target" "$py" - <<'PY'
+import torch, numpy, diffusers, transformers, tokenizers, safetensors
+print("torch", torch.__version__, "numpy", numpy.__version__, "diffusers", diffusers.__version__,
+      "transformers", transformers.__version__, "tokenizers", tokenizers.__version__,
+      "safetensors", safetensors.__version__)
+PY
