@@ -394,7 +394,7 @@ def make_inputs(kind: str, vae, seed: int) -> dict[str, torch.Tensor]:
     """Fixed, seeded inputs; every one of them is stored in the reference file."""
     g = torch.Generator().manual_seed(seed)
     s = vae_scale(vae)
-    b, c, h, w = LATENT_SHAPE
+    b, _, h, w = LATENT_SHAPE
     x = {"unet.sample": torch.randn(LATENT_SHAPE, generator=g)}
     for k, ts in enumerate(UNET_TIMESTEPS):
         x[f"unet.timesteps.{k}"] = torch.tensor(ts, dtype=torch.float32)
