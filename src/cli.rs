@@ -118,6 +118,10 @@ pub struct TrainTeacherArgs {
     /// Print the default config as JSON and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// Warm-start a new run from these weights (e.g. a shipped teacher); parameters the file
+    /// lacks, such as a newly added refiner, keep their initialization.
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
     #[arg(long)]
     pub iterations: Option<u64>,
     #[arg(long)]
@@ -580,10 +584,18 @@ fn train_teacher(args: TrainTeacherArgs) -> anyhow::Result<()> {
     }
     let bar = progress_bar(config.iterations)?;
     let device = candle_core::Device::Cpu;
-    let weights = train_teacher(&config, &args.out, args.resume, &device, |step, loss| {
-        bar.set_position(step);
-        bar.set_message(format!("loss {loss:.4}"));
-    })?;
+    let init = args.init_from.as_deref();
+    let weights = train_teacher(
+        &config,
+        &args.out,
+        args.resume,
+        init,
+        &device,
+        |step, loss| {
+            bar.set_position(step);
+            bar.set_message(format!("loss {loss:.4}"));
+        },
+    )?;
     bar.finish();
     println!("weights: {}", weights.display());
     Ok(())

@@ -456,6 +456,7 @@ mod tests {
             vocab_size: vocab,
             max_frames: 8,
             image_size: 32,
+            refiner: 4,
         }
     }
 

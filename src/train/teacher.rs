@@ -151,10 +151,15 @@ impl RunPaths {
 
 /// Trains (or resumes) a teacher in `out`; calls `progress` after every step with the step
 /// number and the last loss. Returns the final EMA weights' path.
+///
+/// `init_from` warm-starts a fresh run from trained weights: every tensor of that file must
+/// exist in the model with the same shape, and parameters it lacks (a newly added head) keep
+/// their initialization. It is ignored when the run resumes from its own checkpoint.
 pub fn train_teacher(
     config: &TeacherConfig,
     out: &Path,
     resume: bool,
+    init_from: Option<&Path>,
     device: &Device,
     mut progress: impl FnMut(u64, f64),
 ) -> anyhow::Result<PathBuf> {
@@ -171,10 +176,15 @@ pub fn train_teacher(
     let vb = crate::nn::seeded_var_builder(&map, config.seed, DType::F32, device);
     let model = TinyModel::new(vb, &arch, tokenizer, FlowSchedule::default())?;
     let vars = named_vars(&map);
+    let resuming = resume && paths.checkpoint().is_file();
+    if let (Some(path), false) = (init_from, resuming) {
+        let (loaded, fresh) = warm_start(&vars, path, device)?;
+        tracing::info!(loaded, fresh, from = %path.display(), "warm start");
+    }
     let mut opt = AdamW::new(vars.clone(), config.optim.clone())?;
     let mut ema = Ema::new(&vars, config.ema_decay)?;
 
-    if resume && paths.checkpoint().is_file() {
+    if resuming {
         let (meta, groups): (Meta, _) =
             Checkpoint::load(&paths.checkpoint(), &["param.", "ema.", "opt."], device)?;
         for (name, var) in &vars {
@@ -255,6 +265,37 @@ pub fn train_teacher(
     Ok(paths.weights())
 }
 
+/// Copies the tensors of `path` into `vars`; returns (loaded, left at init) counts.
+fn warm_start(
+    vars: &[(String, Var)],
+    path: &Path,
+    device: &Device,
+) -> anyhow::Result<(usize, usize)> {
+    let tensors = candle_core::safetensors::load(path, device)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    for name in tensors.keys() {
+        if !vars.iter().any(|(n, _)| n == name) {
+            anyhow::bail!("{} holds {name}, which the model lacks", path.display());
+        }
+    }
+    let mut loaded = 0;
+    for (name, var) in vars {
+        if let Some(t) = tensors.get(name) {
+            if t.dims() != var.dims() {
+                anyhow::bail!(
+                    "{}: {name} has shape {:?}, the model wants {:?}",
+                    path.display(),
+                    t.dims(),
+                    var.dims()
+                );
+            }
+            var.set(&t.to_dtype(var.dtype())?)?;
+            loaded += 1;
+        }
+    }
+    Ok((loaded, vars.len() - loaded))
+}
+
 fn save(
     paths: &RunPaths,
     config: &TeacherConfig,
@@ -275,4 +316,99 @@ fn save(
     )?;
     super::checkpoint::save_tensors_atomic(&ema.shadow, &paths.weights())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(vocab: usize, refiner: usize) -> TinyConfig {
+        TinyConfig {
+            dim: 32,
+            depth: 1,
+            heads: 2,
+            mlp_ratio: 2,
+            patch: 8,
+            text_dim: 32,
+            text_depth: 1,
+            vocab_size: vocab,
+            refiner,
+            ..TinyConfig::default()
+        }
+    }
+
+    fn model(vb: candle_nn::VarBuilder, refiner: usize) -> Result<TinyModel> {
+        let tok = TinyTokenizer::from_vocabulary(&world::vocabulary()).unwrap();
+        let c = cfg(tok.vocab_size(), refiner);
+        TinyModel::new(vb, &c, tok, FlowSchedule::default())
+    }
+
+    #[test]
+    fn a_warm_started_refiner_reproduces_the_trained_dit_then_learns() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let dir = std::env::temp_dir().join(format!("fewstep-warm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("trained.safetensors");
+
+        // A "trained" DiT without a refiner (every weight non-zero).
+        let old_map = VarMap::new();
+        let old = model(
+            crate::nn::random_var_builder(&old_map, 1, DType::F32, &dev),
+            0,
+        )?;
+        let old_tensors = tensors_of(&named_vars(&old_map));
+        candle_core::safetensors::save(&old_tensors, &file)?;
+
+        // The same DiT with a fresh refiner, warm-started from it.
+        let map = VarMap::new();
+        let new = model(crate::nn::seeded_var_builder(&map, 2, DType::F32, &dev), 4)?;
+        let vars = named_vars(&map);
+        let (loaded, fresh) = warm_start(&vars, &file, &dev)?;
+        assert_eq!(loaded, old_tensors.len());
+        assert_eq!(fresh, 6, "features, conv1 and conv2 weights and biases");
+
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let x: Vec<f32> = (0..2 * 3 * 32 * 32)
+            .map(|_| StandardNormal.sample(&mut rng))
+            .collect();
+        let x = Tensor::from_vec(x, (2, 1, 3, 32, 32), &dev)?;
+        let text = old.encode(&["a red circle", ""])?;
+        let v_old = old.velocity(&x, &[0.3, 0.8], &text)?;
+        let v_new = new.velocity(&x, &[0.3, 0.8], &new.encode(&["a red circle", ""])?)?;
+        let diff = (&v_old - &v_new)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "warm start changed the output by {diff}");
+
+        // The refiner is on the path: once its output conv is non-zero, the output moves.
+        let (_, conv2) = vars
+            .iter()
+            .find(|(n, _)| n == "dit.refiner.conv2.weight")
+            .unwrap();
+        conv2.set(&conv2.ones_like()?)?;
+        let v_moved = new.velocity(&x, &[0.3, 0.8], &new.encode(&["a red circle", ""])?)?;
+        let moved = (&v_old - &v_moved)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(
+            moved > 1e-2,
+            "the refiner did not change the output ({moved})"
+        );
+
+        // A file that does not fit the model is refused.
+        let mut bad = old_tensors.clone();
+        bad.insert("dit.unknown".into(), Tensor::zeros(3, DType::F32, &dev)?);
+        candle_core::safetensors::save(&bad, &file)?;
+        let err = warm_start(&vars, &file, &dev).unwrap_err().to_string();
+        assert!(err.contains("dit.unknown"), "{err}");
+        let mut bad = old_tensors;
+        bad.insert(
+            "dit.patch_in.bias".into(),
+            Tensor::zeros(3, DType::F32, &dev)?,
+        );
+        candle_core::safetensors::save(&bad, &file)?;
+        let err = warm_start(&vars, &file, &dev).unwrap_err().to_string();
+        assert!(
+            err.contains("dit.patch_in.bias") && err.contains("shape"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
 }

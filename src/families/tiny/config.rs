@@ -2,6 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Per-pixel feature channels the DiT hands to the refiner (beside the noisy input).
+pub const REFINER_FEATURES: usize = 8;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TinyConfig {
@@ -25,6 +28,10 @@ pub struct TinyConfig {
     pub max_frames: usize,
     /// The square image side the model was trained at.
     pub image_size: usize,
+    /// Hidden channels of the full-resolution convolutional refiner on the DiT's output
+    /// (0 = none, the patch-linear head alone).
+    #[serde(default)]
+    pub refiner: usize,
 }
 
 impl Default for TinyConfig {
@@ -42,6 +49,7 @@ impl Default for TinyConfig {
             vocab_size: 64,
             max_frames: 8,
             image_size: 32,
+            refiner: 0,
         }
     }
 }
@@ -71,6 +79,15 @@ impl TinyConfig {
         let ffn = 2 * t * d * mlp;
         let ada = 6 * d * d;
         let block = spatial + temporal + cross + ffn + ada;
-        self.depth as u64 * block + 2 * t * pd * d
+        let pixels = (self.image_size * self.image_size * frames) as u64;
+        let (r, rf) = (self.refiner as u64, REFINER_FEATURES as u64);
+        let refiner = if r > 0 {
+            t * d * rf * (self.patch * self.patch) as u64
+                + 9 * pixels * (self.channels as u64 + rf) * r
+                + 9 * pixels * r * self.channels as u64
+        } else {
+            0
+        };
+        self.depth as u64 * block + 2 * t * pd * d + refiner
     }
 }
