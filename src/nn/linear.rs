@@ -33,6 +33,13 @@ impl Linear {
         })
     }
 
+    /// A layer without bias (Kaiming-normal init), like PyTorch's `Linear(..., bias=False)`.
+    pub fn no_bias(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+        let init = candle_nn::init::DEFAULT_KAIMING_NORMAL;
+        let weight = vb.get_with_hints((out_dim, in_dim), "weight", init)?;
+        Ok(Self { weight, bias: None })
+    }
+
     pub fn out_dim(&self) -> usize {
         self.weight.dim(0).unwrap_or(0)
     }

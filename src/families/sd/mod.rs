@@ -1,3 +1,8 @@
 //! Stable Diffusion families (SD1.5, SD2, SDXL and their few-step students) loaded from a
 //! local directory in the diffusers layout. One implementation serves and trains, so every
 //! layer here is built from ops with a backward (see `crate::nn`).
+
+pub mod layers;
+pub mod unet;
+
+pub use unet::{AddedCond, UNet, UNetConfig, UNetError};

@@ -1,0 +1,222 @@
+//! diffusers' `Transformer2DModel` (continuous input) with `BasicTransformerBlock`s: the
+//! spatial self- and cross-attention of the SD UNet.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::config::AttnSpec;
+use crate::families::sd::layers::{in_f32, Geglu, GroupNorm, LayerNorm, PointwiseConv};
+use crate::nn::Linear;
+
+/// Score tensors above this many elements are computed in slices of heads, which bounds
+/// the memory of attention over large latents (64x64 latents are 4096 tokens).
+const MAX_SCORE_ELEMS: usize = 1 << 26;
+
+/// `[B, T, H*Dh]` -> `[B*H, T, Dh]`.
+fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, d) = x.dims3()?;
+    x.reshape((b, t, heads, d / heads))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b * heads, t, d / heads))
+}
+
+/// Softmax attention over `[N, Tq, Dh]` x `[N, Tk, Dh]`. In half precision the softmax runs
+/// in f32 (diffusers' `upcast_softmax`; `upcast_attention` is thereby covered too).
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let scale = 1.0 / (q.dim(2)? as f64).sqrt();
+    let scores = (q * scale)?.matmul(&k.t()?)?;
+    let probs = in_f32(&scores, crate::nn::softmax_last_dim)?;
+    probs.matmul(v)
+}
+
+/// diffusers' `Attention` with the `AttnProcessor2_0` defaults of the SD UNet: bias-free
+/// `to_q`/`to_k`/`to_v`, `to_out.0` with bias, softmax scale `1/sqrt(head_dim)`.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    /// `context_dim` is the key/value input width (the query width for self-attention).
+    pub fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        Ok(Self {
+            to_q: Linear::no_bias(vb.pp("to_q"), query_dim, inner)?,
+            to_k: Linear::no_bias(vb.pp("to_k"), context_dim, inner)?,
+            to_v: Linear::no_bias(vb.pp("to_v"), context_dim, inner)?,
+            to_out: Linear::new(vb.pp("to_out").pp("0"), inner, query_dim)?,
+            heads,
+        })
+    }
+
+    /// `x`: `[B, T, query_dim]`; `context`: `[B, L, context_dim]`, or `None` to attend to `x`.
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let context = context.unwrap_or(x);
+        let q = split_heads(&self.to_q.forward(x)?, self.heads)?;
+        let k = split_heads(&self.to_k.forward(context)?, self.heads)?;
+        let v = split_heads(&self.to_v.forward(context)?, self.heads)?;
+        let (n, tk) = (q.dim(0)?, k.dim(1)?);
+        let chunk = (MAX_SCORE_ELEMS / (t * tk).max(1)).clamp(1, n);
+        let out = if chunk >= n {
+            attend(&q, &k, &v)?
+        } else {
+            let parts = (0..n)
+                .step_by(chunk)
+                .map(|s| {
+                    let len = chunk.min(n - s);
+                    attend(
+                        &q.narrow(0, s, len)?,
+                        &k.narrow(0, s, len)?,
+                        &v.narrow(0, s, len)?,
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&parts, 0)?
+        };
+        let dh = out.dim(2)?;
+        let merged = out
+            .reshape((b, self.heads, t, dh))?
+            .transpose(1, 2)?
+            .reshape((b, t, self.heads * dh))?;
+        self.to_out.forward(&merged)
+    }
+}
+
+/// diffusers' `BasicTransformerBlock` as the SD UNet configures it: pre-LayerNorm
+/// self-attention, cross-attention and a GEGLU feed-forward, each with a residual.
+#[derive(Debug, Clone)]
+pub struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff_in: Geglu,
+    ff_out: Linear,
+}
+
+impl TransformerBlock {
+    pub fn new(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        head_dim: usize,
+        cross_dim: usize,
+    ) -> Result<Self> {
+        let ff = vb.pp("ff").pp("net");
+        Ok(Self {
+            norm1: LayerNorm::new(vb.pp("norm1"), dim, 1e-5)?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim)?,
+            norm2: LayerNorm::new(vb.pp("norm2"), dim, 1e-5)?,
+            attn2: Attention::new(vb.pp("attn2"), dim, cross_dim, heads, head_dim)?,
+            norm3: LayerNorm::new(vb.pp("norm3"), dim, 1e-5)?,
+            ff_in: Geglu::new(ff.pp("0"), dim, 4 * dim)?,
+            ff_out: Linear::new(ff.pp("2"), 4 * dim, dim)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let x = (x + self.attn1.forward(&self.norm1.forward(x)?, None)?)?;
+        let x = (&x
+            + self
+                .attn2
+                .forward(&self.norm2.forward(&x)?, Some(context))?)?;
+        let ff = self
+            .ff_out
+            .forward(&self.ff_in.forward(&self.norm3.forward(&x)?)?)?;
+        x + ff
+    }
+}
+
+/// The token projections of `Transformer2DModel`: a `Linear` (`use_linear_projection`,
+/// SD2/SDXL) or a 1x1 convolution (SD1), both applied to channel-last tokens.
+#[derive(Debug, Clone)]
+enum Projection {
+    Linear(Linear),
+    Conv(PointwiseConv),
+}
+
+impl Projection {
+    fn new(vb: VarBuilder, linear: bool, in_dim: usize, out_dim: usize) -> Result<Self> {
+        Ok(if linear {
+            Self::Linear(Linear::new(vb, in_dim, out_dim)?)
+        } else {
+            Self::Conv(PointwiseConv::new(vb, in_dim, out_dim)?)
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Linear(l) => l.forward(x),
+            Self::Conv(c) => c.forward(x),
+        }
+    }
+}
+
+/// diffusers' `Transformer2DModel` over `[B, C, H, W]`: group norm, projection to tokens,
+/// transformer blocks, projection back and a residual.
+#[derive(Debug, Clone)]
+pub struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Projection,
+}
+
+impl SpatialTransformer {
+    pub fn new(
+        vb: VarBuilder,
+        channels: usize,
+        spec: &AttnSpec,
+        groups: usize,
+        linear_projection: bool,
+    ) -> Result<Self> {
+        // As in diffusers: head_dim = channels / heads, inner width = heads * head_dim.
+        let head_dim = channels / spec.heads;
+        if head_dim == 0 {
+            candle_core::bail!(
+                "{}: {} heads for {channels} channels",
+                vb.prefix(),
+                spec.heads
+            );
+        }
+        let inner = spec.heads * head_dim;
+        let blocks = (0..spec.layers)
+            .map(|j| {
+                let vb = vb.pp("transformer_blocks").pp(j);
+                TransformerBlock::new(vb, inner, spec.heads, head_dim, spec.cross_dim)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            // diffusers fixes this norm's eps at 1e-6, whatever `norm_eps` says.
+            norm: GroupNorm::new(vb.pp("norm"), groups, channels, 1e-6)?,
+            proj_in: Projection::new(vb.pp("proj_in"), linear_projection, channels, inner)?,
+            blocks,
+            proj_out: Projection::new(vb.pp("proj_out"), linear_projection, inner, channels)?,
+        })
+    }
+
+    /// `x`: `[B, C, H, W]`; `context`: `[B, L, cross_dim]`.
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let tokens = self.norm.forward(x)?.permute((0, 2, 3, 1))?;
+        let mut t = self.proj_in.forward(&tokens)?.reshape((b, h * w, ()))?;
+        for block in &self.blocks {
+            t = block.forward(&t, context)?;
+        }
+        let out = self.proj_out.forward(&t)?.reshape((b, h, w, c))?;
+        out.permute((0, 3, 1, 2))? + x
+    }
+}
