@@ -1,3 +1,11 @@
 //! Stable Diffusion families (SD1.5, SD2, SDXL and their few-step students) loaded from a
 //! local directory in the diffusers layout. One implementation serves and trains, so every
 //! layer here is built from ops with a backward (see `crate::nn`).
+
+pub mod clip;
+pub mod layout;
+pub mod tokenizer;
+pub mod vae;
+
+#[cfg(test)]
+mod testing;
