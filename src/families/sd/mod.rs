@@ -2,7 +2,14 @@
 //! local directory in the diffusers layout. One implementation serves and trains, so every
 //! layer here is built from ops with a backward (see `crate::nn`).
 
+pub mod clip;
 pub mod layers;
+pub mod layout;
+pub mod tokenizer;
 pub mod unet;
+pub mod vae;
+
+#[cfg(test)]
+mod testing;
 
 pub use unet::{AddedCond, UNet, UNetConfig, UNetError};
