@@ -5,6 +5,7 @@
 //! trained by `train-teacher` and `distill` as well as served.
 
 pub mod attention;
+pub mod conv;
 pub mod embed;
 pub mod init;
 pub mod linear;
@@ -12,6 +13,7 @@ pub mod norm;
 pub mod softmax;
 
 pub use attention::{Attention, CrossAttention};
+pub use conv::Conv3x3;
 pub use embed::{sincos_1d, timestep_embedding};
 pub use init::{random_var_builder, seeded_var_builder};
 pub use linear::Linear;

@@ -6,13 +6,14 @@
 //! timestep and the pooled prompt modulate the blocks through adaLN-Zero.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Init, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::config::{TinyConfig, REFINER_FEATURES};
 use super::text::TextCond;
 use crate::nn::embed::video_pos_embedding;
 use crate::nn::{
-    gated_residual, layer_norm, modulate, timestep_embedding, Attention, CrossAttention, Linear,
+    gated_residual, layer_norm, modulate, timestep_embedding, Attention, Conv3x3, CrossAttention,
+    Linear,
 };
 
 const EPS: f64 = 1e-6;
@@ -34,18 +35,8 @@ struct Block {
 #[derive(Debug, Clone)]
 struct Refiner {
     features: Linear,
-    conv1: Conv2d,
-    conv2: Conv2d,
-}
-
-fn conv3x3(vb: VarBuilder, cin: usize, cout: usize, init: Init) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: 1,
-        ..Default::default()
-    };
-    let w = vb.get_with_hints((cout, cin, 3, 3), "weight", init)?;
-    let b = vb.get_with_hints(cout, "bias", candle_nn::init::ZERO)?;
-    Ok(Conv2d::new(w, Some(b), cfg))
+    conv1: Conv3x3,
+    conv2: Conv3x3,
 }
 
 impl Refiner {
@@ -54,8 +45,8 @@ impl Refiner {
         let kaiming = candle_nn::init::DEFAULT_KAIMING_NORMAL;
         Ok(Self {
             features: Linear::new(vb.pp("features"), cfg.dim, rf * cfg.patch * cfg.patch)?,
-            conv1: conv3x3(vb.pp("conv1"), c + rf, r, kaiming)?,
-            conv2: conv3x3(vb.pp("conv2"), r, c, candle_nn::init::ZERO)?,
+            conv1: Conv3x3::new(vb.pp("conv1"), c + rf, r, kaiming)?,
+            conv2: Conv3x3::new(vb.pp("conv2"), r, c, candle_nn::init::ZERO)?,
         })
     }
 }
