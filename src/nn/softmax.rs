@@ -43,7 +43,8 @@ impl CustomOp1 for SoftmaxLastDim {
 /// Softmax over the last dimension: the one-pass op for f32 on the CPU, the composed candle
 /// ops elsewhere (both have a backward).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if super::fused::fused_enabled() && x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+    {
         x.contiguous()?.apply_op1(SoftmaxLastDim)
     } else {
         candle_nn::ops::softmax(x, D::Minus1)
