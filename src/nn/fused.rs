@@ -259,6 +259,43 @@ pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// SiLU.
+
+struct Silu;
+
+impl CustomOp1 for Silu {
+    fn name(&self) -> &'static str {
+        "fewstep-silu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let mut out = vec![0f32; x.len()];
+        super::fastmath::silu(x, &mut out);
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dx = with_data(x, |x| {
+            with_data(grad, |g| {
+                let mut dx = vec![0f32; x.len()];
+                super::fastmath::silu_backward(x, g, &mut dx);
+                dx
+            })
+        })??;
+        Ok(Some(from_vec(dx, x)?))
+    }
+}
+
+/// `x * sigmoid(x)`, with libm's `exp` replaced by the vectorized one of `fastmath`.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    if !use_kernel(&[x]) {
+        return x.silu();
+    }
+    x.contiguous()?.apply_op1(Silu)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Gated residual.
 
 /// `x + gate * y` for `x`, `y` `[B, T, D]` and `gate` `[B, D]`.
@@ -464,6 +501,7 @@ mod tests {
             layer_norm_modulate(&xt, &t[1], &t[2], 1e-6)
         })?;
         check(&[&x], |t| layer_norm(&t[0], 1e-5))?;
+        check(&[&x], |t| silu(&t[0]))?;
         let (gate, y) = (var(&[3, 16], 1.0), var(&[3, 5, 16], 1.0));
         check(&[&x, &gate, &y], |t| gated_residual(&t[0], &t[1], &t[2]))?;
         let (rows, bias) = (var(&[7, 16], 1.0), var(&[16], 1.0));

@@ -8,6 +8,7 @@
 pub mod attention;
 pub mod conv;
 pub mod embed;
+pub mod fastmath;
 pub mod fused;
 pub mod init;
 pub mod linear;
@@ -17,7 +18,7 @@ pub mod softmax;
 pub use attention::{Attention, CrossAttention};
 pub use conv::Conv3x3;
 pub use embed::{sincos_1d, timestep_embedding};
-pub use fused::{add_bias, gated_residual, layer_norm, layer_norm_modulate};
+pub use fused::{add_bias, gated_residual, layer_norm, layer_norm_modulate, silu};
 pub use init::{random_var_builder, seeded_var_builder};
 pub use linear::Linear;
 pub use softmax::softmax_last_dim;

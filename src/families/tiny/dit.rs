@@ -12,7 +12,7 @@ use super::config::{TinyConfig, REFINER_FEATURES};
 use super::text::TextCond;
 use crate::nn::embed::video_pos_embedding;
 use crate::nn::{
-    gated_residual, layer_norm, layer_norm_modulate, timestep_embedding, Attention, Conv3x3,
+    gated_residual, layer_norm, layer_norm_modulate, silu, timestep_embedding, Attention, Conv3x3,
     CrossAttention, Linear,
 };
 
@@ -189,7 +189,7 @@ impl Dit {
             tok = (tok + hc)?;
             // MLP.
             let hm = layer_norm_modulate(&tok, &m[3], &m[4], EPS)?;
-            let hm = blk.fc2.forward(&blk.fc1.forward(&hm)?.silu()?)?;
+            let hm = blk.fc2.forward(&silu(&blk.fc1.forward(&hm)?)?)?;
             tok = gated_residual(&tok, &m[5], &hm)?;
         }
 
@@ -202,7 +202,7 @@ impl Dit {
                 let c = self.cfg.channels;
                 let inp =
                     Tensor::cat(&[x, &feats], 2)?.reshape((b * f, c + REFINER_FEATURES, h, w))?;
-                let dv = r.conv2.forward(&r.conv1.forward(&inp)?.silu()?)?;
+                let dv = r.conv2.forward(&silu(&r.conv1.forward(&inp)?)?)?;
                 (v + dv.reshape((b, f, c, h, w))?)?
             }
             None => v,
