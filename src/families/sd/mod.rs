@@ -3,6 +3,8 @@
 //! layer here is built from ops with a backward (see `crate::nn`).
 
 pub mod clip;
+pub mod clip_image;
+pub mod clip_vision;
 pub mod layers;
 pub mod layout;
 pub mod tokenizer;
@@ -10,6 +12,6 @@ pub mod unet;
 pub mod vae;
 
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 pub use unet::{AddedCond, UNet, UNetConfig, UNetError};
