@@ -39,8 +39,8 @@ pub struct GenerateRequest {
     /// Classifier-free guidance scale; 1 disables CFG.
     #[serde(default)]
     pub guidance: Option<f32>,
-    /// Seed of the first output; random when absent. The same seed gives the same pixels
-    /// whatever else shares the batch.
+    /// Seed of the first output; random when absent. The same seed gives the same image
+    /// whatever else shares the batch (up to a rare one-level rounding difference).
     #[serde(default)]
     #[schema(example = 42)]
     pub seed: Option<u64>,

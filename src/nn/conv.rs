@@ -161,6 +161,24 @@ mod tests {
         Ok(())
     }
 
+    /// A row's result must not depend on the rest of its batch (im2col is per pixel).
+    #[test]
+    fn a_sample_gets_the_same_bits_alone_and_in_a_batch() -> Result<()> {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let vb = crate::nn::random_var_builder(&map, 5, DType::F32, &dev);
+        let conv = Conv3x3::new(vb, 11, 32, candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
+        let batch = Tensor::randn(0f32, 1., (8, 11, 32, 32), &dev)?;
+        let alone = conv.forward(&batch.narrow(0, 3, 1)?)?;
+        let inside = conv.forward(&batch)?.narrow(0, 3, 1)?;
+        let (a, b) = (
+            alone.flatten_all()?.to_vec1::<f32>()?,
+            inside.flatten_all()?.to_vec1::<f32>()?,
+        );
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        Ok(())
+    }
+
     #[test]
     fn matches_candle_conv2d_and_its_gradients() -> Result<()> {
         let dev = Device::Cpu;
