@@ -31,6 +31,9 @@ pub enum LoadError {
     Invalid { path: PathBuf, message: String },
     #[error("{}: unsupported: {message}", path.display())]
     Unsupported { path: PathBuf, message: String },
+    /// The UNet's config (its own error names the file).
+    #[error(transparent)]
+    UNet(#[from] super::unet::UNetError),
     /// A missing tensor, a wrong shape or an unreadable safetensors file; candle's message
     /// names the tensor.
     #[error("{files}: {source}")]

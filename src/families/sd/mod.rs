@@ -5,6 +5,8 @@
 pub mod clip;
 pub mod layers;
 pub mod layout;
+pub mod pipeline;
+pub mod schedule;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
@@ -12,4 +14,6 @@ pub mod vae;
 #[cfg(test)]
 mod testing;
 
+pub use pipeline::{SdCond, SdModel, SdOptions, SdText};
+pub use schedule::DdpmSchedule;
 pub use unet::{AddedCond, UNet, UNetConfig, UNetError};
