@@ -178,9 +178,9 @@ fn load_sd(
             "dtype {dtype} (vae {vae_dtype}) is for CUDA devices; use dtype = \"f32\" on the CPU"
         )));
     }
-    let sd_err = |source| ManifestError::Sd {
+    let sd_err = |error| ManifestError::Sd {
         name: name.clone(),
-        source: Box::new(source),
+        error: Box::new(error),
     };
     let layout = SdLayout::open(root, unet_file).map_err(sd_err)?;
     let version = weights_hash(&layout)?;

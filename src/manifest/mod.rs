@@ -37,12 +37,12 @@ pub enum ManifestError {
     Tokenizer(#[from] crate::families::tiny::tokenizer::TokenizerError),
     #[error("no model named {name:?}: none of {tried} exists")]
     UnknownModel { name: String, tried: String },
-    /// A Stable Diffusion directory that does not load; the source names the file (and the
-    /// tensor, for weights).
-    #[error("model {name}: {source}")]
+    /// A Stable Diffusion directory that does not load; the error names the file (and the
+    /// tensor, for weights). Shown inline, not as a `source`, so a chain prints it once.
+    #[error("model {name}: {error}")]
     Sd {
         name: String,
-        source: Box<crate::families::sd::layout::LoadError>,
+        error: Box<crate::families::sd::layout::LoadError>,
     },
     #[error("model {name}: {message}")]
     Model { name: String, message: String },

@@ -274,3 +274,45 @@ fn sd_load_errors_name_what_is_wrong() {
         "{err}"
     );
 }
+
+#[test]
+fn tiny_only_commands_refuse_sd_models_by_name() {
+    let cpu = Device::Cpu;
+    let err = crate::eval::load_model(&fixtures(), "sdxl-tiny", None, true, &cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("sdxl-tiny") && err.contains("fewstep eval") && err.contains("tiny family"),
+        "{err}"
+    );
+    let loaded =
+        LoadedModel::load(&Manifest::find(&fixtures(), "sd2-tiny").unwrap(), &cpu).unwrap();
+    let err = crate::eval::evaluate(&loaded, &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("fewstep eval"), "{err}");
+
+    let out = std::env::temp_dir().join(format!("fewstep-sd-distill-{}", std::process::id()));
+    let opts = crate::distill::RunOptions {
+        models_dir: fixtures(),
+        model: "sd15-tiny".into(),
+        out: out.clone(),
+        prompts: None,
+        resume: false,
+        config: Default::default(),
+        eval: None,
+        from_log: None,
+        publish: None,
+    };
+    let err = crate::distill::run(&opts, &cpu, |_, _| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("sd15-tiny") && err.contains("fewstep distill"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing is written for a refused run");
+}
