@@ -722,14 +722,24 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             args.reps,
             &device,
         )?;
-        println!("denoiser {} ({} frames)", args.model, args.frames);
-        println!("batch  fwd samples/s  train samples/s  fwd GFLOP/s  GEMM GFLOP/s  fwd MFU");
+        println!(
+            "denoiser {} ({} frames); naive = candle's composed ops, measured interleaved",
+            args.model, args.frames
+        );
+        println!(
+            "batch  fwd samples/s (naive)  speedup  train samples/s (naive)  speedup  \
+             fwd GFLOP/s  GEMM GFLOP/s  fwd MFU"
+        );
         for r in rows {
             println!(
-                "{:>5}  {:>13.1}  {:>15.1}  {:>11.2}  {:>12.2}  {:>6.1}%",
+                "{:>5}  {:>13.1} {:>9}  {:>6.2}x  {:>15.1} {:>7}  {:>6.2}x  {:>11.2}  {:>12.2}  {:>6.1}%",
                 r.batch,
                 r.forward_samples_per_s,
+                format!("({:.1})", r.naive_forward_samples_per_s),
+                r.forward_samples_per_s / r.naive_forward_samples_per_s,
                 r.train_samples_per_s,
+                format!("({:.1})", r.naive_train_samples_per_s),
+                r.train_samples_per_s / r.naive_train_samples_per_s,
                 r.forward_gflops,
                 r.gemm_gflops,
                 100.0 * r.forward_mfu

@@ -18,6 +18,9 @@ pub struct ModelBenchRow {
     pub frames: usize,
     pub forward_samples_per_s: f64,
     pub train_samples_per_s: f64,
+    /// The same, with `crate::nn::fused` turned off: candle's composed ops only.
+    pub naive_forward_samples_per_s: f64,
+    pub naive_train_samples_per_s: f64,
     pub forward_gflops: f64,
     pub gemm_gflops: f64,
     /// Forward GFLOP/s over the GEMM's GFLOP/s.
@@ -73,19 +76,41 @@ pub fn bench_model(
         let t: Vec<f32> = (0..b).map(|i| (i as f32 + 0.5) / b as f32).collect();
         let prompts = vec!["a small red circle on the left"; b];
         let text = model.encode(&prompts)?;
-        let fwd = median_secs(reps, || {
-            let v = model.velocity(&x, &t, &text)?;
-            device.synchronize()?;
-            drop(v);
-            Ok(())
-        })?;
-        let train = median_secs(reps, || {
-            let text = model.encode(&prompts)?;
-            let v = model.velocity(&x, &t, &text)?;
-            let loss = (v - &x)?.sqr()?.mean_all()?;
-            opt.backward_step(&loss)?;
-            Ok(())
-        })?;
+        let fwd = |fused: bool| {
+            crate::nn::fused::set_fused(fused);
+            let r = median_secs(reps, || {
+                let v = model.velocity(&x, &t, &text)?;
+                device.synchronize()?;
+                drop(v);
+                Ok(())
+            });
+            crate::nn::fused::set_fused(true);
+            r
+        };
+        let mut train = |fused: bool| {
+            crate::nn::fused::set_fused(fused);
+            let r = median_secs(reps, || {
+                let text = model.encode(&prompts)?;
+                let v = model.velocity(&x, &t, &text)?;
+                let loss = (v - &x)?.sqr()?.mean_all()?;
+                opt.backward_step(&loss)?;
+                Ok(())
+            });
+            crate::nn::fused::set_fused(true);
+            r
+        };
+        // Fused and naive interleaved over three rounds, so machine noise hits both alike.
+        let mut m = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+        for _ in 0..3 {
+            m[0].push(fwd(true)?);
+            m[1].push(fwd(false)?);
+            m[2].push(train(true)?);
+            m[3].push(train(false)?);
+        }
+        let [fwd, naive_fwd, train, naive_train] = m.map(|mut v| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[1]
+        });
         let flops = 2.0 * cfg.macs_per_sample(frames) as f64 * b as f64;
         // A GEMM with the same total work, shaped like the model's token matmuls.
         let tokens = b * frames * cfg.tokens_per_frame();
@@ -96,6 +121,8 @@ pub fn bench_model(
             frames,
             forward_samples_per_s: b as f64 / fwd,
             train_samples_per_s: b as f64 / train,
+            naive_forward_samples_per_s: b as f64 / naive_fwd,
+            naive_train_samples_per_s: b as f64 / naive_train,
             forward_gflops: fwd_gflops,
             gemm_gflops: gemm,
             forward_mfu: fwd_gflops / gemm,

@@ -80,8 +80,12 @@ pub struct DistillConfig {
     pub amd: AmdConfig,
     /// DMD2's optional GAN term on the critic (off by default; needs renderable prompts).
     pub gan: GanConfig,
-    /// Reward proxy (`verifier` for the built-in world).
+    /// Reward proxy: `verifier` for the built-in world, or `clip` (a CLIP score, e.g.
+    /// PickScore; families with RGB image outputs) with `reward_path`.
     pub reward: String,
+    /// The reward's model directory (`clip`: a transformers `CLIPModel` directory with its
+    /// tokenizer and `preprocessor_config.json`).
+    pub reward_path: Option<std::path::PathBuf>,
     pub seed: u64,
     pub checkpoint_every: u64,
     pub log_every: u64,
@@ -113,6 +117,7 @@ impl Default for DistillConfig {
             amd: AmdConfig::default(),
             gan: GanConfig::default(),
             reward: "verifier".into(),
+            reward_path: None,
             seed: 0,
             checkpoint_every: 50,
             log_every: 10,
@@ -158,6 +163,38 @@ impl DistillConfig {
         if self.checkpoint_every == 0 || self.log_every == 0 {
             return bad("checkpoint_every and log_every must be at least 1");
         }
+        match (self.reward.as_str(), &self.reward_path) {
+            ("clip", None) => {
+                return bad("reward \"clip\" needs reward_path (a CLIPModel directory)")
+            }
+            ("clip", Some(_)) | (_, None) => {}
+            (_, Some(_)) => return bad("reward_path is only read by reward \"clip\""),
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clip_reward_is_chosen_with_its_path() {
+        let cfg: DistillConfig =
+            toml::from_str("reward = \"clip\"\nreward_path = \"/models/PickScore_v1\"\n").unwrap();
+        assert_eq!(cfg.reward, "clip");
+        assert_eq!(
+            cfg.reward_path.as_deref(),
+            Some(std::path::Path::new("/models/PickScore_v1"))
+        );
+        cfg.validate().unwrap();
+
+        let no_path: DistillConfig = toml::from_str("reward = \"clip\"\n").unwrap();
+        let err = no_path.validate().unwrap_err().to_string();
+        assert!(err.contains("reward_path"), "{err}");
+        let stray: DistillConfig = toml::from_str("reward_path = \"/m\"\n").unwrap();
+        let err = stray.validate().unwrap_err().to_string();
+        assert!(err.contains("only read by reward \"clip\""), "{err}");
+        DistillConfig::default().validate().unwrap();
     }
 }

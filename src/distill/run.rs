@@ -246,6 +246,7 @@ fn from_log(
     config: &DistillConfig,
     model: &str,
     dir: &Path,
+    device: &Device,
 ) -> anyhow::Result<(Box<dyn crate::reward::Reward>, PromptSource)> {
     let (stats, rated) = block_on(async {
         let store = crate::store::Store::connect(&src.url).await?;
@@ -253,7 +254,7 @@ fn from_log(
         let rated = store.rated_outputs(src.since_ms).await?;
         anyhow::Ok((stats, rated))
     })?;
-    let base = crate::reward::by_name(&config.reward)?;
+    let base = crate::reward::load(&config.reward, config.reward_path.as_deref(), device)?;
     let (reward, fit) = crate::reward::LoggedReward::fit(base, &rated, src.min_feedback);
     let (prompts, summary) = PromptSource::from_log(&stats, &reward, src.oversample)?;
     match fit.used.as_str() {
@@ -339,9 +340,10 @@ pub fn run(
         .get_or_insert(teacher_manifest.sampling.default_guidance);
     let dir = &opts.out;
     let (reward, prompts) = match &opts.from_log {
-        Some(src) => from_log(src, &config, &model.name, dir)?,
+        Some(src) => from_log(src, &config, &model.name, dir, device)?,
         None => {
-            let reward = crate::reward::by_name(&config.reward)?;
+            let reward =
+                crate::reward::load(&config.reward, config.reward_path.as_deref(), device)?;
             let prompts = match &opts.prompts {
                 Some(p) => PromptSource::from_file(p, reward.as_ref())?,
                 None => PromptSource::Grammar,

@@ -603,6 +603,31 @@ mod tests {
     }
 
     #[test]
+    fn a_clip_reward_scores_image_and_video_iterations() -> anyhow::Result<()> {
+        // The tiny family's 32x32 RGB samples, resized to the tiny CLIP's 30 px.
+        let fx = crate::families::sd::testing::fixture("clip-tiny");
+        let reward = crate::reward::load("clip", Some(&fx.dir), &Device::Cpu)?;
+        let (model, tensors) = teacher();
+        let cfg = config(Method::Amd, 0.5, 0.5);
+        let mut d = Distiller::new(
+            cfg,
+            model,
+            tensors.clone(),
+            &tensors,
+            reward,
+            PromptSource::Grammar,
+        )?;
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let s = d.step()?;
+            assert!(s.reward_mean.is_finite() && s.reward_std > 0.0, "{s:?}");
+            kinds.push(s.video);
+        }
+        assert!(kinds.contains(&true) && kinds.contains(&false), "{kinds:?}");
+        Ok(())
+    }
+
+    #[test]
     fn the_gan_term_trains_the_head_and_reports_its_losses() -> anyhow::Result<()> {
         let mut cfg = config(Method::Dmd2, 0.0, 0.0);
         cfg.gan.enabled = true;

@@ -1,13 +1,109 @@
-//! A 3x3 "same" convolution as one GEMM over shifted copies of the input (im2col from
-//! differentiable ops).
+//! A 3x3 "same" convolution as one GEMM over an im2col matrix.
 //!
 //! candle 0.11's CPU conv2d is correct but its backward (a naive transposed convolution) made
-//! a training step with two small 32x32 convs 3x slower than the whole DiT. Padding, nine
-//! narrowed views and one matrix multiply have fast backwards, so this is the form the tiny
-//! family trains with; the weight layout is conv2d's `[out, in, 3, 3]`.
+//! a training step with two small 32x32 convs 3x slower than the whole DiT. Here im2col is one
+//! pass (a kernel with a col2im backward on the CPU, nine shifted views elsewhere) and the
+//! rest is a matrix multiply; the weight layout is conv2d's `[out, in, 3, 3]`.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
+
+/// `[N, C, H, W]` -> `[N*H*W, C*9]`: each row holds a pixel's zero-padded 3x3 neighbourhood
+/// of every channel, ordered (channel, ky, kx) like a conv2d weight.
+struct Im2Col3x3;
+
+impl CustomOp1 for Im2Col3x3 {
+    fn name(&self) -> &'static str {
+        "fewstep-im2col-3x3"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = l.shape().dims4()?;
+        let CpuStorage::F32(data) = s else {
+            candle_core::bail!("{}: f32 only", self.name());
+        };
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("{}: contiguous input only", self.name());
+        };
+        let x = &data[a..b];
+        let mut out = vec![0f32; n * h * w * c * 9];
+        for (row, o) in out.chunks_mut(c * 9).enumerate() {
+            let (ni, y, xx) = (row / (h * w), (row / w) % h, row % w);
+            for ci in 0..c {
+                let plane = &x[(ni * c + ci) * h * w..(ni * c + ci + 1) * h * w];
+                for ky in 0..3 {
+                    let yy = y + ky;
+                    if yy == 0 || yy > h {
+                        continue;
+                    }
+                    for kx in 0..3 {
+                        let xs = xx + kx;
+                        if xs == 0 || xs > w {
+                            continue;
+                        }
+                        o[ci * 9 + ky * 3 + kx] = plane[(yy - 1) * w + xs - 1];
+                    }
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n * h * w, c * 9))))
+    }
+
+    /// col2im: every input pixel sums the gradients of the nine rows that read it.
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (n, c, h, w) = arg.dims4()?;
+        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut dx = vec![0f32; n * c * h * w];
+        for (row, gr) in g.chunks(c * 9).enumerate() {
+            let (ni, y, xx) = (row / (h * w), (row / w) % h, row % w);
+            for ci in 0..c {
+                let plane = &mut dx[(ni * c + ci) * h * w..(ni * c + ci + 1) * h * w];
+                for ky in 0..3 {
+                    let yy = y + ky;
+                    if yy == 0 || yy > h {
+                        continue;
+                    }
+                    for kx in 0..3 {
+                        let xs = xx + kx;
+                        if xs == 0 || xs > w {
+                            continue;
+                        }
+                        plane[(yy - 1) * w + xs - 1] += gr[ci * 9 + ky * 3 + kx];
+                    }
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// The im2col matrix of `x` from nine shifted views (any device and dtype).
+fn im2col_composed(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let xp = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
+    let mut taps = Vec::with_capacity(9);
+    for dy in 0..3 {
+        for dx in 0..3 {
+            taps.push(xp.narrow(2, dy, h)?.narrow(3, dx, w)?);
+        }
+    }
+    // [N, C, 9, H, W] -> rows of (c, ky, kx) per pixel, matching the weight's layout.
+    Tensor::stack(&taps, 2)?
+        .permute((0, 3, 4, 1, 2))?
+        .contiguous()?
+        .reshape((n * h * w, c * 9))
+}
+
+fn im2col(x: &Tensor) -> Result<Tensor> {
+    let kernel = super::fused::fused_enabled()
+        && x.device().is_cpu()
+        && x.dtype() == candle_core::DType::F32;
+    if kernel {
+        x.contiguous()?.apply_op1(Im2Col3x3)
+    } else {
+        im2col_composed(x)
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Conv3x3 {
@@ -32,19 +128,8 @@ impl Conv3x3 {
 impl Module for Conv3x3 {
     /// `[N, C, H, W]` -> `[N, out, H, W]`, zero padding of 1.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, c, h, w) = x.dims4()?;
-        let xp = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
-        let mut taps = Vec::with_capacity(9);
-        for dy in 0..3 {
-            for dx in 0..3 {
-                taps.push(xp.narrow(2, dy, h)?.narrow(3, dx, w)?);
-            }
-        }
-        // [N, C, 9, H, W] -> rows of (c, ky, kx) per pixel, matching the weight's layout.
-        let cols = Tensor::stack(&taps, 2)?
-            .permute((0, 3, 4, 1, 2))?
-            .contiguous()?
-            .reshape((n * h * w, c * 9))?;
+        let (n, _, h, w) = x.dims4()?;
+        let cols = im2col(x)?;
         cols.matmul(&self.weight.t()?)?
             .broadcast_add(&self.bias)?
             .reshape((n, h, w, self.out_ch))?
@@ -58,6 +143,23 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
     use candle_nn::VarMap;
+
+    #[test]
+    fn im2col_kernel_matches_the_shifted_views_and_their_gradient() -> Result<()> {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 5, 4), &Device::Cpu)?)?;
+        let fused = im2col(x.as_tensor())?;
+        let composed = im2col_composed(x.as_tensor())?;
+        assert_eq!(fused.to_vec2::<f32>()?, composed.to_vec2::<f32>()?);
+        let w = Tensor::randn(0f32, 1., fused.shape(), &Device::Cpu)?;
+        let gf = (&fused * &w)?.sum_all()?.backward()?;
+        let gc = (&composed * &w)?.sum_all()?.backward()?;
+        let d = (gf.get(&x).unwrap() - gc.get(&x).unwrap())?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(d < 1e-5, "col2im differs by {d}");
+        Ok(())
+    }
 
     #[test]
     fn matches_candle_conv2d_and_its_gradients() -> Result<()> {

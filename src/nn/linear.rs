@@ -53,7 +53,7 @@ impl Module for Linear {
         let x2 = x.reshape((rows, in_dim))?;
         let mut y = x2.matmul(&self.weight.t()?)?;
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
+            y = super::add_bias(&y, b)?;
         }
         let mut out_dims = dims;
         *out_dims.last_mut().expect("rank >= 1") = self.weight.dim(0)?;

@@ -22,11 +22,9 @@ impl CustomOp1 for SoftmaxLastDim {
         let mut out = vec![0f32; x.len()];
         for (row, o) in x.chunks(n).zip(out.chunks_mut(n)) {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (v, y) in row.iter().zip(o.iter_mut()) {
-                *y = (v - max).exp();
-                sum += *y;
-            }
+            o.copy_from_slice(row);
+            super::fastmath::exp_sub_inplace(o, max);
+            let sum: f32 = o.iter().sum();
             let inv = 1.0 / sum;
             o.iter_mut().for_each(|y| *y *= inv);
         }
@@ -43,7 +41,8 @@ impl CustomOp1 for SoftmaxLastDim {
 /// Softmax over the last dimension: the one-pass op for f32 on the CPU, the composed candle
 /// ops elsewhere (both have a backward).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if super::fused::fused_enabled() && x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+    {
         x.contiguous()?.apply_op1(SoftmaxLastDim)
     } else {
         candle_nn::ops::softmax(x, D::Minus1)

@@ -1,13 +1,19 @@
 //! Reward proxies (AMD.md section 6): frozen scorers of a decoded sample against its prompt,
 //! behind one trait so that distillation does not care which one it uses.
 
+mod clip_score;
 mod logged;
 mod verifier;
 
+pub use clip_score::{ClipModelConfig, ClipScoreReward};
 pub use logged::{FitReport, LoggedReward};
 pub use verifier::VerifierReward;
 
-use candle_core::Tensor;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::families::sd::layout::LoadError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RewardError {
@@ -17,13 +23,27 @@ pub enum RewardError {
         prompt: String,
         reason: String,
     },
-    #[error("unknown reward {0:?} (known: verifier)")]
+    #[error("the {reward} reward cannot score these samples: {reason}")]
+    Samples {
+        reward: &'static str,
+        reason: String,
+    },
+    #[error("unknown reward {0:?} (known: verifier, clip)")]
     Unknown(String),
+    #[error("the {reward} reward {problem}")]
+    Path {
+        reward: &'static str,
+        problem: &'static str,
+    },
+    #[error("loading the reward model: {0}")]
+    Load(#[from] LoadError),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
 }
 
-/// A frozen scorer: one value in `[0, 1]` per sample, higher is better. No gradient flows.
+/// A frozen scorer: one value per sample, higher is better, on the reward's own scale (the
+/// verifier's is `[0, 1]`; `clip`'s is `exp(logit_scale)` x cosine, about `[-100, 100]`):
+/// distillation only uses it through group-normalized advantages. No gradient flows.
 pub trait Reward: Send {
     fn name(&self) -> &'static str;
 
@@ -35,10 +55,29 @@ pub trait Reward: Send {
 }
 
 /// The reward named in a config (`verifier` for the built-in world; `logged` is fitted from
-/// the generation log by `distill --from-log`).
+/// the generation log by `distill --from-log`). Rewards that need a model directory (`clip`)
+/// are built by [`load`].
 pub fn by_name(name: &str) -> Result<Box<dyn Reward>, RewardError> {
-    match name {
-        "verifier" => Ok(Box::new(VerifierReward)),
-        other => Err(RewardError::Unknown(other.to_string())),
+    load(name, None, &Device::Cpu)
+}
+
+/// The reward a config names, its model (if it has one) loaded from `path` onto `device`:
+/// `verifier` (no path), or `clip` with `path` a transformers `CLIPModel` directory (PickScore,
+/// CLIP / OpenCLIP ViT-H; it scores RGB images of any size, resized as the model expects).
+pub fn load(
+    name: &str,
+    path: Option<&Path>,
+    device: &Device,
+) -> Result<Box<dyn Reward>, RewardError> {
+    let path_error = |reward, problem| RewardError::Path { reward, problem };
+    match (name, path) {
+        ("verifier", None) => Ok(Box::new(VerifierReward)),
+        ("verifier", Some(_)) => Err(path_error("verifier", "takes no model path")),
+        ("clip", Some(dir)) => Ok(Box::new(ClipScoreReward::load(dir, DType::F32, device)?)),
+        ("clip", None) => Err(path_error(
+            "clip",
+            "needs a CLIPModel directory (reward_path in the distill config)",
+        )),
+        (other, _) => Err(RewardError::Unknown(other.to_string())),
     }
 }

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Parity fixtures for the Stable Diffusion family (issue 6, item 4).
 
-Builds three tiny random-weight models with the reference implementation (diffusers and
-transformers), saves each in the diffusers directory layout under ``tests/fixtures/sd/<name>/``
+Builds three tiny random-weight SD models and a tiny CLIP with the reference implementation
+(diffusers and transformers), saves each SD model in the diffusers directory layout under
+``tests/fixtures/sd/<name>/``
 and writes, beside it, ``<name>.reference.safetensors`` (fixed inputs and the reference outputs)
 and ``<name>.reference.json`` (prompts, timesteps, package versions, what each tensor is).
 The Rust tests load the directory with the project's own code and compare against the
@@ -11,11 +12,17 @@ reference file. ``tests/fixtures/sd/README.md`` documents every tensor.
     sd15-tiny   SD1.5 / DMD2-SD1.5 structure, epsilon, quick_gelu CLIP, conv projections
     sd2-tiny    SD2.1 / SD-Turbo structure, v_prediction, gelu CLIP, linear projections
     sdxl-tiny   SDXL / SDXL-Turbo / DMD2-SDXL structure, two text encoders, text_time embedding
+    clip-tiny   a transformers CLIPModel (text and vision towers, projections, logit_scale) with
+                its CLIPProcessor files, for the CLIP-score reward (PickScore / HPSv2 are CLIP-H)
 
 Usage (after ``bash tools/parity/setup.sh``), from the repository root:
 
     PYTHONPATH=tools/parity/.pydeps /usr/bin/python3 tools/parity/make_fixtures.py
     PYTHONPATH=tools/parity/.pydeps /usr/bin/python3 tools/parity/make_fixtures.py --check
+
+The CLIP fixture is a flat transformers model directory instead (``clip-tiny/``), with raw 8-bit
+images and the pixel values CLIPImageProcessor makes of them, so that the Rust side also proves
+its own resize, crop and normalization.
 
 ``--check`` writes nothing: it reloads every saved directory with ``from_pretrained`` (and the
 tokenizer.json with the ``tokenizers`` library alone), recomputes every output from the inputs
@@ -55,12 +62,18 @@ from diffusers import (  # noqa: E402
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from PIL import Image  # noqa: E402
 from transformers import (  # noqa: E402
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
     CLIPTokenizerFast,
+    CLIPVisionConfig,
 )
 from transformers.models.clip.tokenization_clip import bytes_to_unicode  # noqa: E402
 
@@ -191,10 +204,12 @@ def tokenize(tok, prompts=PROMPTS) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
+def randomize(model: torch.nn.Module, seed: int, extra: dict | None = None) -> None:
     """Re-draws every parameter so that nothing is an identity or a zero (norm affine params
     included) while activations stay O(1): weights N(0, 1/fan_in), biases N(0, 0.1^2), norm
-    weights N(1, 0.25^2), norm biases N(0, 0.25^2), embeddings N(0, 0.5^2)."""
+    weights N(1, 0.25^2), norm biases N(0, 0.25^2), embeddings N(0, 0.5^2). `extra` maps the
+    names of bare parameters (no module type above knows them) to their (mean, std); they are
+    drawn last, in name order, so that models without any draw exactly what they always did."""
     g = torch.Generator().manual_seed(seed)
     done: set[int] = set()
 
@@ -216,6 +231,9 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 draw(m.bias, 0.0, 0.25)
         elif isinstance(m, torch.nn.Embedding):
             draw(m.weight, 0.0, 0.5)
+    params = dict(model.named_parameters())
+    for name, (mean, std) in sorted((extra or {}).items()):
+        draw(params[name], mean, std)
     missed = [n for n, p in model.named_parameters() if id(p) not in done]
     if missed:
         raise SystemExit(f"randomize: parameters of unknown modules left untouched: {missed}")
@@ -696,24 +714,261 @@ def check(name: str) -> bool:
     return ok
 
 
+# --------------------------------------------------------------------------------------------
+# clip-tiny: a CLIPModel for the CLIP-score reward (PickScore and HPSv2 are CLIP ViT-H models)
+# --------------------------------------------------------------------------------------------
+
+CLIP_NAME = "clip-tiny"
+# Vision tower: a 5 x 5 patch grid plus the class token (ViT-H/14: 16 x 16 at 224 px).
+CLIP_IMAGE, CLIP_PATCH = 30, 6
+# Differs from both towers' widths (32, 40), so a transposed projection cannot pass.
+CLIP_PROJ = 24
+# Trained CLIP models sit at the clamp of the learned temperature: exp(logit_scale) = 100.
+CLIP_LOGIT_SCALE = math.log(100.0)
+# Raw 8-bit images (H, W): a landscape scaled down (shortest side 45 -> 30, through PIL's
+# antialiasing filter) and cropped on its width (30 x 42 -> 30 x 30), and a portrait scaled up
+# (17 -> 30) and cropped on its height (35 x 30 -> 30 x 30). Different shapes, so each is its
+# own tensor.
+CLIP_RAW_SIZES = [(45, 64), (20, 17)]
+CLIP_SEEDS = dict(weights=401, inputs=4001)
+
+
+def build_clip(workdir: Path) -> tuple[CLIPModel, CLIPProcessor]:
+    """A tiny CLIPModel shaped like OpenCLIP ViT-H (gelu in both towers, pre-LN vision tower with
+    a class token) and its processor: the tiny tokenizer plus a CLIPImageProcessor with the
+    library defaults (bicubic resize of the shortest side, center crop, OpenAI mean/std)."""
+    vocab, _ = build_vocab()
+    tok = build_tokenizer(EOS, workdir / "tok")
+    # Legacy eos_token_id 2, as in the converted laion CLIP-H configs: pooled at argmax(ids).
+    text = clip_text_config(len(vocab), 32, "gelu", 4, 2, vocab[EOS], vocab[BOS])
+    vision = CLIPVisionConfig(
+        hidden_size=40,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_channels=3,
+        image_size=CLIP_IMAGE,
+        patch_size=CLIP_PATCH,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+    )
+    # The text config keeps its default projection_dim (512): CLIPModel uses the top-level one.
+    cfg = CLIPConfig.from_text_vision_configs(text, vision, projection_dim=CLIP_PROJ)
+    model = CLIPModel(cfg)
+    randomize(
+        model,
+        CLIP_SEEDS["weights"],
+        extra={
+            "vision_model.embeddings.class_embedding": (0.0, 0.5),
+            "logit_scale": (CLIP_LOGIT_SCALE, 0.0),
+        },
+    )
+    images = CLIPImageProcessor(
+        size={"shortest_edge": CLIP_IMAGE}, crop_size={"height": CLIP_IMAGE, "width": CLIP_IMAGE}
+    )
+    return model.eval(), CLIPProcessor(image_processor=images, tokenizer=tok)
+
+
+def clip_raw_images(seed: int) -> list[torch.Tensor]:
+    """uint8 [H, W, 3] images: a smooth colour pattern, noise, and a saturated block whose hard
+    edges make the bicubic filter overshoot (so PIL's clipping to 0..255 is exercised)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for h, w in CLIP_RAW_SIZES:
+        yy = torch.linspace(0.0, 1.0, h)[:, None, None]
+        xx = torch.linspace(0.0, 1.0, w)[None, :, None]
+        phase = torch.tensor([0.0, 2.0, 4.0])
+        base = 255.0 * (0.5 + 0.4 * torch.sin(6.0 * xx + 3.0 * yy + phase))
+        img = base + 40.0 * torch.randn((h, w, 3), generator=g)
+        img[h // 4 : h // 2, w // 3 : 2 * w // 3] = torch.tensor([255.0, 0.0, 255.0])
+        out.append(img.round().clamp(0, 255).to(torch.uint8))
+    return out
+
+
+def clip_reference(model: CLIPModel, processor: CLIPProcessor, raw: list[torch.Tensor]) -> dict:
+    """Preprocessing as CLIPImageProcessor does it (its own f32 numpy arithmetic), then every
+    model output in float64 from the f32 weights, stored as f32."""
+    pil = [Image.fromarray(im.numpy(), mode="RGB") for im in raw]
+    pixels = processor.image_processor(pil, return_tensors="pt").pixel_values
+    ids = tokenize(processor.tokenizer)
+    model.to(torch.float64)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # transformers' causal mask, as in compute_reference
+    try:
+        with torch.no_grad():
+            v = model.vision_model(pixels.double(), output_hidden_states=True)
+            t = model.text_model(ids)
+            out = model(input_ids=ids, pixel_values=pixels.double())
+            r = {
+                "pixel_values": pixels,
+                "text.input_ids": ids,
+                "vision.hidden_states": torch.stack(v.hidden_states),
+                "vision.last_hidden_state": v.last_hidden_state,
+                "vision.pooled": v.pooler_output,
+                "clip.image_embeds": model.visual_projection(v.pooler_output),
+                "clip.text_embeds": model.text_projection(t.pooler_output),
+                "clip.logits_per_image": out.logits_per_image,
+            }
+            # CLIPModel's own embeds are the normalized projections: the same arithmetic.
+            unit = r["clip.image_embeds"] / r["clip.image_embeds"].norm(dim=-1, keepdim=True)
+            assert torch.allclose(unit, out.image_embeds, atol=1e-12)
+    finally:
+        torch.set_default_dtype(default)
+    return {k: v.float() if v.is_floating_point() else v for k, v in r.items()}
+
+
+CLIP_DESCRIPTIONS = {
+    "images.raw.K": "input u8 [H,W,3]: raw RGB image K before preprocessing (K = 0: 45x64, 1: 20x17)",
+    "pixel_values": "[2,3,30,30]: CLIPImageProcessor(images.raw.*).pixel_values (bicubic shortest-side resize to 30, center crop 30x30, x/255, (x-mean)/std), the vision tower's input",
+    "text.input_ids": "i64 [2,77]: the tokenizer's ids for the prompts, padded/truncated to 77",
+    "vision.hidden_states": "[L+1,2,26,40]: vision_model output_hidden_states stacked (0 = embeddings after pre_layrnorm, 1-2 = after each layer)",
+    "vision.last_hidden_state": "[2,26,40]: vision_model last_hidden_state (no post_layernorm; token 0 is the class token)",
+    "vision.pooled": "[2,40]: vision_model pooler_output = post_layernorm(last_hidden_state[:, 0])",
+    "clip.image_embeds": "[2,24]: visual_projection(vision.pooled) = get_image_features, not normalized",
+    "clip.text_embeds": "[2,24]: text_projection(text pooler_output) = get_text_features, not normalized",
+    "clip.logits_per_image": "[2,2]: exp(logit_scale) * cos(image i, prompt j) (CLIPModel's logits_per_image)",
+}
+
+
+def clip_describe(name: str) -> str:
+    if name.startswith("images.raw."):
+        return CLIP_DESCRIPTIONS["images.raw.K"]
+    return CLIP_DESCRIPTIONS[name]
+
+
+def clip_summary(model: CLIPModel, processor: CLIPProcessor) -> dict:
+    ip = processor.image_processor
+    return {
+        "mirrors": "CLIPModel / OpenCLIP ViT-H (PickScore, HPSv2) scaled down",
+        "projection_dim": model.config.projection_dim,
+        "text_projection_dim_in_text_config": model.config.text_config.projection_dim,
+        "logit_scale": float(model.logit_scale),
+        "logit_scale_exp": float(model.logit_scale.exp()),
+        "vision_image_size": model.config.vision_config.image_size,
+        "vision_patch_size": model.config.vision_config.patch_size,
+        "text_eos_token_id": model.config.text_config.eos_token_id,
+        "resample": int(ip.resample),
+        "image_mean": list(ip.image_mean),
+        "image_std": list(ip.image_std),
+    }
+
+
+def generate_clip() -> None:
+    model_dir = OUT_DIR / CLIP_NAME
+    with tempfile.TemporaryDirectory() as tmp:
+        model, processor = build_clip(Path(tmp))
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        # Saved in f32 before clip_reference casts the model to f64.
+        model.save_pretrained(model_dir, safe_serialization=True)
+        processor.save_pretrained(model_dir)
+    summary_ = clip_summary(model, processor)
+    raw = clip_raw_images(CLIP_SEEDS["inputs"])
+    r = clip_reference(model, processor, raw)
+    stds = {}
+    for k, v in r.items():
+        if v.dtype != torch.float32:
+            continue
+        if not torch.isfinite(v).all():
+            raise SystemExit(f"{CLIP_NAME}: {k} has non-finite values")
+        stds[k] = round(float(v.std()), 4)
+        # logits are cos x 100 by the arithmetic; pixel_values are an input.
+        if k not in ("clip.logits_per_image", "pixel_values") and not (
+            STD_RANGE[0] <= stds[k] <= STD_RANGE[1]
+        ):
+            raise SystemExit(f"{CLIP_NAME}: {k} std {stds[k]} is outside {STD_RANGE}")
+    tensors = {f"images.raw.{i}": im for i, im in enumerate(raw)}
+    tensors.update(r)
+    tensors = {k: v.detach().clone().contiguous() for k, v in sorted(tensors.items())}
+    safetensors.torch.save_file(tensors, str(OUT_DIR / f"{CLIP_NAME}.reference.safetensors"))
+    meta = {
+        "model": CLIP_NAME,
+        "directory": CLIP_NAME,
+        "generator": "tools/parity/make_fixtures.py",
+        "prompts": PROMPTS,
+        "max_length": MAX_LEN,
+        "raw_image_sizes": [list(s) for s in CLIP_RAW_SIZES],
+        "versions": versions(),
+        "model_summary": summary_,
+        "computed_in": "pixel_values: CLIPImageProcessor (PIL + f32 numpy); the rest in float64 from the f32 weights and pixel_values, stored as float32",
+        "tolerance": "max abs difference <= 1e-4 (f32), reported relative to the reference's max abs value",
+        "output_std": stds,
+        "output_max_abs": {
+            k: round(float(v.abs().max()), 4) for k, v in sorted(r.items()) if v.dtype == torch.float32
+        },
+        "tensors": {
+            k: {
+                "shape": list(v.shape),
+                "dtype": str(v.dtype).replace("torch.", ""),
+                "role": "input" if k.startswith("images.raw.") else "output",
+                "description": clip_describe(k),
+            }
+            for k, v in tensors.items()
+        },
+    }
+    (OUT_DIR / f"{CLIP_NAME}.reference.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"{CLIP_NAME}: wrote {model_dir.relative_to(REPO)} and its reference ({len(tensors)} tensors)")
+    for k in ("vision.last_hidden_state", "clip.image_embeds", "clip.text_embeds", "clip.logits_per_image"):
+        print(f"  std {k}: {stds[k]}")
+
+
+def check_clip() -> bool:
+    model_dir = OUT_DIR / CLIP_NAME
+    ref = safetensors.torch.load_file(str(OUT_DIR / f"{CLIP_NAME}.reference.safetensors"))
+    model = CLIPModel.from_pretrained(model_dir).eval()
+    processor = CLIPProcessor.from_pretrained(model_dir)
+    ok = True
+    if not isinstance(processor.tokenizer, CLIPTokenizerFast):
+        print(f"{CLIP_NAME}: the tokenizer did not load as a fast tokenizer")
+        ok = False
+    raw_tok = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    if raw_tok.padding is not None or raw_tok.truncation is not None:
+        print(f"{CLIP_NAME}: tokenizer.json carries padding or truncation")
+        ok = False
+    for f in ("config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json",
+              "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if not (model_dir / f).is_file():
+            print(f"{CLIP_NAME}: missing {f}")
+            ok = False
+    raw = [ref[f"images.raw.{i}"] for i in range(len(CLIP_RAW_SIZES))]
+    r = clip_reference(model, processor, raw)
+    worst = 0.0
+    for k, v in r.items():
+        if ref[k].shape != v.shape or ref[k].dtype != v.dtype:
+            print(f"{CLIP_NAME}: {k}: {tuple(v.shape)} {v.dtype} != stored {tuple(ref[k].shape)} {ref[k].dtype}")
+            ok = False
+            continue
+        d = float((ref[k].double() - v.double()).abs().max())
+        worst = max(worst, d)
+        if d > 1e-6:
+            print(f"{CLIP_NAME}: {k} differs from the reference by {d:.3g}")
+            ok = False
+    print(f"{CLIP_NAME}: {'ok' if ok else 'FAILED'} ({len(r)} outputs, worst max abs diff {worst:.3g})")
+    return ok
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="reload the saved fixtures and verify them")
-    ap.add_argument("names", nargs="*", default=list(BUILDERS), help="which fixtures (default: all)")
+    known = list(BUILDERS) + [CLIP_NAME]
+    ap.add_argument("names", nargs="*", default=known, help="which fixtures (default: all)")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    unknown = [n for n in args.names if n not in BUILDERS]
+    unknown = [n for n in args.names if n not in known]
     if unknown:
-        raise SystemExit(f"unknown fixture(s) {unknown}; known: {list(BUILDERS)}")
+        raise SystemExit(f"unknown fixture(s) {unknown}; known: {known}")
     if args.check:
-        results = [check(n) for n in args.names]
+        results = [check_clip() if n == CLIP_NAME else check(n) for n in args.names]
         if not all(results):
             raise SystemExit(1)
         return
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     for n in args.names:
-        generate(n)
+        if n == CLIP_NAME:
+            generate_clip()
+        else:
+            generate(n)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 //! The CLIP text encoder of Stable Diffusion (transformers' `CLIPTextModel` and, for SDXL's
 //! second encoder, `CLIPTextModelWithProjection`), with the transformers parameter names.
 //! Pre-LN transformer layers under a causal mask; every op has a backward, so it can be
-//! fine-tuned as well as served.
+//! fine-tuned as well as served. The layers are shared with the vision tower (`clip_vision`).
 
 use std::path::Path;
 
@@ -94,30 +94,70 @@ pub struct ClipTextConfig {
 }
 
 impl ClipTextConfig {
-    /// Reads `config.json`; a full `CLIPConfig` is accepted too (its `text_config` is used).
+    /// Reads `config.json`; a full `CLIPConfig` is accepted too (its text tower's config is
+    /// used, see [`tower_config`]).
     pub fn load(path: &Path) -> std::result::Result<Self, LoadError> {
-        let mut raw: serde_json::Value = read_json(path)?;
-        if let Some(text) = raw.get_mut("text_config").filter(|t| t.is_object()) {
-            raw = text.take();
-        }
+        let raw: serde_json::Value = read_json(path)?;
+        Self::from_json(path, tower_config(&raw, "text").unwrap_or(raw))
+    }
+
+    /// Parses and checks a text config read from `path` (named in errors).
+    pub fn from_json(path: &Path, raw: serde_json::Value) -> std::result::Result<Self, LoadError> {
         let cfg: Self = serde_json::from_value(raw).map_err(|source| LoadError::Json {
             path: path.to_path_buf(),
             source,
         })?;
-        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
-        {
+        cfg.encoder_dims().check(path)?;
+        Ok(cfg)
+    }
+
+    pub(super) fn encoder_dims(&self) -> EncoderDims {
+        EncoderDims {
+            hidden: self.hidden_size,
+            intermediate: self.intermediate_size,
+            heads: self.num_attention_heads,
+            layers: self.num_hidden_layers,
+            act: self.hidden_act,
+            eps: self.layer_norm_eps,
+        }
+    }
+}
+
+/// One tower's config inside a full `CLIPConfig` (`tower` is `text` or `vision`). As
+/// transformers does, a legacy `<tower>_config_dict` replaces `<tower>_config` when present.
+pub fn tower_config(raw: &serde_json::Value, tower: &str) -> Option<serde_json::Value> {
+    [format!("{tower}_config_dict"), format!("{tower}_config")]
+        .iter()
+        .find_map(|k| raw.get(k).filter(|t| t.is_object()).cloned())
+}
+
+/// The shape of a tower's pre-LN encoder layers (the text and vision towers share them).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct EncoderDims {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub layers: usize,
+    pub act: Activation,
+    pub eps: f64,
+}
+
+impl EncoderDims {
+    /// Rejects configs that cannot build (checked at load, naming the config file).
+    pub fn check(&self, path: &Path) -> std::result::Result<(), LoadError> {
+        if self.heads == 0 || !self.hidden.is_multiple_of(self.heads) {
             return Err(LoadError::invalid(
                 path,
                 format!(
                     "hidden_size {} is not a multiple of num_attention_heads {}",
-                    cfg.hidden_size, cfg.num_attention_heads
+                    self.hidden, self.heads
                 ),
             ));
         }
-        if cfg.num_hidden_layers == 0 {
+        if self.layers == 0 {
             return Err(LoadError::invalid(path, "num_hidden_layers is 0"));
         }
-        Ok(cfg)
+        Ok(())
     }
 }
 
@@ -142,14 +182,14 @@ impl ClipKind {
 /// Layer norm with weight and bias, composed of ops with a backward. Statistics are taken in
 /// f32 whatever the model dtype, as torch does.
 #[derive(Debug, Clone)]
-struct AffineLayerNorm {
+pub(super) struct AffineLayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f64,
 }
 
 impl AffineLayerNorm {
-    fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+    pub(super) fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self {
             weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?,
             bias: vb.get_with_hints(dim, "bias", Init::Const(0.0))?,
@@ -196,12 +236,12 @@ impl SelfAttention {
             .reshape((b * h, t, d / h))
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let q = self.split(&self.q.forward(x)?)?;
         let k = self.split(&self.k.forward(x)?)?;
         let v = self.split(&self.v.forward(x)?)?;
-        let o = sdpa(&q, &k, &v, Some(mask))?
+        let o = sdpa(&q, &k, &v, mask)?
             .reshape((b, self.heads, t, d / self.heads))?
             .transpose(1, 2)?
             .contiguous()?
@@ -210,8 +250,9 @@ impl SelfAttention {
     }
 }
 
+/// transformers' `CLIPEncoderLayer`: pre-LN self-attention and MLP, each with a residual.
 #[derive(Debug, Clone)]
-struct EncoderLayer {
+pub(super) struct EncoderLayer {
     ln1: AffineLayerNorm,
     attn: SelfAttention,
     ln2: AffineLayerNorm,
@@ -221,19 +262,20 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> Result<Self> {
-        let (d, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+    pub(super) fn new(vb: VarBuilder, dims: &EncoderDims) -> Result<Self> {
+        let (d, eps) = (dims.hidden, dims.eps);
         Ok(Self {
             ln1: AffineLayerNorm::new(vb.pp("layer_norm1"), d, eps)?,
-            attn: SelfAttention::new(vb.pp("self_attn"), d, cfg.num_attention_heads)?,
+            attn: SelfAttention::new(vb.pp("self_attn"), d, dims.heads)?,
             ln2: AffineLayerNorm::new(vb.pp("layer_norm2"), d, eps)?,
-            fc1: Linear::new(vb.pp("mlp").pp("fc1"), d, cfg.intermediate_size)?,
-            fc2: Linear::new(vb.pp("mlp").pp("fc2"), cfg.intermediate_size, d)?,
-            act: cfg.hidden_act,
+            fc1: Linear::new(vb.pp("mlp").pp("fc1"), d, dims.intermediate)?,
+            fc2: Linear::new(vb.pp("mlp").pp("fc2"), dims.intermediate, d)?,
+            act: dims.act,
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// `mask`: an additive bias over keys (the text tower's causal mask; none for vision).
+    pub(super) fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.ln1.forward(x)?, mask)?)?;
         let h = self.act.apply(&self.fc1.forward(&self.ln2.forward(&x)?)?)?;
         x + self.fc2.forward(&h)?
@@ -293,8 +335,9 @@ impl ClipTextModel {
                 stdev: 0.01,
             },
         )?;
+        let dims = cfg.encoder_dims();
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| EncoderLayer::new(text.pp("encoder").pp("layers").pp(i), cfg))
+            .map(|i| EncoderLayer::new(text.pp("encoder").pp("layers").pp(i), &dims))
             .collect::<Result<Vec<_>>>()?;
         let final_ln = AffineLayerNorm::new(text.pp("final_layer_norm"), d, cfg.layer_norm_eps)?;
         let projection = match kind {
@@ -394,7 +437,7 @@ impl ClipTextModel {
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         hidden_states.push(x.clone());
         for layer in &self.layers {
-            x = layer.forward(&x, &mask)?;
+            x = layer.forward(&x, Some(&mask))?;
             hidden_states.push(x.clone());
         }
         let last_hidden_state = self.final_ln.forward(&x)?;

@@ -3,6 +3,8 @@
 //! layer here is built from ops with a backward (see `crate::nn`).
 
 pub mod clip;
+pub mod clip_image;
+pub mod clip_vision;
 pub mod layers;
 pub mod layout;
 pub mod pipeline;
@@ -12,7 +14,7 @@ pub mod unet;
 pub mod vae;
 
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 pub use pipeline::{SdCond, SdModel, SdOptions, SdText};
 pub use schedule::DdpmSchedule;

@@ -12,8 +12,8 @@ use super::config::{TinyConfig, REFINER_FEATURES};
 use super::text::TextCond;
 use crate::nn::embed::video_pos_embedding;
 use crate::nn::{
-    gated_residual, layer_norm, modulate, timestep_embedding, Attention, Conv3x3, CrossAttention,
-    Linear,
+    gated_residual, layer_norm, layer_norm_modulate, silu, timestep_embedding, Attention, Conv3x3,
+    CrossAttention, Linear,
 };
 
 const EPS: f64 = 1e-6;
@@ -160,7 +160,7 @@ impl Dit {
             }
             let m = blk.ada.forward(&cond)?.chunk(6, 1)?;
             // Spatial attention within each frame.
-            let hmod = modulate(&layer_norm(&tok, EPS)?, &m[0], &m[1])?;
+            let hmod = layer_norm_modulate(&tok, &m[0], &m[1], EPS)?;
             let hs = blk
                 .spatial
                 .forward(&hmod.reshape((b * f, n, d))?, None)?
@@ -188,13 +188,13 @@ impl Dit {
                 .forward(&layer_norm(&tok, EPS)?, &text.tokens, Some(&cross_bias))?;
             tok = (tok + hc)?;
             // MLP.
-            let hm = modulate(&layer_norm(&tok, EPS)?, &m[3], &m[4])?;
-            let hm = blk.fc2.forward(&blk.fc1.forward(&hm)?.silu()?)?;
+            let hm = layer_norm_modulate(&tok, &m[3], &m[4], EPS)?;
+            let hm = blk.fc2.forward(&silu(&blk.fc1.forward(&hm)?)?)?;
             tok = gated_residual(&tok, &m[5], &hm)?;
         }
 
         let fm = self.final_ada.forward(&cond)?.chunk(2, 1)?;
-        let out = modulate(&layer_norm(&tok, EPS)?, &fm[0], &fm[1])?;
+        let out = layer_norm_modulate(&tok, &fm[0], &fm[1], EPS)?;
         let v = self.unpatchify(&self.patch_out.forward(&out)?, f, h, w)?;
         let v = match &self.refiner {
             Some(r) => {
@@ -202,7 +202,7 @@ impl Dit {
                 let c = self.cfg.channels;
                 let inp =
                     Tensor::cat(&[x, &feats], 2)?.reshape((b * f, c + REFINER_FEATURES, h, w))?;
-                let dv = r.conv2.forward(&r.conv1.forward(&inp)?.silu()?)?;
+                let dv = r.conv2.forward(&silu(&r.conv1.forward(&inp)?)?)?;
                 (v + dv.reshape((b, f, c, h, w))?)?
             }
             None => v,
