@@ -50,10 +50,11 @@ pub struct ServerFlags {
     /// TOML config file (keys as in `ServerConfig`; `FEWSTEP_*` variables override it).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Directory holding `<model>/manifest.toml`.
+    /// Directory holding `<model>/manifest.toml` or `<model>.toml`.
     #[arg(long)]
     pub models_dir: Option<PathBuf>,
-    /// Models to load (comma-separated); the first is the default.
+    /// Models to load (comma-separated): names under the models directory or manifest paths
+    /// (`*.toml`); the first is the default.
     #[arg(long, value_delimiter = ',')]
     pub models: Option<Vec<String>>,
     /// Serve random weights where a model's weights file is missing (development, tests).
@@ -83,6 +84,7 @@ pub struct GenerateArgs {
     /// Output file; the extension picks the format (png, jpg, webp, gif, apng).
     #[arg(short, long, default_value = "out.png")]
     pub out: PathBuf,
+    /// The model to use (a name or manifest path; default: the first configured model).
     #[arg(long)]
     pub model: Option<String>,
     #[arg(long)]
@@ -480,7 +482,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let config = server_config(&args.server, serde_json::json!({}))?;
+    // Only the model asked for is loaded.
+    let only = match &args.model {
+        Some(m) => serde_json::json!({ "models": [m] }),
+        None => serde_json::json!({}),
+    };
+    let config = server_config(&args.server, only)?;
     let ext = args
         .out
         .extension()
@@ -497,11 +504,8 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let device = config.device()?;
     let models = crate::server::load_models(&config, &device)?;
+    let name = models[0].manifest.name.clone();
     let engine = crate::engine::Engine::start(models, 1, device);
-    let name = args
-        .model
-        .clone()
-        .unwrap_or_else(|| config.models[0].clone());
     let card = engine
         .card(&name)
         .with_context(|| format!("model {name} is not loaded"))?;
@@ -542,7 +546,7 @@ fn models(args: ModelsArgs) -> anyhow::Result<()> {
     );
     for m in list {
         let weights = m.weights_path();
-        let state = if weights.is_file() {
+        let state = if weights.exists() {
             "present"
         } else {
             "MISSING"
@@ -550,7 +554,7 @@ fn models(args: ModelsArgs) -> anyhow::Result<()> {
         println!(
             "{:<24} {:<6} {:<8} {:<7} {:<10} {} ({state})",
             m.name,
-            format!("{:?}", m.family).to_lowercase(),
+            m.family().to_string(),
             format!("{:?}", m.sampling.sampler).to_lowercase(),
             m.sampling.default_steps,
             format!("{:?}", m.serving.frames),
@@ -706,10 +710,12 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let manifest = crate::manifest::Manifest::find(&args.models_dir, &args.model)?;
     let device = candle_core::Device::Cpu;
     if !args.skip_denoiser {
+        let tiny =
+            manifest.require_tiny("the denoiser table of fewstep bench (pass --skip-denoiser)")?;
         let tokenizer =
-            crate::families::tiny::TinyTokenizer::from_file(&manifest.tokenizer_path())?;
+            crate::families::tiny::TinyTokenizer::from_file(&manifest.tokenizer_path()?)?;
         let rows = crate::bench::model::bench_model(
-            &manifest.architecture,
+            &tiny.architecture,
             &tokenizer,
             &args.batches,
             args.frames,
@@ -745,7 +751,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.ops {
         // The spatial attention scores of the largest batch: [batch * heads, tokens, tokens].
-        let a = &manifest.architecture;
+        let a = &manifest.require_tiny("fewstep bench --ops")?.architecture;
         let batch = args.batches.iter().copied().max().unwrap_or(32);
         let t = a.tokens_per_frame();
         let r = crate::bench::ops::softmax(batch * a.heads, t, t, args.reps, &device)?;

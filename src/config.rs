@@ -12,9 +12,10 @@ use serde::{Deserialize, Serialize};
 pub struct ServerConfig {
     /// `HOST:PORT` to listen on; port 0 picks a free port (logged at start).
     pub addr: String,
-    /// Directory holding `<model>/manifest.toml`.
+    /// Directory holding `<model>/manifest.toml` (or `<model>.toml`).
     pub models_dir: PathBuf,
-    /// Models to load; the first is the default for requests that name none.
+    /// Models to load: names under `models_dir` or manifest paths (`*.toml`); the first is
+    /// the default for requests that name none.
     pub models: Vec<String>,
     /// Serve random weights when a model's weights file is missing (tests, development).
     pub allow_random_weights: bool,

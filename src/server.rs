@@ -43,11 +43,15 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-/// Loads every configured model (random weights only where allowed and the file is missing).
+/// Loads every configured model (random weights only where allowed and the file is missing),
+/// in the configured order. Each entry is a name under `models_dir` or a manifest path.
 pub fn load_models(config: &ServerConfig, device: &Device) -> anyhow::Result<Vec<LoadedModel>> {
-    let mut out = Vec::new();
+    let mut out: Vec<LoadedModel> = Vec::new();
     for name in &config.models {
         let manifest = Manifest::find(&config.models_dir, name)?;
+        if out.iter().any(|m| m.manifest.name == manifest.name) {
+            anyhow::bail!("two configured models are named {:?}", manifest.name);
+        }
         let model = match LoadedModel::load(&manifest, device) {
             Ok(m) => m,
             Err(ManifestError::MissingWeights { path }) if config.allow_random_weights => {
@@ -111,11 +115,16 @@ pub async fn spawn(
         }
         None => None,
     };
+    // The first configured model, by its manifest name (the config may give a path).
+    let default_model = models
+        .first()
+        .map(|m| m.manifest.name.clone())
+        .context("no model configured")?;
     let engine = Engine::start(models, config.queue_capacity, device);
     let state = AppState {
         log,
         engine: engine.clone(),
-        default_model: config.models[0].clone(),
+        default_model: default_model.clone(),
         config: Arc::new(config.clone()),
         metrics: metrics_handle(),
     };

@@ -684,3 +684,6 @@ fn distill_runs_resumes_and_exports_a_servable_student() {
 
 #[path = "api/log.rs"]
 mod log;
+
+#[path = "api/sd.rs"]
+mod sd;

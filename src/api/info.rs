@@ -57,7 +57,7 @@ pub fn model_info(card: &ModelCard) -> ModelInfo {
     }
     ModelInfo {
         id: m.name.clone(),
-        family: format!("{:?}", m.family).to_lowercase(),
+        family: m.family().to_string(),
         description: m.description.clone(),
         kinds,
         sizes: m

@@ -17,7 +17,7 @@ use super::prompts::PromptSource;
 use super::trainer::{Distiller, IterStats};
 use crate::eval::{EvalOptions, EvalReport};
 use crate::families::tiny::{TinyModel, TinyTokenizer};
-use crate::manifest::{LoadedModel, Manifest};
+use crate::manifest::{LoadedModel, Manifest, ModelSource};
 use crate::pipeline::SamplerKind;
 
 /// What to distill and where.
@@ -226,8 +226,10 @@ fn student_manifest(teacher: &Manifest, name: String, cfg: &DistillConfig) -> Ma
         },
         teacher.name
     );
-    m.weights = PathBuf::from("student.safetensors");
-    m.tokenizer = PathBuf::from("tokenizer.json");
+    if let ModelSource::Tiny(t) = &mut m.source {
+        t.weights = PathBuf::from("student.safetensors");
+        t.tokenizer = PathBuf::from("tokenizer.json");
+    }
     m.sampling.sampler = SamplerKind::Student;
     m.sampling.default_steps = n;
     m.sampling.allowed_steps = (1..=n).collect();
@@ -326,11 +328,13 @@ pub fn run(
     let mut config = opts.config.clone();
     config.validate()?;
     let model = Manifest::find(&opts.models_dir, &opts.model)?;
+    model.require_tiny("fewstep distill")?;
     let teacher_manifest = match &model.teacher {
         Some(t) => Manifest::find(&opts.models_dir, t)
             .with_context(|| format!("the teacher {t:?} of {}", model.name))?,
         None => model.clone(),
     };
+    let teacher_tiny = teacher_manifest.require_tiny("fewstep distill")?;
     config
         .guidance
         .get_or_insert(teacher_manifest.sampling.default_guidance);
@@ -362,8 +366,8 @@ pub fn run(
     let teacher_tensors = load_tensors(&teacher_manifest.weights_path(), device)?;
     let teacher = TinyModel::new(
         VarBuilder::from_tensors(teacher_tensors.clone(), DType::F32, device),
-        &teacher_manifest.architecture,
-        TinyTokenizer::from_file(&teacher_manifest.tokenizer_path())?,
+        &teacher_tiny.architecture,
+        TinyTokenizer::from_file(&teacher_manifest.tokenizer_path()?)?,
         teacher_manifest.schedule(),
     )?;
     let student_init = if model.teacher.is_some() {
@@ -421,14 +425,15 @@ pub fn run(
 
     // Named like the model, so `--models-dir <out>` serves it.
     let manifest = student_manifest(&teacher_manifest, student_name(&model), &config);
+    let student_files = manifest.require_tiny("fewstep distill")?;
     let student_dir = dir.join(&manifest.name);
     crate::train::checkpoint::save_tensors_atomic(
         &d.student_weights(),
-        &student_dir.join(&manifest.weights),
+        &student_dir.join(&student_files.weights),
     )?;
     std::fs::copy(
-        teacher_manifest.tokenizer_path(),
-        student_dir.join(&manifest.tokenizer),
+        teacher_manifest.tokenizer_path()?,
+        student_dir.join(&student_files.tokenizer),
     )?;
     crate::util::write_atomic(
         &student_dir.join("manifest.toml"),

@@ -142,6 +142,9 @@ fn modality(video: bool) -> &'static str {
     }
 }
 
+/// Evaluation scores ShapesWorld prompts with the world's analytic verifier.
+const EVAL_FEATURE: &str = "fewstep eval (ShapesWorld prompts and verifier)";
+
 /// Loads `name` from `models_dir`: `weights` when given, else the manifest's weights file, or
 /// random weights (with a warning) when that file is missing and `allow_random` is set.
 pub fn load_model(
@@ -152,6 +155,7 @@ pub fn load_model(
     device: &Device,
 ) -> anyhow::Result<LoadedModel> {
     let manifest = Manifest::find(models_dir, name)?;
+    manifest.require_tiny(EVAL_FEATURE)?;
     let model = match weights {
         Some(w) => LoadedModel::load_weights(&manifest, w, device)?,
         None if allow_random && !manifest.weights_path().is_file() => {
@@ -169,6 +173,7 @@ pub fn load_model(
 /// Generates the prompt sets with `model`, scores them and, when `opts.out_dir` is set,
 /// writes `report.json`, `report.md`, `grid.png` and `videos.gif` there.
 pub fn evaluate(model: &LoadedModel, opts: &EvalOptions) -> anyhow::Result<EvalReport> {
+    model.manifest.require_tiny(EVAL_FEATURE)?;
     let settings = resolve_settings(model, opts)?;
     let start = Instant::now();
     let groups = generate_groups(model, &settings)?;

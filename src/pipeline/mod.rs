@@ -6,7 +6,7 @@ pub mod sampler;
 pub mod schedule;
 
 pub use noise::RowNoise;
-pub use sampler::{sample, SamplerKind, SamplerParams};
+pub use sampler::{sample, sample_with_noise, SamplerKind, SamplerParams};
 pub use schedule::{FlowSchedule, NoiseSchedule};
 
 use candle_core::{Result, Tensor};

@@ -1,5 +1,6 @@
-//! Samplers over any [`Denoiser`]: the few-step student sampler of AMD.md section 2 and a
-//! multi-step deterministic (Euler/DDIM) teacher sampler with CFG.
+//! Samplers over any [`Denoiser`]: the few-step student sampler of AMD.md section 2, the
+//! ancestral sampler of SD-Turbo / SDXL-Turbo, and a multi-step deterministic (Euler/DDIM)
+//! teacher sampler with CFG.
 
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -14,6 +15,10 @@ pub enum SamplerKind {
     Student,
     /// Deterministic Euler/DDIM steps from 1 to 0 (teachers, usually with CFG).
     Euler,
+    /// Euler ancestral steps over the student times (diffusers' `EulerAncestralDiscreteScheduler`
+    /// with trailing spacing, which SD-Turbo and SDXL-Turbo ship): part of the predicted noise
+    /// is kept and part is fresh, see [`NoiseSchedule::ancestral_step`].
+    Ancestral,
 }
 
 /// What to run: the sampler, its number of network evaluations, the CFG scale.
@@ -25,7 +30,7 @@ pub struct SamplerParams {
 }
 
 /// Runs the sampler from pure noise for `rows` outputs of `sample_shape` and returns the final
-/// x0 estimate, `[rows, sample_shape...]`.
+/// x0 estimate, `[rows, sample_shape...]`. Every noise tensor comes from the rows' own streams.
 pub fn sample<M: Denoiser, S: NoiseSchedule>(
     model: &M,
     schedule: &S,
@@ -35,15 +40,29 @@ pub fn sample<M: Denoiser, S: NoiseSchedule>(
     sample_shape: &[usize],
     device: &candle_core::Device,
 ) -> Result<Tensor> {
-    let b = rows.len();
-    let mut x = batch_noise(rows, sample_shape, device)?;
+    sample_with_noise(model, schedule, params, cond, || {
+        batch_noise(rows, sample_shape, device)
+    })
+}
+
+/// [`sample`] with the noise supplied by `noise`: its first tensor is the starting point, each
+/// later one is the fresh noise of a student or ancestral step (parity tests feed fixed noise).
+pub fn sample_with_noise<M: Denoiser, S: NoiseSchedule>(
+    model: &M,
+    schedule: &S,
+    params: SamplerParams,
+    cond: &M::Cond,
+    mut noise: impl FnMut() -> Result<Tensor>,
+) -> Result<Tensor> {
+    let mut x = noise()?;
+    let b = x.dim(0)?;
     let SamplerParams {
         kind,
         steps,
         guidance,
     } = params;
     match kind {
-        SamplerKind::Student => {
+        SamplerKind::Student | SamplerKind::Ancestral => {
             let times = schedule.student_times(steps);
             let mut x0 = x.clone();
             for (i, &t) in times.iter().enumerate() {
@@ -51,8 +70,11 @@ pub fn sample<M: Denoiser, S: NoiseSchedule>(
                 // chaining every forward pass into one.
                 x0 = model.predict_x0(&x, &vec![t; b], cond, guidance)?.detach();
                 if let Some(&next) = times.get(i + 1) {
-                    let n = batch_noise(rows, sample_shape, device)?;
-                    x = schedule.add_noise(&x0, &n, &vec![next; b])?;
+                    let n = noise()?;
+                    x = match kind {
+                        SamplerKind::Ancestral => schedule.ancestral_step(&x, &x0, t, next, &n)?,
+                        _ => schedule.add_noise(&x0, &n, &vec![next; b])?,
+                    };
                 }
             }
             Ok(x0)

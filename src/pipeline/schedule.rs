@@ -45,6 +45,32 @@ pub trait NoiseSchedule {
         let eps = ((x_t - (x0 * a as f64)?)? / s as f64)?;
         (x0 * an as f64)? + (eps * sn as f64)?
     }
+
+    /// One Euler ancestral step from `x_t` to `t_next` (eta = 1): in the variance-exploding
+    /// view (`sigma = s / a`), keep `sigma_down = sigma_next^2 / sigma` of the predicted noise
+    /// and add `sigma_up = sqrt(sigma_next^2 - sigma_down^2)` of fresh `noise`, as diffusers'
+    /// `EulerAncestralDiscreteScheduler` does. Back in this schedule's scale that is
+    /// `an x0 + sn (r eps_hat + sqrt(1 - r^2) noise)` with `r = sigma_next / sigma`: between
+    /// DDIM (`r = 1`) and the student's fresh re-noising (`r = 0`).
+    fn ancestral_step(
+        &self,
+        x_t: &Tensor,
+        x0: &Tensor,
+        t: f32,
+        t_next: f32,
+        noise: &Tensor,
+    ) -> Result<Tensor> {
+        let (a, s) = self.alpha_sigma(t);
+        let (an, sn) = self.alpha_sigma(t_next);
+        if s <= 0.0 || an <= 0.0 {
+            return Ok(x0.clone());
+        }
+        let r = ((a as f64 * sn as f64) / (s as f64 * an as f64)).clamp(0.0, 1.0);
+        let eps = ((x_t - (x0 * a as f64)?)? / s as f64)?;
+        let kept = (eps * (sn as f64 * r))?;
+        let fresh = (noise * (sn as f64 * (1.0 - r * r).sqrt()))?;
+        ((x0 * an as f64)? + kept)? + fresh
+    }
 }
 
 /// A `[B, 1, 1, ...]` tensor of per-row factors shaped to broadcast against `like`.
@@ -95,6 +121,33 @@ mod tests {
         assert_eq!(s.warp(0.0), 0.0);
         assert!((s.warp(1.0) - 1.0).abs() < 1e-6);
         assert!(s.warp(0.5) > 0.5);
+    }
+
+    #[test]
+    fn the_ancestral_step_matches_the_variance_exploding_form() -> Result<()> {
+        // diffusers' EulerAncestralDiscreteScheduler on x_ve = x / a with sigma = s / a.
+        let s = FlowSchedule::default();
+        let dev = candle_core::Device::Cpu;
+        let (t, tn) = (0.9f32, 0.4f32);
+        let x0 = Tensor::new(&[[0.5f32, -0.25, 1.5]], &dev)?;
+        let xt = Tensor::new(&[[0.1f32, 2.0, -1.0]], &dev)?;
+        let z = Tensor::new(&[[0.3f32, -0.7, 1.1]], &dev)?;
+        let got = s.ancestral_step(&xt, &x0, t, tn, &z)?;
+        let (a, sg) = s.alpha_sigma(t);
+        let (an, sn) = s.alpha_sigma(tn);
+        let (sig, sig_n) = ((sg / a) as f64, (sn / an) as f64);
+        let up = (sig_n * sig_n * (sig * sig - sig_n * sig_n) / (sig * sig)).sqrt();
+        let down = (sig_n * sig_n - up * up).sqrt();
+        let x_ve = (&xt / a as f64)?;
+        let d = ((&x_ve - &x0)? / sig)?;
+        let next_ve = ((x_ve + (d * (down - sig))?)? + (&z * up)?)?;
+        let want = (next_ve * an as f64)?;
+        let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        // Landing on t = 0 returns x0; the step's noise has the target time's sigma.
+        let end = s.ancestral_step(&xt, &x0, t, 0.0, &z)?;
+        assert_eq!(end.to_vec2::<f32>()?, x0.to_vec2::<f32>()?);
+        Ok(())
     }
 
     #[test]

@@ -303,9 +303,10 @@ fn random_weights(path: &std::path::Path, seed: u64) {
         &candle_core::Device::Cpu,
     );
     let tok =
-        fewstep::families::tiny::TinyTokenizer::from_file(&manifest.tokenizer_path()).unwrap();
-    fewstep::families::tiny::TinyModel::new(vb, &manifest.architecture, tok, manifest.schedule())
-        .unwrap();
+        fewstep::families::tiny::TinyTokenizer::from_file(&manifest.tokenizer_path().unwrap())
+            .unwrap();
+    let arch = &manifest.tiny().unwrap().architecture;
+    fewstep::families::tiny::TinyModel::new(vb, arch, tok, manifest.schedule()).unwrap();
     map.save(path).unwrap();
 }
 

@@ -31,6 +31,9 @@ pub enum LoadError {
     Invalid { path: PathBuf, message: String },
     #[error("{}: unsupported: {message}", path.display())]
     Unsupported { path: PathBuf, message: String },
+    /// The UNet's config (its own error names the file); boxed, as it is large.
+    #[error(transparent)]
+    UNet(Box<super::unet::UNetError>),
     /// A missing tensor, a wrong shape or an unreadable safetensors file; candle's message
     /// names the tensor.
     #[error("{files}: {source}")]
@@ -39,6 +42,12 @@ pub enum LoadError {
         #[source]
         source: candle_core::Error,
     },
+}
+
+impl From<super::unet::UNetError> for LoadError {
+    fn from(e: super::unet::UNetError) -> Self {
+        Self::UNet(Box::new(e))
+    }
 }
 
 impl LoadError {

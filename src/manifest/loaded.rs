@@ -1,0 +1,239 @@
+//! A model resident on a device: the manifest's family loaded and ready to run batches.
+
+use std::io::Read;
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+
+use super::{Manifest, ManifestError, ModelSource, SdSource};
+use crate::families::sd::layout::SdLayout;
+use crate::families::sd::{SdModel, SdOptions};
+use crate::families::tiny::{TinyModel, TinyTokenizer};
+use crate::pipeline::{BatchResult, BatchSpec, SamplerParams};
+
+/// The loaded network of one family.
+#[derive(Clone)]
+pub enum FamilyModel {
+    Tiny(Box<TinyModel>),
+    Sd(Box<SdModel>),
+}
+
+/// A model resident on a device, ready to run batches.
+#[derive(Clone)]
+pub struct LoadedModel {
+    pub manifest: Manifest,
+    /// Content hash of the weights (`random-<seed>` for untrained random weights).
+    pub version: String,
+    pub trained: bool,
+    pub model: FamilyModel,
+}
+
+impl LoadedModel {
+    /// Loads what the manifest names: the tiny weights file, or the sd diffusers directory
+    /// (with its single UNet file when the manifest has one).
+    pub fn load(manifest: &Manifest, device: &Device) -> Result<Self, ManifestError> {
+        match &manifest.source {
+            ModelSource::Tiny(_) => Self::load_weights(manifest, &manifest.weights_path(), device),
+            ModelSource::Sd(sd) => {
+                let unet_file = sd.unet_file(&manifest.dir);
+                load_sd(
+                    manifest,
+                    sd,
+                    &sd.model_dir(&manifest.dir),
+                    unet_file.as_deref(),
+                    device,
+                )
+            }
+        }
+    }
+
+    /// Loads `weights` into the manifest's model: used for the manifest's own files and for
+    /// hot reloads of a new checkpoint. Tiny: a safetensors file. Sd: a single UNet
+    /// safetensors file (beside the manifest's directory), or a whole diffusers directory.
+    pub fn load_weights(
+        manifest: &Manifest,
+        weights: &Path,
+        device: &Device,
+    ) -> Result<Self, ManifestError> {
+        match &manifest.source {
+            ModelSource::Tiny(_) => load_tiny(manifest, weights, device),
+            ModelSource::Sd(sd) if weights.is_dir() => load_sd(manifest, sd, weights, None, device),
+            ModelSource::Sd(sd) => load_sd(
+                manifest,
+                sd,
+                &sd.model_dir(&manifest.dir),
+                Some(weights),
+                device,
+            ),
+        }
+    }
+
+    /// Random weights (deterministic from `seed`), for tests and for serving before a model
+    /// has been trained. Reported as untrained. Tiny family only.
+    pub fn random(manifest: &Manifest, seed: u64, device: &Device) -> Result<Self, ManifestError> {
+        let tiny = manifest.require_tiny("serving random weights")?;
+        let tokenizer = TinyTokenizer::from_file(&manifest.tokenizer_path()?)?;
+        let werr = |e: candle_core::Error| ManifestError::Weights {
+            path: "<random>".into(),
+            message: e.to_string(),
+        };
+        let map = VarMap::new();
+        let vb = crate::nn::random_var_builder(&map, seed, DType::F32, device);
+        TinyModel::new(
+            vb,
+            &tiny.architecture,
+            tokenizer.clone(),
+            manifest.schedule(),
+        )
+        .map_err(werr)?;
+        // Rebuild from plain tensors: a model over `Var`s would record a graph on every
+        // forward pass, which serving never needs.
+        let tensors = crate::train::named_vars(&map)
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().detach()))
+            .collect();
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        let model =
+            TinyModel::new(vb, &tiny.architecture, tokenizer, manifest.schedule()).map_err(werr)?;
+        Ok(Self {
+            manifest: manifest.clone(),
+            version: format!("random-{seed}"),
+            trained: false,
+            model: FamilyModel::Tiny(Box::new(model)),
+        })
+    }
+
+    /// The tiny model, for the tiny-only tools (distillation, evaluation on ShapesWorld).
+    pub fn tiny(&self) -> Option<&TinyModel> {
+        match &self.model {
+            FamilyModel::Tiny(m) => Some(m),
+            FamilyModel::Sd(_) => None,
+        }
+    }
+
+    pub fn generate(
+        &self,
+        spec: &BatchSpec,
+        steps: usize,
+        guidance: f32,
+    ) -> candle_core::Result<BatchResult> {
+        let params = SamplerParams {
+            kind: self.manifest.sampling.sampler,
+            steps,
+            guidance,
+        };
+        match &self.model {
+            FamilyModel::Tiny(m) => m.generate(spec, params),
+            FamilyModel::Sd(m) => m.generate(spec, params),
+        }
+    }
+}
+
+fn load_tiny(
+    manifest: &Manifest,
+    weights: &Path,
+    device: &Device,
+) -> Result<LoadedModel, ManifestError> {
+    let tiny = manifest.require_tiny("a tiny weights file")?;
+    if !weights.is_file() {
+        return Err(ManifestError::MissingWeights {
+            path: weights.display().to_string(),
+        });
+    }
+    let werr = |message: String| ManifestError::Weights {
+        path: weights.display().to_string(),
+        message,
+    };
+    let bytes = std::fs::read(weights).map_err(|e| werr(e.to_string()))?;
+    let version = crate::util::sha256_hex(&bytes)[..16].to_string();
+    let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, device)
+        .map_err(|e| werr(e.to_string()))?;
+    let tokenizer = TinyTokenizer::from_file(&manifest.tokenizer_path()?)?;
+    let model = TinyModel::new(vb, &tiny.architecture, tokenizer, manifest.schedule())
+        .map_err(|e| werr(e.to_string()))?;
+    Ok(LoadedModel {
+        manifest: manifest.clone(),
+        version,
+        trained: true,
+        model: FamilyModel::Tiny(Box::new(model)),
+    })
+}
+
+fn load_sd(
+    manifest: &Manifest,
+    sd: &SdSource,
+    root: &Path,
+    unet_file: Option<&Path>,
+    device: &Device,
+) -> Result<LoadedModel, ManifestError> {
+    let name = &manifest.name;
+    let model_err = |message: String| ManifestError::Model {
+        name: name.clone(),
+        message,
+    };
+    let (dtype, vae_dtype) = (sd.dtype, sd.vae_dtype());
+    if device.is_cpu() && (dtype.dtype() != DType::F32 || vae_dtype.dtype() != DType::F32) {
+        return Err(model_err(format!(
+            "dtype {dtype} (vae {vae_dtype}) is for CUDA devices; use dtype = \"f32\" on the CPU"
+        )));
+    }
+    let sd_err = |error| ManifestError::Sd {
+        name: name.clone(),
+        error: Box::new(error),
+    };
+    let layout = SdLayout::open(root, unet_file).map_err(sd_err)?;
+    let version = weights_hash(&layout)?;
+    let opts = SdOptions {
+        dtype: dtype.dtype(),
+        vae_dtype: vae_dtype.dtype(),
+        student_timesteps: manifest.sampling.timesteps.clone(),
+    };
+    let model = SdModel::load(&layout, &opts, device).map_err(sd_err)?;
+    let m = model.size_multiple();
+    for &[w, h] in &manifest.serving.sizes {
+        if !w.is_multiple_of(m) || !h.is_multiple_of(m) {
+            return Err(model_err(format!(
+                "serving size {w}x{h} is not a multiple of {m} (the VAE's factor times the \
+                 UNet's downsampling)"
+            )));
+        }
+    }
+    Ok(LoadedModel {
+        manifest: manifest.clone(),
+        version,
+        trained: true,
+        model: FamilyModel::Sd(Box::new(model)),
+    })
+}
+
+/// The content hash of every weights file of an sd model (UNet, VAE, text encoders), read
+/// in pieces so multi-GB files need no extra memory.
+fn weights_hash(layout: &SdLayout) -> Result<String, ManifestError> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let components = [&layout.unet, &layout.vae, &layout.text_encoder]
+        .into_iter()
+        .chain(layout.text_encoder_2.as_ref());
+    let mut buf = vec![0u8; 1 << 20];
+    for path in components.flat_map(|c| &c.weights) {
+        let werr = |e: std::io::Error| ManifestError::Weights {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        };
+        let mut file = std::fs::File::open(path).map_err(werr)?;
+        loop {
+            let n = file.read(&mut buf).map_err(werr)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+    }
+    let hex: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(hex[..16].to_string())
+}
