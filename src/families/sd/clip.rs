@@ -298,22 +298,13 @@ impl ClipTextModel {
         let d = cfg.hidden_size;
         let text = vb.pp("text_model");
         let emb = text.pp("embeddings");
-        let token_embedding = emb.pp("token_embedding").get_with_hints(
-            (cfg.vocab_size, d),
-            "weight",
-            Init::Randn {
-                mean: 0.0,
-                stdev: 0.02,
-            },
-        )?;
-        let position_embedding = emb.pp("position_embedding").get_with_hints(
-            (cfg.max_position_embeddings, d),
-            "weight",
-            Init::Randn {
-                mean: 0.0,
-                stdev: 0.01,
-            },
-        )?;
+        // A `[rows, d]` table, initialised like transformers' (normal with `stdev`).
+        let table = |name: &str, rows: usize, stdev: f64| {
+            let init = Init::Randn { mean: 0.0, stdev };
+            emb.pp(name).get_with_hints((rows, d), "weight", init)
+        };
+        let token_embedding = table("token_embedding", cfg.vocab_size, 0.02)?;
+        let position_embedding = table("position_embedding", cfg.max_position_embeddings, 0.01)?;
         let dims = cfg.encoder_dims();
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| EncoderLayer::new(text.pp("encoder").pp("layers").pp(i), &dims))
@@ -449,8 +440,8 @@ impl ClipTextModel {
 mod tests {
     use super::*;
     use crate::families::sd::testing::{
-        assert_close, assert_every_var_has_gradient, assert_near_f32, edited_weights, fixture,
-        Fixture,
+        assert_close, assert_every_var_has_gradient, assert_mentions, assert_near_f32,
+        edited_weights, fixture, Fixture,
     };
     use crate::nn::random_var_builder;
     use candle_nn::VarMap;
@@ -575,17 +566,18 @@ mod tests {
 
     #[test]
     fn bad_weights_name_the_file_and_the_tensor() {
-        let dev = Device::Cpu;
+        let load_err = |dir: &Path, kind| {
+            ClipTextModel::load(dir, kind, DType::F32, &Device::Cpu)
+                .unwrap_err()
+                .to_string()
+        };
         let key = "text_model.encoder.layers.1.mlp.fc1.weight";
         let dir = edited_encoder("missing", |t| {
             t.remove(key).unwrap();
         });
-        let err = ClipTextModel::load(&dir, ClipKind::TextModel, DType::F32, &dev)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("model.safetensors") && err.contains(key),
-            "{err}"
+        assert_mentions(
+            &load_err(&dir, ClipKind::TextModel),
+            &["model.safetensors", key],
         );
         std::fs::remove_dir_all(&dir).unwrap();
 
@@ -596,31 +588,16 @@ mod tests {
                 Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
             );
         });
-        let err = ClipTextModel::load(&dir, ClipKind::TextModel, DType::F32, &dev)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("model.safetensors") && err.contains(key),
-            "{err}"
-        );
-        assert!(err.contains("shape"), "{err}");
+        let err = load_err(&dir, ClipKind::TextModel);
+        assert_mentions(&err, &["model.safetensors", key, "shape"]);
         std::fs::remove_dir_all(&dir).unwrap();
 
         // The projection model needs text_projection.weight, which a CLIPTextModel lacks.
         let fx = fixture("sd15-tiny");
-        let err = ClipTextModel::load(
-            &fx.dir.join("text_encoder"),
-            ClipKind::WithProjection,
-            DType::F32,
-            &dev,
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("text_projection.weight"), "{err}");
+        let err = load_err(&fx.dir.join("text_encoder"), ClipKind::WithProjection);
+        assert_mentions(&err, &["text_projection.weight"]);
 
-        let err = ClipTextModel::load(&fx.dir.join("nope"), ClipKind::TextModel, DType::F32, &dev)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("nope") && err.contains("not found"), "{err}");
+        let err = load_err(&fx.dir.join("nope"), ClipKind::TextModel);
+        assert_mentions(&err, &["nope", "not found"]);
     }
 }

@@ -128,6 +128,11 @@ pub fn assert_every_var_has_gradient(vars: &HashMap<String, Var>, grads: &GradSt
     }
 }
 
+/// Asserts the error message `err` mentions every one of `parts`.
+pub fn assert_mentions(err: &str, parts: &[&str]) {
+    assert!(parts.iter().all(|p| err.contains(p)), "{err}");
+}
+
 /// A scratch copy of model folder `src` (its `config.json` and `weights`, a safetensors file
 /// name) with the weights edited by `edit`; `tag` keeps concurrent tests apart.
 pub fn edited_weights(

@@ -528,8 +528,8 @@ impl AutoencoderKl {
 mod tests {
     use super::*;
     use crate::families::sd::testing::{
-        assert_close, assert_every_var_has_gradient, assert_near_f32, edited_weights, fixture,
-        max_abs_diff,
+        assert_close, assert_every_var_has_gradient, assert_mentions, assert_near_f32,
+        edited_weights, fixture, max_abs_diff,
     };
     use crate::nn::random_var_builder;
     use candle_nn::VarMap;
@@ -640,18 +640,17 @@ mod tests {
 
     #[test]
     fn bad_weights_name_the_file_and_the_tensor() {
-        let dev = Device::Cpu;
+        let load_err = |dir: &std::path::Path| {
+            AutoencoderKl::load(dir, DType::F32, &Device::Cpu)
+                .unwrap_err()
+                .to_string()
+        };
+        let weights = "diffusion_pytorch_model.safetensors";
         let key = "decoder.up_blocks.0.resnets.1.conv2.weight";
         let dir = edited_vae("missing", |t| {
             t.remove(key).unwrap();
         });
-        let err = AutoencoderKl::load(&dir, DType::F32, &dev)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("diffusion_pytorch_model.safetensors") && err.contains(key),
-            "{err}"
-        );
+        assert_mentions(&load_err(&dir), &[weights, key]);
         std::fs::remove_dir_all(&dir).unwrap();
 
         let key = "encoder.conv_in.weight";
@@ -661,14 +660,7 @@ mod tests {
                 Tensor::zeros((1, 3, 3, 3), DType::F32, &Device::Cpu).unwrap(),
             );
         });
-        let err = AutoencoderKl::load(&dir, DType::F32, &dev)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("diffusion_pytorch_model.safetensors") && err.contains(key),
-            "{err}"
-        );
-        assert!(err.contains("shape"), "{err}");
+        assert_mentions(&load_err(&dir), &[weights, key, "shape"]);
         std::fs::remove_dir_all(&dir).unwrap();
 
         // Pre-0.14 attention names get a pointed message.
@@ -686,20 +678,14 @@ mod tests {
                 }
             }
         });
-        let err = AutoencoderKl::load(&dir, DType::F32, &dev)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("query") && err.contains("to_q"), "{err}");
+        assert_mentions(&load_err(&dir), &["query", "to_q"]);
         std::fs::remove_dir_all(&dir).unwrap();
 
         let dir = std::env::temp_dir().join(format!("fewstep-sd-vae-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("config.json"), r#"{"act_fn": "relu"}"#).unwrap();
         std::fs::write(dir.join("diffusion_pytorch_model.safetensors"), "").unwrap();
-        let err = AutoencoderKl::load(&dir, DType::F32, &dev)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("config.json") && err.contains("relu"), "{err}");
+        assert_mentions(&load_err(&dir), &["config.json", "relu"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
