@@ -265,7 +265,9 @@ impl Reward for ClipScoreReward {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::families::sd::testing::{assert_close, fixture, Fixture};
+    use crate::families::sd::testing::{
+        assert_close, assert_every_var_has_gradient, assert_has_gradient, fixture, Fixture,
+    };
     use crate::nn::random_var_builder;
     use candle_core::{IndexOp, Var};
     use candle_nn::VarMap;
@@ -389,17 +391,9 @@ mod tests {
         // text: 2 embeddings + 2 layers x 16 + final LN 2 + projection; vision: 3 + 2 + 2 x 16
         // + 2 + projection; logit_scale.
         assert_eq!(vars.len(), (2 + 32 + 2 + 1) + (3 + 2 + 32 + 2 + 1) + 1);
-        for (name, var) in vars.iter() {
-            let g = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("no gradient for {name}"));
-            let s: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
-            // The token embedding only gets rows for the prompts' ids; the sum is positive.
-            assert!(s.is_finite() && s > 0.0, "gradient of {name} is {s}");
-        }
-        let g = grads.get(images.as_tensor()).expect("image gradient");
-        let s: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
-        assert!(s.is_finite() && s > 0.0, "image gradient {s}");
+        // The token embedding only gets rows for the prompts' ids; the sum is positive.
+        assert_every_var_has_gradient(&vars, &grads, "");
+        assert_has_gradient(&grads, images.as_tensor(), "the image");
     }
 
     /// A scratch copy of the fixture directory, edited by `edit` (which gets its path).

@@ -7,8 +7,10 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use super::layers::{merge_heads, split_heads, LayerNorm};
 use super::layout::{read_json, ComponentFiles, LoadError, TRANSFORMERS_WEIGHTS};
 use crate::nn::attention::sdpa;
 use crate::nn::Linear;
@@ -97,18 +99,12 @@ impl ClipTextConfig {
     /// Reads `config.json`; a full `CLIPConfig` is accepted too (its text tower's config is
     /// used, see [`tower_config`]).
     pub fn load(path: &Path) -> std::result::Result<Self, LoadError> {
-        let raw: serde_json::Value = read_json(path)?;
-        Self::from_json(path, tower_config(&raw, "text").unwrap_or(raw))
+        Self::from_json(path, read_tower_json(path, "text")?)
     }
 
     /// Parses and checks a text config read from `path` (named in errors).
     pub fn from_json(path: &Path, raw: serde_json::Value) -> std::result::Result<Self, LoadError> {
-        let cfg: Self = serde_json::from_value(raw).map_err(|source| LoadError::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        cfg.encoder_dims().check(path)?;
-        Ok(cfg)
+        parse_tower(path, raw, Self::encoder_dims)
     }
 
     pub(super) fn encoder_dims(&self) -> EncoderDims {
@@ -129,6 +125,30 @@ pub fn tower_config(raw: &serde_json::Value, tower: &str) -> Option<serde_json::
     [format!("{tower}_config_dict"), format!("{tower}_config")]
         .iter()
         .find_map(|k| raw.get(k).filter(|t| t.is_object()).cloned())
+}
+
+/// Reads a tower's config from `path`: the file itself, or its `tower` part when the file is
+/// a full `CLIPConfig`.
+pub(super) fn read_tower_json(
+    path: &Path,
+    tower: &str,
+) -> std::result::Result<serde_json::Value, LoadError> {
+    let raw: serde_json::Value = read_json(path)?;
+    Ok(tower_config(&raw, tower).unwrap_or(raw))
+}
+
+/// Parses a tower's config read from `path` (named in errors) and checks its encoder shape.
+pub(super) fn parse_tower<T: DeserializeOwned>(
+    path: &Path,
+    raw: serde_json::Value,
+    encoder_dims: impl FnOnce(&T) -> EncoderDims,
+) -> std::result::Result<T, LoadError> {
+    let cfg: T = serde_json::from_value(raw).map_err(|source| LoadError::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    encoder_dims(&cfg).check(path)?;
+    Ok(cfg)
 }
 
 /// The shape of a tower's pre-LN encoder layers (the text and vision towers share them).
@@ -179,33 +199,6 @@ impl ClipKind {
     }
 }
 
-/// Layer norm with weight and bias, composed of ops with a backward. Statistics are taken in
-/// f32 whatever the model dtype, as torch does.
-#[derive(Debug, Clone)]
-pub(super) struct AffineLayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl AffineLayerNorm {
-    pub(super) fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?,
-            bias: vb.get_with_hints(dim, "bias", Init::Const(0.0))?,
-            eps,
-        })
-    }
-}
-
-impl Module for AffineLayerNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let y = crate::nn::layer_norm(&x.to_dtype(DType::F32)?, self.eps)?.to_dtype(dtype)?;
-        y.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
-    }
-}
-
 #[derive(Debug, Clone)]
 struct SelfAttention {
     q: Linear,
@@ -226,36 +219,22 @@ impl SelfAttention {
         })
     }
 
-    /// `[B, T, D]` -> `[B*H, T, D/H]`.
-    fn split(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
-        let h = self.heads;
-        x.reshape((b, t, h, d / h))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b * h, t, d / h))
-    }
-
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
-        let q = self.split(&self.q.forward(x)?)?;
-        let k = self.split(&self.k.forward(x)?)?;
-        let v = self.split(&self.v.forward(x)?)?;
-        let o = sdpa(&q, &k, &v, mask)?
-            .reshape((b, self.heads, t, d / self.heads))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, t, d))?;
-        self.out.forward(&o)
+        let h = self.heads;
+        let q = split_heads(&self.q.forward(x)?, h)?;
+        let k = split_heads(&self.k.forward(x)?, h)?;
+        let v = split_heads(&self.v.forward(x)?, h)?;
+        let o = sdpa(&q, &k, &v, mask)?;
+        self.out.forward(&merge_heads(&o, x.dim(0)?)?)
     }
 }
 
 /// transformers' `CLIPEncoderLayer`: pre-LN self-attention and MLP, each with a residual.
 #[derive(Debug, Clone)]
 pub(super) struct EncoderLayer {
-    ln1: AffineLayerNorm,
+    ln1: LayerNorm,
     attn: SelfAttention,
-    ln2: AffineLayerNorm,
+    ln2: LayerNorm,
     fc1: Linear,
     fc2: Linear,
     act: Activation,
@@ -265,9 +244,9 @@ impl EncoderLayer {
     pub(super) fn new(vb: VarBuilder, dims: &EncoderDims) -> Result<Self> {
         let (d, eps) = (dims.hidden, dims.eps);
         Ok(Self {
-            ln1: AffineLayerNorm::new(vb.pp("layer_norm1"), d, eps)?,
+            ln1: LayerNorm::new(vb.pp("layer_norm1"), d, eps)?,
             attn: SelfAttention::new(vb.pp("self_attn"), d, dims.heads)?,
-            ln2: AffineLayerNorm::new(vb.pp("layer_norm2"), d, eps)?,
+            ln2: LayerNorm::new(vb.pp("layer_norm2"), d, eps)?,
             fc1: Linear::new(vb.pp("mlp").pp("fc1"), d, dims.intermediate)?,
             fc2: Linear::new(vb.pp("mlp").pp("fc2"), dims.intermediate, d)?,
             act: dims.act,
@@ -308,7 +287,7 @@ pub struct ClipTextModel {
     token_embedding: Tensor,
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
-    final_ln: AffineLayerNorm,
+    final_ln: LayerNorm,
     projection: Option<Tensor>,
     cfg: ClipTextConfig,
 }
@@ -319,27 +298,18 @@ impl ClipTextModel {
         let d = cfg.hidden_size;
         let text = vb.pp("text_model");
         let emb = text.pp("embeddings");
-        let token_embedding = emb.pp("token_embedding").get_with_hints(
-            (cfg.vocab_size, d),
-            "weight",
-            Init::Randn {
-                mean: 0.0,
-                stdev: 0.02,
-            },
-        )?;
-        let position_embedding = emb.pp("position_embedding").get_with_hints(
-            (cfg.max_position_embeddings, d),
-            "weight",
-            Init::Randn {
-                mean: 0.0,
-                stdev: 0.01,
-            },
-        )?;
+        // A `[rows, d]` table, initialised like transformers' (normal with `stdev`).
+        let table = |name: &str, rows: usize, stdev: f64| {
+            let init = Init::Randn { mean: 0.0, stdev };
+            emb.pp(name).get_with_hints((rows, d), "weight", init)
+        };
+        let token_embedding = table("token_embedding", cfg.vocab_size, 0.02)?;
+        let position_embedding = table("position_embedding", cfg.max_position_embeddings, 0.01)?;
         let dims = cfg.encoder_dims();
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| EncoderLayer::new(text.pp("encoder").pp("layers").pp(i), &dims))
             .collect::<Result<Vec<_>>>()?;
-        let final_ln = AffineLayerNorm::new(text.pp("final_layer_norm"), d, cfg.layer_norm_eps)?;
+        let final_ln = LayerNorm::new(text.pp("final_layer_norm"), d, cfg.layer_norm_eps)?;
         let projection = match kind {
             ClipKind::TextModel => None,
             ClipKind::WithProjection => Some(vb.pp("text_projection").get_with_hints(
@@ -469,7 +439,10 @@ impl ClipTextModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::families::sd::testing::{assert_close, fixture, Fixture};
+    use crate::families::sd::testing::{
+        assert_close, assert_every_var_has_gradient, assert_mentions, assert_near_f32,
+        edited_weights, fixture, Fixture,
+    };
     use crate::nn::random_var_builder;
     use candle_nn::VarMap;
     use std::collections::HashMap;
@@ -532,17 +505,7 @@ mod tests {
         };
         let full = run(DType::F32);
         for dtype in [DType::BF16, DType::F16] {
-            let diff: f32 = (run(dtype) - &full)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
-            let scale: f32 = full.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-            eprintln!("{dtype:?} text_embeds: max abs diff {diff:.3e} (scale {scale:.3e})");
-            assert!(diff < 0.05 * scale, "{dtype:?}: {diff}");
+            assert_near_f32(&format!("{dtype:?} text_embeds"), &run(dtype), &full, 0.05);
         }
     }
 
@@ -591,44 +554,30 @@ mod tests {
             let grads = loss.backward().unwrap();
             let vars = map.data().lock().unwrap();
             assert!(vars.len() >= 2 + 2 * 12 + 3, "{} variables", vars.len());
-            for (name, var) in vars.iter() {
-                let g = grads
-                    .get(var.as_tensor())
-                    .unwrap_or_else(|| panic!("{act}: no gradient for {name}"));
-                let s: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
-                assert!(s.is_finite() && s > 0.0, "{act}: gradient of {name} is {s}");
-            }
+            assert_every_var_has_gradient(&vars, &grads, &format!("{act}: "));
         }
     }
 
     /// A scratch copy of the sd15 fixture's text encoder with one tensor replaced.
     fn edited_encoder(tag: &str, edit: impl FnOnce(&mut HashMap<String, Tensor>)) -> PathBuf {
-        let fx = fixture("sd15-tiny");
-        let src = fx.dir.join("text_encoder");
-        let dir =
-            std::env::temp_dir().join(format!("fewstep-sd-clip-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
-        let mut tensors =
-            candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
-        edit(&mut tensors);
-        candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
-        dir
+        let src = fixture("sd15-tiny").dir.join("text_encoder");
+        edited_weights(&src, "model.safetensors", &format!("clip-{tag}"), edit)
     }
 
     #[test]
     fn bad_weights_name_the_file_and_the_tensor() {
-        let dev = Device::Cpu;
+        let load_err = |dir: &Path, kind| {
+            ClipTextModel::load(dir, kind, DType::F32, &Device::Cpu)
+                .unwrap_err()
+                .to_string()
+        };
         let key = "text_model.encoder.layers.1.mlp.fc1.weight";
         let dir = edited_encoder("missing", |t| {
             t.remove(key).unwrap();
         });
-        let err = ClipTextModel::load(&dir, ClipKind::TextModel, DType::F32, &dev)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("model.safetensors") && err.contains(key),
-            "{err}"
+        assert_mentions(
+            &load_err(&dir, ClipKind::TextModel),
+            &["model.safetensors", key],
         );
         std::fs::remove_dir_all(&dir).unwrap();
 
@@ -639,31 +588,16 @@ mod tests {
                 Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
             );
         });
-        let err = ClipTextModel::load(&dir, ClipKind::TextModel, DType::F32, &dev)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("model.safetensors") && err.contains(key),
-            "{err}"
-        );
-        assert!(err.contains("shape"), "{err}");
+        let err = load_err(&dir, ClipKind::TextModel);
+        assert_mentions(&err, &["model.safetensors", key, "shape"]);
         std::fs::remove_dir_all(&dir).unwrap();
 
         // The projection model needs text_projection.weight, which a CLIPTextModel lacks.
         let fx = fixture("sd15-tiny");
-        let err = ClipTextModel::load(
-            &fx.dir.join("text_encoder"),
-            ClipKind::WithProjection,
-            DType::F32,
-            &dev,
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("text_projection.weight"), "{err}");
+        let err = load_err(&fx.dir.join("text_encoder"), ClipKind::WithProjection);
+        assert_mentions(&err, &["text_projection.weight"]);
 
-        let err = ClipTextModel::load(&fx.dir.join("nope"), ClipKind::TextModel, DType::F32, &dev)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("nope") && err.contains("not found"), "{err}");
+        let err = load_err(&fx.dir.join("nope"), ClipKind::TextModel);
+        assert_mentions(&err, &["nope", "not found"]);
     }
 }

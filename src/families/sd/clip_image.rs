@@ -448,7 +448,7 @@ fn resize_matrix(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::families::sd::testing::{fixture, Fixture};
+    use crate::families::sd::testing::{fixture, max_abs_diff, Fixture};
     use candle_core::Var;
 
     fn raw_images(fx: &Fixture) -> Vec<RgbImage> {
@@ -462,19 +462,6 @@ mod tests {
             .collect()
     }
 
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
-
     #[test]
     fn eight_bit_path_reproduces_clip_image_processor() {
         let fx = fixture("clip-tiny");
@@ -486,7 +473,7 @@ mod tests {
         assert_eq!(p.resized_size(20, 17), (35, 30));
         let got = p.preprocess_batch(&imgs, &Device::Cpu).unwrap();
         let want = fx.tensor("pixel_values");
-        let diff = max_abs(&got, &want);
+        let diff = max_abs_diff(&got, &want);
         eprintln!("clip-tiny pixel_values (8-bit path): max abs diff {diff:.3e}");
         assert!(diff <= 1e-6, "{diff}");
     }
@@ -515,7 +502,7 @@ mod tests {
             let x = Var::from_tensor(&((x / 127.5).unwrap() - 1.0).unwrap()).unwrap();
             let got = p.preprocess_tensor(x.as_tensor()).unwrap();
             let w = want.narrow(0, i, 1).unwrap();
-            let diff = max_abs(&got, &w);
+            let diff = max_abs_diff(&got, &w);
             let mean: f32 = (&got - &w)
                 .unwrap()
                 .abs()

@@ -10,8 +10,9 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::Deserialize;
 
-use super::clip::{tower_config, Activation, AffineLayerNorm, EncoderDims, EncoderLayer};
-use super::layout::{read_json, LoadError};
+use super::clip::{parse_tower, read_tower_json, Activation, EncoderDims, EncoderLayer};
+use super::layers::LayerNorm;
+use super::layout::LoadError;
 
 fn d_hidden() -> usize {
     768
@@ -67,17 +68,12 @@ pub struct ClipVisionConfig {
 impl ClipVisionConfig {
     /// Reads a `config.json`: a `CLIPVisionConfig`, or a full `CLIPConfig` (its vision tower).
     pub fn load(path: &Path) -> std::result::Result<Self, LoadError> {
-        let raw: serde_json::Value = read_json(path)?;
-        Self::from_json(path, tower_config(&raw, "vision").unwrap_or(raw))
+        Self::from_json(path, read_tower_json(path, "vision")?)
     }
 
     /// Parses and checks a vision config read from `path` (named in errors).
     pub fn from_json(path: &Path, raw: serde_json::Value) -> std::result::Result<Self, LoadError> {
-        let cfg: Self = serde_json::from_value(raw).map_err(|source| LoadError::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        cfg.encoder_dims().check(path)?;
+        let cfg: Self = parse_tower(path, raw, Self::encoder_dims)?;
         if cfg.patch_size == 0 || !cfg.image_size.is_multiple_of(cfg.patch_size) {
             // transformers' stride-`patch` convolution would drop the remainder; no released
             // CLIP has one.
@@ -130,9 +126,9 @@ pub struct ClipVisionModel {
     patch_weight: Tensor,
     class_embedding: Tensor,
     position_embedding: Tensor,
-    pre_ln: AffineLayerNorm,
+    pre_ln: LayerNorm,
     layers: Vec<EncoderLayer>,
-    post_ln: AffineLayerNorm,
+    post_ln: LayerNorm,
     projection: Option<Tensor>,
     cfg: ClipVisionConfig,
 }
@@ -176,12 +172,12 @@ impl ClipVisionModel {
         )?;
         let eps = cfg.layer_norm_eps;
         // "layrnorm" is transformers' spelling.
-        let pre_ln = AffineLayerNorm::new(vision.pp("pre_layrnorm"), d, eps)?;
+        let pre_ln = LayerNorm::new(vision.pp("pre_layrnorm"), d, eps)?;
         let dims = cfg.encoder_dims();
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| EncoderLayer::new(vision.pp("encoder").pp("layers").pp(i), &dims))
             .collect::<Result<Vec<_>>>()?;
-        let post_ln = AffineLayerNorm::new(vision.pp("post_layernorm"), d, eps)?;
+        let post_ln = LayerNorm::new(vision.pp("post_layernorm"), d, eps)?;
         let projection = projection_dim
             .map(|pd| {
                 vb.pp("visual_projection").get_with_hints(
@@ -266,7 +262,9 @@ impl ClipVisionModel {
 mod tests {
     use super::*;
     use crate::families::sd::layout::{ComponentFiles, TRANSFORMERS_WEIGHTS};
-    use crate::families::sd::testing::{assert_close, fixture};
+    use crate::families::sd::testing::{
+        assert_close, assert_every_var_has_gradient, assert_has_gradient, fixture, max_abs_diff,
+    };
     use crate::nn::random_var_builder;
     use candle_core::{Device, IndexOp};
     use candle_nn::VarMap;
@@ -336,14 +334,7 @@ mod tests {
             .unwrap();
         let conv = x.conv2d(&kernel, 0, 4, 1, 1).unwrap(); // [2, 16, 3, 3]
         let want = conv.flatten_from(2).unwrap().transpose(1, 2).unwrap();
-        let diff: f32 = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = max_abs_diff(&got, &want);
         assert!(diff < 1e-5, "{diff}");
     }
 
@@ -364,16 +355,8 @@ mod tests {
         let grads = loss.backward().unwrap();
         let vars = map.data().lock().unwrap();
         assert_eq!(vars.len(), 3 + 2 + 2 * 16 + 2 + 1, "variable count");
-        for (name, var) in vars.iter() {
-            let g = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("no gradient for {name}"));
-            let s: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
-            assert!(s.is_finite() && s > 0.0, "gradient of {name} is {s}");
-        }
-        let g = grads.get(pixels.as_tensor()).expect("pixel gradient");
-        let s: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
-        assert!(s.is_finite() && s > 0.0, "pixel gradient {s}");
+        assert_every_var_has_gradient(&vars, &grads, "");
+        assert_has_gradient(&grads, pixels.as_tensor(), "the pixels");
     }
 
     #[test]

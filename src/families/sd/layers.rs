@@ -16,6 +16,25 @@ pub(crate) fn in_f32(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> R
     }
 }
 
+/// `[B, T, H*Dh]` -> `[B*H, T, Dh]`: one attention head per batch row.
+pub(crate) fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, d) = x.dims3()?;
+    x.reshape((b, t, heads, d / heads))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b * heads, t, d / heads))
+}
+
+/// `[B*H, T, Dh]` -> `[B, T, H*Dh]`, the inverse of [`split_heads`].
+pub(crate) fn merge_heads(x: &Tensor, batch: usize) -> Result<Tensor> {
+    let (bh, t, dh) = x.dims3()?;
+    let heads = bh / batch;
+    x.reshape((batch, heads, t, dh))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((batch, t, heads * dh))
+}
+
 /// `torch.nn.GroupNorm` with affine parameters, over `[B, C, ...]`.
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
@@ -286,19 +305,9 @@ pub fn upsample_nearest(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::families::sd::testing::max_abs_diff;
     use candle_core::{Device, Var};
     use candle_nn::VarMap;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     #[test]
     fn group_norm_normalizes_each_group_and_applies_the_affine() -> Result<()> {
@@ -312,7 +321,7 @@ mod tests {
         let g = y.reshape((2, 3, 40))?;
         assert!(g.mean(2)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-5);
         let var = g.sqr()?.mean(2)?;
-        assert!(max_diff(&var, &var.ones_like()?) < 1e-3);
+        assert!(max_abs_diff(&var, &var.ones_like()?) < 1e-3);
         // Against a direct per-group computation with a non-trivial affine.
         let w = Tensor::new(&[1f32, 2., 3., 4., 5., 6.], &dev)?;
         let b = Tensor::new(&[0.5f32, -1., 0., 1., 2., 3.], &dev)?;
@@ -325,7 +334,7 @@ mod tests {
         let expect = y
             .broadcast_mul(&w.reshape((1, 6, 1, 1))?)?
             .broadcast_add(&b.reshape((1, 6, 1, 1))?)?;
-        assert!(max_diff(&gn.forward(&x)?, &expect) < 1e-5);
+        assert!(max_abs_diff(&gn.forward(&x)?, &expect) < 1e-5);
         Ok(())
     }
 
@@ -356,14 +365,14 @@ mod tests {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &dev)?)?;
         let up = upsample_nearest(x.as_tensor(), 8, 10)?;
-        assert!(max_diff(&up, &x.as_tensor().upsample_nearest2d(8, 10)?) == 0.0);
+        assert!(max_abs_diff(&up, &x.as_tensor().upsample_nearest2d(8, 10)?) == 0.0);
         let odd = upsample_nearest(x.as_tensor(), 7, 9)?;
-        assert!(max_diff(&odd, &x.as_tensor().upsample_nearest2d(7, 9)?) == 0.0);
+        assert!(max_abs_diff(&odd, &x.as_tensor().upsample_nearest2d(7, 9)?) == 0.0);
         // x is used twice: the gradient must be the sum of both paths (4 + 1 per element).
         let loss = (up.sum_all()? + x.as_tensor().sum_all()?)?;
         let g = loss.backward()?;
         let gx = g.get(x.as_tensor()).expect("gradient of x");
-        assert!(max_diff(gx, &(gx.ones_like()? * 5.0)?) < 1e-6);
+        assert!(max_abs_diff(gx, &(gx.ones_like()? * 5.0)?) < 1e-6);
         Ok(())
     }
 
@@ -377,7 +386,7 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (2, 6, 3, 4), &dev)?;
         let tokens = x.permute((0, 2, 3, 1))?;
         let a = pw.forward(&tokens)?.permute((0, 3, 1, 2))?;
-        assert!(max_diff(&a, &conv.forward(&x)?) < 1e-5);
+        assert!(max_abs_diff(&a, &conv.forward(&x)?) < 1e-5);
         Ok(())
     }
 }

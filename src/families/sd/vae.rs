@@ -6,9 +6,10 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Init, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use super::layers::{Conv2d, GroupNorm};
 use super::layout::{read_json, ComponentFiles, LoadError, DIFFUSERS_WEIGHTS};
 use crate::nn::attention::sdpa;
 use crate::nn::Linear;
@@ -128,76 +129,6 @@ impl VaeConfig {
     }
 }
 
-#[derive(Debug, Clone)]
-struct Conv2d {
-    weight: Tensor,
-    bias: Tensor,
-    padding: usize,
-    stride: usize,
-}
-
-impl Conv2d {
-    fn new(
-        vb: VarBuilder,
-        cin: usize,
-        cout: usize,
-        kernel: usize,
-        padding: usize,
-        stride: usize,
-    ) -> Result<Self> {
-        let init = candle_nn::init::DEFAULT_KAIMING_NORMAL;
-        Ok(Self {
-            weight: vb.get_with_hints((cout, cin, kernel, kernel), "weight", init)?,
-            bias: vb.get_with_hints(cout, "bias", Init::Const(0.0))?,
-            padding,
-            stride,
-        })
-    }
-}
-
-impl Module for Conv2d {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
-    }
-}
-
-/// Group norm with weight and bias over `[B, C, H, W]`, composed of ops with a backward
-/// (statistics in f32, as torch computes them).
-#[derive(Debug, Clone)]
-struct GroupNorm {
-    weight: Tensor,
-    bias: Tensor,
-    groups: usize,
-}
-
-impl GroupNorm {
-    fn new(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get_with_hints(channels, "weight", Init::Const(1.0))?,
-            bias: vb.get_with_hints(channels, "bias", Init::Const(0.0))?,
-            groups,
-        })
-    }
-}
-
-impl Module for GroupNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let dtype = x.dtype();
-        let g = x.to_dtype(DType::F32)?.reshape((b, self.groups, ()))?;
-        let centered = g.broadcast_sub(&g.mean_keepdim(2)?)?;
-        let var = centered.sqr()?.mean_keepdim(2)?;
-        let normed = centered
-            .broadcast_div(&(var + EPS)?.sqrt()?)?
-            .reshape((b, c, h, w))?
-            .to_dtype(dtype)?;
-        normed
-            .broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
-            .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)
-    }
-}
-
 /// diffusers' `ResnetBlock2D` without a time embedding.
 #[derive(Debug, Clone)]
 struct ResnetBlock {
@@ -211,15 +142,15 @@ struct ResnetBlock {
 impl ResnetBlock {
     fn new(vb: VarBuilder, cin: usize, cout: usize, groups: usize) -> Result<Self> {
         let shortcut = if cin != cout {
-            Some(Conv2d::new(vb.pp("conv_shortcut"), cin, cout, 1, 0, 1)?)
+            Some(Conv2d::same(vb.pp("conv_shortcut"), cin, cout, 1)?)
         } else {
             None
         };
         Ok(Self {
-            norm1: GroupNorm::new(vb.pp("norm1"), cin, groups)?,
-            conv1: Conv2d::new(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
-            norm2: GroupNorm::new(vb.pp("norm2"), cout, groups)?,
-            conv2: Conv2d::new(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
+            norm1: GroupNorm::new(vb.pp("norm1"), groups, cin, EPS)?,
+            conv1: Conv2d::same(vb.pp("conv1"), cin, cout, 3)?,
+            norm2: GroupNorm::new(vb.pp("norm2"), groups, cout, EPS)?,
+            conv2: Conv2d::same(vb.pp("conv2"), cout, cout, 3)?,
             shortcut,
         })
     }
@@ -250,7 +181,7 @@ struct AttentionBlock {
 impl AttentionBlock {
     fn new(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
         Ok(Self {
-            norm: GroupNorm::new(vb.pp("group_norm"), channels, groups)?,
+            norm: GroupNorm::new(vb.pp("group_norm"), groups, channels, EPS)?,
             q: Linear::new(vb.pp("to_q"), channels, channels)?,
             k: Linear::new(vb.pp("to_k"), channels, channels)?,
             v: Linear::new(vb.pp("to_v"), channels, channels)?,
@@ -307,52 +238,75 @@ impl Module for MidBlock {
     }
 }
 
-/// `down_blocks.i`: resnets, then (except for the last block) a stride-2 convolution.
-#[derive(Debug, Clone)]
-struct DownBlock {
-    resnets: Vec<ResnetBlock>,
-    downsample: Option<Conv2d>,
+/// How a block changes the resolution after its resnets.
+#[derive(Debug, Clone, Copy)]
+enum Resample {
+    /// A stride-2 convolution (`downsamplers.0.conv`).
+    Down,
+    /// Nearest 2x upsampling and a convolution (`upsamplers.0.conv`).
+    Up,
 }
 
-impl Module for DownBlock {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut x = x.clone();
-        for r in &self.resnets {
-            x = r.forward(&x)?;
-        }
-        if let Some(conv) = &self.downsample {
-            // diffusers pads right and bottom by one, then convolves with no padding.
-            x = conv.forward(&x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?;
-        }
-        Ok(x)
+/// `down_blocks.i` / `up_blocks.i`: resnets, then (except for the last block) a resample.
+#[derive(Debug, Clone)]
+struct Block {
+    resnets: Vec<ResnetBlock>,
+    resample: Option<(Resample, Conv2d)>,
+}
+
+impl Block {
+    fn new(
+        vb: VarBuilder,
+        (cin, cout): (usize, usize),
+        resnets: usize,
+        groups: usize,
+        resample: Option<Resample>,
+    ) -> Result<Self> {
+        let resnets = (0..resnets)
+            .map(|j| {
+                let c = if j == 0 { cin } else { cout };
+                ResnetBlock::new(vb.pp("resnets").pp(j), c, cout, groups)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let resample = match resample {
+            None => None,
+            Some(Resample::Down) => {
+                let conv = vb.pp("downsamplers").pp(0).pp("conv");
+                Some((Resample::Down, Conv2d::new(conv, cout, cout, 3, 2, 0)?))
+            }
+            Some(Resample::Up) => {
+                let conv = vb.pp("upsamplers").pp(0).pp("conv");
+                Some((Resample::Up, Conv2d::same(conv, cout, cout, 3)?))
+            }
+        };
+        Ok(Self { resnets, resample })
     }
 }
 
-/// `up_blocks.i`: resnets, then (except for the last block) nearest 2x upsampling and a conv.
-#[derive(Debug, Clone)]
-struct UpBlock {
-    resnets: Vec<ResnetBlock>,
-    upsample: Option<Conv2d>,
-}
-
-impl Module for UpBlock {
+impl Module for Block {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut x = x.clone();
         for r in &self.resnets {
             x = r.forward(&x)?;
         }
-        if let Some(conv) = &self.upsample {
-            let (_, _, h, w) = x.dims4()?;
-            x = conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?;
+        match &self.resample {
+            None => Ok(x),
+            // diffusers pads right and bottom by one, then convolves with no padding.
+            Some((Resample::Down, conv)) => {
+                conv.forward(&x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)
+            }
+            Some((Resample::Up, conv)) => {
+                let (_, _, h, w) = x.dims4()?;
+                conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
+            }
         }
-        Ok(x)
     }
 }
 
 #[derive(Debug, Clone)]
 struct Encoder {
     conv_in: Conv2d,
-    down: Vec<DownBlock>,
+    down: Vec<Block>,
     mid: MidBlock,
     norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -362,27 +316,19 @@ impl Encoder {
     fn new(vb: VarBuilder, cfg: &VaeConfig) -> Result<Self> {
         let ch = &cfg.block_out_channels;
         let g = cfg.norm_num_groups;
-        let conv_in = Conv2d::new(vb.pp("conv_in"), cfg.in_channels, ch[0], 3, 1, 1)?;
+        let conv_in = Conv2d::same(vb.pp("conv_in"), cfg.in_channels, ch[0], 3)?;
         let mut down = Vec::with_capacity(ch.len());
         let mut cin = ch[0];
         for (i, &cout) in ch.iter().enumerate() {
+            let resample = (i + 1 < ch.len()).then_some(Resample::Down);
             let vb = vb.pp("down_blocks").pp(i);
-            let resnets = (0..cfg.layers_per_block)
-                .map(|j| {
-                    let c = if j == 0 { cin } else { cout };
-                    ResnetBlock::new(vb.pp("resnets").pp(j), c, cout, g)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let downsample = if i + 1 < ch.len() {
-                let conv = vb.pp("downsamplers").pp(0).pp("conv");
-                Some(Conv2d::new(conv, cout, cout, 3, 0, 2)?)
-            } else {
-                None
-            };
-            down.push(DownBlock {
-                resnets,
-                downsample,
-            });
+            down.push(Block::new(
+                vb,
+                (cin, cout),
+                cfg.layers_per_block,
+                g,
+                resample,
+            )?);
             cin = cout;
         }
         let last = ch[ch.len() - 1];
@@ -390,8 +336,8 @@ impl Encoder {
             conv_in,
             down,
             mid: MidBlock::new(vb.pp("mid_block"), last, cfg)?,
-            norm_out: GroupNorm::new(vb.pp("conv_norm_out"), last, g)?,
-            conv_out: Conv2d::new(vb.pp("conv_out"), last, 2 * cfg.latent_channels, 3, 1, 1)?,
+            norm_out: GroupNorm::new(vb.pp("conv_norm_out"), g, last, EPS)?,
+            conv_out: Conv2d::same(vb.pp("conv_out"), last, 2 * cfg.latent_channels, 3)?,
         })
     }
 }
@@ -411,7 +357,7 @@ impl Module for Encoder {
 struct Decoder {
     conv_in: Conv2d,
     mid: MidBlock,
-    up: Vec<UpBlock>,
+    up: Vec<Block>,
     norm_out: GroupNorm,
     conv_out: Conv2d,
 }
@@ -420,25 +366,15 @@ impl Decoder {
     fn new(vb: VarBuilder, cfg: &VaeConfig) -> Result<Self> {
         let reversed: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
         let g = cfg.norm_num_groups;
-        let conv_in = Conv2d::new(vb.pp("conv_in"), cfg.latent_channels, reversed[0], 3, 1, 1)?;
+        let conv_in = Conv2d::same(vb.pp("conv_in"), cfg.latent_channels, reversed[0], 3)?;
         let mid = MidBlock::new(vb.pp("mid_block"), reversed[0], cfg)?;
         let mut up = Vec::with_capacity(reversed.len());
         let mut cin = reversed[0];
         for (i, &cout) in reversed.iter().enumerate() {
+            let resample = (i + 1 < reversed.len()).then_some(Resample::Up);
             let vb = vb.pp("up_blocks").pp(i);
-            let resnets = (0..cfg.layers_per_block + 1)
-                .map(|j| {
-                    let c = if j == 0 { cin } else { cout };
-                    ResnetBlock::new(vb.pp("resnets").pp(j), c, cout, g)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let upsample = if i + 1 < reversed.len() {
-                let conv = vb.pp("upsamplers").pp(0).pp("conv");
-                Some(Conv2d::new(conv, cout, cout, 3, 1, 1)?)
-            } else {
-                None
-            };
-            up.push(UpBlock { resnets, upsample });
+            let n = cfg.layers_per_block + 1;
+            up.push(Block::new(vb, (cin, cout), n, g, resample)?);
             cin = cout;
         }
         let first = cfg.block_out_channels[0];
@@ -446,8 +382,8 @@ impl Decoder {
             conv_in,
             mid,
             up,
-            norm_out: GroupNorm::new(vb.pp("conv_norm_out"), first, g)?,
-            conv_out: Conv2d::new(vb.pp("conv_out"), first, cfg.out_channels, 3, 1, 1)?,
+            norm_out: GroupNorm::new(vb.pp("conv_norm_out"), g, first, EPS)?,
+            conv_out: Conv2d::same(vb.pp("conv_out"), first, cfg.out_channels, 3)?,
         })
     }
 }
@@ -493,12 +429,12 @@ impl AutoencoderKl {
         cfg.validate().map_err(candle_core::Error::msg)?;
         let l = cfg.latent_channels;
         let quant_conv = if cfg.use_quant_conv {
-            Some(Conv2d::new(vb.pp("quant_conv"), 2 * l, 2 * l, 1, 0, 1)?)
+            Some(Conv2d::same(vb.pp("quant_conv"), 2 * l, 2 * l, 1)?)
         } else {
             None
         };
         let post_quant_conv = if cfg.use_post_quant_conv {
-            Some(Conv2d::new(vb.pp("post_quant_conv"), l, l, 1, 0, 1)?)
+            Some(Conv2d::same(vb.pp("post_quant_conv"), l, l, 1)?)
         } else {
             None
         };
@@ -591,7 +527,10 @@ impl AutoencoderKl {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::families::sd::testing::{assert_close, fixture};
+    use crate::families::sd::testing::{
+        assert_close, assert_every_var_has_gradient, assert_mentions, assert_near_f32,
+        edited_weights, fixture, max_abs_diff,
+    };
     use crate::nn::random_var_builder;
     use candle_nn::VarMap;
     use std::collections::HashMap;
@@ -634,17 +573,7 @@ mod tests {
         let full = run(DType::F32);
         // candle's CPU conv2d has no bf16 matmul; bf16 is for the GPU.
         let half = run(DType::F16);
-        let diff: f32 = (half - &full)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        let scale: f32 = full.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-        eprintln!("F16 vae decode: max abs diff {diff:.3e} (scale {scale:.3e})");
-        assert!(diff < 0.05 * scale, "F16: {diff}");
+        assert_near_f32("F16 vae decode", &half, &full, 0.05);
     }
 
     fn tiny_config(attention: bool) -> VaeConfig {
@@ -674,24 +603,8 @@ mod tests {
         let back = vae.unscale_latents(&z).unwrap();
         let noise = Tensor::zeros_like(&post.mean).unwrap();
         let same = post.sample(&noise).unwrap();
-        let diff: f32 = (same - &post.mean)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert_eq!(diff, 0.0);
-        let diff: f32 = (back - &post.mean)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert!(diff < 1e-6);
+        assert_eq!(max_abs_diff(&same, &post.mean), 0.0);
+        assert!(max_abs_diff(&back, &post.mean) < 1e-6);
     }
 
     #[test]
@@ -712,13 +625,7 @@ mod tests {
         let grads = loss.backward().unwrap();
         let vars = map.data().lock().unwrap();
         assert!(vars.len() > 60, "{} variables", vars.len());
-        for (name, var) in vars.iter() {
-            let g = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("no gradient for {name}"));
-            let s: f32 = g.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
-            assert!(s.is_finite() && s > 0.0, "gradient of {name} is {s}");
-        }
+        assert_every_var_has_gradient(&vars, &grads, "");
     }
 
     /// A scratch copy of the sd15 fixture's VAE with its weights edited.
@@ -727,30 +634,23 @@ mod tests {
         edit: impl FnOnce(&mut HashMap<String, Tensor>),
     ) -> std::path::PathBuf {
         let src = fixture("sd15-tiny").dir.join("vae");
-        let dir = std::env::temp_dir().join(format!("fewstep-sd-vae-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
-        let file = "diffusion_pytorch_model.safetensors";
-        let mut tensors = candle_core::safetensors::load(src.join(file), &Device::Cpu).unwrap();
-        edit(&mut tensors);
-        candle_core::safetensors::save(&tensors, dir.join(file)).unwrap();
-        dir
+        let weights = "diffusion_pytorch_model.safetensors";
+        edited_weights(&src, weights, &format!("vae-{tag}"), edit)
     }
 
     #[test]
     fn bad_weights_name_the_file_and_the_tensor() {
-        let dev = Device::Cpu;
+        let load_err = |dir: &std::path::Path| {
+            AutoencoderKl::load(dir, DType::F32, &Device::Cpu)
+                .unwrap_err()
+                .to_string()
+        };
+        let weights = "diffusion_pytorch_model.safetensors";
         let key = "decoder.up_blocks.0.resnets.1.conv2.weight";
         let dir = edited_vae("missing", |t| {
             t.remove(key).unwrap();
         });
-        let err = AutoencoderKl::load(&dir, DType::F32, &dev)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("diffusion_pytorch_model.safetensors") && err.contains(key),
-            "{err}"
-        );
+        assert_mentions(&load_err(&dir), &[weights, key]);
         std::fs::remove_dir_all(&dir).unwrap();
 
         let key = "encoder.conv_in.weight";
@@ -760,14 +660,7 @@ mod tests {
                 Tensor::zeros((1, 3, 3, 3), DType::F32, &Device::Cpu).unwrap(),
             );
         });
-        let err = AutoencoderKl::load(&dir, DType::F32, &dev)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("diffusion_pytorch_model.safetensors") && err.contains(key),
-            "{err}"
-        );
-        assert!(err.contains("shape"), "{err}");
+        assert_mentions(&load_err(&dir), &[weights, key, "shape"]);
         std::fs::remove_dir_all(&dir).unwrap();
 
         // Pre-0.14 attention names get a pointed message.
@@ -785,20 +678,14 @@ mod tests {
                 }
             }
         });
-        let err = AutoencoderKl::load(&dir, DType::F32, &dev)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("query") && err.contains("to_q"), "{err}");
+        assert_mentions(&load_err(&dir), &["query", "to_q"]);
         std::fs::remove_dir_all(&dir).unwrap();
 
         let dir = std::env::temp_dir().join(format!("fewstep-sd-vae-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("config.json"), r#"{"act_fn": "relu"}"#).unwrap();
         std::fs::write(dir.join("diffusion_pytorch_model.safetensors"), "").unwrap();
-        let err = AutoencoderKl::load(&dir, DType::F32, &dev)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("config.json") && err.contains("relu"), "{err}");
+        assert_mentions(&load_err(&dir), &["config.json", "relu"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

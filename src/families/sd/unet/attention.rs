@@ -5,21 +5,14 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::AttnSpec;
-use crate::families::sd::layers::{in_f32, Geglu, GroupNorm, LayerNorm, PointwiseConv};
+use crate::families::sd::layers::{
+    in_f32, merge_heads, split_heads, Geglu, GroupNorm, LayerNorm, PointwiseConv,
+};
 use crate::nn::Linear;
 
 /// Score tensors above this many elements are computed in slices of heads, which bounds
 /// the memory of attention over large latents (64x64 latents are 4096 tokens).
 const MAX_SCORE_ELEMS: usize = 1 << 26;
-
-/// `[B, T, H*Dh]` -> `[B*H, T, Dh]`.
-fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
-    let (b, t, d) = x.dims3()?;
-    x.reshape((b, t, heads, d / heads))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((b * heads, t, d / heads))
-}
 
 /// Softmax attention over `[N, Tq, Dh]` x `[N, Tk, Dh]`. In half precision the softmax runs
 /// in f32 (diffusers' `upcast_softmax`; `upcast_attention` is thereby covered too).
@@ -85,12 +78,7 @@ impl Attention {
                 .collect::<Result<Vec<_>>>()?;
             Tensor::cat(&parts, 0)?
         };
-        let dh = out.dim(2)?;
-        let merged = out
-            .reshape((b, self.heads, t, dh))?
-            .transpose(1, 2)?
-            .reshape((b, t, self.heads * dh))?;
-        self.to_out.forward(&merged)
+        self.to_out.forward(&merge_heads(&out, b)?)
     }
 }
 

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarMap;
 
 use super::*;
+use crate::families::sd::testing::{max_abs, max_abs_diff};
 
 /// An SDXL-shaped tiny UNet: a plain first block, text_time conditioning, linear
 /// projections, several transformer layers, heads given per block.
@@ -162,18 +163,12 @@ fn rows_use_their_own_timestep_and_sdxl_requires_added_conditioning() -> Result<
         time_ids: row(&added.time_ids)?,
     };
     let single = unet.forward(&row(&x.sample)?, &row(&x.t)?, &row(&x.context)?, Some(&one))?;
-    let diff = (row(&both)? - &single)?
-        .abs()?
-        .max_all()?
-        .to_scalar::<f32>()?;
+    let diff = max_abs_diff(&row(&both)?, &single);
     assert!(diff < 1e-5, "{diff}");
     // A different timestep for that row changes its output.
     let t = Tensor::new(&[999f32, 500.0], &dev)?;
     let other = unet.forward(&x.sample, &t, &x.context, x.added.as_ref())?;
-    let moved = (row(&both)? - row(&other)?)?
-        .abs()?
-        .max_all()?
-        .to_scalar::<f32>()?;
+    let moved = max_abs_diff(&row(&both)?, &row(&other)?);
     assert!(moved > 1e-4, "{moved}");
     // Sizes that are not a multiple of the downsampling upsample to the skip's size.
     let odd = randn(5, &[1, 4, 9, 7], DType::F32, &dev)?;
@@ -265,13 +260,7 @@ fn unet_parity(name: &str) -> Vec<(usize, f32, f32)> {
         let got = unet
             .forward(&sample, t, &context, added.as_ref())
             .expect("forward");
-        let diff = (got - &want)
-            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
-            .expect("diff");
-        let scale = want
-            .abs()
-            .and_then(|a| a.max_all()?.to_scalar::<f32>())
-            .expect("scale");
+        let (diff, scale) = (max_abs_diff(&got, &want), max_abs(&want));
         eprintln!(
             "{name} unet.out.{k} t={:?}: max abs diff {diff:.3e}, reference max abs {scale:.3e}, \
              relative {:.3e}",
