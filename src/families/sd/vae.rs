@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::layers::{Conv2d, GroupNorm};
+use super::layers::{upsample_nearest, Conv2d, GroupNorm};
 use super::layout::{read_json, ComponentFiles, LoadError, DIFFUSERS_WEIGHTS};
 use crate::nn::attention::sdpa;
 use crate::nn::Linear;
@@ -296,8 +296,9 @@ impl Module for Block {
                 conv.forward(&x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)
             }
             Some((Resample::Up, conv)) => {
+                // Not candle's upsample_nearest2d: its backward drops gradient contributions.
                 let (_, _, h, w) = x.dims4()?;
-                conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
+                conv.forward(&upsample_nearest(&x, 2 * h, 2 * w)?)
             }
         }
     }
