@@ -19,7 +19,7 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result
 }
 
 /// `[B, T, H*Dh]` -> `[B*H, T, Dh]`.
-fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, t, d) = x.dims3()?;
     x.reshape((b, t, heads, d / heads))?
         .transpose(1, 2)?
@@ -27,8 +27,8 @@ fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape((b * heads, t, d / heads))
 }
 
-/// `[B*H, T, Dh]` -> `[B, T, H*Dh]`.
-fn merge_heads(x: &Tensor, batch: usize) -> Result<Tensor> {
+/// `[B*H, T, Dh]` -> `[B, T, H*Dh]`, the inverse of [`split_heads`].
+pub fn merge_heads(x: &Tensor, batch: usize) -> Result<Tensor> {
     let (bh, t, dh) = x.dims3()?;
     let heads = bh / batch;
     x.reshape((batch, heads, t, dh))?

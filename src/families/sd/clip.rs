@@ -10,9 +10,10 @@ use candle_nn::{Init, VarBuilder};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use super::layers::{merge_heads, split_heads, LayerNorm};
+use super::layers::LayerNorm;
 use super::layout::{read_json, ComponentFiles, LoadError, TRANSFORMERS_WEIGHTS};
 use crate::nn::attention::sdpa;
+use crate::nn::attention::{merge_heads, split_heads};
 use crate::nn::Linear;
 
 /// Masked keys get this bias: `exp` of it is exactly 0 in f32 (it becomes -inf in f16, which

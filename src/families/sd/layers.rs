@@ -16,25 +16,6 @@ pub(crate) fn in_f32(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> R
     }
 }
 
-/// `[B, T, H*Dh]` -> `[B*H, T, Dh]`: one attention head per batch row.
-pub(crate) fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
-    let (b, t, d) = x.dims3()?;
-    x.reshape((b, t, heads, d / heads))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((b * heads, t, d / heads))
-}
-
-/// `[B*H, T, Dh]` -> `[B, T, H*Dh]`, the inverse of [`split_heads`].
-pub(crate) fn merge_heads(x: &Tensor, batch: usize) -> Result<Tensor> {
-    let (bh, t, dh) = x.dims3()?;
-    let heads = bh / batch;
-    x.reshape((batch, heads, t, dh))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((batch, t, heads * dh))
-}
-
 /// `torch.nn.GroupNorm` with affine parameters, over `[B, C, ...]`.
 #[derive(Debug, Clone)]
 pub struct GroupNorm {

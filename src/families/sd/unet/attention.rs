@@ -5,9 +5,8 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::AttnSpec;
-use crate::families::sd::layers::{
-    in_f32, merge_heads, split_heads, Geglu, GroupNorm, LayerNorm, PointwiseConv,
-};
+use crate::families::sd::layers::{in_f32, Geglu, GroupNorm, LayerNorm, PointwiseConv};
+use crate::nn::attention::{merge_heads, split_heads};
 use crate::nn::Linear;
 
 /// Score tensors above this many elements are computed in slices of heads, which bounds
