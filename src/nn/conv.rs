@@ -8,6 +8,33 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+/// Calls `f(index in the im2col matrix, index in the input)` for every in-bounds tap of a
+/// zero-padded 3x3 neighbourhood; the padding taps stay zero.
+fn for_each_tap(n: usize, c: usize, h: usize, w: usize, mut f: impl FnMut(usize, usize)) {
+    for row in 0..n * h * w {
+        let (ni, y, xx) = (row / (h * w), (row / w) % h, row % w);
+        for ci in 0..c {
+            let plane = (ni * c + ci) * h * w;
+            for ky in 0..3 {
+                let yy = y + ky;
+                if yy == 0 || yy > h {
+                    continue;
+                }
+                for kx in 0..3 {
+                    let xs = xx + kx;
+                    if xs == 0 || xs > w {
+                        continue;
+                    }
+                    f(
+                        row * c * 9 + ci * 9 + ky * 3 + kx,
+                        plane + (yy - 1) * w + xs - 1,
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// `[N, C, H, W]` -> `[N*H*W, C*9]`: each row holds a pixel's zero-padded 3x3 neighbourhood
 /// of every channel, ordered (channel, ky, kx) like a conv2d weight.
 struct Im2Col3x3;
@@ -19,60 +46,20 @@ impl CustomOp1 for Im2Col3x3 {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = l.shape().dims4()?;
-        let CpuStorage::F32(data) = s else {
-            candle_core::bail!("{}: f32 only", self.name());
-        };
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("{}: contiguous input only", self.name());
-        };
-        let x = &data[a..b];
+        let x = super::fused::slice(s, l, self.name())?;
         let mut out = vec![0f32; n * h * w * c * 9];
-        for (row, o) in out.chunks_mut(c * 9).enumerate() {
-            let (ni, y, xx) = (row / (h * w), (row / w) % h, row % w);
-            for ci in 0..c {
-                let plane = &x[(ni * c + ci) * h * w..(ni * c + ci + 1) * h * w];
-                for ky in 0..3 {
-                    let yy = y + ky;
-                    if yy == 0 || yy > h {
-                        continue;
-                    }
-                    for kx in 0..3 {
-                        let xs = xx + kx;
-                        if xs == 0 || xs > w {
-                            continue;
-                        }
-                        o[ci * 9 + ky * 3 + kx] = plane[(yy - 1) * w + xs - 1];
-                    }
-                }
-            }
-        }
+        for_each_tap(n, c, h, w, |col, src| out[col] = x[src]);
         Ok((CpuStorage::F32(out), Shape::from((n * h * w, c * 9))))
     }
 
     /// col2im: every input pixel sums the gradients of the nine rows that read it.
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (n, c, h, w) = arg.dims4()?;
-        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let mut dx = vec![0f32; n * c * h * w];
-        for (row, gr) in g.chunks(c * 9).enumerate() {
-            let (ni, y, xx) = (row / (h * w), (row / w) % h, row % w);
-            for ci in 0..c {
-                let plane = &mut dx[(ni * c + ci) * h * w..(ni * c + ci + 1) * h * w];
-                for ky in 0..3 {
-                    let yy = y + ky;
-                    if yy == 0 || yy > h {
-                        continue;
-                    }
-                    for kx in 0..3 {
-                        let xs = xx + kx;
-                        if xs == 0 || xs > w {
-                            continue;
-                        }
-                        plane[(yy - 1) * w + xs - 1] += gr[ci * 9 + ky * 3 + kx];
-                    }
-                }
-            }
-        }
+        let dx = super::fused::with_data(grad, |g| {
+            let mut dx = vec![0f32; n * c * h * w];
+            for_each_tap(n, c, h, w, |col, src| dx[src] += g[col]);
+            dx
+        })?;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }

@@ -35,7 +35,7 @@ fn use_kernel(ts: &[&Tensor]) -> bool {
 }
 
 /// The f32 slice of a contiguous CPU tensor.
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = s else {
         candle_core::bail!("{op}: f32 only");
     };
@@ -46,7 +46,7 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
 }
 
 /// Reads a contiguous f32 CPU tensor's data.
-fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+pub(crate) fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else {
@@ -75,12 +75,6 @@ struct LayerNormModulate {
     eps: f32,
 }
 
-impl LayerNormModulate {
-    fn dims(l: &Layout) -> Result<(usize, usize, usize)> {
-        l.shape().dims3()
-    }
-}
-
 impl CustomOp3 for LayerNormModulate {
     fn name(&self) -> &'static str {
         "fewstep-layer-norm-modulate"
@@ -95,7 +89,7 @@ impl CustomOp3 for LayerNormModulate {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, t, d) = Self::dims(l1)?;
+        let (b, t, d) = l1.shape().dims3()?;
         let x = slice(s1, l1, self.name())?;
         let shift = slice(s2, l2, self.name())?;
         let scale = slice(s3, l3, self.name())?;

@@ -11,13 +11,7 @@ impl CustomOp1 for SoftmaxLastDim {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("fewstep softmax: f32 only");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("fewstep softmax: contiguous input only");
-        };
-        let x = &data[start..end];
+        let x = super::fused::slice(storage, layout, self.name())?;
         let n = layout.dims().last().copied().unwrap_or(1).max(1);
         let mut out = vec![0f32; x.len()];
         for (row, o) in x.chunks(n).zip(out.chunks_mut(n)) {
