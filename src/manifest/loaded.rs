@@ -1,6 +1,5 @@
 //! A model resident on a device: the manifest's family loaded and ready to run batches.
 
-use std::io::Read;
 use std::path::Path;
 
 use candle_core::{DType, Device};
@@ -207,33 +206,22 @@ fn load_sd(
     })
 }
 
-/// The content hash of every weights file of an sd model (UNet, VAE, text encoders), read
-/// in pieces so multi-GB files need no extra memory.
+/// The content hash of every weights file of an sd model (UNet, VAE, text encoders).
 fn weights_hash(layout: &SdLayout) -> Result<String, ManifestError> {
     use sha2::Digest;
     let mut hasher = sha2::Sha256::new();
     let components = [&layout.unet, &layout.vae, &layout.text_encoder]
         .into_iter()
         .chain(layout.text_encoder_2.as_ref());
-    let mut buf = vec![0u8; 1 << 20];
     for path in components.flat_map(|c| &c.weights) {
         let werr = |e: std::io::Error| ManifestError::Weights {
             path: path.display().to_string(),
             message: e.to_string(),
         };
+        // Streamed, so multi-GB files need no extra memory.
         let mut file = std::fs::File::open(path).map_err(werr)?;
-        loop {
-            let n = file.read(&mut buf).map_err(werr)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
+        std::io::copy(&mut file, &mut hasher).map_err(werr)?;
     }
-    let hex: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hex = crate::util::hex(&hasher.finalize());
     Ok(hex[..16].to_string())
 }
