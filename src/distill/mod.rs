@@ -2,10 +2,13 @@
 //! through the same model code the server runs.
 
 pub mod config;
+pub mod family;
 pub mod gan;
 pub mod math;
 pub mod prompts;
 pub mod run;
+pub mod sd;
+pub mod tiny;
 pub mod trainer;
 
 pub use config::{AmdConfig, DistillConfig, Method};

@@ -13,11 +13,14 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::config::{DistillConfig, Method};
+use super::family::DistillFamily;
 use super::prompts::PromptSource;
+use super::sd::{read_unet_weights, SdFamily};
+use super::tiny::TinyFamily;
 use super::trainer::{Distiller, IterStats};
 use crate::eval::{EvalOptions, EvalReport};
 use crate::families::tiny::{TinyModel, TinyTokenizer};
-use crate::manifest::{LoadedModel, Manifest, ModelSource};
+use crate::manifest::{Family, LoadedModel, Manifest, ModelSource};
 use crate::pipeline::SamplerKind;
 
 /// What to distill and where.
@@ -234,6 +237,11 @@ fn student_manifest(teacher: &Manifest, name: String, cfg: &DistillConfig) -> Ma
     m.sampling.default_steps = n;
     m.sampling.allowed_steps = (1..=n).collect();
     m.sampling.default_guidance = 1.0;
+    // A teacher's own timestep list only fits a student with as many steps (the trainer
+    // uses trailing spacing otherwise, and so must the server).
+    if m.sampling.timesteps.as_ref().is_some_and(|l| l.len() != n) {
+        m.sampling.timesteps = None;
+    }
     m.sampling.max_guidance = 1.0;
     m.teacher = Some(teacher.name.clone());
     m
@@ -323,18 +331,24 @@ pub struct RunOutput {
 pub fn run(
     opts: &RunOptions,
     device: &Device,
-    mut progress: impl FnMut(&IterStats, u64),
+    progress: impl FnMut(&IterStats, u64),
 ) -> anyhow::Result<RunOutput> {
     let mut config = opts.config.clone();
     config.validate()?;
     let model = Manifest::find(&opts.models_dir, &opts.model)?;
-    model.require_tiny("fewstep distill")?;
     let teacher_manifest = match &model.teacher {
         Some(t) => Manifest::find(&opts.models_dir, t)
             .with_context(|| format!("the teacher {t:?} of {}", model.name))?,
         None => model.clone(),
     };
-    let teacher_tiny = teacher_manifest.require_tiny("fewstep distill")?;
+    anyhow::ensure!(
+        model.family() == teacher_manifest.family(),
+        "{} is a {:?} model and its teacher {} a {:?} model",
+        model.name,
+        model.family(),
+        teacher_manifest.name,
+        teacher_manifest.family()
+    );
     config
         .guidance
         .get_or_insert(teacher_manifest.sampling.default_guidance);
@@ -360,104 +374,195 @@ pub fn run(
         );
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-
-    // The teacher's file is read once: its tensors build the frozen teacher, the critic and
-    // (for a first distillation) the student.
-    let teacher_tensors = load_tensors(&teacher_manifest.weights_path(), device)?;
-    let teacher = TinyModel::new(
-        VarBuilder::from_tensors(teacher_tensors.clone(), DType::F32, device),
-        &teacher_tiny.architecture,
-        TinyTokenizer::from_file(&teacher_manifest.tokenizer_path()?)?,
-        teacher_manifest.schedule(),
-    )?;
-    let student_init = if model.teacher.is_some() {
-        load_tensors(&model.weights_path(), device)?
-    } else {
-        teacher_tensors.clone()
+    let run = Run {
+        opts,
+        config,
+        model: &model,
+        teacher: &teacher_manifest,
+        checkpoint,
     };
-    let mut d = Distiller::new(
-        config.clone(),
-        teacher,
-        teacher_tensors,
-        &student_init,
-        reward,
-        prompts,
-    )?;
-    if opts.resume && checkpoint.is_file() {
-        d.load_checkpoint(&checkpoint)?;
-        tracing::info!(iteration = d.state.iteration, "resumed from checkpoint");
-    }
-    crate::util::write_atomic(
-        &dir.join("config.toml"),
-        toml::to_string(&config)?.as_bytes(),
-    )?;
-    tracing::info!(
-        teacher = %teacher_manifest.name,
-        from = %model.name,
-        method = ?config.method,
-        steps = config.student_steps,
-        guidance = config.guidance,
-        "distilling"
-    );
 
-    let log_path = dir.join("metrics.jsonl");
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)?;
-    let mut window = Window::default();
-    while d.state.iteration < config.iterations {
-        let stats = d.step()?;
-        progress(&stats, config.iterations);
-        let it = stats.iteration;
-        window.push(stats);
-        let last = it == config.iterations;
-        if it % config.log_every == 0 || last {
-            writeln!(log, "{}", serde_json::to_string(&window.flush())?)?;
-            log.flush()?;
-        }
-        if it % config.checkpoint_every == 0 || last {
-            d.save_checkpoint(&checkpoint)?;
-        }
-    }
-
-    plot_metrics(&log_path, dir);
-
-    // Named like the model, so `--models-dir <out>` serves it.
-    let manifest = student_manifest(&teacher_manifest, student_name(&model), &config);
-    let student_files = manifest.require_tiny("fewstep distill")?;
-    let student_dir = dir.join(&manifest.name);
-    crate::train::checkpoint::save_tensors_atomic(
-        &d.student_weights(),
-        &student_dir.join(&student_files.weights),
-    )?;
-    std::fs::copy(
-        teacher_manifest.tokenizer_path()?,
-        student_dir.join(&student_files.tokenizer),
-    )?;
-    crate::util::write_atomic(
-        &student_dir.join("manifest.toml"),
-        toml::to_string(&manifest)?.as_bytes(),
-    )?;
-    let manifest = Manifest::from_file(&student_dir.join("manifest.toml"))?;
-    if let Some(p) = &opts.publish {
-        publish(p, &manifest)?;
-    }
-
-    let report = match &opts.eval {
-        Some(eval) => {
-            let student = LoadedModel::load(&manifest, device)?;
-            let eval = EvalOptions {
-                out_dir: Some(dir.join("eval")),
-                ..eval.clone()
+    match teacher_manifest.family() {
+        Family::Tiny => {
+            let teacher_tiny = teacher_manifest.require_tiny("fewstep distill")?;
+            // The teacher's file is read once: its tensors build the frozen teacher, the
+            // critic and (for a first distillation) the student.
+            let teacher_tensors = load_tensors(&teacher_manifest.weights_path(), device)?;
+            let teacher = TinyModel::new(
+                VarBuilder::from_tensors(teacher_tensors.clone(), DType::F32, device),
+                &teacher_tiny.architecture,
+                TinyTokenizer::from_file(&teacher_manifest.tokenizer_path()?)?,
+                teacher_manifest.schedule(),
+            )?;
+            let student_init = if model.teacher.is_some() {
+                load_tensors(&model.weights_path(), device)?
+            } else {
+                teacher_tensors.clone()
             };
-            Some(crate::eval::evaluate(&student, &eval)?)
+            let family = TinyFamily::new(teacher, teacher_tensors);
+            let d = run.train(family, &student_init, reward, prompts, progress)?;
+            let weights = d.student_weights()?;
+            let (student_dir, manifest) = run.export_tiny(&weights)?;
+            run.finish(student_dir, manifest, device)
         }
-        None => None,
-    };
-    Ok(RunOutput {
-        student_dir,
-        manifest,
-        report,
-    })
+        Family::Sd => {
+            let family = SdFamily::from_manifest(&teacher_manifest, device)?;
+            let student_init = if model.teacher.is_some() {
+                read_unet_weights(&model.weights_path(), device)?
+            } else {
+                family.teacher_weights().clone()
+            };
+            let d = run.train(family, &student_init, reward, prompts, progress)?;
+            let weights = d.student_weights()?;
+            let (student_dir, manifest) = run.export_sd(&weights)?;
+            run.finish(student_dir, manifest, device)
+        }
+    }
 }
+
+/// One run's settings, shared by the families' training and export.
+struct Run<'a> {
+    opts: &'a RunOptions,
+    config: DistillConfig,
+    model: &'a Manifest,
+    teacher: &'a Manifest,
+    checkpoint: PathBuf,
+}
+
+impl Run<'_> {
+    /// Builds the players, resumes, and runs the iterations with log, plots and checkpoints.
+    fn train<F: DistillFamily>(
+        &self,
+        family: F,
+        student_init: &HashMap<String, Tensor>,
+        reward: Box<dyn crate::reward::Reward>,
+        prompts: PromptSource,
+        mut progress: impl FnMut(&IterStats, u64),
+    ) -> anyhow::Result<Distiller<F>> {
+        let (config, dir) = (&self.config, &self.opts.out);
+        let mut d = Distiller::new(config.clone(), family, student_init, reward, prompts)?;
+        if self.opts.resume && self.checkpoint.is_file() {
+            d.load_checkpoint(&self.checkpoint)?;
+            tracing::info!(iteration = d.state.iteration, "resumed from checkpoint");
+        }
+        crate::util::write_atomic(
+            &dir.join("config.toml"),
+            toml::to_string(config)?.as_bytes(),
+        )?;
+        tracing::info!(
+            teacher = %self.teacher.name,
+            from = %self.model.name,
+            method = ?config.method,
+            steps = config.student_steps,
+            guidance = config.guidance,
+            "distilling"
+        );
+
+        let log_path = dir.join("metrics.jsonl");
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let mut window = Window::default();
+        while d.state.iteration < config.iterations {
+            let stats = d.step()?;
+            progress(&stats, config.iterations);
+            let it = stats.iteration;
+            window.push(stats);
+            let last = it == config.iterations;
+            if it % config.log_every == 0 || last {
+                writeln!(log, "{}", serde_json::to_string(&window.flush())?)?;
+                log.flush()?;
+            }
+            if it % config.checkpoint_every == 0 || last {
+                d.save_checkpoint(&self.checkpoint)?;
+            }
+        }
+        plot_metrics(&log_path, dir);
+        Ok(d)
+    }
+
+    /// The student's manifest, named like the model so that `--models-dir <out>` serves it.
+    fn student_manifest(&self) -> Manifest {
+        student_manifest(self.teacher, student_name(self.model), &self.config)
+    }
+
+    /// A tiny student: its full weights file, the teacher's tokenizer and the manifest.
+    fn export_tiny(
+        &self,
+        weights: &HashMap<String, Tensor>,
+    ) -> anyhow::Result<(PathBuf, Manifest)> {
+        let mut manifest = self.student_manifest();
+        let files = manifest.require_tiny("fewstep distill")?.clone();
+        let student_dir = self.opts.out.join(&manifest.name);
+        crate::train::checkpoint::save_tensors_atomic(weights, &student_dir.join(&files.weights))?;
+        std::fs::copy(
+            self.teacher.tokenizer_path()?,
+            student_dir.join(&files.tokenizer),
+        )?;
+        manifest.dir = student_dir.clone();
+        Ok((student_dir, manifest))
+    }
+
+    /// An SD student: its UNet as one safetensors file beside a manifest that points at the
+    /// teacher's diffusers directory for everything else.
+    fn export_sd(&self, weights: &HashMap<String, Tensor>) -> anyhow::Result<(PathBuf, Manifest)> {
+        let mut manifest = self.student_manifest();
+        let student_dir = self.opts.out.join(&manifest.name);
+        let ModelSource::Sd(sd) = &mut manifest.source else {
+            anyhow::bail!("{} is not a Stable Diffusion manifest", manifest.name);
+        };
+        let teacher_dir = sd.model_dir(&self.teacher.dir);
+        sd.dir = std::fs::canonicalize(&teacher_dir)
+            .with_context(|| format!("resolving {}", teacher_dir.display()))?;
+        sd.dir_env = None;
+        sd.unet_file = Some(PathBuf::from(SD_STUDENT_UNET));
+        sd.unet_file_env = None;
+        crate::train::checkpoint::save_tensors_atomic(weights, &student_dir.join(SD_STUDENT_UNET))?;
+        manifest.dir = student_dir.clone();
+        Ok((student_dir, manifest))
+    }
+
+    /// Writes the manifest, publishes the student to a running server and evaluates it.
+    fn finish(
+        &self,
+        student_dir: PathBuf,
+        manifest: Manifest,
+        device: &Device,
+    ) -> anyhow::Result<RunOutput> {
+        crate::util::write_atomic(
+            &student_dir.join("manifest.toml"),
+            toml::to_string(&manifest)?.as_bytes(),
+        )?;
+        let manifest = Manifest::from_file(&student_dir.join("manifest.toml"))?;
+        if let Some(p) = &self.opts.publish {
+            publish(p, &manifest)?;
+        }
+        let report = match (&self.opts.eval, manifest.family()) {
+            (Some(eval), Family::Tiny) => {
+                let student = LoadedModel::load(&manifest, device)?;
+                let eval = EvalOptions {
+                    out_dir: Some(self.opts.out.join("eval")),
+                    ..eval.clone()
+                };
+                Some(crate::eval::evaluate(&student, &eval)?)
+            }
+            (Some(_), family) => {
+                tracing::info!(
+                    ?family,
+                    "the ShapesWorld eval is for the tiny family; skipped"
+                );
+                None
+            }
+            (None, _) => None,
+        };
+        Ok(RunOutput {
+            student_dir,
+            manifest,
+            report,
+        })
+    }
+}
+
+/// The file name of an exported SD student's UNet.
+const SD_STUDENT_UNET: &str = "unet.safetensors";

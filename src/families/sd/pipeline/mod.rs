@@ -81,7 +81,7 @@ pub struct SdText {
 }
 
 impl SdText {
-    fn cat(&self, other: &SdText) -> Result<SdText> {
+    pub fn cat(&self, other: &SdText) -> Result<SdText> {
         Ok(SdText {
             context: Tensor::cat(&[&self.context, &other.context], 0)?,
             pooled: match (&self.pooled, &other.pooled) {
@@ -402,18 +402,39 @@ impl SdModel {
         text: &SdText,
         time_ids: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.unet_output_with(&self.unet, self.dtype, x, timesteps, text, time_ids)
+    }
+
+    /// [`Self::unet_output`] through another UNet of this architecture computing in `dtype`
+    /// (a student or critic being distilled from this model).
+    pub fn unet_output_with(
+        &self,
+        unet: &UNet,
+        dtype: DType,
+        x: &Tensor,
+        timesteps: &[usize],
+        text: &SdText,
+        time_ids: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let t: Vec<f32> = timesteps.iter().map(|&k| k as f32).collect();
         let t = Tensor::from_vec(t, timesteps.len(), &self.device)?;
         let added = match (&text.pooled, time_ids) {
             (Some(pooled), Some(ids)) => Some(AddedCond {
-                text_embeds: pooled.clone(),
-                time_ids: ids.clone(),
+                text_embeds: pooled.to_dtype(dtype)?,
+                time_ids: ids.to_dtype(dtype)?,
             }),
             _ => None,
         };
-        self.unet
-            .forward(&x.to_dtype(self.dtype)?, &t, &text.context, added.as_ref())?
+        let context = text.context.to_dtype(dtype)?;
+        unet.forward(&x.to_dtype(dtype)?, &t, &context, added.as_ref())?
             .to_dtype(DType::F32)
+    }
+
+    /// The training timestep of each row's schedule time (the clean end is timestep 0).
+    pub fn timesteps(&self, t: &[f32]) -> Vec<usize> {
+        t.iter()
+            .map(|&t| self.schedule.timestep(t).unwrap_or(0))
+            .collect()
     }
 
     /// x0 from the UNet's output `out` at `x` (f32), one timestep per row.
@@ -532,11 +553,7 @@ impl Denoiser for SdModel {
 
     /// `t` are schedule times (see [`DdpmSchedule`]); the clean end maps to timestep 0.
     fn predict_x0(&self, x: &Tensor, t: &[f32], cond: &SdCond, guidance: f32) -> Result<Tensor> {
-        let timesteps: Vec<usize> = t
-            .iter()
-            .map(|&t| self.schedule.timestep(t).unwrap_or(0))
-            .collect();
-        self.predict_x0_at(x, &timesteps, cond, guidance)
+        self.predict_x0_at(x, &self.timesteps(t), cond, guidance)
     }
 }
 

@@ -1,0 +1,148 @@
+//! The built-in tiny family as a [`DistillFamily`]: pixel-space rectified flow, so x0 is
+//! `x_t - t v` and the critic's loss is the flow-matching loss on the student's samples.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Result, Tensor};
+use rand_chacha::ChaCha8Rng;
+
+use super::family::{check_init, var_map_from, DistillFamily, GanSupport, Trainable};
+use super::{gan, math};
+use crate::families::tiny::{Dit, TextCond, TinyModel};
+use crate::pipeline::NoiseSchedule;
+use crate::train::named_vars;
+
+/// The frozen tiny teacher with its full weights (the text encoder the student ships with).
+pub struct TinyFamily {
+    pub model: TinyModel,
+    tensors: HashMap<String, Tensor>,
+}
+
+/// Prompts and empty negatives, encoded.
+pub struct TinyTexts {
+    pub cond: TextCond,
+    pub uncond: TextCond,
+}
+
+fn is_denoiser(name: &str) -> bool {
+    name.starts_with("dit.")
+}
+
+impl TinyFamily {
+    /// `tensors` are the weights `model` was built from.
+    pub fn new(model: TinyModel, tensors: HashMap<String, Tensor>) -> Self {
+        Self { model, tensors }
+    }
+}
+
+impl DistillFamily for TinyFamily {
+    type Net = Dit;
+    type Cond = TinyTexts;
+
+    fn device(&self) -> &Device {
+        self.model.device()
+    }
+
+    fn schedule(&self) -> &dyn NoiseSchedule {
+        &self.model.schedule
+    }
+
+    fn makes_video(&self) -> bool {
+        true
+    }
+
+    fn sample_shape(&self, batch: usize, video: bool) -> Vec<usize> {
+        let frames = if video { crate::world::VIDEO_FRAMES } else { 1 };
+        let c = &self.model.cfg;
+        vec![batch, frames, c.channels, c.image_size, c.image_size]
+    }
+
+    fn condition(&self, prompts: &[&str]) -> Result<TinyTexts> {
+        Ok(TinyTexts {
+            cond: self.model.encode(prompts)?,
+            uncond: self.model.encode(&vec![""; prompts.len()])?,
+        })
+    }
+
+    fn teacher_x0(&self, x: &Tensor, t: &[f32], cond: &TinyTexts) -> Result<(Tensor, Tensor)> {
+        let b = x.dim(0)?;
+        let both = Tensor::cat(&[x, x], 0)?;
+        let tt: Vec<f32> = t.iter().chain(t).copied().collect();
+        let v = self
+            .model
+            .velocity(&both, &tt, &cond.cond.cat(&cond.uncond)?)?;
+        let x0 = self.model.x0_from_velocity(&both, &tt, &v)?;
+        Ok((x0.narrow(0, 0, b)?, x0.narrow(0, b, b)?))
+    }
+
+    fn x0(&self, net: &Dit, x: &Tensor, t: &[f32], cond: &TinyTexts) -> Result<Tensor> {
+        let v = net.forward(x, t, &cond.cond)?;
+        self.model.x0_from_velocity(x, t, &v)
+    }
+
+    fn denoising_loss(
+        &self,
+        net: &Dit,
+        x0: &Tensor,
+        noise: &Tensor,
+        t: &[f32],
+        cond: &TinyTexts,
+        features: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let x_t = self.model.schedule.add_noise(x0, noise, t)?;
+        let (v, feats) = net.forward_with_features(&x_t, t, &cond.cond, features)?;
+        Ok((math::per_sample_mse(&v, &(noise - x0)?)?, feats))
+    }
+
+    fn pixels(&self, x0: &Tensor) -> Result<Tensor> {
+        Ok(x0.clone())
+    }
+
+    fn trainable(
+        &self,
+        init: &HashMap<String, Tensor>,
+        seed: u64,
+    ) -> anyhow::Result<Trainable<Dit>> {
+        let dev = self.device();
+        let map = var_map_from(init, is_denoiser, dev)?;
+        let vb = crate::nn::seeded_var_builder(&map, seed, DType::F32, dev);
+        let net = Dit::new(vb.pp("dit"), &self.model.cfg)?;
+        let vars = named_vars(&map);
+        check_init(init, &vars, is_denoiser)?;
+        Ok(Trainable { net, vars })
+    }
+
+    fn teacher_weights(&self) -> &HashMap<String, Tensor> {
+        &self.tensors
+    }
+
+    fn export(&self, tensors: &HashMap<String, Tensor>) -> anyhow::Result<HashMap<String, Tensor>> {
+        let mut out = self.tensors.clone();
+        out.extend(tensors.iter().map(|(n, t)| (n.clone(), t.clone())));
+        Ok(out)
+    }
+
+    fn gan(&self) -> Option<&dyn GanSupport<Dit, TinyTexts>> {
+        Some(self)
+    }
+}
+
+impl GanSupport<Dit, TinyTexts> for TinyFamily {
+    fn feature_dim(&self) -> usize {
+        self.model.cfg.dim
+    }
+
+    fn features(&self, net: &Dit, x_t: &Tensor, t: &[f32], cond: &TinyTexts) -> Result<Tensor> {
+        let (_, feats) = net.forward_with_features(x_t, t, &cond.cond, true)?;
+        feats.ok_or_else(|| candle_core::Error::msg("the denoiser returned no features"))
+    }
+
+    fn real_batch(
+        &self,
+        prompts: &[String],
+        frames: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> anyhow::Result<Tensor> {
+        gan::real_batch(prompts, frames, rng, self.device())
+    }
+}
