@@ -1,15 +1,23 @@
-//! A dense layer that folds all leading dimensions into one GEMM.
+//! A dense layer that folds all leading dimensions into one GEMM, with an optional LoRA
+//! adapter.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-/// `y = x W^T + b`. Unlike `candle_nn::Linear`, inputs of rank 3 or more are flattened to a
-/// single `[rows, in]` matrix, so the CPU runs one large GEMM instead of a batch of small ones
-/// against a broadcast weight.
+use super::lora::{LoraAdapter, LoraConfig};
+
+/// A callback over the dense layers of a module tree: the layer's state-dict path (e.g.
+/// `down_blocks.1.attentions.0.proj_in`) and the layer.
+pub type VisitLinear<'a> = dyn FnMut(&str, &mut Linear) -> Result<()> + 'a;
+
+/// `y = x W^T + b` (`+ scale * (x A^T) B^T` with a LoRA adapter). Unlike `candle_nn::Linear`,
+/// inputs of rank 3 or more are flattened to a single `[rows, in]` matrix, so the CPU runs
+/// one large GEMM instead of a batch of small ones against a broadcast weight.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    lora: Option<LoraAdapter>,
 }
 
 impl Linear {
@@ -30,6 +38,7 @@ impl Linear {
         Ok(Self {
             weight,
             bias: Some(bias),
+            lora: None,
         })
     }
 
@@ -37,11 +46,41 @@ impl Linear {
     pub fn no_bias(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
         let init = candle_nn::init::DEFAULT_KAIMING_NORMAL;
         let weight = vb.get_with_hints((out_dim, in_dim), "weight", init)?;
-        Ok(Self { weight, bias: None })
+        Ok(Self {
+            weight,
+            bias: None,
+            lora: None,
+        })
     }
 
     pub fn out_dim(&self) -> usize {
         self.weight.dim(0).unwrap_or(0)
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.weight.dim(1).unwrap_or(0)
+    }
+
+    /// The base weight `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    pub fn lora(&self) -> Option<&LoraAdapter> {
+        self.lora.as_ref()
+    }
+
+    /// Adds (or replaces) a LoRA adapter whose tensors `lora_A.weight` and `lora_B.weight`
+    /// come from `vb`, which points at this layer's path. Rank 0 leaves the layer as it is.
+    pub fn attach_lora(&mut self, vb: VarBuilder, cfg: &LoraConfig) -> Result<()> {
+        if cfg.enabled() {
+            self.lora = Some(LoraAdapter::new(vb, self.in_dim(), self.out_dim(), cfg)?);
+        }
+        Ok(())
     }
 }
 
@@ -52,6 +91,9 @@ impl Module for Linear {
         let rows = x.elem_count() / in_dim.max(1);
         let x2 = x.reshape((rows, in_dim))?;
         let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(lora) = &self.lora {
+            y = (y + lora.delta(&x2)?)?;
+        }
         if let Some(b) = &self.bias {
             y = super::add_bias(&y, b)?;
         }

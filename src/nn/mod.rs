@@ -12,6 +12,7 @@ pub mod fastmath;
 pub mod fused;
 pub mod init;
 pub mod linear;
+pub mod lora;
 pub mod norm;
 pub mod softmax;
 
@@ -20,5 +21,6 @@ pub use conv::Conv3x3;
 pub use embed::{sincos_1d, timestep_embedding};
 pub use fused::{add_bias, gated_residual, layer_norm, layer_norm_modulate, silu};
 pub use init::{random_var_builder, seeded_var_builder};
-pub use linear::Linear;
+pub use linear::{Linear, VisitLinear};
+pub use lora::{LoraAdapter, LoraConfig, LoraError};
 pub use softmax::softmax_last_dim;

@@ -249,6 +249,11 @@ impl Geglu {
             proj: crate::nn::Linear::new(vb.pp("proj"), dim_in, 2 * dim_out)?,
         })
     }
+
+    /// The projection (`proj`), for attaching LoRA adapters.
+    pub fn proj_mut(&mut self) -> &mut crate::nn::Linear {
+        &mut self.proj
+    }
 }
 
 impl Module for Geglu {

@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 use super::config::AttnSpec;
 use crate::families::sd::layers::{in_f32, Geglu, GroupNorm, LayerNorm, PointwiseConv};
 use crate::nn::attention::{merge_heads, split_heads};
-use crate::nn::Linear;
+use crate::nn::{Linear, VisitLinear};
 
 /// Score tensors above this many elements are computed in slices of heads, which bounds
 /// the memory of attention over large latents (64x64 latents are 4096 tokens).
@@ -79,6 +79,13 @@ impl Attention {
         };
         self.to_out.forward(&merge_heads(&out, b)?)
     }
+
+    fn visit_linears(&mut self, prefix: &str, f: &mut VisitLinear) -> Result<()> {
+        f(&format!("{prefix}.to_q"), &mut self.to_q)?;
+        f(&format!("{prefix}.to_k"), &mut self.to_k)?;
+        f(&format!("{prefix}.to_v"), &mut self.to_v)?;
+        f(&format!("{prefix}.to_out.0"), &mut self.to_out)
+    }
 }
 
 /// diffusers' `BasicTransformerBlock` as the SD UNet configures it: pre-LayerNorm
@@ -125,6 +132,14 @@ impl TransformerBlock {
             .forward(&self.ff_in.forward(&self.norm3.forward(&x)?)?)?;
         x + ff
     }
+
+    /// Visits the attentions' projections and the feed-forward's two layers.
+    pub fn visit_linears(&mut self, prefix: &str, f: &mut VisitLinear) -> Result<()> {
+        self.attn1.visit_linears(&format!("{prefix}.attn1"), f)?;
+        self.attn2.visit_linears(&format!("{prefix}.attn2"), f)?;
+        f(&format!("{prefix}.ff.net.0.proj"), self.ff_in.proj_mut())?;
+        f(&format!("{prefix}.ff.net.2"), &mut self.ff_out)
+    }
 }
 
 /// The token projections of `Transformer2DModel`: a `Linear` (`use_linear_projection`,
@@ -148,6 +163,14 @@ impl Projection {
         match self {
             Self::Linear(l) => l.forward(x),
             Self::Conv(c) => c.forward(x),
+        }
+    }
+
+    /// Visits the projection when it is a `Linear` (a 1x1 convolution is not visited).
+    fn visit_linears(&mut self, path: &str, f: &mut VisitLinear) -> Result<()> {
+        match self {
+            Self::Linear(l) => f(path, l),
+            Self::Conv(_) => Ok(()),
         }
     }
 }
@@ -205,5 +228,16 @@ impl SpatialTransformer {
         }
         let out = self.proj_out.forward(&t)?.reshape((b, h, w, c))?;
         out.permute((0, 3, 1, 2))? + x
+    }
+
+    /// Visits `proj_in`, every transformer block's layers and `proj_out`.
+    pub fn visit_linears(&mut self, prefix: &str, f: &mut VisitLinear) -> Result<()> {
+        self.proj_in
+            .visit_linears(&format!("{prefix}.proj_in"), f)?;
+        for (j, block) in self.blocks.iter_mut().enumerate() {
+            block.visit_linears(&format!("{prefix}.transformer_blocks.{j}"), f)?;
+        }
+        self.proj_out
+            .visit_linears(&format!("{prefix}.proj_out"), f)
     }
 }

@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 use super::attention::SpatialTransformer;
 use super::config::{DownSpec, MidSpec, UpSpec};
 use crate::families::sd::layers::{upsample_nearest, Conv2d, GroupNorm};
-use crate::nn::Linear;
+use crate::nn::{Linear, VisitLinear};
 
 /// Settings shared by every block of one UNet.
 #[derive(Debug, Clone, Copy)]
@@ -71,6 +71,11 @@ impl ResnetBlock {
         } else {
             out / self.output_scale
         }
+    }
+
+    /// Visits `time_emb_proj`, the resnet's one dense layer.
+    pub fn visit_linears(&mut self, prefix: &str, f: &mut VisitLinear) -> Result<()> {
+        f(&format!("{prefix}.time_emb_proj"), &mut self.time_emb_proj)
     }
 }
 
@@ -148,6 +153,22 @@ fn transformers(
         .collect()
 }
 
+/// Visits the dense layers of a block's resnets and transformers.
+fn visit_block(
+    prefix: &str,
+    resnets: &mut [ResnetBlock],
+    attentions: &mut [SpatialTransformer],
+    f: &mut VisitLinear,
+) -> Result<()> {
+    for (i, resnet) in resnets.iter_mut().enumerate() {
+        resnet.visit_linears(&format!("{prefix}.resnets.{i}"), f)?;
+    }
+    for (i, attn) in attentions.iter_mut().enumerate() {
+        attn.visit_linears(&format!("{prefix}.attentions.{i}"), f)?;
+    }
+    Ok(())
+}
+
 /// `CrossAttnDownBlock2D` (with transformers) or `DownBlock2D` (without).
 #[derive(Debug, Clone)]
 pub struct DownBlock {
@@ -199,6 +220,10 @@ impl DownBlock {
         }
         Ok((h, states))
     }
+
+    pub fn visit_linears(&mut self, prefix: &str, f: &mut VisitLinear) -> Result<()> {
+        visit_block(prefix, &mut self.resnets, &mut self.attentions, f)
+    }
 }
 
 /// `UNetMidBlock2DCrossAttn` with one layer: resnet, transformer, resnet.
@@ -231,6 +256,10 @@ impl MidBlock {
             h = resnet.forward(&h, temb_act)?;
         }
         Ok(h)
+    }
+
+    pub fn visit_linears(&mut self, prefix: &str, f: &mut VisitLinear) -> Result<()> {
+        visit_block(prefix, &mut self.resnets, &mut self.attentions, f)
     }
 }
 
@@ -300,5 +329,9 @@ impl UpBlock {
             Some(up) => up.forward(&h, size),
             None => Ok(h),
         }
+    }
+
+    pub fn visit_linears(&mut self, prefix: &str, f: &mut VisitLinear) -> Result<()> {
+        visit_block(prefix, &mut self.resnets, &mut self.attentions, f)
     }
 }

@@ -15,6 +15,7 @@ use candle_nn::VarBuilder;
 use self::blocks::{BlockCtx, DownBlock, MidBlock, UpBlock};
 pub use self::config::{UNetConfig, UNetPlan};
 use crate::families::sd::layers::{timestep_embedding, Conv2d, GroupNorm, TimestepMlp};
+use crate::nn::{LoraConfig, VisitLinear};
 
 /// Errors of reading a UNet's config or weights.
 #[derive(Debug, thiserror::Error)]
@@ -234,6 +235,40 @@ impl UNet {
         self.conv_out.forward(&h)
     }
 
+    /// Visits the dense layers of the down, mid and up blocks with their state-dict paths:
+    /// attention `to_q`/`to_k`/`to_v`/`to_out.0`, feed-forward `ff.net.0.proj`/`ff.net.2`,
+    /// linear `proj_in`/`proj_out` and the resnets' `time_emb_proj`, the layers that PEFT
+    /// LoRAs of SD UNets adapt. The time and added embeddings' MLPs are not visited.
+    pub fn visit_linears(&mut self, f: &mut VisitLinear) -> Result<()> {
+        for (i, block) in self.down.iter_mut().enumerate() {
+            block.visit_linears(&format!("down_blocks.{i}"), f)?;
+        }
+        if let Some(mid) = &mut self.mid {
+            mid.visit_linears("mid_block", f)?;
+        }
+        for (i, block) in self.up.iter_mut().enumerate() {
+            block.visit_linears(&format!("up_blocks.{i}"), f)?;
+        }
+        Ok(())
+    }
+
+    /// Attaches a LoRA adapter to every layer [`UNet::visit_linears`] visits and returns how
+    /// many. `vb` is rooted at the UNet (a `VarMap`-backed builder, so the adapters are the
+    /// trainable variables): the adapter of `<path>` is `<path>.lora_A.weight` and
+    /// `<path>.lora_B.weight`, PEFT's names. Rank 0 attaches nothing.
+    pub fn attach_lora(&mut self, vb: VarBuilder, cfg: &LoraConfig) -> Result<usize> {
+        if !cfg.enabled() {
+            return Ok(0);
+        }
+        let mut count = 0;
+        self.visit_linears(&mut |path, linear| {
+            linear.attach_lora(vb.pp(path), cfg)?;
+            count += 1;
+            Ok(())
+        })?;
+        Ok(count)
+    }
+
     /// `add_embedding(concat(text_embeds, add_time_proj(time_ids)))`.
     fn added_embedding(
         &self,
@@ -322,5 +357,7 @@ fn weight_files(path: &Path) -> std::result::Result<Vec<PathBuf>, UNetError> {
     Err(missing())
 }
 
+#[cfg(test)]
+mod lora_tests;
 #[cfg(test)]
 mod tests;

@@ -41,7 +41,7 @@ fn tiny_sd15_config() -> UNetConfig {
 }
 
 /// Standard normal values from a seeded RNG (candle's CPU `randn` cannot be seeded).
-fn randn(seed: u64, shape: &[usize], dtype: DType, dev: &Device) -> Result<Tensor> {
+pub(super) fn randn(seed: u64, shape: &[usize], dtype: DType, dev: &Device) -> Result<Tensor> {
     use rand::SeedableRng;
     use rand_distr::Distribution;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -52,11 +52,11 @@ fn randn(seed: u64, shape: &[usize], dtype: DType, dev: &Device) -> Result<Tenso
     Tensor::from_vec(v, shape, dev)?.to_dtype(dtype)
 }
 
-struct Inputs {
-    sample: Tensor,
-    t: Tensor,
-    context: Tensor,
-    added: Option<AddedCond>,
+pub(super) struct Inputs {
+    pub sample: Tensor,
+    pub t: Tensor,
+    pub context: Tensor,
+    pub added: Option<AddedCond>,
 }
 
 fn inputs(cfg: &UNetConfig, dtype: DType, dev: &Device) -> Result<Inputs> {
@@ -80,7 +80,7 @@ fn inputs(cfg: &UNetConfig, dtype: DType, dev: &Device) -> Result<Inputs> {
     })
 }
 
-fn loss(unet: &UNet, x: &Inputs, weights: &Tensor) -> Result<Tensor> {
+pub(super) fn loss(unet: &UNet, x: &Inputs, weights: &Tensor) -> Result<Tensor> {
     let out = unet.forward(&x.sample, &x.t, &x.context, x.added.as_ref())?;
     (out * weights)?.sum_all()
 }
@@ -94,9 +94,20 @@ fn check_gradients(cfg: &UNetConfig) -> Result<()> {
     let unet = UNet::new(vb, cfg)?;
     let x = inputs(cfg, DType::F64, &dev)?;
     let weights = randn(4, &[2, 4, 8, 8], DType::F64, &dev)?;
-    let grads = loss(&unet, &x, &weights)?.backward()?;
     let vars = crate::train::named_vars(&map);
     assert!(vars.len() > 50, "only {} variables", vars.len());
+    assert_correct_gradients(&unet, &vars, &x, &weights)
+}
+
+/// The body of [`check_gradients`] for any f64 `unet` and its trainable `vars`.
+pub(super) fn assert_correct_gradients(
+    unet: &UNet,
+    vars: &[(String, candle_core::Var)],
+    x: &Inputs,
+    weights: &Tensor,
+) -> Result<()> {
+    let dev = Device::Cpu;
+    let grads = loss(unet, x, weights)?.backward()?;
     let mut directional = 0f64;
     let mut directions = Vec::new();
     for (i, (name, var)) in vars.iter().enumerate() {
@@ -118,7 +129,7 @@ fn check_gradients(cfg: &UNetConfig) -> Result<()> {
         for ((_, v), (d, o)) in vars.iter().zip(directions.iter().zip(&originals)) {
             v.set(&(o + (d * (sign * eps))?)?)?;
         }
-        let l = loss(&unet, &x, &weights)?.to_scalar::<f64>()?;
+        let l = loss(unet, x, weights)?.to_scalar::<f64>()?;
         for ((_, v), o) in vars.iter().zip(&originals) {
             v.set(o)?;
         }
