@@ -80,6 +80,9 @@ pub struct DistillConfig {
     pub amd: AmdConfig,
     /// DMD2's optional GAN term on the critic (off by default; needs renderable prompts).
     pub gan: GanConfig,
+    /// Train LoRA adapters (`[lora] rank = 64`, optional `alpha`, default `rank`) on the
+    /// student's and the critic's frozen UNets instead of every weight (sd family only).
+    pub lora: Option<crate::nn::LoraConfig>,
     /// Reward proxy: `verifier` for the built-in world, or `clip` (a CLIP score, e.g.
     /// PickScore; families with RGB image outputs) with `reward_path`.
     pub reward: String,
@@ -116,6 +119,7 @@ impl Default for DistillConfig {
             ema_decay: 0.95,
             amd: AmdConfig::default(),
             gan: GanConfig::default(),
+            lora: None,
             reward: "verifier".into(),
             reward_path: None,
             seed: 0,

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::VarMap;
 
+use crate::nn::LoraConfig;
 use crate::pipeline::NoiseSchedule;
 
 /// A trainable copy of a family's denoiser (the student or the critic) and its variables,
@@ -61,18 +62,26 @@ pub trait DistillFamily {
     fn pixels(&self, x0: &Tensor) -> Result<Tensor>;
 
     /// A trainable denoiser starting from `init` (the family's weight names; see
-    /// [`Self::export`]). `seed` draws whatever `init` does not hold (LoRA adapters).
+    /// [`Self::export`]): every weight a variable, or with `lora` the weights frozen and
+    /// LoRA adapters (drawn from `seed`) the variables.
     fn trainable(
         &self,
         init: &HashMap<String, Tensor>,
         seed: u64,
+        lora: Option<&LoraConfig>,
     ) -> anyhow::Result<Trainable<Self::Net>>;
 
     /// The variables a trainable denoiser starts from when it copies the teacher.
     fn teacher_weights(&self) -> &HashMap<String, Tensor>;
 
-    /// The servable weights of a student whose variables hold `tensors` (by variable name).
-    fn export(&self, tensors: &HashMap<String, Tensor>) -> anyhow::Result<HashMap<String, Tensor>>;
+    /// The servable weights of a student that started from `init` and whose variables now
+    /// hold `tensors` (by variable name; LoRA adapters are merged into their weights).
+    fn export(
+        &self,
+        init: &HashMap<String, Tensor>,
+        tensors: &HashMap<String, Tensor>,
+        lora: Option<&LoraConfig>,
+    ) -> anyhow::Result<HashMap<String, Tensor>>;
 
     /// The GAN term's support: the feature width of [`Self::denoising_loss`]'s features and
     /// real samples for prompts (`None` when the family has no real data to compare with).

@@ -7,12 +7,14 @@ use std::path::Path;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{VarBuilder, VarMap};
 
 use super::family::{check_init, var_map_from, DistillFamily, Trainable};
 use super::math;
 use crate::families::sd::layout::PredictionType;
 use crate::families::sd::{SdCond, SdModel, UNet};
 use crate::manifest::{FamilyModel, LoadedModel, Manifest, ModelSource};
+use crate::nn::LoraConfig;
 use crate::pipeline::NoiseSchedule;
 use crate::train::named_vars;
 
@@ -186,21 +188,44 @@ impl DistillFamily for SdFamily {
         &self,
         init: &HashMap<String, Tensor>,
         seed: u64,
+        lora: Option<&LoraConfig>,
     ) -> anyhow::Result<Trainable<UNet>> {
         let dev = self.device();
-        let map = var_map_from(init, |_| true, dev)?;
+        let cfg = self.model.unet().config();
+        let Some(lora) = lora.filter(|l| l.enabled()) else {
+            let map = var_map_from(init, |_| true, dev)?;
+            let vb = crate::nn::seeded_var_builder(&map, seed, DType::F32, dev);
+            let net = UNet::new(vb, cfg)?;
+            let vars = named_vars(&map);
+            check_init(init, &vars, |_| true)?;
+            return Ok(Trainable { net, vars });
+        };
+        // The weights stay plain tensors; only the adapters are variables.
+        let base = VarBuilder::from_tensors(init.clone(), DType::F32, dev);
+        let mut net = UNet::new(base, cfg)?;
+        let map = VarMap::new();
         let vb = crate::nn::seeded_var_builder(&map, seed, DType::F32, dev);
-        let net = UNet::new(vb, self.model.unet().config())?;
-        let vars = named_vars(&map);
-        check_init(init, &vars, |_| true)?;
-        Ok(Trainable { net, vars })
+        let layers = net.attach_lora(vb, lora)?;
+        anyhow::ensure!(layers > 0, "this UNet has no layer that LoRA adapts");
+        Ok(Trainable {
+            net,
+            vars: named_vars(&map),
+        })
     }
 
     fn teacher_weights(&self) -> &HashMap<String, Tensor> {
         &self.unet_weights
     }
 
-    fn export(&self, tensors: &HashMap<String, Tensor>) -> anyhow::Result<HashMap<String, Tensor>> {
-        Ok(tensors.clone())
+    fn export(
+        &self,
+        init: &HashMap<String, Tensor>,
+        tensors: &HashMap<String, Tensor>,
+        lora: Option<&LoraConfig>,
+    ) -> anyhow::Result<HashMap<String, Tensor>> {
+        match lora.filter(|l| l.enabled()) {
+            None => Ok(tensors.clone()),
+            Some(lora) => Ok(crate::nn::lora::merge(init, tensors, lora)?),
+        }
     }
 }

@@ -9,6 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use super::family::{check_init, var_map_from, DistillFamily, GanSupport, Trainable};
 use super::{gan, math};
 use crate::families::tiny::{Dit, TextCond, TinyModel};
+use crate::nn::LoraConfig;
 use crate::pipeline::NoiseSchedule;
 use crate::train::named_vars;
 
@@ -102,7 +103,12 @@ impl DistillFamily for TinyFamily {
         &self,
         init: &HashMap<String, Tensor>,
         seed: u64,
+        lora: Option<&LoraConfig>,
     ) -> anyhow::Result<Trainable<Dit>> {
+        anyhow::ensure!(
+            lora.is_none_or(|l| !l.enabled()),
+            "LoRA is for the sd family; the tiny DiT trains every weight (remove [lora])"
+        );
         let dev = self.device();
         let map = var_map_from(init, is_denoiser, dev)?;
         let vb = crate::nn::seeded_var_builder(&map, seed, DType::F32, dev);
@@ -116,7 +122,13 @@ impl DistillFamily for TinyFamily {
         &self.tensors
     }
 
-    fn export(&self, tensors: &HashMap<String, Tensor>) -> anyhow::Result<HashMap<String, Tensor>> {
+    fn export(
+        &self,
+        _init: &HashMap<String, Tensor>,
+        tensors: &HashMap<String, Tensor>,
+        _lora: Option<&LoraConfig>,
+    ) -> anyhow::Result<HashMap<String, Tensor>> {
+        // The student's own text encoder is the teacher's: only the denoiser trains.
         let mut out = self.tensors.clone();
         out.extend(tensors.iter().map(|(n, t)| (n.clone(), t.clone())));
         Ok(out)

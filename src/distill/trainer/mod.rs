@@ -80,6 +80,8 @@ fn randn(rng: &mut ChaCha8Rng, shape: &[usize], device: &Device) -> Result<Tenso
 pub struct Distiller<F: DistillFamily> {
     pub config: DistillConfig,
     family: F,
+    /// The weights the student started from (what LoRA adapters are merged into).
+    student_init: HashMap<String, Tensor>,
     student: F::Net,
     critic: F::Net,
     /// The discriminator head on the critic (when the GAN term is on).
@@ -106,8 +108,9 @@ impl<F: DistillFamily> Distiller<F> {
         if config.guidance.is_none() {
             anyhow::bail!("set the teacher's CFG scale (`guidance`) before building a run");
         }
-        let student = family.trainable(student_init, 0)?;
-        let mut critic = family.trainable(family.teacher_weights(), config.seed)?;
+        let lora = config.lora.as_ref();
+        let student = family.trainable(student_init, 0, lora)?;
+        let mut critic = family.trainable(family.teacher_weights(), config.seed, lora)?;
         let gan_head = if config.gan.enabled {
             let gan = family.gan().ok_or_else(|| {
                 anyhow::anyhow!(
@@ -131,6 +134,7 @@ impl<F: DistillFamily> Distiller<F> {
             ema,
             config,
             family,
+            student_init: student_init.clone(),
             student: student.net,
             critic: critic.net,
             gan_head,
@@ -162,7 +166,8 @@ impl<F: DistillFamily> Distiller<F> {
         } else {
             tensors_of(self.student_vars())
         };
-        self.family.export(&student)
+        self.family
+            .export(&self.student_init, &student, self.config.lora.as_ref())
     }
 
     pub fn save_checkpoint(&self, path: &Path) -> Result<()> {

@@ -362,6 +362,24 @@ mod sd {
     }
 
     #[test]
+    fn with_lora_only_adapters_train_and_every_one_gets_a_gradient() -> anyhow::Result<()> {
+        for name in ["sd15-tiny", "sdxl-tiny"] {
+            let mut cfg = sd_config();
+            cfg.lora = Some(crate::nn::LoraConfig::new(4));
+            let mut d = sd_distiller(name, cfg);
+            for vars in [d.student_vars(), d.critic_vars()] {
+                assert!(vars
+                    .iter()
+                    .all(|(n, _)| n.ends_with(".lora_A.weight") || n.ends_with(".lora_B.weight")));
+            }
+            // B starts at zero, so A's gradient does too; after one step both have one.
+            d.step()?;
+            assert_every_variable_learns(&d, &["a red circle", "a cat"], false)?;
+        }
+        Ok(())
+    }
+
+    #[test]
     fn the_gan_term_is_refused_for_sd() {
         let mut cfg = sd_config();
         cfg.gan.enabled = true;

@@ -566,3 +566,6 @@ impl Run<'_> {
 
 /// The file name of an exported SD student's UNet.
 const SD_STUDENT_UNET: &str = "unet.safetensors";
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,175 @@
+//! `fewstep distill` end to end on the tiny random Stable Diffusion fixtures: train, export,
+//! resume, and serve the student.
+
+use super::*;
+use crate::manifest::FamilyModel;
+use crate::pipeline::{BatchSpec, SamplerParams};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd")
+}
+
+fn options(model: &str, out: &Path, lora: Option<crate::nn::LoraConfig>) -> RunOptions {
+    let config = DistillConfig {
+        student_steps: 2,
+        iterations: 2,
+        prompts: 1,
+        group_size: 2,
+        generator_every: 1,
+        reward: "clip".into(),
+        reward_path: Some(fixtures().join("clip-tiny")),
+        lora,
+        ..Default::default()
+    };
+    RunOptions {
+        models_dir: fixtures(),
+        model: model.into(),
+        out: out.to_path_buf(),
+        prompts: None,
+        resume: false,
+        config,
+        eval: Some(EvalOptions::default()),
+        from_log: None,
+        publish: None,
+    }
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("fewstep-sd-distill-{tag}-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    dir
+}
+
+/// Generates one image with a loaded SD student at its default steps.
+fn generate(student: &LoadedModel) -> anyhow::Result<image::RgbImage> {
+    let FamilyModel::Sd(model) = &student.model else {
+        anyhow::bail!("not an SD model");
+    };
+    let m = &student.manifest;
+    let spec = BatchSpec {
+        prompts: vec!["a red circle".into()],
+        negative_prompts: vec![String::new()],
+        seeds: vec![7],
+        frames: 1,
+        width: 32,
+        height: 32,
+    };
+    let params = SamplerParams {
+        kind: m.sampling.sampler,
+        steps: m.sampling.default_steps,
+        guidance: m.sampling.default_guidance,
+    };
+    let mut out = model.generate(&spec, params)?.outputs;
+    Ok(out.remove(0).remove(0))
+}
+
+#[test]
+fn an_sd15_student_distills_exports_resumes_and_serves() -> anyhow::Result<()> {
+    let dir = temp_dir("sd15");
+    let opts = options("sd15-tiny", &dir, None);
+    let mut seen = Vec::new();
+    let out = run(&opts, &Device::Cpu, |s, _| seen.push(s.iteration))?;
+    assert_eq!(seen, vec![1, 2]);
+    assert!(
+        out.report.is_none(),
+        "the ShapesWorld eval is skipped for SD"
+    );
+
+    // The student: a UNet file beside a manifest that points at the teacher's directory.
+    let m = &out.manifest;
+    assert_eq!(m.name, "sd15-tiny-student");
+    assert_eq!(m.teacher.as_deref(), Some("sd15-tiny"));
+    assert_eq!(m.sampling.sampler, SamplerKind::Student);
+    assert_eq!(m.sampling.default_steps, 2);
+    let teacher = Manifest::find(&fixtures(), "sd15-tiny")?;
+    let teacher_unet = read_unet_weights(&fixtures().join("sd15-tiny/unet"), &Device::Cpu)?;
+    let student_unet = read_unet_weights(&m.weights_path(), &Device::Cpu)?;
+    assert_eq!(student_unet.len(), teacher_unet.len());
+    let moved = student_unet
+        .iter()
+        .filter(|(n, t)| {
+            let a = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = teacher_unet[*n]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            a != b
+        })
+        .count();
+    assert_eq!(moved, teacher_unet.len(), "every student weight trained");
+
+    // It serves: a 2-step image that differs from the teacher's 2-step image.
+    let student = LoadedModel::load(m, &Device::Cpu)?;
+    let mut as_student = teacher.clone();
+    as_student.sampling = m.sampling.clone();
+    let teacher_as_student = LoadedModel::load(&as_student, &Device::Cpu)?;
+    let (a, b) = (generate(&student)?, generate(&teacher_as_student)?);
+    assert_eq!(a.dimensions(), (32, 32));
+    assert_ne!(a.as_raw(), b.as_raw());
+
+    // A finished run is not overwritten; --resume extends it.
+    assert!(run(&opts, &Device::Cpu, |_, _| {}).is_err());
+    let mut more = opts.clone();
+    more.resume = true;
+    more.config.iterations = 3;
+    let mut seen = Vec::new();
+    run(&more, &Device::Cpu, |s, _| seen.push(s.iteration))?;
+    assert_eq!(seen, vec![3]);
+    std::fs::remove_dir_all(dir).ok();
+    Ok(())
+}
+
+#[test]
+fn an_sdxl_lora_student_trains_adapters_and_exports_merged_weights() -> anyhow::Result<()> {
+    let dir = temp_dir("sdxl-lora");
+    let lora = crate::nn::LoraConfig::new(4);
+    let opts = options("sdxl-tiny", &dir, Some(lora));
+    let out = run(&opts, &Device::Cpu, |_, _| {})?;
+
+    // Only the adapters trained; the checkpoint holds them and no base weight.
+    let ckpt = candle_core::safetensors::load(dir.join("checkpoint.safetensors"), &Device::Cpu)?;
+    let student: Vec<&String> = ckpt.keys().filter(|k| k.starts_with("student.")).collect();
+    assert!(!student.is_empty());
+    assert!(
+        student
+            .iter()
+            .all(|k| k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight")),
+        "{student:?}"
+    );
+
+    // The export is a plain UNet with the adapters merged: adapted weights moved, the rest
+    // (convolutions, norms) are the teacher's.
+    let teacher_unet = read_unet_weights(&fixtures().join("sdxl-tiny/unet"), &Device::Cpu)?;
+    let exported = read_unet_weights(&out.manifest.weights_path(), &Device::Cpu)?;
+    assert_eq!(exported.len(), teacher_unet.len());
+    let same = |n: &str| -> anyhow::Result<bool> {
+        let a = exported[n].flatten_all()?.to_vec1::<f32>()?;
+        let b = teacher_unet[n].flatten_all()?.to_vec1::<f32>()?;
+        Ok(a == b)
+    };
+    assert!(same("conv_in.weight")?);
+    let q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight";
+    assert!(!same(q)?, "{q} carries the merged adapter");
+    generate(&LoadedModel::load(&out.manifest, &Device::Cpu)?)?;
+
+    // LoRA is refused for the tiny family, with a clear error, before anything is written.
+    let tiny = RunOptions {
+        models_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models"),
+        model: "tiny-shapes-teacher".into(),
+        out: temp_dir("tiny-lora"),
+        ..options("unused", &dir, Some(lora))
+    };
+    let mut tiny = tiny;
+    tiny.config.reward = "verifier".into();
+    tiny.config.reward_path = None;
+    let err = run(&tiny, &Device::Cpu, |_, _| {}).err().expect("refused");
+    assert!(
+        err.to_string().contains("LoRA is for the sd family"),
+        "{err}"
+    );
+    assert!(!tiny.out.join("checkpoint.safetensors").exists());
+    std::fs::remove_dir_all(dir).ok();
+    std::fs::remove_dir_all(&tiny.out).ok();
+    Ok(())
+}
