@@ -1,10 +1,14 @@
-//! The `clip` reward: a CLIP score from a transformers `CLIPModel` directory, the form in which
-//! PickScore (`yuvalkirstain/PickScore_v1`) and the laion OpenCLIP ViT-H models behind it and
-//! HPSv2 are published. The directory holds `config.json`, `model.safetensors` (or shards),
-//! the tokenizer (`tokenizer.json` with its configs) and `preprocessor_config.json`. PickScore's
-//! model repository has no processor files: put those of the laion CLIP-ViT-H-14 repository
-//! (which PickScore is loaded with) beside its weights. Weights must be safetensors; HPSv2's
-//! OpenCLIP `.pt` checkpoint needs converting to this layout first (not done here).
+//! The `clip` reward: a CLIP score from a model directory in either of two forms, told apart by
+//! their file names:
+//! - a transformers `CLIPModel` directory (`config.json`), the form in which PickScore
+//!   (`yuvalkirstain/PickScore_v1`) is published: `config.json`, `model.safetensors` (or
+//!   shards), the tokenizer (`tokenizer.json` with its configs) and `preprocessor_config.json`.
+//!   PickScore's model repository has no processor files: put those of the laion
+//!   CLIP-ViT-H-14 repository (which PickScore is loaded with) beside its weights.
+//! - an OpenCLIP directory (`open_clip_config.json`), loaded by [`super::open_clip`]: the
+//!   laion hub repositories as published, and HPSv2's `.pt` checkpoint with a model config
+//!   and the tokenizer files beside it. A directory with both configs (the laion repositories
+//!   ship both) loads as OpenCLIP.
 //!
 //! Score of an image `I` and a prompt `P`, as PickScore computes it (and transformers'
 //! `CLIPModel.logits_per_image`):
@@ -22,7 +26,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
-use super::{Reward, RewardError};
+use super::{open_clip, Reward, RewardError};
 use crate::families::sd::clip::{tower_config, ClipKind, ClipTextConfig, ClipTextModel};
 use crate::families::sd::clip_image::ClipImageProcessor;
 use crate::families::sd::clip_vision::{ClipVisionConfig, ClipVisionModel};
@@ -84,8 +88,22 @@ pub struct ClipScoreReward {
 }
 
 impl ClipScoreReward {
-    /// Loads a `CLIPModel` directory; every error names the file (and the tensor).
+    /// Loads a `CLIPModel` or an OpenCLIP directory (see the module docs); every error names
+    /// the file (and the tensor).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, LoadError> {
+        if open_clip::is_open_clip_dir(dir) {
+            return open_clip::load(dir, dtype, device);
+        }
+        if dir.is_dir() && !dir.join("config.json").is_file() {
+            return Err(LoadError::Missing {
+                path: dir.join("config.json"),
+                what: format!(
+                    "model config: config.json (a transformers CLIPModel) or {} (OpenCLIP; \
+                     for HPSv2, a copy of open_clip's model_configs/ViT-H-14.json)",
+                    open_clip::CONFIG
+                ),
+            });
+        }
         let files = ComponentFiles::locate(dir, TRANSFORMERS_WEIGHTS)?;
         let cfg = ClipModelConfig::load(&files.config)?;
         let tokenizer = ClipTokenizer::load(dir)?;
@@ -121,9 +139,14 @@ impl ClipScoreReward {
         &self.processor
     }
 
-    /// `[N, projection_dim]` unit text embeddings of `prompts` (each distinct prompt is
-    /// encoded once: a distillation batch repeats each prompt `K` times).
-    fn text_units(&self, prompts: &[&str]) -> Result<Tensor, RewardError> {
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
+    /// `[N, projection_dim]` text features of `prompts`, not normalized (transformers'
+    /// `get_text_features`, OpenCLIP's `encode_text`). Each distinct prompt is encoded once:
+    /// a distillation batch repeats each prompt `K` times.
+    pub fn text_features(&self, prompts: &[&str]) -> Result<Tensor, RewardError> {
         let mut unique: Vec<&str> = Vec::new();
         let mut index: HashMap<&str, u32> = HashMap::new();
         let rows: Vec<u32> = prompts
@@ -146,11 +169,12 @@ impl ClipScoreReward {
             .text_embeds
             .expect("built with its projection");
         let rows = Tensor::new(rows.as_slice(), &self.device)?;
-        Ok(unit(&embeds.index_select(&rows, 0)?)?)
+        Ok(embeds.index_select(&rows, 0)?)
     }
 
-    /// `[N, projection_dim]` unit image embeddings of preprocessed pixel values.
-    fn image_units(&self, pixel_values: &Tensor) -> Result<Tensor, RewardError> {
+    /// `[N, projection_dim]` image features of preprocessed pixel values, not normalized
+    /// (`get_image_features`, OpenCLIP's `encode_image`).
+    pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor, RewardError> {
         let n = pixel_values.dim(0)?;
         let mut parts = Vec::new();
         for start in (0..n).step_by(IMAGE_CHUNK) {
@@ -158,7 +182,7 @@ impl ClipScoreReward {
             let out = self.vision.forward(&chunk)?;
             parts.push(out.image_embeds.expect("built with its projection"));
         }
-        Ok(unit(&Tensor::cat(&parts, 0)?)?)
+        Ok(Tensor::cat(&parts, 0)?)
     }
 
     fn scale(&self) -> candle_core::Result<Tensor> {
@@ -168,8 +192,8 @@ impl ClipScoreReward {
     /// `[N, M]`: the score of every image (`[N, 3, S, S]` pixel values) with every prompt,
     /// transformers' `logits_per_image`.
     pub fn logits(&self, pixel_values: &Tensor, prompts: &[&str]) -> Result<Tensor, RewardError> {
-        let u = self.image_units(pixel_values)?;
-        let v = self.text_units(prompts)?;
+        let u = unit(&self.image_features(pixel_values)?)?;
+        let v = unit(&self.text_features(prompts)?)?;
         Ok(u.matmul(&v.t()?)?.broadcast_mul(&self.scale()?)?)
     }
 
@@ -183,8 +207,8 @@ impl ClipScoreReward {
         if prompts.len() != n {
             return Err(self.bad_samples(format!("{n} images for {} prompts", prompts.len())));
         }
-        let u = self.image_units(pixel_values)?;
-        let v = self.text_units(prompts)?;
+        let u = unit(&self.image_features(pixel_values)?)?;
+        let v = unit(&self.text_features(prompts)?)?;
         Ok((u * v)?.sum(1)?.broadcast_mul(&self.scale()?)?)
     }
 

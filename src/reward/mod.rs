@@ -3,6 +3,7 @@
 
 mod clip_score;
 mod logged;
+pub mod open_clip;
 mod verifier;
 
 pub use clip_score::{ClipModelConfig, ClipScoreReward};
@@ -62,8 +63,9 @@ pub fn by_name(name: &str) -> Result<Box<dyn Reward>, RewardError> {
 }
 
 /// The reward a config names, its model (if it has one) loaded from `path` onto `device`:
-/// `verifier` (no path), or `clip` with `path` a transformers `CLIPModel` directory (PickScore,
-/// CLIP / OpenCLIP ViT-H; it scores RGB images of any size, resized as the model expects).
+/// `verifier` (no path), or `clip` with `path` a transformers `CLIPModel` directory (PickScore)
+/// or an OpenCLIP one (the laion hub repositories, HPSv2's `.pt` with its config): see
+/// [`ClipScoreReward`]. It scores RGB images of any size, resized as the model expects.
 pub fn load(
     name: &str,
     path: Option<&Path>,
@@ -76,7 +78,7 @@ pub fn load(
         ("clip", Some(dir)) => Ok(Box::new(ClipScoreReward::load(dir, DType::F32, device)?)),
         ("clip", None) => Err(path_error(
             "clip",
-            "needs a CLIPModel directory (reward_path in the distill config)",
+            "needs a CLIPModel or OpenCLIP directory (reward_path in the distill config)",
         )),
         (other, _) => Err(RewardError::Unknown(other.to_string())),
     }

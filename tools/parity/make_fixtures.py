@@ -14,6 +14,8 @@ reference file. ``tests/fixtures/sd/README.md`` documents every tensor.
     sdxl-tiny   SDXL / SDXL-Turbo / DMD2-SDXL structure, two text encoders, text_time embedding
     clip-tiny   a transformers CLIPModel (text and vision towers, projections, logit_scale) with
                 its CLIPProcessor files, for the CLIP-score reward (PickScore / HPSv2 are CLIP-H)
+    openclip-tiny  an open_clip CLIP saved as laion's hub repos ship it, and an HPSv2-style
+                copy (openclip-tiny-hps/), for the same reward (tools/parity/openclip_fixture.py)
 
 Usage (after ``bash tools/parity/setup.sh``), from the repository root:
 
@@ -769,12 +771,13 @@ def build_clip(workdir: Path) -> tuple[CLIPModel, CLIPProcessor]:
     return model.eval(), CLIPProcessor(image_processor=images, tokenizer=tok)
 
 
-def clip_raw_images(seed: int) -> list[torch.Tensor]:
-    """uint8 [H, W, 3] images: a smooth colour pattern, noise, and a saturated block whose hard
-    edges make the bicubic filter overshoot (so PIL's clipping to 0..255 is exercised)."""
+def clip_raw_images(seed: int, sizes=CLIP_RAW_SIZES) -> list[torch.Tensor]:
+    """uint8 [H, W, 3] images of `sizes`: a smooth colour pattern, noise, and a saturated block
+    whose hard edges make the bicubic filter overshoot (so PIL's clipping to 0..255 is
+    exercised)."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for h, w in CLIP_RAW_SIZES:
+    for h, w in sizes:
         yy = torch.linspace(0.0, 1.0, h)[:, None, None]
         xx = torch.linspace(0.0, 1.0, w)[None, :, None]
         phase = torch.tensor([0.0, 2.0, 4.0])
@@ -950,7 +953,13 @@ def check_clip() -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="reload the saved fixtures and verify them")
-    known = list(BUILDERS) + [CLIP_NAME]
+    # Imported here: openclip_fixture imports this module for its shared helpers.
+    import openclip_fixture
+
+    makers = {n: (lambda n=n: generate(n), lambda n=n: check(n)) for n in BUILDERS}
+    makers[CLIP_NAME] = (generate_clip, check_clip)
+    makers[openclip_fixture.NAME] = (openclip_fixture.generate, openclip_fixture.check)
+    known = list(makers)
     ap.add_argument("names", nargs="*", default=known, help="which fixtures (default: all)")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -959,16 +968,13 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown fixture(s) {unknown}; known: {known}")
     if args.check:
-        results = [check_clip() if n == CLIP_NAME else check(n) for n in args.names]
+        results = [makers[n][1]() for n in args.names]
         if not all(results):
             raise SystemExit(1)
         return
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     for n in args.names:
-        if n == CLIP_NAME:
-            generate_clip()
-        else:
-            generate(n)
+        makers[n][0]()
 
 
 if __name__ == "__main__":

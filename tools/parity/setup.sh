@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what tools/parity/make_fixtures.py needs on a Debian 12 machine:
 #   - Debian's CPU build of PyTorch (python3-torch 1.13.1) and numpy for /usr/bin/python3,
-#   - pinned diffusers/transformers and their pure-Python (or self-contained wheel) deps,
-#     installed with --no-deps into tools/parity/.pydeps so no second torch or numpy is pulled.
+#   - Debian's torchvision (python3-torchvision 0.14.1, built for that torch), which open_clip
+#     imports for its image transforms,
+#   - pinned diffusers/transformers/open_clip and their pure-Python (or self-contained wheel)
+#     deps, installed with --no-deps into tools/parity/.pydeps so no second torch is pulled.
 # Idempotent: apt is skipped when torch already imports, pip when .pydeps matches the pins.
 # Usage (as root): bash tools/parity/setup.sh
 set -euo pipefail
@@ -11,8 +13,8 @@ here="$(cd "$(dirname "$0")" && pwd)"
 py=/usr/bin/python3
 target="$here/.pydeps"
 
-# Every package is pinned; the list is the whole closure that diffusers and transformers
-# import at run time (numpy and torch come from Debian).
+# Every package is pinned; the list is the whole closure that diffusers, transformers and
+# open_clip import at run time (numpy, torch and torchvision come from Debian).
 pins=(
   diffusers==0.29.2
   transformers==4.41.2
@@ -34,12 +36,20 @@ pins=(
   importlib_metadata==7.1.0
   zipp==3.19.2
   Pillow==10.3.0
+  open_clip_torch==2.24.0
+  ftfy==6.2.0
+  wcwidth==0.2.13
 )
 
 if ! "$py" -c 'import torch, numpy; assert torch.__version__.startswith("1.13")' 2>/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update
   apt-get install -y --no-install-recommends python3-torch python3-numpy python3-pip
+fi
+if ! "$py" -c 'import torchvision' 2>/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update
+  apt-get install -y --no-install-recommends python3-torchvision
 fi
 if ! "$py" -m pip --version >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
@@ -59,8 +69,9 @@ else
 fi
 
 PYTHONPATH="$target" "$py" - <<'PY'
-import torch, numpy, diffusers, transformers, tokenizers, safetensors
-print("torch", torch.__version__, "numpy", numpy.__version__, "diffusers", diffusers.__version__,
-      "transformers", transformers.__version__, "tokenizers", tokenizers.__version__,
-      "safetensors", safetensors.__version__)
+import torch, torchvision, numpy, diffusers, transformers, tokenizers, safetensors, open_clip.version
+print("torch", torch.__version__, "torchvision", torchvision.__version__, "numpy", numpy.__version__,
+      "diffusers", diffusers.__version__, "transformers", transformers.__version__,
+      "tokenizers", tokenizers.__version__, "safetensors", safetensors.__version__,
+      "open_clip", open_clip.version.__version__)
 PY

@@ -1,6 +1,7 @@
 //! CLIP image preprocessing as transformers' `CLIPImageProcessor` does it, read from a
 //! `preprocessor_config.json`: resize (shortest side to `size`, bicubic), center crop, rescale
-//! (`x / 255`), normalize with the model's mean and std.
+//! (`x / 255`), normalize with the model's mean and std. OpenCLIP's torchvision transform is
+//! the same but for the crop offset's rounding ([`CropRounding`]).
 //!
 //! Two paths share the resampling filter:
 //! - [`ClipImageProcessor::preprocess`] on 8-bit images reproduces the reference exactly: PIL's
@@ -40,11 +41,33 @@ pub enum Resize {
     Exact { height: usize, width: usize },
 }
 
+/// Where a center crop starts when the excess `e` (resized minus crop size) is odd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CropRounding {
+    /// `e / 2` rounded down: transformers' `center_crop`.
+    #[default]
+    Floor,
+    /// `round(e / 2)`, halves to even: torchvision's `CenterCrop` (OpenCLIP's preprocessing),
+    /// one pixel further than `Floor` when `e % 4 == 3`.
+    HalfEven,
+}
+
+impl CropRounding {
+    fn offset(self, excess: usize) -> usize {
+        let q = excess / 2;
+        match self {
+            Self::HalfEven if excess % 2 == 1 && q % 2 == 1 => q + 1,
+            _ => q,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClipImageProcessor {
     pub resize: Option<Resize>,
     /// `(height, width)` of the center crop.
     pub crop: Option<(usize, usize)>,
+    pub crop_rounding: CropRounding,
     pub rescale: Option<f64>,
     pub mean_std: Option<([f32; 3], [f32; 3])>,
 }
@@ -55,6 +78,7 @@ impl Default for ClipImageProcessor {
         Self {
             resize: Some(Resize::ShortestEdge(224)),
             crop: Some((224, 224)),
+            crop_rounding: CropRounding::Floor,
             rescale: Some(1.0 / 255.0),
             mean_std: Some((f32s(OPENAI_MEAN), f32s(OPENAI_STD))),
         }
@@ -177,6 +201,7 @@ impl ClipImageProcessor {
         Ok(Self {
             resize,
             crop,
+            crop_rounding: CropRounding::Floor,
             rescale,
             mean_std,
         })
@@ -205,7 +230,8 @@ impl ClipImageProcessor {
         match self.crop {
             None => Ok((0, 0, height, width)),
             Some((ch, cw)) if ch <= height && cw <= width => {
-                Ok(((height - ch) / 2, (width - cw) / 2, ch, cw))
+                let r = self.crop_rounding;
+                Ok((r.offset(height - ch), r.offset(width - cw), ch, cw))
             }
             Some((ch, cw)) => candle_core::bail!(
                 "a {height}x{width} image is smaller than the {ch}x{cw} center crop"
@@ -589,5 +615,21 @@ mod tests {
         };
         let err = p.preprocess(&small).unwrap_err().to_string();
         assert!(err.contains("smaller than the 224x224"), "{err}");
+    }
+
+    #[test]
+    fn crop_offsets_round_like_transformers_or_torchvision() {
+        // Python: (e // 2) and int(round(e / 2)) for e = 0..8.
+        let floor: Vec<usize> = (0..8).map(|e| CropRounding::Floor.offset(e)).collect();
+        let even: Vec<usize> = (0..8).map(|e| CropRounding::HalfEven.offset(e)).collect();
+        assert_eq!(floor, [0, 0, 1, 1, 2, 2, 3, 3]);
+        assert_eq!(even, [0, 0, 1, 2, 2, 2, 3, 4]);
+        let p = ClipImageProcessor {
+            resize: None,
+            crop: Some((2, 2)),
+            crop_rounding: CropRounding::HalfEven,
+            ..Default::default()
+        };
+        assert_eq!(p.crop_box(5, 9).unwrap(), (2, 4, 2, 2));
     }
 }

@@ -142,6 +142,20 @@ impl ClipTokenizer {
         self.pad
     }
 
+    /// The same tokenizer padding with `pad` (OpenCLIP pads with id 0 whatever the tokenizer
+    /// files name; with a causal text tower the padding never reaches the pooled EOS).
+    pub fn with_pad_id(mut self, pad: u32) -> Self {
+        self.pad = pad;
+        self
+    }
+
+    /// The same tokenizer producing `max_len` ids per prompt (at least 2: BOS and EOS), e.g.
+    /// an OpenCLIP model's `context_length`.
+    pub fn with_max_len(mut self, max_len: usize) -> Self {
+        self.max_len = max_len.max(2);
+        self
+    }
+
     /// Ids of one prompt: `[BOS, text..., EOS, PAD...]`, truncated so that EOS stays last.
     pub fn encode(&self, prompt: &str) -> Result<Vec<u32>, TokenizeError> {
         let enc = self
