@@ -128,6 +128,9 @@ pub struct TrainTeacherArgs {
     pub iterations: Option<u64>,
     #[arg(long)]
     pub seed: Option<u64>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -283,6 +286,9 @@ pub struct EvalArgs {
     pub samples_per_prompt: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -359,7 +365,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn eval(args: EvalArgs) -> anyhow::Result<()> {
-    let device = candle_core::Device::Cpu;
+    let device = crate::config::parse_device(&args.device)?;
     let model = crate::eval::load_model(
         &args.models_dir,
         &args.model,
@@ -586,8 +592,8 @@ fn train_teacher(args: TrainTeacherArgs) -> anyhow::Result<()> {
     if let Some(s) = args.seed {
         config.seed = s;
     }
+    let device = crate::config::parse_device(&args.device)?;
     let bar = progress_bar(config.iterations)?;
-    let device = candle_core::Device::Cpu;
     let init = args.init_from.as_deref();
     let weights = train_teacher(
         &config,
