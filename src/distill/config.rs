@@ -86,8 +86,8 @@ pub struct DistillConfig {
     /// Reward proxy: `verifier` for the built-in world, or `clip` (a CLIP score, e.g.
     /// PickScore; families with RGB image outputs) with `reward_path`.
     pub reward: String,
-    /// The reward's model directory (`clip`: a transformers `CLIPModel` directory with its
-    /// tokenizer and `preprocessor_config.json`).
+    /// The reward's model directory (`clip`: a transformers `CLIPModel` directory such as
+    /// PickScore's, or an OpenCLIP one such as HPSv2's; see `reward::ClipScoreReward`).
     pub reward_path: Option<std::path::PathBuf>,
     pub seed: u64,
     pub checkpoint_every: u64,
@@ -169,7 +169,7 @@ impl DistillConfig {
         }
         match (self.reward.as_str(), &self.reward_path) {
             ("clip", None) => {
-                return bad("reward \"clip\" needs reward_path (a CLIPModel directory)")
+                return bad("reward \"clip\" needs reward_path (a CLIP or OpenCLIP directory)")
             }
             ("clip", Some(_)) | (_, None) => {}
             (_, Some(_)) => return bad("reward_path is only read by reward \"clip\""),

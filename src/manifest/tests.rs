@@ -293,26 +293,4 @@ fn tiny_only_commands_refuse_sd_models_by_name() {
         .unwrap()
         .to_string();
     assert!(err.contains("fewstep eval"), "{err}");
-
-    let out = std::env::temp_dir().join(format!("fewstep-sd-distill-{}", std::process::id()));
-    let opts = crate::distill::RunOptions {
-        models_dir: fixtures(),
-        model: "sd15-tiny".into(),
-        out: out.clone(),
-        prompts: None,
-        resume: false,
-        config: Default::default(),
-        eval: None,
-        from_log: None,
-        publish: None,
-    };
-    let err = crate::distill::run(&opts, &cpu, |_, _| {})
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        err.contains("sd15-tiny") && err.contains("fewstep distill"),
-        "{err}"
-    );
-    assert!(!out.exists(), "nothing is written for a refused run");
 }

@@ -701,6 +701,13 @@ def check(name: str) -> bool:
     if missing:
         print(f"{name}: reference tensors not reproduced: {sorted(missing)}")
         ok = False
+    return compare_outputs(name, ref, r) and ok
+
+
+def compare_outputs(name, ref, r):
+    """Reproduced outputs `r` against the stored `ref`: same shapes and dtypes, max abs
+    difference <= 1e-6. Prints what differs and a summary line; returns whether all matched."""
+    ok = True
     worst = 0.0
     for k, v in r.items():
         if ref[k].shape != v.shape or ref[k].dtype != v.dtype:

@@ -319,16 +319,4 @@ def check() -> bool:
         if enc != ref["text.input_ids"][i, : len(enc)].tolist():
             print(f"{NAME}: tokenizer.json encodes {p!r} as {enc}")
             ok = False
-    worst = 0.0
-    for k, v in r.items():
-        if ref[k].shape != v.shape or ref[k].dtype != v.dtype:
-            print(f"{NAME}: {k}: {tuple(v.shape)} {v.dtype} != stored {tuple(ref[k].shape)} {ref[k].dtype}")
-            ok = False
-            continue
-        d = float((ref[k].double() - v.double()).abs().max())
-        worst = max(worst, d)
-        if d > 1e-6:
-            print(f"{NAME}: {k} differs from the reference by {d:.3g}")
-            ok = False
-    print(f"{NAME}: {'ok' if ok else 'FAILED'} ({len(r)} outputs, worst max abs diff {worst:.3g})")
-    return ok
+    return mf.compare_outputs(NAME, ref, r) and ok

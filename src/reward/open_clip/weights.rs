@@ -291,7 +291,10 @@ mod tests {
     use serde_json::json;
 
     fn tiny() -> OpenClipConfig {
-        let dir = std::env::temp_dir().join(format!("fewstep-ocw-{}", std::process::id()));
+        // One directory per call: the tests of this module run in parallel.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("fewstep-ocw-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("open_clip_config.json");
         std::fs::write(
@@ -305,7 +308,7 @@ mod tests {
         )
         .unwrap();
         let cfg = OpenClipConfig::load(&path).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
         cfg
     }
 
