@@ -1,7 +1,9 @@
-//! LoRA (low-rank adaptation) of dense layers, as PEFT defines it for `nn.Linear`: a frozen
-//! weight `W` plus `scale * B A`, with `A` `[rank, in]` (Kaiming-uniform) and `B`
-//! `[out, rank]` (zero, so a fresh adapter changes nothing). The tensors are named like
-//! PEFT/diffusers: `<module>.lora_A.weight` and `<module>.lora_B.weight`.
+//! LoRA (low-rank adaptation) of dense layers and convolutions, as PEFT defines it for
+//! `nn.Linear` and `nn.Conv2d`: a frozen weight `W` plus `scale * B A`, with `A` `[rank, in]`
+//! (Kaiming-uniform) and `B` `[out, rank]` (zero, so a fresh adapter changes nothing). For a
+//! convolution `A` is a conv `[rank, in, k, k]` with the layer's kernel, stride and padding
+//! and `B` a 1x1 conv `[out, rank, 1, 1]`. The tensors are named like PEFT/diffusers:
+//! `<module>.lora_A.weight` and `<module>.lora_B.weight`.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -95,7 +97,7 @@ impl LoraConfig {
     }
 }
 
-/// The trainable low-rank part of one adapted dense layer.
+/// The trainable low-rank part of one adapted dense layer or convolution.
 #[derive(Debug, Clone)]
 pub struct LoraAdapter {
     a: Tensor,
@@ -128,12 +130,42 @@ impl LoraAdapter {
         })
     }
 
-    /// `lora_A.weight`, `[rank, in]`.
+    /// The adapter of a `kernel`x`kernel` convolution from `in_ch` to `out_ch` channels:
+    /// `lora_A.weight` `[rank, in_ch, kernel, kernel]` (Kaiming-uniform over the fan-in
+    /// `in_ch * kernel^2`, as PEFT's) and `lora_B.weight` `[out_ch, rank, 1, 1]` (zero).
+    pub fn new_conv(
+        vb: VarBuilder,
+        in_ch: usize,
+        out_ch: usize,
+        kernel: usize,
+        cfg: &LoraConfig,
+    ) -> candle_core::Result<Self> {
+        if !cfg.enabled() {
+            candle_core::bail!("{}: a LoRA adapter needs a rank above 0", vb.prefix());
+        }
+        let a = vb.pp("lora_A").get_with_hints(
+            (cfg.rank, in_ch, kernel, kernel),
+            "weight",
+            LORA_A_INIT,
+        )?;
+        let b = vb.pp("lora_B").get_with_hints(
+            (out_ch, cfg.rank, 1, 1),
+            "weight",
+            candle_nn::init::ZERO,
+        )?;
+        Ok(Self {
+            a,
+            b,
+            scale: cfg.scale(),
+        })
+    }
+
+    /// `lora_A.weight`, `[rank, in]` (`[rank, in, k, k]` for a convolution).
     pub fn a(&self) -> &Tensor {
         &self.a
     }
 
-    /// `lora_B.weight`, `[out, rank]`.
+    /// `lora_B.weight`, `[out, rank]` (`[out, rank, 1, 1]` for a convolution).
     pub fn b(&self) -> &Tensor {
         &self.b
     }
@@ -145,11 +177,26 @@ impl LoraAdapter {
         let b = self.b.to_dtype(x.dtype())?;
         (x.matmul(&a.t()?)? * self.scale)?.matmul(&b.t()?)
     }
+
+    /// `scale * convB(convA(x))` for a convolution adapter and `x` `[B, in, H, W]`, with `A`
+    /// run at the adapted layer's `padding` and `stride`. The scale is applied to the narrow
+    /// rank-channel map.
+    pub fn conv_delta(
+        &self,
+        x: &Tensor,
+        padding: usize,
+        stride: usize,
+    ) -> candle_core::Result<Tensor> {
+        let a = self.a.to_dtype(x.dtype())?;
+        let b = self.b.to_dtype(x.dtype())?;
+        (x.conv2d(&a, padding, stride, 1, 1)? * self.scale)?.conv2d(&b, 0, 1, 1, 1)
+    }
 }
 
 /// Folds adapters into their base weights: for every `<m>.lora_A.weight` / `<m>.lora_B.weight`
 /// pair, `<m>.weight` becomes `W + scale * B A` (in f32 for half-precision weights, then
-/// back to `W`'s dtype). Every other base tensor is returned as it is. The result is a plain
+/// back to `W`'s dtype); for a convolution, `B` `[out, rank]` times `A` `[rank, in * k * k]`
+/// reshaped to `W`'s `[out, in, k, k]`. Every other base tensor is returned as it is. The result is a plain
 /// state dict that a model without adapters loads.
 pub fn merge(
     base: &HashMap<String, Tensor>,
@@ -203,11 +250,24 @@ fn check_shapes(
     b: &Tensor,
     rank: usize,
 ) -> Result<(), LoraError> {
-    let fits = match (w.dims(), a.dims(), b.dims()) {
-        ([out, inp], [ra, ia], [ob, rb]) => {
-            ia == inp && ob == out && ra == rb && *ra == rank && rank > 0
-        }
-        _ => false,
+    let ranks_fit = |ra: &usize, rb: &usize| ra == rb && *ra == rank && rank > 0;
+    let (fits, expected) = match (w.dims(), a.dims(), b.dims()) {
+        ([out, inp], [ra, ia], [ob, rb]) => (
+            ia == inp && ob == out && ranks_fit(ra, rb),
+            format!("[out, in], [{rank}, in] and [out, {rank}]"),
+        ),
+        ([out, inp, kh, kw], [ra, ia, ah, aw], [ob, rb, bh, bw]) => (
+            ia == inp
+                && (ah, aw) == (kh, kw)
+                && ob == out
+                && (bh, bw) == (&1, &1)
+                && ranks_fit(ra, rb),
+            format!("[out, in, kh, kw], [{rank}, in, kh, kw] and [out, {rank}, 1, 1]"),
+        ),
+        _ => (
+            false,
+            "a 2D (linear) or 4D (convolution) weight with adapters of the same rank".to_string(),
+        ),
     };
     if fits {
         return Ok(());
@@ -215,8 +275,8 @@ fn check_shapes(
     Err(LoraError::Shape {
         module: module.to_string(),
         message: format!(
-            "weight {:?}, lora_A {:?} and lora_B {:?} do not fit: expected [out, in], \
-             [{rank}, in] and [out, {rank}] for rank {rank}",
+            "weight {:?}, lora_A {:?} and lora_B {:?} do not fit: expected {expected} for \
+             rank {rank}",
             w.dims(),
             a.dims(),
             b.dims()
@@ -229,7 +289,11 @@ fn fold(w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> candle_core::Result<T
         DType::F16 | DType::BF16 => DType::F32,
         other => other,
     };
-    let delta = (b.to_dtype(dtype)?.matmul(&a.to_dtype(dtype)?)? * scale)?;
+    // A convolution's factors flatten to `[out, rank]` and `[rank, in * k * k]`; a linear
+    // layer's already are matrices.
+    let b = b.to_dtype(dtype)?.flatten_from(1)?;
+    let a = a.to_dtype(dtype)?.flatten_from(1)?;
+    let delta = (b.matmul(&a)? * scale)?.reshape(w.dims())?;
     Ok((w.to_dtype(dtype)? + delta)?.to_dtype(w.dtype())?.detach())
 }
 
@@ -426,6 +490,25 @@ mod tests {
         ] {
             let e = err(ok(a, b), &c);
             assert!(e.contains("LoRA adapter m:") && e.contains("[6, 4]"), "{e}");
+        }
+
+        // A 3x3 convolution: A has the kernel, B is 1x1.
+        let base = HashMap::from([("m.weight".to_string(), t(&[6, 4, 3, 3]))]);
+        let merge_conv = |a: &[usize], b: &[usize]| merge(&base, &ok(a, b), &cfg);
+        let merged = merge_conv(&[2, 4, 3, 3], &[6, 2, 1, 1]).expect("fits");
+        assert_eq!(merged["m.weight"].dims(), &[6, 4, 3, 3]);
+        for (a, b) in [
+            (&[2, 4, 1, 1][..], &[6, 2, 1, 1][..]),
+            (&[2, 5, 3, 3], &[6, 2, 1, 1]),
+            (&[2, 4, 3, 3], &[6, 2, 3, 3]),
+            (&[2, 4, 3, 3], &[6, 3, 1, 1]),
+            (&[2, 4], &[6, 2]),
+        ] {
+            let e = merge_conv(a, b).unwrap_err().to_string();
+            assert!(
+                e.contains("LoRA adapter m:") && e.contains("[6, 4, 3, 3]"),
+                "{e}"
+            );
         }
     }
 }

@@ -8,6 +8,8 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
+use crate::nn::{LoraAdapter, LoraConfig};
+
 /// Runs `f` on `x` in f32 when `x` is half precision and casts the result back.
 pub(crate) fn in_f32(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
     match x.dtype() {
@@ -106,13 +108,18 @@ impl Module for LayerNorm {
     }
 }
 
-/// `torch.nn.Conv2d` (square kernel, no groups) with a bias.
+/// A callback over the adaptable convolutions of a module tree: the layer's state-dict path
+/// (e.g. `down_blocks.0.resnets.1.conv2`) and the layer.
+pub type VisitConv<'a> = dyn FnMut(&str, &mut Conv2d) -> Result<()> + 'a;
+
+/// `torch.nn.Conv2d` (square kernel, no groups) with a bias and an optional LoRA adapter.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
     bias: Tensor,
     stride: usize,
     padding: usize,
+    lora: Option<LoraAdapter>,
 }
 
 impl Conv2d {
@@ -130,6 +137,7 @@ impl Conv2d {
             bias: vb.get_with_hints(out_ch, "bias", candle_nn::init::ZERO)?,
             stride,
             padding,
+            lora: None,
         })
     }
 
@@ -137,11 +145,38 @@ impl Conv2d {
     pub fn same(vb: VarBuilder, in_ch: usize, out_ch: usize, kernel: usize) -> Result<Self> {
         Self::new(vb, in_ch, out_ch, kernel, 1, (kernel - 1) / 2)
     }
+
+    /// The base weight `[out, in, k, k]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    pub fn lora(&self) -> Option<&LoraAdapter> {
+        self.lora.as_ref()
+    }
+
+    /// Adds (or replaces) a LoRA adapter (PEFT's conv LoRA: `lora_A` a conv with this
+    /// layer's kernel, stride and padding, `lora_B` a 1x1 conv) whose weights come from
+    /// `vb`, which points at this layer's path. Rank 0 leaves the layer as it is.
+    pub fn attach_lora(&mut self, vb: VarBuilder, cfg: &LoraConfig) -> Result<()> {
+        if cfg.enabled() {
+            let (out_ch, in_ch, kernel, _) = self.weight.dims4()?;
+            self.lora = Some(LoraAdapter::new_conv(vb, in_ch, out_ch, kernel, cfg)?);
+        }
+        Ok(())
+    }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        let mut y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        if let Some(lora) = &self.lora {
+            y = (y + lora.conv_delta(x, self.padding, self.stride)?)?;
+        }
         y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
     }
 }

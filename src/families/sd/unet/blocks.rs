@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use super::attention::SpatialTransformer;
 use super::config::{DownSpec, MidSpec, UpSpec};
-use crate::families::sd::layers::{upsample_nearest, Conv2d, GroupNorm};
+use crate::families::sd::layers::{upsample_nearest, Conv2d, GroupNorm, VisitConv};
 use crate::nn::{Linear, VisitLinear};
 
 /// Settings shared by every block of one UNet.
@@ -76,6 +76,16 @@ impl ResnetBlock {
     /// Visits `time_emb_proj`, the resnet's one dense layer.
     pub fn visit_linears(&mut self, prefix: &str, f: &mut VisitLinear) -> Result<()> {
         f(&format!("{prefix}.time_emb_proj"), &mut self.time_emb_proj)
+    }
+
+    /// Visits `conv1`, `conv2` and `conv_shortcut` (when the width changes).
+    pub fn visit_convs(&mut self, prefix: &str, f: &mut VisitConv) -> Result<()> {
+        f(&format!("{prefix}.conv1"), &mut self.conv1)?;
+        f(&format!("{prefix}.conv2"), &mut self.conv2)?;
+        match &mut self.shortcut {
+            Some(conv) => f(&format!("{prefix}.conv_shortcut"), conv),
+            None => Ok(()),
+        }
     }
 }
 
@@ -153,6 +163,22 @@ fn transformers(
         .collect()
 }
 
+/// Visits the convolutions of a block's resnets and its down- or upsampler (`sampler`).
+fn visit_block_convs(
+    prefix: &str,
+    resnets: &mut [ResnetBlock],
+    sampler: Option<(&str, &mut Conv2d)>,
+    f: &mut VisitConv,
+) -> Result<()> {
+    for (i, resnet) in resnets.iter_mut().enumerate() {
+        resnet.visit_convs(&format!("{prefix}.resnets.{i}"), f)?;
+    }
+    match sampler {
+        Some((name, conv)) => f(&format!("{prefix}.{name}.0.conv"), conv),
+        None => Ok(()),
+    }
+}
+
 /// Visits the dense layers of a block's resnets and transformers.
 fn visit_block(
     prefix: &str,
@@ -224,6 +250,14 @@ impl DownBlock {
     pub fn visit_linears(&mut self, prefix: &str, f: &mut VisitLinear) -> Result<()> {
         visit_block(prefix, &mut self.resnets, &mut self.attentions, f)
     }
+
+    pub fn visit_convs(&mut self, prefix: &str, f: &mut VisitConv) -> Result<()> {
+        let sampler = self
+            .downsample
+            .as_mut()
+            .map(|d| ("downsamplers", &mut d.conv));
+        visit_block_convs(prefix, &mut self.resnets, sampler, f)
+    }
 }
 
 /// `UNetMidBlock2DCrossAttn` with one layer: resnet, transformer, resnet.
@@ -260,6 +294,10 @@ impl MidBlock {
 
     pub fn visit_linears(&mut self, prefix: &str, f: &mut VisitLinear) -> Result<()> {
         visit_block(prefix, &mut self.resnets, &mut self.attentions, f)
+    }
+
+    pub fn visit_convs(&mut self, prefix: &str, f: &mut VisitConv) -> Result<()> {
+        visit_block_convs(prefix, &mut self.resnets, None, f)
     }
 }
 
@@ -333,5 +371,10 @@ impl UpBlock {
 
     pub fn visit_linears(&mut self, prefix: &str, f: &mut VisitLinear) -> Result<()> {
         visit_block(prefix, &mut self.resnets, &mut self.attentions, f)
+    }
+
+    pub fn visit_convs(&mut self, prefix: &str, f: &mut VisitConv) -> Result<()> {
+        let sampler = self.upsample.as_mut().map(|u| ("upsamplers", &mut u.conv));
+        visit_block_convs(prefix, &mut self.resnets, sampler, f)
     }
 }

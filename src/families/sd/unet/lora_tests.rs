@@ -73,21 +73,27 @@ fn a_fresh_lora_leaves_the_unet_output_bit_identical() -> Result<()> {
 }
 
 #[test]
-fn lora_adapts_the_attention_feed_forward_projection_and_time_layers() -> Result<()> {
-    // sd15-tiny: 12 resnets (2 + 2 down, 2 mid, 3 + 3 up) and 6 transformers (2 down, 1 mid,
-    // 3 up) of one block with 4 + 4 attention and 2 feed-forward layers; its projections
-    // are 1x1 convolutions: 12 + 6 * 10. sdxl-tiny: the same 12 resnets and 6 transformers
-    // (2 down, 1 mid, 3 up), of two blocks each, with linear proj_in/proj_out:
-    // 12 + 6 * (2 * 10 + 2).
+fn lora_adapts_the_attention_feed_forward_projection_time_and_resnet_convolution_layers(
+) -> Result<()> {
+    // Dense layers. sd15-tiny: 12 resnets (2 + 2 down, 2 mid, 3 + 3 up) and 6 transformers
+    // (2 down, 1 mid, 3 up) of one block with 4 + 4 attention and 2 feed-forward layers; its
+    // projections are 1x1 convolutions: 12 + 6 * 10 = 72. sdxl-tiny: the same 12 resnets and
+    // 6 transformers, of two blocks each, with linear proj_in/proj_out: 12 + 6 * (2 * 10 + 2)
+    // = 144.
+    // Convolutions, the same in both (two down blocks of two resnets, the first widening
+    // the channels at the second block; two up blocks of three): conv1 + conv2 of the 12
+    // resnets, conv_shortcut of the widening down resnet and of the 6 up resnets (their
+    // input is concatenated with a skip), one downsampler and one upsampler:
+    // 24 + 7 + 2 = 33. Total: 105 and 177.
     let cases = [
         (
             "sd15-tiny",
-            72,
+            105,
             "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k",
         ),
         (
             "sdxl-tiny",
-            144,
+            177,
             "up_blocks.0.attentions.2.transformer_blocks.1.ff.net.0.proj",
         ),
     ];
@@ -110,13 +116,40 @@ fn lora_adapts_the_attention_feed_forward_projection_and_time_layers() -> Result
             let w = base
                 .get(&format!("{module}.weight"))
                 .unwrap_or_else(|| panic!("{name}: {var_name} has no base weight"));
-            let (out, inp) = w.dims2()?;
-            let want = if is_a { [2, inp] } else { [out, 2] };
+            let want = match (w.dims(), is_a) {
+                (&[_, inp], true) => vec![2, inp],
+                (&[out, _], false) => vec![out, 2],
+                (&[_, inp, k, _], true) => vec![2, inp, k, k],
+                (&[out, _, _, _], false) => vec![out, 2, 1, 1],
+                (other, _) => panic!("{name}: {module} has a weight of shape {other:?}"),
+            };
             assert_eq!(var.dims(), want, "{name}: {var_name}");
+            if is_a {
+                // PEFT's Kaiming-uniform bound 1/sqrt(fan_in), fan_in = in (* k * k).
+                let bound = 1.0 / (var.elem_count() as f32 / 2.0).sqrt();
+                let a = max_abs(var.as_tensor());
+                assert!(a <= bound && a > 0.5 * bound, "{name}: {var_name} max {a}");
+            }
         }
         let has = |m: &str| vars.iter().any(|(v, _)| v == &format!("{m}.lora_A.weight"));
-        for module in [example, "mid_block.resnets.1.time_emb_proj"] {
+        for module in [
+            example,
+            "mid_block.resnets.1.time_emb_proj",
+            "mid_block.resnets.0.conv1",
+            "up_blocks.1.resnets.2.conv2",
+            "down_blocks.1.resnets.0.conv_shortcut",
+            "up_blocks.0.resnets.2.conv_shortcut",
+            "down_blocks.0.downsamplers.0.conv",
+            "up_blocks.0.upsamplers.0.conv",
+        ] {
             assert!(has(module), "{name}: no adapter on {module}");
+        }
+        for module in [
+            "conv_in",
+            "conv_out",
+            "down_blocks.0.resnets.0.conv_shortcut",
+        ] {
+            assert!(!has(module), "{name}: {module} must not be adapted");
         }
         let linear_proj = has("mid_block.attentions.0.proj_in");
         assert_eq!(linear_proj, name == "sdxl-tiny", "{name}: proj_in");
@@ -149,6 +182,15 @@ fn every_lora_variable_gets_a_correct_gradient_and_the_base_stays_frozen() -> Re
             for t in [Some(linear.weight()), linear.bias()].into_iter().flatten() {
                 assert!(!t.is_variable(), "{name}: {path} is a variable");
                 assert!(grads.get(t).is_none(), "{name}: {path} got a gradient");
+                frozen += 1;
+            }
+            Ok(())
+        })?;
+        // candle's conv2d backward fills a kernel gradient whether or not the kernel is a
+        // variable, so a frozen convolution is one whose weights are plain tensors.
+        unet.visit_convs(&mut |path, conv| {
+            for t in [conv.weight(), conv.bias()] {
+                assert!(!t.is_variable(), "{name}: {path} is a variable");
                 frozen += 1;
             }
             Ok(())

@@ -14,7 +14,7 @@ use candle_nn::VarBuilder;
 
 use self::blocks::{BlockCtx, DownBlock, MidBlock, UpBlock};
 pub use self::config::{UNetConfig, UNetPlan};
-use crate::families::sd::layers::{timestep_embedding, Conv2d, GroupNorm, TimestepMlp};
+use crate::families::sd::layers::{timestep_embedding, Conv2d, GroupNorm, TimestepMlp, VisitConv};
 use crate::nn::{LoraConfig, VisitLinear};
 
 /// Errors of reading a UNet's config or weights.
@@ -252,8 +252,26 @@ impl UNet {
         Ok(())
     }
 
-    /// Attaches a LoRA adapter to every layer [`UNet::visit_linears`] visits and returns how
-    /// many. `vb` is rooted at the UNet (a `VarMap`-backed builder, so the adapters are the
+    /// Visits the convolutions of the down, mid and up blocks with their state-dict paths:
+    /// the resnets' `conv1`, `conv2` and `conv_shortcut` and the `downsamplers.0.conv` /
+    /// `upsamplers.0.conv`, the convolutions DMD2's LoRA adapts. `conv_in` and `conv_out`
+    /// are not visited (PEFT LoRAs of SD UNets leave them alone), nor are the 1x1
+    /// `proj_in`/`proj_out` of non-linear-projection transformers.
+    pub fn visit_convs(&mut self, f: &mut VisitConv) -> Result<()> {
+        for (i, block) in self.down.iter_mut().enumerate() {
+            block.visit_convs(&format!("down_blocks.{i}"), f)?;
+        }
+        if let Some(mid) = &mut self.mid {
+            mid.visit_convs("mid_block", f)?;
+        }
+        for (i, block) in self.up.iter_mut().enumerate() {
+            block.visit_convs(&format!("up_blocks.{i}"), f)?;
+        }
+        Ok(())
+    }
+
+    /// Attaches a LoRA adapter to every layer [`UNet::visit_linears`] and
+    /// [`UNet::visit_convs`] visit and returns how many. `vb` is rooted at the UNet (a `VarMap`-backed builder, so the adapters are the
     /// trainable variables): the adapter of `<path>` is `<path>.lora_A.weight` and
     /// `<path>.lora_B.weight`, PEFT's names. Rank 0 attaches nothing.
     pub fn attach_lora(&mut self, vb: VarBuilder, cfg: &LoraConfig) -> Result<usize> {
@@ -263,6 +281,11 @@ impl UNet {
         let mut count = 0;
         self.visit_linears(&mut |path, linear| {
             linear.attach_lora(vb.pp(path), cfg)?;
+            count += 1;
+            Ok(())
+        })?;
+        self.visit_convs(&mut |path, conv| {
+            conv.attach_lora(vb.pp(path), cfg)?;
             count += 1;
             Ok(())
         })?;

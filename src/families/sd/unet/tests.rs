@@ -109,6 +109,9 @@ pub(super) fn assert_correct_gradients(
     let dev = Device::Cpu;
     let grads = loss(unet, x, weights)?.backward()?;
     let mut directional = 0f64;
+    // The sum of |g_i . d_i|: the terms can cancel in `directional`, while the finite
+    // difference's rounding error scales with the terms.
+    let mut magnitude = 0f64;
     let mut directions = Vec::new();
     for (i, (name, var)) in vars.iter().enumerate() {
         let g = grads
@@ -117,7 +120,9 @@ pub(super) fn assert_correct_gradients(
         let abs = g.abs()?.sum_all()?.to_scalar::<f64>()?;
         assert!(abs.is_finite() && abs > 0.0, "gradient of {name}: {abs}");
         let d = randn(100 + i as u64, var.dims(), DType::F64, &dev)?;
-        directional += (g * &d)?.sum_all()?.to_scalar::<f64>()?;
+        let term = (g * &d)?.sum_all()?.to_scalar::<f64>()?;
+        directional += term;
+        magnitude += term.abs();
         directions.push(d);
     }
     let eps = 1e-6;
@@ -136,10 +141,11 @@ pub(super) fn assert_correct_gradients(
         Ok(l)
     };
     let numeric = (shifted(1.0)? - shifted(-1.0)?) / (2.0 * eps);
-    let rel = (numeric - directional).abs() / directional.abs().max(1e-12);
+    let rel = (numeric - directional).abs() / magnitude.max(1e-12);
     assert!(
         rel < 1e-5,
-        "directional derivative: autograd {directional}, finite difference {numeric}"
+        "directional derivative: autograd {directional}, finite difference {numeric}, \
+         relative to sum |terms| {magnitude}: {rel:e}"
     );
     Ok(())
 }
