@@ -373,7 +373,6 @@ pub fn run(
             dir.display()
         );
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let run = Run {
         opts,
         config,
@@ -441,6 +440,8 @@ impl Run<'_> {
     ) -> anyhow::Result<Distiller<F>> {
         let (config, dir) = (&self.config, &self.opts.out);
         let mut d = Distiller::new(config.clone(), family, student_init, reward, prompts)?;
+        // Only now that the players exist: a refused run leaves no directory behind.
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         if self.opts.resume && self.checkpoint.is_file() {
             d.load_checkpoint(&self.checkpoint)?;
             tracing::info!(iteration = d.state.iteration, "resumed from checkpoint");

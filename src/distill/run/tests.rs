@@ -168,7 +168,7 @@ fn an_sdxl_lora_student_trains_adapters_and_exports_merged_weights() -> anyhow::
         err.to_string().contains("LoRA is for the sd family"),
         "{err}"
     );
-    assert!(!tiny.out.join("checkpoint.safetensors").exists());
+    assert!(!tiny.out.exists(), "a refused run leaves nothing behind");
     std::fs::remove_dir_all(dir).ok();
     std::fs::remove_dir_all(&tiny.out).ok();
     Ok(())
