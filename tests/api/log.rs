@@ -220,13 +220,20 @@ async fn feedback_is_validated_and_tied_to_the_logged_generation() {
         json!([0, 1]),
         "the built-in model keeps its media"
     );
-    let scores: Vec<f64> = g["feedback"]
+    // Listed in time order; two ratings within one millisecond tie, so compare by output.
+    let mut scores: Vec<(i64, f64)> = g["feedback"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|f| f["score"].as_f64().unwrap())
+        .map(|f| {
+            (
+                f["output_index"].as_i64().unwrap(),
+                f["score"].as_f64().unwrap(),
+            )
+        })
         .collect();
-    assert_eq!(scores, vec![0.7, 0.0]);
+    scores.sort_by_key(|&(index, _)| index);
+    assert_eq!(scores, vec![(0, 0.7), (1, 0.0)]);
     assert_eq!(s.get("/generations/gen_nope").await.0, 404);
 }
 
