@@ -639,18 +639,7 @@ def generate(name: str) -> None:
         "computed_in": "float64 from the f32 weights and inputs, stored as float32",
         "tolerance": "max abs difference <= 1e-4 (f32), reported relative to the reference's max abs value",
         "output_std": stds,
-        "output_max_abs": {
-            k: round(float(v.abs().max()), 4) for k, v in sorted(r.items()) if v.dtype == torch.float32
-        },
-        "tensors": {
-            k: {
-                "shape": list(v.shape),
-                "dtype": str(v.dtype).replace("torch.", ""),
-                "role": "input" if is_input(k) else "output",
-                "description": describe(k),
-            }
-            for k, v in tensors.items()
-        },
+        **tensor_tables(r, tensors, is_input, describe),
     }
     (OUT_DIR / f"{name}.reference.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"{name}: wrote {model_dir.relative_to(REPO)} and its reference ({len(tensors)} tensors)")
@@ -702,6 +691,25 @@ def check(name: str) -> bool:
         print(f"{name}: reference tensors not reproduced: {sorted(missing)}")
         ok = False
     return compare_outputs(name, ref, r) and ok
+
+
+def tensor_tables(r, tensors, is_input, describe):
+    """The reference JSON's tables: each float32 output's max abs value, and every stored
+    tensor's shape, dtype, role (`is_input(key)`) and `describe(key)`."""
+    return {
+        "output_max_abs": {
+            k: round(float(v.abs().max()), 4) for k, v in sorted(r.items()) if v.dtype == torch.float32
+        },
+        "tensors": {
+            k: {
+                "shape": list(v.shape),
+                "dtype": str(v.dtype).replace("torch.", ""),
+                "role": "input" if is_input(k) else "output",
+                "description": describe(k),
+            }
+            for k, v in tensors.items()
+        },
+    }
 
 
 def compare_outputs(name, ref, r):
@@ -903,18 +911,7 @@ def generate_clip() -> None:
         "computed_in": "pixel_values: CLIPImageProcessor (PIL + f32 numpy); the rest in float64 from the f32 weights and pixel_values, stored as float32",
         "tolerance": "max abs difference <= 1e-4 (f32), reported relative to the reference's max abs value",
         "output_std": stds,
-        "output_max_abs": {
-            k: round(float(v.abs().max()), 4) for k, v in sorted(r.items()) if v.dtype == torch.float32
-        },
-        "tensors": {
-            k: {
-                "shape": list(v.shape),
-                "dtype": str(v.dtype).replace("torch.", ""),
-                "role": "input" if k.startswith("images.raw.") else "output",
-                "description": clip_describe(k),
-            }
-            for k, v in tensors.items()
-        },
+        **tensor_tables(r, tensors, lambda k: k.startswith("images.raw."), clip_describe),
     }
     (OUT_DIR / f"{CLIP_NAME}.reference.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"{CLIP_NAME}: wrote {model_dir.relative_to(REPO)} and its reference ({len(tensors)} tensors)")
@@ -942,19 +939,7 @@ def check_clip() -> bool:
             ok = False
     raw = [ref[f"images.raw.{i}"] for i in range(len(CLIP_RAW_SIZES))]
     r = clip_reference(model, processor, raw)
-    worst = 0.0
-    for k, v in r.items():
-        if ref[k].shape != v.shape or ref[k].dtype != v.dtype:
-            print(f"{CLIP_NAME}: {k}: {tuple(v.shape)} {v.dtype} != stored {tuple(ref[k].shape)} {ref[k].dtype}")
-            ok = False
-            continue
-        d = float((ref[k].double() - v.double()).abs().max())
-        worst = max(worst, d)
-        if d > 1e-6:
-            print(f"{CLIP_NAME}: {k} differs from the reference by {d:.3g}")
-            ok = False
-    print(f"{CLIP_NAME}: {'ok' if ok else 'FAILED'} ({len(r)} outputs, worst max abs diff {worst:.3g})")
-    return ok
+    return compare_outputs(CLIP_NAME, ref, r) and ok
 
 
 def main() -> None:

@@ -261,18 +261,7 @@ def generate() -> None:
         "computed_in": "pixel_values: open_clip's transform (PIL + torchvision, f32); ids: open_clip's SimpleTokenizer; features and scores in float64 from the stored weights (hps: the f16 weights), stored as float32",
         "tolerance": "max abs difference <= 1e-4 (f32), reported relative to the reference's max abs value",
         "output_std": stds,
-        "output_max_abs": {
-            k: round(float(v.abs().max()), 4) for k, v in sorted(r.items()) if v.dtype == torch.float32
-        },
-        "tensors": {
-            k: {
-                "shape": list(v.shape),
-                "dtype": str(v.dtype).replace("torch.", ""),
-                "role": "input" if k.startswith("images.raw.") else "output",
-                "description": describe(k),
-            }
-            for k, v in tensors.items()
-        },
+        **mf.tensor_tables(r, tensors, lambda k: k.startswith("images.raw."), describe),
     }
     (mf.OUT_DIR / f"{NAME}.reference.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"{NAME}: wrote {NAME}/, {HPS_DIR}/ and the reference ({len(tensors)} tensors)")
