@@ -127,22 +127,12 @@ impl DistillFamily for SdFamily {
     }
 
     fn teacher_x0(&self, x: &Tensor, t: &[f32], cond: &SdCond) -> Result<(Tensor, Tensor)> {
-        let b = x.dim(0)?;
         let uncond = cond
             .uncond
             .as_ref()
             .ok_or_else(|| candle_core::Error::msg("distillation needs the negatives encoded"))?;
-        let xx = Tensor::cat(&[x, x], 0)?;
-        let tt: Vec<usize> = self.model.timesteps(t).repeat(2);
-        let ids = cond
-            .time_ids
-            .as_ref()
-            .map(|ids| Tensor::cat(&[ids, ids], 0))
-            .transpose()?;
-        let text = cond.cond.cat(uncond)?;
-        let out = self.model.unet_output(&xx, &tt, &text, ids.as_ref())?;
-        let x0 = self.model.x0_from_output(&xx, &out, &tt)?;
-        Ok((x0.narrow(0, 0, b)?, x0.narrow(0, b, b)?))
+        self.model
+            .x0_cond_uncond(x, &self.model.timesteps(t), cond, uncond)
     }
 
     fn x0(&self, net: &UNet, x: &Tensor, t: &[f32], cond: &SdCond) -> Result<Tensor> {

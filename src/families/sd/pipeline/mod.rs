@@ -81,7 +81,7 @@ pub struct SdText {
 }
 
 impl SdText {
-    pub fn cat(&self, other: &SdText) -> Result<SdText> {
+    fn cat(&self, other: &SdText) -> Result<SdText> {
         Ok(SdText {
             context: Tensor::cat(&[&self.context, &other.context], 0)?,
             pooled: match (&self.pooled, &other.pooled) {
@@ -468,18 +468,7 @@ impl SdModel {
         let x = x.to_dtype(DType::F32)?;
         match (&cond.uncond, guidance > 1.0) {
             (Some(uncond), true) => {
-                let b = x.dim(0)?;
-                let xx = Tensor::cat(&[&x, &x], 0)?;
-                let tt: Vec<usize> = timesteps.iter().chain(timesteps).copied().collect();
-                let ids = match &cond.time_ids {
-                    Some(ids) => Some(Tensor::cat(&[ids, ids], 0)?),
-                    None => None,
-                };
-                let text = cond.cond.cat(uncond)?;
-                let out = self.unet_output(&xx, &tt, &text, ids.as_ref())?;
-                let x0 = self.x0_from_output(&xx, &out, &tt)?;
-                let x0c = x0.narrow(0, 0, b)?;
-                let x0u = x0.narrow(0, b, b)?;
+                let (x0c, x0u) = self.x0_cond_uncond(&x, timesteps, cond, uncond)?;
                 &x0u + ((x0c - &x0u)? * guidance as f64)?
             }
             _ => {
@@ -487,6 +476,28 @@ impl SdModel {
                 self.x0_from_output(&x, &out, timesteps)
             }
         }
+    }
+
+    /// The conditional and unconditional x0 of `x` (f32) in one UNet pass over both
+    /// branches (the negatives `uncond` stand in for the prompts).
+    pub fn x0_cond_uncond(
+        &self,
+        x: &Tensor,
+        timesteps: &[usize],
+        cond: &SdCond,
+        uncond: &SdText,
+    ) -> Result<(Tensor, Tensor)> {
+        let b = x.dim(0)?;
+        let xx = Tensor::cat(&[x, x], 0)?;
+        let tt: Vec<usize> = timesteps.iter().chain(timesteps).copied().collect();
+        let ids = match &cond.time_ids {
+            Some(ids) => Some(Tensor::cat(&[ids, ids], 0)?),
+            None => None,
+        };
+        let text = cond.cond.cat(uncond)?;
+        let out = self.unet_output(&xx, &tt, &text, ids.as_ref())?;
+        let x0 = self.x0_from_output(&xx, &out, &tt)?;
+        Ok((x0.narrow(0, 0, b)?, x0.narrow(0, b, b)?))
     }
 
     /// Images `[B, 3, H, W]` (nominally [-1, 1], f32, not clamped) of latents in the UNet's
