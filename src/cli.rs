@@ -592,6 +592,11 @@ fn train_teacher(args: TrainTeacherArgs) -> anyhow::Result<()> {
     if let Some(s) = args.seed {
         config.seed = s;
     }
+    config
+        .architecture
+        .validate()
+        .map_err(anyhow::Error::msg)
+        .context("checking the teacher configuration")?;
     let device = crate::config::parse_device(&args.device)?;
     let bar = progress_bar(config.iterations)?;
     let init = args.init_from.as_deref();

@@ -8,7 +8,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::family::{check_init, var_map_from, DistillFamily, GanSupport, Trainable};
 use super::{gan, math};
-use crate::families::tiny::{Dit, TextCond, TinyModel};
+use crate::families::tiny::{TextCond, TinyModel, TinyNet};
 use crate::nn::LoraConfig;
 use crate::pipeline::NoiseSchedule;
 use crate::train::named_vars;
@@ -25,19 +25,21 @@ pub struct TinyTexts {
     pub uncond: TextCond,
 }
 
-fn is_denoiser(name: &str) -> bool {
-    name.starts_with("dit.")
-}
-
 impl TinyFamily {
     /// `tensors` are the weights `model` was built from.
     pub fn new(model: TinyModel, tensors: HashMap<String, Tensor>) -> Self {
         Self { model, tensors }
     }
+
+    /// Whether a weight belongs to the denoiser (what distillation trains).
+    fn is_denoiser(&self) -> impl Fn(&str) -> bool {
+        let prefix = format!("{}.", self.model.cfg.denoiser.prefix());
+        move |name: &str| name.starts_with(&prefix)
+    }
 }
 
 impl DistillFamily for TinyFamily {
-    type Net = Dit;
+    type Net = TinyNet;
     type Cond = TinyTexts;
 
     fn device(&self) -> &Device {
@@ -76,14 +78,14 @@ impl DistillFamily for TinyFamily {
         Ok((x0.narrow(0, 0, b)?, x0.narrow(0, b, b)?))
     }
 
-    fn x0(&self, net: &Dit, x: &Tensor, t: &[f32], cond: &TinyTexts) -> Result<Tensor> {
+    fn x0(&self, net: &TinyNet, x: &Tensor, t: &[f32], cond: &TinyTexts) -> Result<Tensor> {
         let v = net.forward(x, t, &cond.cond)?;
         self.model.x0_from_velocity(x, t, &v)
     }
 
     fn denoising_loss(
         &self,
-        net: &Dit,
+        net: &TinyNet,
         x0: &Tensor,
         noise: &Tensor,
         t: &[f32],
@@ -104,17 +106,17 @@ impl DistillFamily for TinyFamily {
         init: &HashMap<String, Tensor>,
         seed: u64,
         lora: Option<&LoraConfig>,
-    ) -> anyhow::Result<Trainable<Dit>> {
+    ) -> anyhow::Result<Trainable<TinyNet>> {
         anyhow::ensure!(
             lora.is_none_or(|l| !l.enabled()),
-            "LoRA is for the sd family; the tiny DiT trains every weight (remove [lora])"
+            "LoRA is for the sd family; the tiny denoiser trains every weight (remove [lora])"
         );
         let dev = self.device();
-        let map = var_map_from(init, is_denoiser, dev)?;
+        let map = var_map_from(init, self.is_denoiser(), dev)?;
         let vb = crate::nn::seeded_var_builder(&map, seed, DType::F32, dev);
-        let net = Dit::new(vb.pp("dit"), &self.model.cfg)?;
+        let net = TinyNet::new(vb, &self.model.cfg)?;
         let vars = named_vars(&map);
-        check_init(init, &vars, is_denoiser)?;
+        check_init(init, &vars, self.is_denoiser())?;
         Ok(Trainable { net, vars })
     }
 
@@ -134,17 +136,17 @@ impl DistillFamily for TinyFamily {
         Ok(out)
     }
 
-    fn gan(&self) -> Option<&dyn GanSupport<Dit, TinyTexts>> {
+    fn gan(&self) -> Option<&dyn GanSupport<TinyNet, TinyTexts>> {
         Some(self)
     }
 }
 
-impl GanSupport<Dit, TinyTexts> for TinyFamily {
+impl GanSupport<TinyNet, TinyTexts> for TinyFamily {
     fn feature_dim(&self) -> usize {
-        self.model.cfg.dim
+        self.model.net.feature_dim()
     }
 
-    fn features(&self, net: &Dit, x_t: &Tensor, t: &[f32], cond: &TinyTexts) -> Result<Tensor> {
+    fn features(&self, net: &TinyNet, x_t: &Tensor, t: &[f32], cond: &TinyTexts) -> Result<Tensor> {
         let (_, feats) = net.forward_with_features(x_t, t, &cond.cond, true)?;
         feats.ok_or_else(|| candle_core::Error::msg("the denoiser returned no features"))
     }

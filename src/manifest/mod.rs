@@ -283,12 +283,13 @@ impl Manifest {
         if self.sampling.timesteps.is_some() {
             return Err("sampling.timesteps applies to the sd family only".into());
         }
-        if !a.dim.is_multiple_of(a.heads) || !a.text_dim.is_multiple_of(a.heads) {
-            return Err("architecture: dim and text_dim must be multiples of heads".into());
-        }
+        a.validate()?;
+        let m = a.size_multiple();
         for [w, h] in &self.serving.sizes {
-            if !w.is_multiple_of(a.patch) || !h.is_multiple_of(a.patch) {
-                return Err(format!("size {w}x{h} is not a multiple of the patch size"));
+            if !w.is_multiple_of(m) || !h.is_multiple_of(m) {
+                return Err(format!(
+                    "size {w}x{h} is not a multiple of {m} (the denoiser's coarsest grid)"
+                ));
             }
         }
         Ok(())

@@ -70,6 +70,25 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// Self-attention across the `frames` frames of `x` (`[B, F*N, D]`, frame-major) at each
+    /// of the `N` positions of a frame: what lets a video's frames see each other.
+    pub fn forward_across_frames(&self, x: &Tensor, frames: usize) -> Result<Tensor> {
+        let (b, fnn, d) = x.dims3()?;
+        let n = fnn / frames;
+        let across = x
+            .reshape((b, frames, n, d))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b * n, frames, d))?;
+        self.forward(&across, None)?
+            .reshape((b, n, frames, d))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, fnn, d))
+    }
+}
+
 /// Attention from image tokens to text tokens.
 #[derive(Debug, Clone)]
 pub struct CrossAttention {

@@ -4,17 +4,56 @@
 //! a training step with two small 32x32 convs 3x slower than the whole DiT. Here im2col is one
 //! pass (a kernel with a col2im backward on the CPU, nine shifted views elsewhere) and the
 //! rest is a matrix multiply; the weight layout is conv2d's `[out, in, 3, 3]`.
+//!
+//! Images can be channels-first (`[N, C, H, W]`, what conv2d takes) or channels-last
+//! (`[N, H, W, C]`). The GEMM's output rows are pixels, so channels-last needs no transpose,
+//! and its pixels are already the tokens of the layer norms and attention around the conv.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+/// Where the channels of an image tensor sit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Channels {
+    /// `[N, C, H, W]`.
+    First,
+    /// `[N, H, W, C]`.
+    Last,
+}
+
+/// `(n, c, h, w)` of an image tensor.
+type Dims = (usize, usize, usize, usize);
+
+impl Channels {
+    /// `(n, c, h, w)` from a shape's four dimensions in this layout.
+    fn order(self, (a, b, c, d): Dims) -> Dims {
+        match self {
+            Channels::First => (a, b, c, d),
+            Channels::Last => (a, d, b, c),
+        }
+    }
+
+    fn dims(self, x: &Tensor) -> Result<Dims> {
+        Ok(self.order(x.dims4()?))
+    }
+
+    /// Offset of pixel (0, 0) of channel `ci` of image `ni`, and the step between pixels.
+    fn plane(self, (_, c, h, w): Dims, ni: usize, ci: usize) -> (usize, usize) {
+        match self {
+            Channels::First => ((ni * c + ci) * h * w, 1),
+            Channels::Last => (ni * h * w * c + ci, c),
+        }
+    }
+}
+
 /// Calls `f(index in the im2col matrix, index in the input)` for every in-bounds tap of a
 /// zero-padded 3x3 neighbourhood; the padding taps stay zero.
-fn for_each_tap(n: usize, c: usize, h: usize, w: usize, mut f: impl FnMut(usize, usize)) {
+fn for_each_tap(layout: Channels, dims: Dims, mut f: impl FnMut(usize, usize)) {
+    let (n, c, h, w) = dims;
     for row in 0..n * h * w {
         let (ni, y, xx) = (row / (h * w), (row / w) % h, row % w);
         for ci in 0..c {
-            let plane = (ni * c + ci) * h * w;
+            let (plane, step) = layout.plane(dims, ni, ci);
             for ky in 0..3 {
                 let yy = y + ky;
                 if yy == 0 || yy > h {
@@ -27,7 +66,7 @@ fn for_each_tap(n: usize, c: usize, h: usize, w: usize, mut f: impl FnMut(usize,
                     }
                     f(
                         row * c * 9 + ci * 9 + ky * 3 + kx,
-                        plane + (yy - 1) * w + xs - 1,
+                        plane + ((yy - 1) * w + xs - 1) * step,
                     );
                 }
             }
@@ -35,9 +74,9 @@ fn for_each_tap(n: usize, c: usize, h: usize, w: usize, mut f: impl FnMut(usize,
     }
 }
 
-/// `[N, C, H, W]` -> `[N*H*W, C*9]`: each row holds a pixel's zero-padded 3x3 neighbourhood
-/// of every channel, ordered (channel, ky, kx) like a conv2d weight.
-struct Im2Col3x3;
+/// An image -> `[N*H*W, C*9]`: each row holds a pixel's zero-padded 3x3 neighbourhood of
+/// every channel, ordered (channel, ky, kx) like a conv2d weight.
+struct Im2Col3x3(Channels);
 
 impl CustomOp1 for Im2Col3x3 {
     fn name(&self) -> &'static str {
@@ -45,19 +84,20 @@ impl CustomOp1 for Im2Col3x3 {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = l.shape().dims4()?;
+        let dims = self.0.order(l.shape().dims4()?);
+        let (n, c, h, w) = dims;
         let x = super::fused::slice(s, l, self.name())?;
         let mut out = vec![0f32; n * h * w * c * 9];
-        for_each_tap(n, c, h, w, |col, src| out[col] = x[src]);
+        for_each_tap(self.0, dims, |col, src| out[col] = x[src]);
         Ok((CpuStorage::F32(out), Shape::from((n * h * w, c * 9))))
     }
 
     /// col2im: every input pixel sums the gradients of the nine rows that read it.
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (n, c, h, w) = arg.dims4()?;
+        let dims = self.0.dims(arg)?;
         let dx = super::fused::with_data(grad, |g| {
-            let mut dx = vec![0f32; n * c * h * w];
-            for_each_tap(n, c, h, w, |col, src| dx[src] += g[col]);
+            let mut dx = vec![0f32; arg.elem_count()];
+            for_each_tap(self.0, dims, |col, src| dx[src] += g[col]);
             dx
         })?;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
@@ -65,30 +105,37 @@ impl CustomOp1 for Im2Col3x3 {
 }
 
 /// The im2col matrix of `x` from nine shifted views (any device and dtype).
-fn im2col_composed(x: &Tensor) -> Result<Tensor> {
-    let (n, c, h, w) = x.dims4()?;
-    let xp = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
+fn im2col_composed(x: &Tensor, layout: Channels) -> Result<Tensor> {
+    let (n, c, h, w) = layout.dims(x)?;
+    let (hd, wd) = match layout {
+        Channels::First => (2, 3),
+        Channels::Last => (1, 2),
+    };
+    let xp = x.pad_with_zeros(hd, 1, 1)?.pad_with_zeros(wd, 1, 1)?;
     let mut taps = Vec::with_capacity(9);
     for dy in 0..3 {
         for dx in 0..3 {
-            taps.push(xp.narrow(2, dy, h)?.narrow(3, dx, w)?);
+            taps.push(xp.narrow(hd, dy, h)?.narrow(wd, dx, w)?);
         }
     }
-    // [N, C, 9, H, W] -> rows of (c, ky, kx) per pixel, matching the weight's layout.
-    Tensor::stack(&taps, 2)?
-        .permute((0, 3, 4, 1, 2))?
-        .contiguous()?
-        .reshape((n * h * w, c * 9))
+    // Rows of (c, ky, kx) per pixel, matching the weight's layout.
+    let cols = match layout {
+        // [N, C, 9, H, W] -> [N, H, W, C, 9].
+        Channels::First => Tensor::stack(&taps, 2)?.permute((0, 3, 4, 1, 2))?,
+        // [N, H, W, C, 9].
+        Channels::Last => Tensor::stack(&taps, 4)?,
+    };
+    cols.contiguous()?.reshape((n * h * w, c * 9))
 }
 
-fn im2col(x: &Tensor) -> Result<Tensor> {
+fn im2col(x: &Tensor, layout: Channels) -> Result<Tensor> {
     let kernel = super::fused::fused_enabled()
         && x.device().is_cpu()
         && x.dtype() == candle_core::DType::F32;
     if kernel {
-        x.contiguous()?.apply_op1(Im2Col3x3)
+        x.contiguous()?.apply_op1(Im2Col3x3(layout))
     } else {
-        im2col_composed(x)
+        im2col_composed(x, layout)
     }
 }
 
@@ -110,13 +157,25 @@ impl Conv3x3 {
             out_ch,
         })
     }
+
+    /// `[N, H, W, C]` -> `[N, H, W, out]`, zero padding of 1: the channels-last convolution.
+    pub fn forward_channels_last(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, h, w, _) = x.dims4()?;
+        let cols = im2col(x, Channels::Last)?;
+        super::add_bias(&cols.matmul(&self.weight.t()?)?, &self.bias)?.reshape((
+            n,
+            h,
+            w,
+            self.out_ch,
+        ))
+    }
 }
 
 impl Module for Conv3x3 {
     /// `[N, C, H, W]` -> `[N, out, H, W]`, zero padding of 1.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (n, _, h, w) = x.dims4()?;
-        let cols = im2col(x)?;
+        let cols = im2col(x, Channels::First)?;
         cols.matmul(&self.weight.t()?)?
             .broadcast_add(&self.bias)?
             .reshape((n, h, w, self.out_ch))?
@@ -134,8 +193,8 @@ mod tests {
     #[test]
     fn im2col_kernel_matches_the_shifted_views_and_their_gradient() -> Result<()> {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 5, 4), &Device::Cpu)?)?;
-        let fused = im2col(x.as_tensor())?;
-        let composed = im2col_composed(x.as_tensor())?;
+        let fused = im2col(x.as_tensor(), Channels::First)?;
+        let composed = im2col_composed(x.as_tensor(), Channels::First)?;
         assert_eq!(fused.to_vec2::<f32>()?, composed.to_vec2::<f32>()?);
         let w = Tensor::randn(0f32, 1., fused.shape(), &Device::Cpu)?;
         let gf = (&fused * &w)?.sum_all()?.backward()?;
@@ -199,6 +258,37 @@ mod tests {
             let (a, r) = (g_ours.get(v).unwrap(), g_ref.get(v).unwrap());
             assert!(r.abs()?.max_all()?.to_scalar::<f32>()? > 0.0);
             close(a, r, name)?;
+        }
+        Ok(())
+    }
+
+    /// Channels-last gives the channels-first result, transposed, with the same gradients.
+    #[test]
+    fn channels_last_matches_channels_first_and_its_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let vb = crate::nn::random_var_builder(&map, 7, DType::F32, &dev);
+        let conv = Conv3x3::new(vb, 6, 5, candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (3, 6, 7, 5), &dev)?)?;
+        let dy = Tensor::randn(0f32, 1., (3, 5, 7, 5), &dev)?;
+        let first = conv.forward(&x)?;
+        let last_in = x.permute((0, 2, 3, 1))?;
+        for fused in [true, false] {
+            crate::nn::fused::set_fused(fused);
+            let last = conv.forward_channels_last(&last_in)?;
+            crate::nn::fused::set_fused(true);
+            let last = last.permute((0, 3, 1, 2))?;
+            let d = (&last - &first)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d < 1e-5, "fused {fused}: output differs by {d}");
+            let g_first = (&first * &dy)?.sum_all()?.backward()?;
+            let g_last = (&last * &dy)?.sum_all()?.backward()?;
+            let vars = crate::train::named_vars(&map);
+            let params = vars.iter().map(|(n, v)| (n.as_str(), v.as_tensor()));
+            for (name, v) in params.chain([("input", x.as_tensor())]) {
+                let (a, b) = (g_first.get(v).unwrap(), g_last.get(v).unwrap());
+                let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(d < 1e-4, "fused {fused}: {name} gradient differs by {d}");
+            }
         }
         Ok(())
     }

@@ -3,7 +3,7 @@ use super::*;
 use crate::distill::config::AmdConfig;
 use crate::distill::family::DistillFamily;
 use crate::distill::tiny::TinyFamily;
-use crate::families::tiny::{TinyConfig, TinyModel, TinyTokenizer};
+use crate::families::tiny::{DenoiserKind, TinyConfig, TinyModel, TinyTokenizer};
 use crate::pipeline::FlowSchedule;
 use crate::reward::VerifierReward;
 use candle_nn::VarBuilder;
@@ -23,14 +23,29 @@ fn tiny_cfg(vocab: usize) -> TinyConfig {
         max_frames: 8,
         image_size: 32,
         refiner: 4,
+        ..TinyConfig::default()
+    }
+}
+
+/// The same with the UNet denoiser.
+fn unet_cfg(vocab: usize) -> TinyConfig {
+    TinyConfig {
+        denoiser: DenoiserKind::Unet,
+        unet_channels: vec![8, 16, 16],
+        refiner: 0,
+        ..tiny_cfg(vocab)
     }
 }
 
 /// A random (but fully non-zero) teacher and its weights.
 fn teacher() -> (TinyModel, HashMap<String, Tensor>) {
+    teacher_of(tiny_cfg)
+}
+
+fn teacher_of(cfg: fn(usize) -> TinyConfig) -> (TinyModel, HashMap<String, Tensor>) {
     let dev = Device::Cpu;
     let tok = TinyTokenizer::from_vocabulary(&crate::world::vocabulary()).unwrap();
-    let cfg = tiny_cfg(tok.vocab_size());
+    let cfg = cfg(tok.vocab_size());
     let map = VarMap::new();
     let vb = crate::nn::random_var_builder(&map, 7, DType::F32, &dev);
     TinyModel::new(vb, &cfg, tok.clone(), FlowSchedule::default()).unwrap();
@@ -63,7 +78,11 @@ fn config(method: Method, s: f32, s_f: f32) -> DistillConfig {
 }
 
 fn distiller(config: DistillConfig) -> Distiller<TinyFamily> {
-    let (model, tensors) = teacher();
+    distiller_of(config, tiny_cfg)
+}
+
+fn distiller_of(config: DistillConfig, cfg: fn(usize) -> TinyConfig) -> Distiller<TinyFamily> {
+    let (model, tensors) = teacher_of(cfg);
     Distiller::new(
         config,
         TinyFamily::new(model, tensors.clone()),
@@ -154,9 +173,18 @@ fn assert_every_variable_learns<F: DistillFamily>(
 
 #[test]
 fn every_trainable_variable_gets_a_finite_nonzero_gradient() -> anyhow::Result<()> {
+    every_variable_learns_with(tiny_cfg)
+}
+
+#[test]
+fn every_variable_of_a_unet_student_critic_and_teacher_learns() -> anyhow::Result<()> {
+    every_variable_learns_with(unet_cfg)
+}
+
+fn every_variable_learns_with(arch: fn(usize) -> TinyConfig) -> anyhow::Result<()> {
     let mut cfg = config(Method::Amd, 0.5, 0.5);
     cfg.gan.enabled = true;
-    let d = distiller(cfg);
+    let d = distiller_of(cfg, arch);
     // A video batch, so that temporal attention is on the path too.
     let prompts = ["a red circle moving left", "two blue squares"];
     let x = assert_every_variable_learns(&d, &prompts, true)?;

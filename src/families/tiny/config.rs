@@ -5,12 +5,40 @@ use serde::{Deserialize, Serialize};
 /// Per-pixel feature channels the DiT hands to the refiner (beside the noisy input).
 pub const REFINER_FEATURES: usize = 8;
 
+/// Which network denoises.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DenoiserKind {
+    /// A DiT on pixel patches (`dit::Dit`).
+    #[default]
+    Dit,
+    /// A pixel-space UNet (`unet::UNet`).
+    Unet,
+}
+
+impl DenoiserKind {
+    fn is_dit(&self) -> bool {
+        *self == DenoiserKind::Dit
+    }
+
+    /// The prefix of the denoiser's weight names.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            DenoiserKind::Dit => "dit",
+            DenoiserKind::Unet => "unet",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TinyConfig {
-    /// Width of the DiT's token stream.
+    /// The denoiser's architecture (`dit` when absent).
+    #[serde(default, skip_serializing_if = "DenoiserKind::is_dit")]
+    pub denoiser: DenoiserKind,
+    /// Width of the DiT's token stream; for the UNet, of its timestep + prompt embedding.
     pub dim: usize,
-    /// Number of DiT blocks.
+    /// Number of DiT blocks; for the UNet, residual blocks per resolution level (each way).
     pub depth: usize,
     pub heads: usize,
     /// Hidden width of each MLP as a multiple of `dim`.
@@ -32,6 +60,10 @@ pub struct TinyConfig {
     /// (0 = none, the patch-linear head alone).
     #[serde(default)]
     pub refiner: usize,
+    /// UNet only: channels per resolution level, from full resolution down; each level halves
+    /// the side (`[32, 64, 128]` works at 32, 16 and 8 pixels).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unet_channels: Vec<usize>,
 }
 
 impl Default for TinyConfig {
@@ -50,18 +82,79 @@ impl Default for TinyConfig {
             max_frames: 8,
             image_size: 32,
             refiner: 0,
+            denoiser: DenoiserKind::Dit,
+            unet_channels: Vec::new(),
         }
     }
 }
 
 impl TinyConfig {
-    /// Parameters of the denoiser and text encoder together (for reports and FLOP counts).
+    /// What sizes must be multiples of: the patch side, or the UNet's coarsest pixel.
+    pub fn size_multiple(&self) -> usize {
+        match self.denoiser {
+            DenoiserKind::Dit => self.patch,
+            DenoiserKind::Unet => 1 << self.unet_channels.len().saturating_sub(1),
+        }
+    }
+
+    /// Checks the hyper-parameters build a model (a clear message instead of a shape error).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.heads == 0 || !self.dim.is_multiple_of(self.heads) {
+            return Err("architecture: dim must be a multiple of heads".into());
+        }
+        if !self.text_dim.is_multiple_of(self.heads) {
+            return Err("architecture: text_dim must be a multiple of heads".into());
+        }
+        match self.denoiser {
+            DenoiserKind::Dit => {
+                if !self.unet_channels.is_empty() {
+                    return Err("architecture: unet_channels is for denoiser = \"unet\"".into());
+                }
+            }
+            DenoiserKind::Unet => {
+                if self.unet_channels.is_empty() {
+                    return Err("architecture: denoiser = \"unet\" needs unet_channels".into());
+                }
+                // Attention widths split into heads; positions take quarters of a width.
+                if let Some(c) = self
+                    .unet_channels
+                    .iter()
+                    .find(|&&c| c == 0 || !c.is_multiple_of(4 * self.heads))
+                {
+                    return Err(format!(
+                        "architecture: unet_channels {c} is not a multiple of 4 x heads ({})",
+                        4 * self.heads
+                    ));
+                }
+                if self.refiner > 0 {
+                    return Err("architecture: refiner is for the DiT".into());
+                }
+            }
+        }
+        if !self.image_size.is_multiple_of(self.size_multiple()) {
+            return Err(format!(
+                "architecture: image_size {} is not a multiple of {}",
+                self.image_size,
+                self.size_multiple()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Tokens per frame on the denoiser's coarsest grid (the DiT's patches).
     pub fn tokens_per_frame(&self) -> usize {
-        (self.image_size / self.patch).pow(2)
+        (self.image_size / self.size_multiple()).pow(2)
     }
 
     /// Multiply-accumulates of one denoiser forward on one sample of `frames` frames.
     pub fn macs_per_sample(&self, frames: usize) -> u64 {
+        match self.denoiser {
+            DenoiserKind::Dit => self.dit_macs(frames),
+            DenoiserKind::Unet => super::unet::macs_per_sample(self, frames),
+        }
+    }
+
+    fn dit_macs(&self, frames: usize) -> u64 {
         let d = self.dim as u64;
         let t = (self.tokens_per_frame() * frames) as u64;
         let n = self.tokens_per_frame() as u64;
@@ -89,5 +182,84 @@ impl TinyConfig {
             0
         };
         self.depth as u64 * block + 2 * t * pd * d + refiner
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unet() -> TinyConfig {
+        TinyConfig {
+            denoiser: DenoiserKind::Unet,
+            unet_channels: vec![32, 64, 128],
+            ..TinyConfig::default()
+        }
+    }
+
+    #[test]
+    fn unet_configs_are_checked_with_a_message_naming_the_field() {
+        assert_eq!(TinyConfig::default().validate(), Ok(()));
+        assert_eq!(unet().validate(), Ok(()));
+        assert_eq!(unet().size_multiple(), 4);
+        let bad = |c: TinyConfig, needle: &str| {
+            let err = c.validate().expect_err(needle);
+            assert!(err.contains(needle), "{err}");
+        };
+        bad(
+            TinyConfig {
+                unet_channels: vec![],
+                ..unet()
+            },
+            "needs unet_channels",
+        );
+        bad(
+            TinyConfig {
+                unet_channels: vec![32, 40],
+                ..unet()
+            },
+            "unet_channels 40",
+        );
+        bad(
+            TinyConfig {
+                refiner: 8,
+                ..unet()
+            },
+            "refiner",
+        );
+        bad(
+            TinyConfig {
+                image_size: 30,
+                ..unet()
+            },
+            "image_size 30",
+        );
+        bad(
+            TinyConfig {
+                unet_channels: vec![32],
+                ..TinyConfig::default()
+            },
+            "unet_channels is for",
+        );
+        bad(
+            TinyConfig {
+                heads: 5,
+                ..TinyConfig::default()
+            },
+            "multiple of heads",
+        );
+    }
+
+    /// Configs written before the UNet existed read as DiTs and write back without new keys.
+    #[test]
+    fn the_denoiser_defaults_to_the_dit_and_round_trips() {
+        let json = serde_json::to_value(TinyConfig::default()).unwrap();
+        assert!(json.get("denoiser").is_none() && json.get("unet_channels").is_none());
+        let back: TinyConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(back.denoiser, DenoiserKind::Dit);
+        let u: TinyConfig = serde_json::from_value(serde_json::to_value(unet()).unwrap()).unwrap();
+        assert_eq!(u, unet());
+        let err = serde_json::from_str::<DenoiserKind>("\"resnet\"").unwrap_err();
+        assert!(err.to_string().contains("unknown variant"), "{err}");
     }
 }

@@ -8,12 +8,13 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::cond::CondEmbedding;
 use super::config::{TinyConfig, REFINER_FEATURES};
 use super::text::TextCond;
 use crate::nn::embed::video_pos_embedding;
 use crate::nn::{
-    gated_residual, layer_norm, layer_norm_modulate, silu, timestep_embedding, Attention, Conv3x3,
-    CrossAttention, Linear,
+    gated_residual, layer_norm, layer_norm_modulate, silu, Attention, Conv3x3, CrossAttention,
+    Linear,
 };
 
 const EPS: f64 = 1e-6;
@@ -55,9 +56,7 @@ impl Refiner {
 pub struct Dit {
     cfg: TinyConfig,
     patch_in: Linear,
-    t_fc1: Linear,
-    t_fc2: Linear,
-    text_proj: Linear,
+    cond: CondEmbedding,
     blocks: Vec<Block>,
     final_ada: Linear,
     patch_out: Linear,
@@ -84,9 +83,7 @@ impl Dit {
         Ok(Self {
             cfg: cfg.clone(),
             patch_in: Linear::new(vb.pp("patch_in"), pd, d)?,
-            t_fc1: Linear::new(vb.pp("t_fc1"), d, d)?,
-            t_fc2: Linear::new(vb.pp("t_fc2"), d, d)?,
-            text_proj: Linear::new(vb.pp("text_proj"), cfg.text_dim, d)?,
+            cond: CondEmbedding::new(&vb, cfg.text_dim, d)?,
             blocks,
             final_ada: Linear::zeros(vb.pp("final_ada"), d, 2 * d)?,
             patch_out: Linear::zeros(vb.pp("patch_out"), d, pd)?,
@@ -121,14 +118,8 @@ impl Dit {
             .reshape((b, f, c, h, w))
     }
 
-    /// Flow-matching velocity `eps - x0` for `x` `[B, F, C, H, W]` at times `t` (`[B]`, in
-    /// `[0, 1]`, 1 = pure noise) under the prompt conditioning `text`.
-    pub fn forward(&self, x: &Tensor, t: &[f32], text: &TextCond) -> Result<Tensor> {
-        Ok(self.forward_with_features(x, t, text, false)?.0)
-    }
-
-    /// [`Self::forward`], also returning the tokens after the middle block (`[B, F*N, D]`)
-    /// when `features` is set: what a discriminator head reads.
+    /// The flow velocity (see [`super::TinyNet::forward`]), also returning the tokens after the
+    /// middle block (`[B, F*N, D]`) when `features` is set: what a discriminator head reads.
     pub fn forward_with_features(
         &self,
         x: &Tensor,
@@ -148,9 +139,7 @@ impl Dit {
             .forward(&self.patchify(x)?)?
             .broadcast_add(&pos)?;
 
-        let temb = timestep_embedding(t, d, device)?.to_dtype(x.dtype())?;
-        let temb = self.t_fc2.forward(&self.t_fc1.forward(&temb)?.silu()?)?;
-        let cond = (temb + self.text_proj.forward(&text.pooled)?)?.silu()?;
+        let cond = self.cond.forward(t, text)?;
         let cross_bias = text.head_bias(self.cfg.heads)?;
 
         let mut mid = None;
@@ -168,18 +157,9 @@ impl Dit {
             tok = gated_residual(&tok, &m[2], &hs)?;
             // Temporal attention across frames at each spatial position.
             if f > 1 {
-                let ht = layer_norm(&tok, EPS)?
-                    .reshape((b, f, n, d))?
-                    .transpose(1, 2)?
-                    .contiguous()?
-                    .reshape((b * n, f, d))?;
                 let ht = blk
                     .temporal
-                    .forward(&ht, None)?
-                    .reshape((b, n, f, d))?
-                    .transpose(1, 2)?
-                    .contiguous()?
-                    .reshape((b, f * n, d))?;
+                    .forward_across_frames(&layer_norm(&tok, EPS)?, f)?;
                 tok = (tok + ht)?;
             }
             // Cross-attention to the prompt.

@@ -1,10 +1,13 @@
-//! The built-in tiny family: word-level tokenizer, small text encoder and a video DiT trained
-//! with rectified flow in pixel space (32x32 RGB, images are one-frame videos).
+//! The built-in tiny family: word-level tokenizer, small text encoder and a video denoiser (a
+//! DiT or a UNet) trained with rectified flow in pixel space (32x32 RGB, images are one-frame
+//! videos).
 
+pub mod cond;
 pub mod config;
 pub mod dit;
 pub mod text;
 pub mod tokenizer;
+pub mod unet;
 
 use std::time::Instant;
 
@@ -12,14 +15,61 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use image::RgbImage;
 
-pub use config::TinyConfig;
+pub use config::{DenoiserKind, TinyConfig};
 pub use dit::Dit;
 pub use text::{TextCond, TextEncoder};
 pub use tokenizer::TinyTokenizer;
+pub use unet::UNet;
 
 use crate::pipeline::{
     sample, BatchResult, BatchSpec, Denoiser, FlowSchedule, RowNoise, SamplerParams,
 };
+
+/// The denoiser the architecture names, with its weights under `dit.` or `unet.`.
+#[derive(Debug, Clone)]
+pub enum TinyNet {
+    Dit(Box<Dit>),
+    UNet(Box<UNet>),
+}
+
+impl TinyNet {
+    pub fn new(vb: VarBuilder, cfg: &TinyConfig) -> Result<Self> {
+        let vb = vb.pp(cfg.denoiser.prefix());
+        Ok(match cfg.denoiser {
+            DenoiserKind::Dit => TinyNet::Dit(Box::new(Dit::new(vb, cfg)?)),
+            DenoiserKind::Unet => TinyNet::UNet(Box::new(UNet::new(vb, cfg)?)),
+        })
+    }
+
+    /// Flow-matching velocity `eps - x0` for `x` `[B, F, C, H, W]` at times `t` (`[B]`, in
+    /// `[0, 1]`, 1 = pure noise) under the prompt conditioning `text`.
+    pub fn forward(&self, x: &Tensor, t: &[f32], text: &TextCond) -> Result<Tensor> {
+        Ok(self.forward_with_features(x, t, text, false)?.0)
+    }
+
+    /// [`Self::forward`], also returning mid-network tokens `[B, T, feature_dim]` when
+    /// `features` is set: what a discriminator head reads.
+    pub fn forward_with_features(
+        &self,
+        x: &Tensor,
+        t: &[f32],
+        text: &TextCond,
+        features: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        match self {
+            TinyNet::Dit(n) => n.forward_with_features(x, t, text, features),
+            TinyNet::UNet(n) => n.forward_with_features(x, t, text, features),
+        }
+    }
+
+    /// Width of the tokens [`Self::forward_with_features`] returns.
+    pub fn feature_dim(&self) -> usize {
+        match self {
+            TinyNet::Dit(n) => n.dim(),
+            TinyNet::UNet(n) => n.feature_dim(),
+        }
+    }
+}
 
 /// Conditioning for one batch: the prompts and, when CFG is on, the negative prompts.
 pub struct TinyCond {
@@ -33,7 +83,7 @@ pub struct TinyModel {
     pub cfg: TinyConfig,
     pub tokenizer: TinyTokenizer,
     pub text: TextEncoder,
-    pub dit: Dit,
+    pub net: TinyNet,
     pub schedule: FlowSchedule,
     device: Device,
 }
@@ -49,7 +99,7 @@ impl TinyModel {
         Ok(Self {
             cfg: cfg.clone(),
             text: TextEncoder::new(vb.pp("text"), cfg)?,
-            dit: Dit::new(vb.pp("dit"), cfg)?,
+            net: TinyNet::new(vb.clone(), cfg)?,
             tokenizer,
             schedule,
             device: vb.device().clone(),
@@ -72,7 +122,7 @@ impl TinyModel {
 
     /// Flow velocity for `x` `[B, F, C, H, W]`.
     pub fn velocity(&self, x: &Tensor, t: &[f32], text: &TextCond) -> Result<Tensor> {
-        self.dit.forward(x, t, text)
+        self.net.forward(x, t, text)
     }
 
     /// `x0 = x_t - t v` for rectified flow.
