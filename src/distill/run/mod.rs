@@ -394,6 +394,15 @@ pub fn run(
                 teacher_manifest.schedule(),
             )?;
             let student_init = if model.teacher.is_some() {
+                // The student trains as a copy of the teacher's network.
+                let student_arch = &model.require_tiny("fewstep distill")?.architecture;
+                anyhow::ensure!(
+                    student_arch == &teacher_tiny.architecture,
+                    "{} has another architecture than its teacher {}; distill a new student \
+                     from the teacher instead",
+                    model.name,
+                    teacher_manifest.name,
+                );
                 load_tensors(&model.weights_path(), device)?
             } else {
                 teacher_tensors.clone()

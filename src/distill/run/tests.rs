@@ -1,5 +1,5 @@
 //! `fewstep distill` end to end on the tiny random Stable Diffusion fixtures: train, export,
-//! resume, and serve the student.
+//! resume, and serve the student; and what a tiny run refuses.
 
 use super::*;
 use crate::manifest::FamilyModel;
@@ -171,5 +171,53 @@ fn an_sdxl_lora_student_trains_adapters_and_exports_merged_weights() -> anyhow::
     assert!(!tiny.out.exists(), "a refused run leaves nothing behind");
     std::fs::remove_dir_all(dir).ok();
     std::fs::remove_dir_all(&tiny.out).ok();
+    Ok(())
+}
+
+/// Continued distillation trains the student as a copy of its teacher's network: a student
+/// whose architecture differs (e.g. a DiT student of a UNet teacher) is refused by name,
+/// before anything is written.
+#[test]
+fn a_tiny_student_of_another_architecture_than_its_teacher_is_refused() -> anyhow::Result<()> {
+    let models = temp_dir("arch-models");
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny-shapes-teacher");
+    let teacher = models.join("tiny-shapes-teacher");
+    std::fs::create_dir_all(&teacher)?;
+    for f in ["manifest.toml", "teacher.safetensors", "tokenizer.json"] {
+        std::fs::copy(shipped.join(f), teacher.join(f))?;
+    }
+    let mut m: toml::Table =
+        toml::from_str(&std::fs::read_to_string(teacher.join("manifest.toml"))?)?;
+    m.insert("name".into(), "tiny-shapes".into());
+    m.insert("teacher".into(), "tiny-shapes-teacher".into());
+    let arch = m["architecture"].as_table().cloned().unwrap_or_default();
+    let depth = arch["depth"].as_integer().unwrap_or(1);
+    let mut arch = arch;
+    arch.insert("depth".into(), (depth + 1).into());
+    m.insert("architecture".into(), arch.into());
+    let student = models.join("tiny-shapes");
+    std::fs::create_dir_all(&student)?;
+    std::fs::write(student.join("manifest.toml"), toml::to_string(&m)?)?;
+    std::fs::copy(
+        shipped.join("tokenizer.json"),
+        student.join("tokenizer.json"),
+    )?;
+
+    let mut opts = RunOptions {
+        models_dir: models.clone(),
+        model: "tiny-shapes".into(),
+        out: temp_dir("arch-run"),
+        ..options("unused", &models, None)
+    };
+    opts.config.reward = "verifier".into();
+    opts.config.reward_path = None;
+    let err = run(&opts, &Device::Cpu, |_, _| {}).err().expect("refused");
+    assert!(
+        err.to_string()
+            .contains("tiny-shapes has another architecture than its teacher tiny-shapes-teacher"),
+        "{err}"
+    );
+    assert!(!opts.out.exists(), "a refused run leaves nothing behind");
+    std::fs::remove_dir_all(models).ok();
     Ok(())
 }
