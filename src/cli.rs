@@ -284,6 +284,10 @@ pub struct EvalArgs {
     pub video_prompts: usize,
     #[arg(long, default_value_t = 1)]
     pub samples_per_prompt: usize,
+    /// Prompts per split and modality in the diversity set (4 samples each; 0 skips it, which
+    /// makes a quick check of a checkpoint about twice as fast).
+    #[arg(long, default_value_t = 8)]
+    pub diversity_prompts: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// `cpu`, `cuda` or `cuda:N`.
@@ -382,6 +386,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
         image_prompts: args.image_prompts,
         video_prompts: args.video_prompts,
         samples_per_prompt: args.samples_per_prompt,
+        diversity_prompts: args.diversity_prompts,
         seed: args.seed,
         out_dir: Some(out.clone()),
         ..Default::default()
