@@ -293,6 +293,17 @@ pub struct EvalArgs {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Run the quick diagnostics instead of the full eval (minutes, not an hour): the
+    /// from-noise shape hit per shape, the wrong-shape-input hit, the velocity change per
+    /// prompt word and the attention mass per word. Writes `probe.json`.
+    #[arg(long)]
+    pub probe: bool,
+    /// Samples per shape for `--probe`.
+    #[arg(long, default_value_t = 24)]
+    pub probe_samples: usize,
+    /// Noise level the wrong-shape probe starts from.
+    #[arg(long, default_value_t = 0.6)]
+    pub probe_t0: f32,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -380,6 +391,27 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
     let out = args
         .out
         .unwrap_or_else(|| PathBuf::from("runs/eval").join(&args.model));
+    if args.probe {
+        let tiny = model
+            .tiny()
+            .context("--probe needs a tiny-family model (it probes ShapesWorld prompts)")?;
+        let s = &model.manifest.sampling;
+        let opts = crate::eval::probe::ProbeOptions {
+            samples_per_shape: args.probe_samples,
+            sampler: s.sampler,
+            steps: args.steps.unwrap_or(s.default_steps),
+            guidance: args.cfg.unwrap_or(s.default_guidance),
+            t0: args.probe_t0,
+            seed: args.seed,
+        };
+        let report = crate::eval::probe::probe(tiny, &opts)?;
+        std::fs::create_dir_all(&out)?;
+        let path = out.join("probe.json");
+        crate::util::write_atomic(&path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        println!("{}", report.summary());
+        println!("wrote {}", path.display());
+        return Ok(());
+    }
     let opts = crate::eval::EvalOptions {
         steps: args.steps,
         guidance: args.cfg,
@@ -598,7 +630,6 @@ fn train_teacher(args: TrainTeacherArgs) -> anyhow::Result<()> {
         config.seed = s;
     }
     config
-        .architecture
         .validate()
         .map_err(anyhow::Error::msg)
         .context("checking the teacher configuration")?;

@@ -11,6 +11,7 @@
 
 mod grid;
 pub mod plot;
+pub mod probe;
 mod report;
 mod text;
 

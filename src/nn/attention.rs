@@ -9,13 +9,7 @@ use super::Linear;
 /// additive bias broadcastable to `[B*H, Tq, Tk]` (0 for visible keys, a large negative value
 /// for padding). Uses the one-pass softmax with a backward (`super::softmax`).
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    let mut scores = (q.matmul(&k.t()?)? * scale)?;
-    if let Some(b) = bias {
-        scores = scores.broadcast_add(b)?;
-    }
-    let probs = super::softmax_last_dim(&scores)?;
-    probs.matmul(v)
+    attention_probs(q, k, bias)?.matmul(v)
 }
 
 /// `[B, T, H*Dh]` -> `[B*H, T, Dh]`.
@@ -115,7 +109,45 @@ impl CrossAttention {
         let kv = self.kv.forward(context)?;
         let k = split_heads(&kv.narrow(D::Minus1, 0, d)?, self.heads)?;
         let v = split_heads(&kv.narrow(D::Minus1, d, d)?, self.heads)?;
+        if CAPTURE.with(|c| c.borrow().is_some()) {
+            let probs = attention_probs(&q, &k, bias)?.detach();
+            let (bh, tq, l) = probs.dims3()?;
+            let per_row = probs
+                .reshape((b, bh / b, tq, l))?
+                .mean(1)?
+                .to_device(&candle_core::Device::Cpu)?;
+            CAPTURE.with(|c| {
+                if let Some(v) = c.borrow_mut().as_mut() {
+                    v.push(per_row)
+                }
+            });
+        }
         let o = sdpa(&q, &k, &v, bias)?;
         self.out.forward(&merge_heads(&o, b)?)
     }
+}
+
+/// `softmax(q k^T / sqrt(d) + bias)`, the weights [`sdpa`] applies.
+fn attention_probs(q: &Tensor, k: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if let Some(b) = bias {
+        scores = scores.broadcast_add(b)?;
+    }
+    super::softmax_last_dim(&scores)
+}
+
+thread_local! {
+    static CAPTURE: std::cell::RefCell<Option<Vec<Tensor>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` and returns, beside its result, the cross-attention weights of every
+/// [`CrossAttention`] it ran on this thread, in call order: `[B, Tq, L]` each, averaged over
+/// heads, on the CPU. A diagnostic hook (`fewstep eval --probe`): how much of an image
+/// token's attention each prompt word gets. Outside it, forward costs nothing extra.
+pub fn capture_cross_attention<R>(f: impl FnOnce() -> R) -> (R, Vec<Tensor>) {
+    let previous = CAPTURE.with(|c| c.borrow_mut().replace(Vec::new()));
+    let out = f();
+    let captured = CAPTURE.with(|c| std::mem::replace(&mut *c.borrow_mut(), previous));
+    (out, captured.unwrap_or_default())
 }

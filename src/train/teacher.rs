@@ -25,6 +25,9 @@ pub struct TeacherConfig {
     pub video_batch: usize,
     /// Probability of training a row on the empty prompt (for CFG).
     pub cfg_dropout: f64,
+    /// How the per-row velocity error is weighted over noise levels.
+    #[serde(default, skip_serializing_if = "LossWeighting::is_velocity")]
+    pub loss_weighting: LossWeighting,
     pub ema_decay: f64,
     pub seed: u64,
     pub checkpoint_every: u64,
@@ -46,11 +49,68 @@ impl Default for TeacherConfig {
             image_batch: 48,
             video_batch: 4,
             cfg_dropout: 0.1,
+            loss_weighting: LossWeighting::Velocity,
             ema_decay: 0.999,
             seed: 0,
             checkpoint_every: 100,
             log_every: 10,
         }
+    }
+}
+
+/// The weight of a row's squared velocity error as a function of its noise level `t`.
+///
+/// `v = noise - x0` and `x0 = x_t - t v`, so an error `e` in `v` is an error `t e` in `x0`:
+/// the plain velocity loss weighs x0 errors by `1 / t^2`, which favours the nearly clean end
+/// (texture) over the noisy end where layout and shape are decided.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossWeighting {
+    /// `|v - v*|^2`, uniform in velocity (rectified flow as in SD3).
+    #[default]
+    Velocity,
+    /// `t^2 |v - v*|^2 = |x0 - x0*|^2`, uniform in the clean-sample estimate. Rescaled by the
+    /// batch's mean `t^2` so the loss keeps the velocity loss's scale (and learning rate).
+    X0,
+}
+
+impl LossWeighting {
+    fn is_velocity(&self) -> bool {
+        *self == LossWeighting::Velocity
+    }
+
+    /// Per-row weights with mean 1.
+    fn weights(self, t: &[f32]) -> Vec<f32> {
+        match self {
+            LossWeighting::Velocity => vec![1.0; t.len()],
+            LossWeighting::X0 => {
+                let w: Vec<f32> = t.iter().map(|t| t * t).collect();
+                let mean = w.iter().sum::<f32>() / w.len().max(1) as f32;
+                w.iter().map(|x| x / mean.max(1e-12)).collect()
+            }
+        }
+    }
+}
+
+impl TeacherConfig {
+    /// Checks the architecture builds and that training will see every prompt whole: a text
+    /// length shorter than the grammar's longest prompt silently cuts two-object prompts (the
+    /// first teachers used 16 tokens and lost the tail of 15% of their image prompts).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        self.architecture.validate()?;
+        let need = world::MAX_PROMPT_WORDS + 1;
+        if self.architecture.text_max_len < need {
+            return Err(format!(
+                "architecture: text_max_len is {}, but prompts have up to {} words plus [BOS]; \
+                 set it to at least {need}",
+                self.architecture.text_max_len,
+                world::MAX_PROMPT_WORDS
+            ));
+        }
+        if self.image_batch == 0 {
+            return Err("image_batch must be at least 1".into());
+        }
+        Ok(())
     }
 }
 
@@ -105,10 +165,11 @@ pub fn world_batch(
     })
 }
 
-/// Flow-matching loss `mean |v(x_t, t) - (noise - x0)|^2` with logit-normal `t`.
+/// Flow-matching loss `mean w(t) |v(x_t, t) - (noise - x0)|^2` with logit-normal `t`.
 pub fn flow_matching_loss(
     model: &TinyModel,
     batch: &WorldBatch,
+    weighting: LossWeighting,
     rng: &mut ChaCha8Rng,
 ) -> Result<Tensor> {
     let b = batch.x0.dim(0)?;
@@ -126,7 +187,14 @@ pub fn flow_matching_loss(
     let prompts: Vec<&str> = batch.prompts.iter().map(String::as_str).collect();
     let text = model.encode(&prompts)?;
     let v = model.velocity(&xt, &t, &text)?;
-    (v - (noise - &batch.x0)?)?.sqr()?.mean_all()
+    let err = (v - (noise - &batch.x0)?)?.sqr()?;
+    match weighting {
+        LossWeighting::Velocity => err.mean_all(),
+        w => {
+            let w = crate::pipeline::schedule::row_scale(&w.weights(&t), &err)?;
+            err.broadcast_mul(&w)?.mean_all()
+        }
+    }
 }
 
 /// Where a run keeps its files.
@@ -216,7 +284,7 @@ pub fn train_teacher(
             config.cfg_dropout,
             device,
         )?;
-        let li = flow_matching_loss(&model, &ib, &mut rng)?;
+        let li = flow_matching_loss(&model, &ib, config.loss_weighting, &mut rng)?;
         let (loss, lv) = if config.video_batch > 0 {
             let vbt = world_batch(
                 &mut rng,
@@ -225,8 +293,11 @@ pub fn train_teacher(
                 config.cfg_dropout,
                 device,
             )?;
-            let lv = flow_matching_loss(&model, &vbt, &mut rng)?;
-            let (ni, nv) = (config.image_batch as f64, config.video_batch as f64);
+            let lv = flow_matching_loss(&model, &vbt, config.loss_weighting, &mut rng)?;
+            // Each loss is a mean over its own pixels; weigh them by frames so that a video
+            // frame counts as much as an image.
+            let ni = config.image_batch as f64;
+            let nv = (config.video_batch * world::VIDEO_FRAMES) as f64;
             let loss = (((&li * ni)? + (&lv * nv)?)? / (ni + nv))?;
             (loss, Some(lv))
         } else {
@@ -412,6 +483,23 @@ mod tests {
         Ok(())
     }
 
+    #[test]
+    fn x0_weighting_is_t_squared_with_mean_one() {
+        let t = [0.1f32, 0.5, 0.9];
+        let w = LossWeighting::X0.weights(&t);
+        let mean = w.iter().sum::<f32>() / 3.0;
+        assert!((mean - 1.0).abs() < 1e-6);
+        assert!((w[2] / w[0] - 81.0).abs() < 1e-3, "{w:?}");
+        assert_eq!(LossWeighting::Velocity.weights(&t), vec![1.0; 3]);
+        // Old configs have no key and read as the velocity loss; it is not written back.
+        let cfg = TeacherConfig::default();
+        let text = serde_json::to_string(&cfg).unwrap();
+        assert!(!text.contains("loss_weighting"));
+        let x0: TeacherConfig =
+            serde_json::from_str(&text.replacen('{', "{\"loss_weighting\":\"x0\",", 1)).unwrap();
+        assert_eq!(x0.loss_weighting, LossWeighting::X0);
+    }
+
     /// The committed training configurations still parse and describe buildable models, so
     /// the README's commands run as written.
     #[test]
@@ -427,9 +515,14 @@ mod tests {
             let text = std::fs::read_to_string(&path).unwrap();
             let cfg: TeacherConfig =
                 serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
-            cfg.architecture
-                .validate()
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            // Runs before the prompt-length fix (16 tokens) stay as records of what ran;
+            // `train-teacher` would refuse them now.
+            if cfg.architecture.text_max_len < world::MAX_PROMPT_WORDS + 1 {
+                cfg.architecture.validate()
+            } else {
+                cfg.validate()
+            }
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
             seen += 1;
         }
         assert!(seen >= 6, "found {seen} configs in {}", dir.display());

@@ -30,8 +30,14 @@ pub enum ParseError {
     Conflict(String),
 }
 
-/// Longest prompt accepted, in words; real prompts have at most ~20.
+/// Longest prompt accepted, in words; real prompts have at most [`MAX_PROMPT_WORDS`].
 const MAX_WORDS: usize = 64;
+
+/// Most words [`prompt`] can emit: two objects with size, position and motion, plus a
+/// background ("a small red circle on the left moving left and ... on a white background").
+/// Images (no motion) stop at 19. A text encoder needs this many tokens after `[BOS]` to see
+/// every prompt whole.
+pub const MAX_PROMPT_WORDS: usize = 23;
 
 /// The English prompt for a spec; [`parse`] inverts it.
 pub fn prompt(spec: &SceneSpec) -> String {
@@ -423,6 +429,41 @@ mod tests {
             prompt(&video),
             "an orange cross moving right on a white background"
         );
+    }
+
+    /// The longest spec the grammar allows has exactly [`MAX_PROMPT_WORDS`] words, and no
+    /// sampled training or held-out spec, image or video, has more.
+    #[test]
+    fn max_prompt_words_bounds_every_prompt() {
+        let words = |s: &SceneSpec| prompt(s).split_whitespace().count();
+        let full = |shape, color, position| ObjectSpec {
+            size: Some(SizeClass::Small),
+            position: Some(position),
+            motion: Some(Motion::Still),
+            ..ObjectSpec::new(shape, color)
+        };
+        let longest = SceneSpec {
+            objects: vec![
+                full(Shape::Circle, Color::Red, Position::Left),
+                full(Shape::Square, Color::Blue, Position::Right),
+            ],
+            background: Some(Background::White),
+            frames: VIDEO_FRAMES,
+        };
+        assert_eq!(words(&longest), MAX_PROMPT_WORDS, "{}", prompt(&longest));
+        let mut rng = WorldRng::seed_from_u64(11);
+        let mut seen = [0usize; 2];
+        for split in [Split::Train, Split::HeldOut] {
+            for video in [false, true] {
+                for _ in 0..5000 {
+                    let spec = sample_spec(&mut rng, split, video);
+                    let n = words(&spec);
+                    assert!(n <= MAX_PROMPT_WORDS, "{n} words: {}", prompt(&spec));
+                    seen[video as usize] = seen[video as usize].max(n);
+                }
+            }
+        }
+        assert!(seen[0] <= 19 && seen[1] > 19, "longest sampled: {seen:?}");
     }
 
     #[test]

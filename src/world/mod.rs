@@ -74,7 +74,7 @@ mod verify;
 
 use serde::{Deserialize, Serialize};
 
-pub use grammar::{parse, prompt, vocabulary, ParseError};
+pub use grammar::{parse, prompt, vocabulary, ParseError, MAX_PROMPT_WORDS};
 pub use metrics::{diversity, features, frechet_distance};
 pub use render::render;
 pub use scene::sample_spec;

@@ -36,7 +36,7 @@ const MAX_RESIDUAL: f32 = 70.0;
 const MIN_SHAPE_IOU: f32 = 0.5;
 /// Gaussian blur widths (px) the template fit tries, so blurry samples are
 /// compared with equally blurry templates.
-const BLUR_HYPOTHESES: [f32; 4] = [0.0, 0.6, 1.1, 1.6];
+const BLUR_HYPOTHESES: [f32; 5] = [0.0, 0.6, 0.85, 1.1, 1.6];
 /// A sharp-template IoU this high means the blob is crisp.
 const SHARP_IOU: f32 = 0.9;
 /// Largest blobs analysed per frame (noise can make many).
@@ -884,6 +884,37 @@ mod tests {
                     right += info.blobs.first().is_some_and(|b| b.best() == s) as usize;
                 }
                 assert!(right >= need, "{size} {s} blur {sigma}: {right}/50");
+            }
+        }
+    }
+
+    /// True renders blurred anywhere from 0.7 to 1.25 px still pass: the blur hypotheses of
+    /// the template fit leave no hole in that range (blur 1.0 once failed 10% of images and
+    /// 22% of videos, between the 0.6 and 1.1 hypotheses). At 1.5 px 7% of images still fail
+    /// (small triangles, crosses and squares; 9.5% with the old hypotheses): not covered yet.
+    /// A 1.35 hypothesis made 1.5 worse (25% fail), so the list only gains 0.85.
+    #[test]
+    fn blurred_ground_truth_passes() {
+        let mut rng = WorldRng::seed_from_u64(77);
+        for sigma in [0.7f32, 0.85, 1.0, 1.25] {
+            for video in [false, true] {
+                let n = if video { 60 } else { 200 };
+                let mut pass = 0;
+                for _ in 0..n {
+                    let spec = sample_spec(&mut rng, Split::Train, video);
+                    let frames: Vec<RgbImage> = render(&spec, &mut rng)
+                        .iter()
+                        .map(|f| imageops::blur(f, sigma))
+                        .collect();
+                    let v = verify(&spec, &frames);
+                    if !v.pass {
+                        println!("blur {sigma}: {:?}: {:?}", prompt(&spec), v.failures);
+                    }
+                    pass += v.pass as usize;
+                }
+                let rate = pass as f64 / n as f64;
+                println!("blur {sigma} video {video}: {pass}/{n}");
+                assert!(rate >= 0.99, "blur {sigma}, video {video}: {pass}/{n} pass");
             }
         }
     }

@@ -77,7 +77,7 @@ impl Default for TinyConfig {
             channels: 3,
             text_dim: 128,
             text_depth: 2,
-            text_max_len: 16,
+            text_max_len: crate::world::MAX_PROMPT_WORDS + 1,
             vocab_size: 64,
             max_frames: 8,
             image_size: 32,

@@ -1,0 +1,682 @@
+//! `fewstep eval --probe`: diagnostics of a tiny checkpoint that answer in minutes whether a
+//! design is learning what the prompt says, before it gets hours of training.
+//!
+//! 1. **From-noise shape hit**: "a large <colour> <shape> on a black background" sampled from
+//!    pure noise; does the largest blob of that colour have the prompted shape?
+//! 2. **Wrong-shape input**: a true render of shape A noised to `t0` and denoised under a
+//!    prompt naming shape B: does the output follow the prompt (B) or the input (A)?
+//! 3. **Word sensitivity**: the rms change of the predicted velocity when only the shape,
+//!    colour or position word of the prompt changes, at a few noise levels.
+//! 4. **Attention mass per word**: the share of an object pixel's cross-attention that each
+//!    kind of prompt word gets (averaged over heads, layers and the object's tokens).
+//!
+//! Everything is deterministic given the seed, and scored by the world's verifier.
+
+use candle_core::{Result, Tensor};
+use image::RgbImage;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::families::tiny::{from_frames, to_frames, TinyCond, TinyModel};
+use crate::nn::attention::capture_cross_attention;
+use crate::pipeline::{sample, Denoiser, NoiseSchedule, RowNoise, SamplerKind, SamplerParams};
+use crate::world::{
+    self, split::HELD_OUT_PAIRS, Background, Color, ObjectSpec, Position, SceneSpec, Shape,
+    SizeClass, WorldRng,
+};
+
+/// What to probe and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeOptions {
+    /// Samples per shape for the from-noise and wrong-shape probes.
+    pub samples_per_shape: usize,
+    /// The sampler from pure noise (the model's own: Euler for teachers, the few-step sampler
+    /// for students).
+    pub sampler: SamplerKind,
+    /// Sampler steps from pure noise. The wrong-shape probe runs deterministic Euler steps of
+    /// the same size from `t0`.
+    pub steps: usize,
+    pub guidance: f32,
+    /// Noise level the wrong-shape probe starts from.
+    pub t0: f32,
+    pub seed: u64,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        Self {
+            samples_per_shape: 24,
+            sampler: SamplerKind::Euler,
+            steps: 20,
+            guidance: 3.0,
+            t0: 0.6,
+            seed: 0,
+        }
+    }
+}
+
+/// Hits of one shape out of `n` samples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShapeHit {
+    pub shape: Shape,
+    pub n: usize,
+    /// The largest blob of the prompted colour has the prompted shape.
+    pub hits: usize,
+    /// The verifier passes the whole prompt (shape, colour, size, background).
+    pub passes: usize,
+}
+
+/// The wrong-shape probe for one prompted shape: how often the output follows the prompt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WrongShape {
+    /// The shape the prompt names.
+    pub prompted: Shape,
+    pub n: usize,
+    /// Outputs whose shape is the prompted one.
+    pub follows_prompt: usize,
+    /// Outputs whose shape is the one of the (noised) input render.
+    pub follows_input: usize,
+}
+
+/// Rms velocity change when one kind of word changes, at one noise level.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sensitivity {
+    pub t: f32,
+    pub shape: f64,
+    pub color: f64,
+    pub position: f64,
+}
+
+/// Mean cross-attention mass of an object token on each kind of prompt token.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AttentionMass {
+    pub bos: f64,
+    pub shape: f64,
+    pub color: f64,
+    pub size: f64,
+    pub position: f64,
+    pub background: f64,
+    /// Articles and prepositions.
+    pub other: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeReport {
+    pub steps: usize,
+    pub guidance: f32,
+    pub t0: f32,
+    pub from_noise: Vec<ShapeHit>,
+    pub wrong_shape: Vec<WrongShape>,
+    pub sensitivity: Vec<Sensitivity>,
+    pub attention: AttentionMass,
+}
+
+impl ProbeReport {
+    /// Mean from-noise shape hit over the shapes (each shape weighs the same).
+    pub fn shape_hit(&self) -> f64 {
+        mean(self.from_noise.iter().map(|h| ratio(h.hits, h.n)))
+    }
+
+    /// Share of wrong-shape runs whose output follows the prompt.
+    pub fn follows_prompt(&self) -> f64 {
+        mean(
+            self.wrong_shape
+                .iter()
+                .map(|w| ratio(w.follows_prompt, w.n)),
+        )
+    }
+
+    /// A few lines for the terminal.
+    pub fn summary(&self) -> String {
+        let mut out = format!(
+            "from-noise shape hit {:.3} ({} Euler steps, CFG {}):",
+            self.shape_hit(),
+            self.steps,
+            self.guidance
+        );
+        for h in &self.from_noise {
+            out += &format!(" {} {}/{} (pass {})", h.shape, h.hits, h.n, h.passes);
+        }
+        out += &format!(
+            "\nwrong-shape input from t0 = {}: follows prompt {:.3}:",
+            self.t0,
+            self.follows_prompt()
+        );
+        for w in &self.wrong_shape {
+            out += &format!(
+                " {} {}/{} (input {})",
+                w.prompted, w.follows_prompt, w.n, w.follows_input
+            );
+        }
+        out += "\nvelocity rms change when one word changes:";
+        for s in &self.sensitivity {
+            out += &format!(
+                " t={}: shape {:.3} colour {:.3} position {:.3};",
+                s.t, s.shape, s.color, s.position
+            );
+        }
+        let a = &self.attention;
+        out += &format!(
+            "\nattention mass of object tokens: [BOS] {:.3} shape {:.3} colour {:.3} size {:.3} \
+             position {:.3} background {:.3} other {:.3}",
+            a.bos, a.shape, a.color, a.size, a.position, a.background, a.other
+        );
+        out
+    }
+}
+
+fn ratio(k: usize, n: usize) -> f64 {
+    if n == 0 {
+        0.0
+    } else {
+        k as f64 / n as f64
+    }
+}
+
+fn mean(xs: impl Iterator<Item = f64>) -> f64 {
+    let (s, n) = xs.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    if n == 0 {
+        0.0
+    } else {
+        s / n as f64
+    }
+}
+
+/// Noise levels of the sensitivity probe.
+const SENSITIVITY_TIMES: [f32; 3] = [0.3, 0.6, 0.9];
+/// Noise level at which attention is read.
+const ATTENTION_T: f32 = 0.6;
+/// Rows per network call.
+const CHUNK: usize = 32;
+
+/// Runs every probe on `model`.
+pub fn probe(model: &TinyModel, opts: &ProbeOptions) -> Result<ProbeReport> {
+    if opts.samples_per_shape == 0 || opts.steps == 0 {
+        candle_core::bail!("probe: samples_per_shape and steps must be at least 1");
+    }
+    if !(opts.t0 > 0.0 && opts.t0 <= 1.0) {
+        candle_core::bail!("probe: t0 must be in (0, 1], got {}", opts.t0);
+    }
+    let mut rng = WorldRng::seed_from_u64(opts.seed);
+    let from_noise = from_noise_hits(model, opts)?;
+    let wrong_shape = wrong_shape_hits(model, opts, &mut rng)?;
+    let (sensitivity, attention) = word_sensitivity(model, opts, &mut rng)?;
+    Ok(ProbeReport {
+        steps: opts.steps,
+        guidance: opts.guidance,
+        t0: opts.t0,
+        from_noise,
+        wrong_shape,
+        sensitivity,
+        attention,
+    })
+}
+
+/// A colour seen with `shape` in training, the `i`-th of them (cycling).
+fn train_color(shape: Shape, i: usize) -> Color {
+    let ok: Vec<Color> = Color::all()
+        .iter()
+        .copied()
+        .filter(|&c| !HELD_OUT_PAIRS.contains(&(c, shape)))
+        .collect();
+    ok[i % ok.len()]
+}
+
+/// "a large <colour> <shape> [position] on a black background".
+fn large_on_black(shape: Shape, color: Color, position: Option<Position>) -> SceneSpec {
+    SceneSpec {
+        objects: vec![ObjectSpec {
+            size: Some(SizeClass::Large),
+            position,
+            ..ObjectSpec::new(shape, color)
+        }],
+        background: Some(Background::Black),
+        frames: 1,
+    }
+}
+
+/// The best-fitting shape of the largest blob of `color` in the first frame, if any.
+fn drawn_shape(spec: &SceneSpec, frames: &[RgbImage], color: Color) -> Option<Shape> {
+    let verdict = world::verify(spec, frames);
+    verdict
+        .detected
+        .iter()
+        .filter(|d| d.frame == 0 && d.color == color)
+        .max_by(|a, b| a.area.total_cmp(&b.area))
+        .map(|d| d.shape)
+}
+
+fn conditioning(model: &TinyModel, prompts: &[String], guidance: f32) -> Result<TinyCond> {
+    let p: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let cond = model.encode(&p)?;
+    let uncond = if guidance > 1.0 {
+        let empty = vec![""; p.len()];
+        Some(model.encode(&empty)?)
+    } else {
+        None
+    };
+    Ok(TinyCond { cond, uncond })
+}
+
+/// Deterministic Euler steps from `x` at `t0` down to 0, `steps` of them.
+fn euler_from(
+    model: &TinyModel,
+    x: Tensor,
+    cond: &TinyCond,
+    t0: f32,
+    steps: usize,
+    guidance: f32,
+) -> Result<Tensor> {
+    let b = x.dim(0)?;
+    let mut x = x;
+    for i in 0..steps {
+        let t = t0 * (1.0 - i as f32 / steps as f32);
+        let next = t0 * (1.0 - (i + 1) as f32 / steps as f32);
+        let x0 = model.predict_x0(&x, &vec![t; b], cond, guidance)?;
+        x = model.schedule.step(&x, &x0, t, next)?;
+    }
+    Ok(x)
+}
+
+/// One image's `[frames, channels, height, width]`.
+fn image_shape(model: &TinyModel) -> [usize; 4] {
+    let s = world::IMAGE_SIZE as usize;
+    [1, model.cfg.channels, s, s]
+}
+
+/// Row noise of the given seeds, shaped like `[rows, 1, 3, 32, 32]`.
+fn noise_for(seeds: &[u64], model: &TinyModel) -> Result<Tensor> {
+    let mut rows: Vec<RowNoise> = seeds.iter().map(|&s| RowNoise::new(s)).collect();
+    crate::pipeline::noise::batch_noise(&mut rows, &image_shape(model), model.device())
+}
+
+fn from_noise_hits(model: &TinyModel, opts: &ProbeOptions) -> Result<Vec<ShapeHit>> {
+    let mut out = Vec::new();
+    for (k, &shape) in Shape::all().iter().enumerate() {
+        let specs: Vec<SceneSpec> = (0..opts.samples_per_shape)
+            .map(|i| large_on_black(shape, train_color(shape, i), None))
+            .collect();
+        let mut hit = ShapeHit {
+            shape,
+            n: specs.len(),
+            hits: 0,
+            passes: 0,
+        };
+        for (c, chunk) in specs.chunks(CHUNK).enumerate() {
+            let prompts: Vec<String> = chunk.iter().map(world::prompt).collect();
+            let cond = conditioning(model, &prompts, opts.guidance)?;
+            let seeds: Vec<u64> = (0..chunk.len())
+                .map(|i| opts.seed ^ ((k * 1_000_003 + c * CHUNK + i) as u64))
+                .collect();
+            let mut rows: Vec<RowNoise> = seeds.iter().map(|&s| RowNoise::new(s)).collect();
+            let params = SamplerParams {
+                kind: opts.sampler,
+                steps: opts.steps,
+                guidance: opts.guidance,
+            };
+            let x0 = sample(
+                model,
+                &model.schedule,
+                params,
+                &cond,
+                &mut rows,
+                &image_shape(model),
+                model.device(),
+            )?;
+            for (spec, frames) in chunk.iter().zip(to_frames(&x0)?) {
+                let o = spec.objects[0];
+                hit.hits += (drawn_shape(spec, &frames, o.color) == Some(shape)) as usize;
+                hit.passes += world::verify(spec, &frames).pass as usize;
+            }
+        }
+        out.push(hit);
+    }
+    Ok(out)
+}
+
+fn wrong_shape_hits(
+    model: &TinyModel,
+    opts: &ProbeOptions,
+    rng: &mut WorldRng,
+) -> Result<Vec<WrongShape>> {
+    let shapes = Shape::all();
+    let steps = ((opts.steps as f32 * opts.t0).round() as usize).max(1);
+    let mut out = Vec::new();
+    for (k, &prompted) in shapes.iter().enumerate() {
+        // Inputs cycle through the other shapes; prompt and input share colour and place.
+        let cases: Vec<(SceneSpec, SceneSpec)> = (0..opts.samples_per_shape)
+            .map(|i| {
+                let input_shape = shapes[(k + 1 + i % (shapes.len() - 1)) % shapes.len()];
+                let color = train_color(prompted, i);
+                let position = Some(Position::Center);
+                (
+                    large_on_black(input_shape, color, position),
+                    large_on_black(prompted, color, position),
+                )
+            })
+            .collect();
+        let mut w = WrongShape {
+            prompted,
+            n: cases.len(),
+            follows_prompt: 0,
+            follows_input: 0,
+        };
+        for (c, chunk) in cases.chunks(CHUNK).enumerate() {
+            let x0s = chunk
+                .iter()
+                .map(|(input, _)| from_frames(&world::render(input, rng), model.device()))
+                .collect::<Result<Vec<_>>>()?;
+            let x0 = Tensor::stack(&x0s, 0)?;
+            let seeds: Vec<u64> = (0..chunk.len())
+                .map(|i| opts.seed ^ ((7_000_003 + k * 1_000_003 + c * CHUNK + i) as u64))
+                .collect();
+            let noise = noise_for(&seeds, model)?;
+            let xt = model
+                .schedule
+                .add_noise(&x0, &noise, &vec![opts.t0; chunk.len()])?;
+            let prompts: Vec<String> = chunk.iter().map(|(_, p)| world::prompt(p)).collect();
+            let cond = conditioning(model, &prompts, opts.guidance)?;
+            let out_x = euler_from(model, xt, &cond, opts.t0, steps, opts.guidance)?;
+            for ((input, spec), frames) in chunk.iter().zip(to_frames(&out_x)?) {
+                let drawn = drawn_shape(spec, &frames, spec.objects[0].color);
+                w.follows_prompt += (drawn == Some(prompted)) as usize;
+                w.follows_input += (drawn == Some(input.objects[0].shape)) as usize;
+            }
+        }
+        out.push(w);
+    }
+    Ok(out)
+}
+
+/// The kind of a prompt word, for the attention breakdown.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum WordKind {
+    Bos,
+    Shape,
+    Color,
+    Size,
+    Position,
+    Background,
+    Other,
+}
+
+fn word_kind(word: &str) -> WordKind {
+    let shape = Shape::all()
+        .iter()
+        .any(|s| s.name() == word || s.plural() == word);
+    if shape {
+        WordKind::Shape
+    } else if Color::all().iter().any(|c| c.name() == word) {
+        WordKind::Color
+    } else if SizeClass::all().iter().any(|s| s.name() == word) {
+        WordKind::Size
+    } else if Position::all().iter().any(|p| p.name() == word) {
+        WordKind::Position
+    } else if word == "background" || Background::all().iter().any(|b| b.name() == word) {
+        WordKind::Background
+    } else {
+        WordKind::Other
+    }
+}
+
+/// Sensitivity rows and the attention mass, from single large objects at named positions.
+fn word_sensitivity(
+    model: &TinyModel,
+    opts: &ProbeOptions,
+    rng: &mut WorldRng,
+) -> Result<(Vec<Sensitivity>, AttentionMass)> {
+    let shapes = Shape::all();
+    let colors = Color::all();
+    let positions = Position::all();
+    let n = opts.samples_per_shape.min(CHUNK);
+    let mut base = Vec::with_capacity(n);
+    let mut variants: [Vec<SceneSpec>; 3] = Default::default();
+    for i in 0..n {
+        let shape = shapes[i % shapes.len()];
+        let color = train_color(shape, i / shapes.len());
+        let position = positions[rng.random_range(0..positions.len())];
+        base.push(large_on_black(shape, color, Some(position)));
+        let other_shape = shapes[(i + 1 + rng.random_range(0..shapes.len() - 1)) % shapes.len()];
+        let other_color =
+            colors[(color.index() + 1 + rng.random_range(0..colors.len() - 1)) % colors.len()];
+        let other_pos =
+            positions[(position.index() + 1 + rng.random_range(0..positions.len() - 1)) % 5];
+        variants[0].push(large_on_black(other_shape, color, Some(position)));
+        variants[1].push(large_on_black(shape, other_color, Some(position)));
+        variants[2].push(large_on_black(shape, color, Some(other_pos)));
+    }
+    let renders: Vec<Vec<RgbImage>> = base.iter().map(|s| world::render(s, rng)).collect();
+    let x0s = renders
+        .iter()
+        .map(|f| from_frames(f, model.device()))
+        .collect::<Result<Vec<_>>>()?;
+    let x0 = Tensor::stack(&x0s, 0)?;
+    let seeds: Vec<u64> = (0..n).map(|i| opts.seed ^ (9_000_011 + i as u64)).collect();
+    let noise = noise_for(&seeds, model)?;
+    let prompts =
+        |specs: &[SceneSpec]| -> Vec<String> { specs.iter().map(world::prompt).collect() };
+    let encode = |specs: &[SceneSpec]| -> Result<crate::families::tiny::TextCond> {
+        let p = prompts(specs);
+        let p: Vec<&str> = p.iter().map(String::as_str).collect();
+        model.encode(&p)
+    };
+    let base_text = encode(&base)?;
+    let variant_text = variants
+        .iter()
+        .map(|v| encode(v))
+        .collect::<Result<Vec<_>>>()?;
+
+    let mut sensitivity = Vec::new();
+    let mut attention = AttentionMass::default();
+    for &t in &SENSITIVITY_TIMES {
+        let tt = vec![t; n];
+        let xt = model.schedule.add_noise(&x0, &noise, &tt)?;
+        let (v, captured) = capture_cross_attention(|| model.velocity(&xt, &tt, &base_text));
+        let v = v?;
+        if t == ATTENTION_T {
+            attention = attention_mass(&captured, &base, &renders, model)?;
+        }
+        let mut rms = [0f64; 3];
+        for (k, text) in variant_text.iter().enumerate() {
+            let dv = (model.velocity(&xt, &tt, text)? - &v)?;
+            rms[k] = dv.sqr()?.mean_all()?.to_scalar::<f32>()?.sqrt() as f64;
+        }
+        sensitivity.push(Sensitivity {
+            t,
+            shape: rms[0],
+            color: rms[1],
+            position: rms[2],
+        });
+    }
+    Ok((sensitivity, attention))
+}
+
+/// Averages captured cross-attention `[B, Tq, L]` over each row's object tokens (weighted by
+/// the object's coverage at that layer's resolution), then sums it per word kind.
+fn attention_mass(
+    captured: &[Tensor],
+    specs: &[SceneSpec],
+    renders: &[Vec<RgbImage>],
+    model: &TinyModel,
+) -> Result<AttentionMass> {
+    let size = world::IMAGE_SIZE as usize;
+    let masks: Vec<Vec<f32>> = specs
+        .iter()
+        .zip(renders)
+        .map(|(spec, frames)| {
+            let bg = spec.background.map_or([0, 0, 0], |b| b.rgb());
+            frames[0]
+                .pixels()
+                .map(|p| (p.0 != bg) as u8 as f32)
+                .collect()
+        })
+        .collect();
+    let kinds: Vec<Vec<WordKind>> = specs
+        .iter()
+        .map(|s| {
+            let p = world::prompt(s);
+            let mut k = vec![WordKind::Bos];
+            k.extend(p.split_whitespace().map(word_kind));
+            k.truncate(model.cfg.text_max_len);
+            k
+        })
+        .collect();
+    let mut sums = [0f64; 7];
+    let mut layers = 0usize;
+    for probs in captured {
+        let (b, tq, l) = probs.dims3()?;
+        let side = (tq as f64).sqrt() as usize;
+        if side * side != tq || side == 0 || !size.is_multiple_of(side) || b != specs.len() {
+            continue; // not one frame's square token grid
+        }
+        let probs = probs.to_vec3::<f32>()?;
+        let cell = size / side;
+        for (row, p) in probs.iter().enumerate() {
+            // Object coverage of each token cell.
+            let mut weights = vec![0f32; tq];
+            for (i, &m) in masks[row].iter().enumerate() {
+                let (x, y) = (i % size, i / size);
+                weights[(y / cell) * side + x / cell] += m;
+            }
+            let total: f32 = weights.iter().sum();
+            if total <= 0.0 {
+                continue;
+            }
+            for (q, &w) in weights.iter().enumerate() {
+                if w == 0.0 {
+                    continue;
+                }
+                for (pos, &a) in p[q].iter().enumerate().take(l) {
+                    let kind = kinds[row].get(pos).copied();
+                    let slot = match kind {
+                        Some(WordKind::Bos) => 0,
+                        Some(WordKind::Shape) => 1,
+                        Some(WordKind::Color) => 2,
+                        Some(WordKind::Size) => 3,
+                        Some(WordKind::Position) => 4,
+                        Some(WordKind::Background) => 5,
+                        Some(WordKind::Other) => 6,
+                        None => continue, // padding: zero weight by construction
+                    };
+                    sums[slot] += (w / total * a) as f64;
+                }
+            }
+        }
+        layers += b;
+    }
+    let d = layers.max(1) as f64;
+    Ok(AttentionMass {
+        bos: sums[0] / d,
+        shape: sums[1] / d,
+        color: sums[2] / d,
+        size: sums[3] / d,
+        position: sums[4] / d,
+        background: sums[5] / d,
+        other: sums[6] / d,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::families::tiny::{TinyConfig, TinyTokenizer};
+    use crate::pipeline::FlowSchedule;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    fn tiny_model(denoiser: &str) -> TinyModel {
+        let tokenizer = TinyTokenizer::from_vocabulary(&world::vocabulary()).unwrap();
+        let mut cfg = TinyConfig {
+            dim: 32,
+            depth: 1,
+            heads: 2,
+            mlp_ratio: 2,
+            patch: 4,
+            text_dim: 32,
+            text_depth: 1,
+            text_max_len: 24,
+            vocab_size: tokenizer.vocab_size(),
+            ..TinyConfig::default()
+        };
+        if denoiser == "unet" {
+            cfg.denoiser = crate::families::tiny::config::DenoiserKind::Unet;
+            cfg.unet_channels = vec![8, 16, 32];
+        }
+        let map = VarMap::new();
+        let vb = crate::nn::seeded_var_builder(&map, 3, DType::F32, &Device::Cpu);
+        let model = TinyModel::new(vb, &cfg, tokenizer, FlowSchedule::default()).unwrap();
+        // Zero-initialised output layers would make every probe trivially 0: perturb all.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for var in map.all_vars() {
+            let n = var.elem_count();
+            let noise: Vec<f32> = (0..n).map(|_| rng.random_range(-0.2..0.2)).collect();
+            let t = Tensor::from_vec(noise, var.shape(), &Device::Cpu).unwrap();
+            var.set(&(var.as_tensor() + t).unwrap()).unwrap();
+        }
+        model
+    }
+
+    #[test]
+    fn word_kinds_cover_the_grammar() {
+        assert_eq!(word_kind("cross"), WordKind::Shape);
+        assert_eq!(word_kind("triangles"), WordKind::Shape);
+        assert_eq!(word_kind("orange"), WordKind::Color);
+        assert_eq!(word_kind("large"), WordKind::Size);
+        assert_eq!(word_kind("center"), WordKind::Position);
+        assert_eq!(word_kind("gray"), WordKind::Background);
+        assert_eq!(word_kind("background"), WordKind::Background);
+        assert_eq!(word_kind("on"), WordKind::Other);
+    }
+
+    #[test]
+    fn train_colors_avoid_held_out_pairs() {
+        for &s in Shape::all() {
+            for i in 0..12 {
+                let spec = large_on_black(s, train_color(s, i), None);
+                assert_eq!(world::split_of(&spec), world::Split::Train);
+            }
+        }
+    }
+
+    /// The probes run on both denoisers, count what they claim, and the attention shares are
+    /// a distribution over the prompt's words (padding gets none).
+    #[test]
+    fn probes_run_and_attention_sums_to_one() {
+        for denoiser in ["dit", "unet"] {
+            let model = tiny_model(denoiser);
+            let opts = ProbeOptions {
+                samples_per_shape: 3,
+                steps: 2,
+                ..ProbeOptions::default()
+            };
+            let r = probe(&model, &opts).unwrap();
+            assert_eq!(r.from_noise.len(), 4);
+            assert!(r.from_noise.iter().all(|h| h.n == 3 && h.hits <= 3));
+            assert!(r
+                .wrong_shape
+                .iter()
+                .all(|w| w.follows_prompt + w.follows_input <= w.n));
+            assert_eq!(r.sensitivity.len(), SENSITIVITY_TIMES.len());
+            assert!(r.sensitivity.iter().all(|s| s.shape > 0.0 && s.color > 0.0));
+            let a = &r.attention;
+            let total = a.bos + a.shape + a.color + a.size + a.position + a.background + a.other;
+            assert!(
+                (total - 1.0).abs() < 1e-3,
+                "{denoiser}: attention sums to {total}"
+            );
+            assert!(!r.summary().is_empty());
+        }
+    }
+
+    /// A true render denoised from a low noise level keeps its shape: the probe's scoring
+    /// recognises shapes, so a model that ignored them could not score well by accident.
+    #[test]
+    fn drawn_shape_reads_true_renders() {
+        let mut rng = WorldRng::seed_from_u64(1);
+        for &s in Shape::all() {
+            let spec = large_on_black(s, train_color(s, 0), Some(Position::Center));
+            let frames = world::render(&spec, &mut rng);
+            assert_eq!(drawn_shape(&spec, &frames, spec.objects[0].color), Some(s));
+        }
+    }
+}
