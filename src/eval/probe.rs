@@ -278,6 +278,11 @@ fn euler_from(
     Ok(x)
 }
 
+/// Noise seeds of `len` consecutive rows starting at row `first` of a probe.
+fn chunk_seeds(seed: u64, first: usize, len: usize) -> Vec<u64> {
+    (0..len).map(|i| seed ^ (first + i) as u64).collect()
+}
+
 /// One image's `[frames, channels, height, width]`.
 fn image_shape(model: &TinyModel) -> [usize; 4] {
     let s = world::IMAGE_SIZE as usize;
@@ -305,9 +310,7 @@ fn from_noise_hits(model: &TinyModel, opts: &ProbeOptions) -> Result<Vec<ShapeHi
         for (c, chunk) in specs.chunks(CHUNK).enumerate() {
             let prompts: Vec<String> = chunk.iter().map(world::prompt).collect();
             let cond = conditioning(model, &prompts, opts.guidance)?;
-            let seeds: Vec<u64> = (0..chunk.len())
-                .map(|i| opts.seed ^ ((k * 1_000_003 + c * CHUNK + i) as u64))
-                .collect();
+            let seeds = chunk_seeds(opts.seed, k * 1_000_003 + c * CHUNK, chunk.len());
             let mut rows: Vec<RowNoise> = seeds.iter().map(|&s| RowNoise::new(s)).collect();
             let params = SamplerParams {
                 kind: opts.sampler,
@@ -367,9 +370,11 @@ fn wrong_shape_hits(
                 .map(|(input, _)| from_frames(&world::render(input, rng), model.device()))
                 .collect::<Result<Vec<_>>>()?;
             let x0 = Tensor::stack(&x0s, 0)?;
-            let seeds: Vec<u64> = (0..chunk.len())
-                .map(|i| opts.seed ^ ((7_000_003 + k * 1_000_003 + c * CHUNK + i) as u64))
-                .collect();
+            let seeds = chunk_seeds(
+                opts.seed,
+                7_000_003 + k * 1_000_003 + c * CHUNK,
+                chunk.len(),
+            );
             let noise = noise_for(&seeds, model)?;
             let xt = model
                 .schedule
@@ -451,7 +456,7 @@ fn word_sensitivity(
         .map(|f| from_frames(f, model.device()))
         .collect::<Result<Vec<_>>>()?;
     let x0 = Tensor::stack(&x0s, 0)?;
-    let seeds: Vec<u64> = (0..n).map(|i| opts.seed ^ (9_000_011 + i as u64)).collect();
+    let seeds = chunk_seeds(opts.seed, 9_000_011, n);
     let noise = noise_for(&seeds, model)?;
     let prompts =
         |specs: &[SceneSpec]| -> Vec<String> { specs.iter().map(world::prompt).collect() };
