@@ -543,6 +543,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         "webp" => crate::media::OutputFormat::Webp,
         "gif" => crate::media::OutputFormat::Gif,
         "apng" => crate::media::OutputFormat::Apng,
+        "mp4" => crate::media::OutputFormat::Mp4,
         other => anyhow::bail!("unsupported output extension .{other}"),
     };
     let device = config.device()?;
@@ -552,30 +553,31 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let card = engine
         .card(&name)
         .with_context(|| format!("model {name} is not loaded"))?;
-    let req = crate::api::schema::GenerateRequest {
+    let req = crate::engine::GenerationRequest {
         prompt: args.prompt,
-        negative_prompt: None,
-        model: Some(name),
         n: Some(1),
-        width: None,
-        height: None,
         num_frames: Some(args.frames),
         steps: args.steps,
         guidance: args.guidance,
         seed: args.seed,
         output_format: Some(format),
-        timeout_ms: None,
+        ..Default::default()
     };
-    let v = crate::api::generate::validate(req, &card, &config)
-        .map_err(|e| anyhow::anyhow!("{}: {}", e.code, e.detail))?;
-    let (_, out) = runtime()?
-        .block_on(crate::api::generate::run_job(&engine, &v))
-        .map_err(|e| anyhow::anyhow!("{}: {}", e.code, e.detail))?;
-    let bytes = crate::media::encode(&out.outputs[0], format, config.video_fps)?;
-    crate::util::write_atomic(&args.out, &bytes)?;
+    let v = crate::engine::validate(req, &card, &config)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?;
+    let jobs = crate::engine::Jobs::new(
+        engine.clone(),
+        crate::engine::JobsConfig::from_server(&config),
+        None,
+    );
+    let result = runtime()?.block_on(async {
+        let cell = jobs.submit(v.clone(), Default::default())?.cell;
+        jobs.wait(&cell.id).await
+    })?;
+    crate::util::write_atomic(&args.out, &result.encoded[0])?;
     engine.shutdown(std::time::Duration::from_secs(5));
     tracing::info!(
-        out = %args.out.display(), seed = v.seed, version = %out.model_version,
+        out = %args.out.display(), seed = v.seed(), version = %result.output.model_version,
         steps = v.steps, "wrote output"
     );
     Ok(())

@@ -42,6 +42,10 @@ pub struct ServerConfig {
     pub store_url: Option<String>,
     /// Log records that may wait for the database before new ones are dropped.
     pub log_buffer: usize,
+    /// How long a finished job's result stays available (`GET /jobs/{id}`, `/v1/videos`).
+    pub job_ttl_s: u64,
+    /// Most bytes of finished results kept; the oldest expire first beyond it.
+    pub job_results_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -63,6 +67,8 @@ impl Default for ServerConfig {
             device: "cpu".into(),
             store_url: Some("sqlite://data/fewstep.db".into()),
             log_buffer: 1024,
+            job_ttl_s: 600,
+            job_results_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -101,6 +107,9 @@ impl ServerConfig {
             return Err(ConfigError(
                 "queue_capacity, max_n and max_prompt_chars must be positive".into(),
             ));
+        }
+        if self.job_ttl_s == 0 {
+            return Err(ConfigError("job_ttl_s must be positive".into()));
         }
         if self.video_fps == 0 {
             return Err(ConfigError("video_fps must be positive".into()));

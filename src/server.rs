@@ -121,8 +121,14 @@ pub async fn spawn(
         .map(|m| m.manifest.name.clone())
         .context("no model configured")?;
     let engine = Engine::start(models, config.queue_capacity, device);
+    let jobs = crate::engine::Jobs::new(
+        engine.clone(),
+        crate::engine::JobsConfig::from_server(&config),
+        log.clone(),
+    );
     let state = AppState {
         log,
+        jobs,
         engine: engine.clone(),
         default_model: default_model.clone(),
         config: Arc::new(config.clone()),

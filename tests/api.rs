@@ -261,7 +261,7 @@ async fn models_endpoint_reports_capabilities_and_untrained_weights() {
     let s = default_server("models").await;
     let body: Value = s
         .client
-        .get(s.url("/v1/models"))
+        .get(s.url("/models"))
         .send()
         .await
         .unwrap()
@@ -687,3 +687,9 @@ mod log;
 
 #[path = "api/sd.rs"]
 mod sd;
+
+#[path = "api/jobs.rs"]
+mod jobs;
+
+#[path = "api/openai.rs"]
+mod openai;

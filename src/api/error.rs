@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::engine::EngineError;
+use crate::engine::{EngineError, JobError, ValidationError};
 
 /// Problem details. `code` is stable across releases; match on it, not on `detail`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -109,6 +109,24 @@ impl From<EngineError> for ApiError {
             EngineError::Reload(_) => {
                 Self::new(StatusCode::UNPROCESSABLE_ENTITY, "reload_refused", detail)
             }
+            EngineError::Cancelled => Self::new(StatusCode::CONFLICT, "job_cancelled", detail),
+        }
+    }
+}
+
+/// Every validation failure is the client's: a 400 with the rule's code.
+impl From<ValidationError> for ApiError {
+    fn from(e: ValidationError) -> Self {
+        Self::bad_request(e.code(), e.to_string())
+    }
+}
+
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> Self {
+        let detail = e.to_string();
+        match e {
+            JobError::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "job_not_found", detail),
+            JobError::Finished { .. } => Self::new(StatusCode::CONFLICT, "job_finished", detail),
         }
     }
 }

@@ -82,7 +82,7 @@ pub fn model_info(card: &ModelCard) -> ModelInfo {
 }
 
 /// The models this server runs and what each can do.
-#[utoipa::path(get, path = "/v1/models", tag = "models",
+#[utoipa::path(get, path = "/models", tag = "models",
     responses(
         (status = 200, description = "Loaded models", body = ModelList),
         (status = 401, description = "Missing or wrong API key", body = Problem, content_type = "application/problem+json"),

@@ -4,7 +4,9 @@ pub mod admin;
 pub mod error;
 pub mod feedback;
 pub mod generate;
-mod info;
+pub mod info;
+pub mod jobs;
+pub mod openai;
 pub mod openapi;
 pub mod schema;
 
@@ -14,7 +16,7 @@ use std::time::Instant;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -22,12 +24,14 @@ use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::config::ServerConfig;
-use crate::engine::Engine;
+use crate::engine::{Engine, Jobs};
 use error::ApiError;
 
 #[derive(Clone)]
 pub struct AppState {
     pub engine: Engine,
+    /// The job system every route submits to.
+    pub jobs: Jobs,
     pub config: Arc<ServerConfig>,
     pub default_model: String,
     pub metrics: PrometheusHandle,
@@ -39,7 +43,21 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     let protected = Router::new()
         .route("/generate", post(generate::generate))
-        .route("/v1/models", get(info::models))
+        .route("/jobs/{id}", get(jobs::job).delete(jobs::cancel))
+        .route("/jobs/{id}/events", get(jobs::events))
+        .route("/models", get(info::models))
+        .route("/v1/models", get(openai::models::list))
+        .route("/v1/models/{id}", get(openai::models::retrieve))
+        .route("/v1/images/generations", post(openai::images::generate))
+        .route(
+            "/v1/videos",
+            post(openai::videos::create).get(openai::videos::list),
+        )
+        .route(
+            "/v1/videos/{id}",
+            get(openai::videos::retrieve).delete(openai::videos::delete),
+        )
+        .route("/v1/videos/{id}/content", get(openai::videos::content))
         .route("/feedback", post(feedback::feedback))
         .route("/generations/{id}", get(feedback::generation))
         .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::ApiDoc::openapi()))
@@ -68,29 +86,35 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Bearer-key check for everything but the probes; a no-op when no keys are configured.
-async fn require_api_key(
-    State(state): State<AppState>,
-    req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
+/// Refusals under `/v1` take OpenAI's error shape.
+async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if state.config.api_keys.is_empty() {
-        return Ok(next.run(req).await);
+        return next.run(req).await;
     }
-    let token = bearer_token(req.headers());
-    match token {
+    let refusal = match bearer_token(req.headers()) {
         Some(t) if state.config.api_keys.iter().any(|k| constant_time_eq(k, t)) => {
-            Ok(next.run(req).await)
+            return next.run(req).await
         }
-        Some(_) => Err(ApiError::new(
+        Some(_) => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "invalid_api_key",
             "the API key is not valid",
-        )),
-        None => Err(ApiError::new(
+        ),
+        None => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "missing_api_key",
             "send `Authorization: Bearer <key>`",
-        )),
+        ),
+    };
+    if req.uri().path().starts_with("/v1/") {
+        let mut res = openai::OpenAiError::from(refusal).into_response();
+        res.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        res
+    } else {
+        refusal.into_response()
     }
 }
 

@@ -3,7 +3,14 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::engine::jobs::JobView;
+use crate::engine::{GenerationRequest, JobState, Stage};
 use crate::media::OutputFormat;
+
+/// Raw media bytes (an image or a video file).
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+pub struct Media(pub Vec<u8>);
 
 /// A text-to-image (`num_frames` 1) or text-to-video (`num_frames` > 1) request.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
@@ -16,7 +23,7 @@ pub struct GenerateRequest {
     /// The unconditional branch of classifier-free guidance (only used when guidance > 1).
     #[serde(default)]
     pub negative_prompt: Option<String>,
-    /// Model id from `GET /v1/models`; the server's default when absent.
+    /// Model id from `GET /models`; the server's default when absent.
     #[serde(default)]
     pub model: Option<String>,
     /// Number of outputs; output `i` uses seed `seed + i`.
@@ -51,6 +58,24 @@ pub struct GenerateRequest {
     /// Give up (504) if the request has not finished within this many milliseconds.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+}
+
+impl From<GenerateRequest> for GenerationRequest {
+    fn from(r: GenerateRequest) -> Self {
+        Self {
+            prompt: r.prompt,
+            negative_prompt: r.negative_prompt,
+            n: r.n,
+            width: r.width,
+            height: r.height,
+            num_frames: r.num_frames,
+            steps: r.steps,
+            guidance: r.guidance,
+            seed: r.seed,
+            output_format: r.output_format,
+            timeout_ms: r.timeout_ms,
+        }
+    }
 }
 
 /// One generated image or video.
@@ -136,4 +161,80 @@ pub struct ModelList {
 pub struct Status {
     #[schema(example = "ok")]
     pub status: String,
+}
+
+/// An error as a job reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JobFailure {
+    pub code: String,
+    pub message: String,
+}
+
+/// A job: its state, progress and, once completed, its result.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JobStatus {
+    #[schema(example = "gen_5f0c6a0d2b1e4c7a9d3e8f10")]
+    pub id: String,
+    pub state: JobState,
+    pub model: String,
+    /// `image` or `video`.
+    pub kind: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// Unix seconds, once finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<u64>,
+    /// Unix seconds after which the finished job is forgotten.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+    /// 1-based place in the queue while queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<usize>,
+    /// Denoising steps done, of `steps`.
+    pub step: usize,
+    pub steps: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<Stage>,
+    /// 0-100, never decreasing; 100 once completed.
+    pub progress: u8,
+    /// Seconds left, from the measured step times.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_s: Option<f64>,
+    /// The outputs, once completed (the body `POST /generate` answers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<GenerateResponse>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<JobFailure>,
+}
+
+impl JobStatus {
+    pub fn from_view(v: &JobView) -> Self {
+        let p = &v.progress;
+        Self {
+            id: v.id.clone(),
+            state: p.state,
+            model: v.request.model.clone(),
+            kind: v.request.kind().to_string(),
+            created: v.created,
+            finished: v.finished,
+            expires_at: v.expires_at,
+            position: p.position,
+            step: p.step,
+            steps: p.steps,
+            stage: p.stage,
+            progress: p.percent,
+            eta_s: p.eta_s,
+            result: v
+                .result
+                .as_ref()
+                .map(|r| super::generate::response_body(&v.id, &v.request, r)),
+            error: v.error.as_ref().map(|e| {
+                let api = super::error::ApiError::from(e.clone());
+                JobFailure {
+                    code: api.code.to_string(),
+                    message: api.detail,
+                }
+            }),
+        }
+    }
 }

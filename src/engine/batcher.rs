@@ -103,6 +103,7 @@ mod tests {
             seeds: (0..rows as u64).collect(),
             enqueued: at,
             deadline: at + Duration::from_secs(60),
+            cell: crate::engine::JobCell::new("t".into(), 4, 0),
             reply,
         }
     }

@@ -6,6 +6,10 @@
 //! the model's `max_wait_ms` for company, and runs up to `max_batch` rows in one pass.
 
 mod batcher;
+pub mod job;
+pub mod jobs;
+mod observer;
+pub mod validation;
 mod worker;
 
 use std::collections::BTreeMap;
@@ -20,6 +24,9 @@ use tokio::sync::oneshot;
 use crate::manifest::{LoadedModel, Manifest};
 
 pub use batcher::BucketKey;
+pub use job::{JobCell, JobEvent, JobState, Progress, Stage, Stop};
+pub use jobs::{JobError, JobResult, JobView, Jobs, JobsConfig, Submit, Submitted};
+pub use validation::{validate, GenerationRequest, Validated, ValidationError};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum EngineError {
@@ -37,6 +44,8 @@ pub enum EngineError {
     Generation(String),
     #[error("reload refused: {0}")]
     Reload(String),
+    #[error("the job was cancelled")]
+    Cancelled,
 }
 
 /// What a loaded model can do, as the API validates and reports it.
@@ -45,6 +54,8 @@ pub struct ModelCard {
     pub manifest: Manifest,
     pub version: String,
     pub trained: bool,
+    /// Unix seconds when this version was loaded.
+    pub created: u64,
 }
 
 /// One request: `seeds.len()` outputs of one prompt.
@@ -56,6 +67,8 @@ pub struct Job {
     pub seeds: Vec<u64>,
     pub enqueued: Instant,
     pub deadline: Instant,
+    /// Progress, partial images and cancel, shared with the front ends.
+    pub cell: Arc<JobCell>,
     pub reply: oneshot::Sender<Result<JobOutput, EngineError>>,
 }
 
@@ -138,6 +151,7 @@ impl Engine {
                 manifest: m.manifest.clone(),
                 version: m.version.clone(),
                 trained: m.trained,
+                created: crate::util::unix_ms() as u64 / 1000,
             });
         }
         let (tx, rx) = std::sync::mpsc::channel();
@@ -156,7 +170,7 @@ impl Engine {
 
     /// Queues a job. Fails at once when the queue is full, the engine is not ready or it is
     /// draining; never blocks.
-    pub fn submit(&self, job: Job) -> Result<(), EngineError> {
+    pub(crate) fn submit(&self, job: Job) -> Result<(), EngineError> {
         if self.shared.draining.load(Ordering::SeqCst) {
             return Err(EngineError::Draining);
         }
@@ -197,6 +211,12 @@ impl Engine {
             })
             .map_err(|_| EngineError::Draining)?;
         rx.await.map_err(|_| EngineError::Draining)?
+    }
+
+    /// Gives back the admission slot of a job that left the queue without running.
+    pub(crate) fn release_slot(&self) {
+        self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+        metrics::gauge!("fewstep_queue_depth").decrement(1.0);
     }
 
     pub fn card(&self, model: &str) -> Option<ModelCard> {

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 
 use super::batcher::{decide, Decision};
+use super::job::Stop;
+use super::observer::BatchObserver;
 use super::{EngineError, Job, JobOutput, ModelCard, Msg, Shared};
 use crate::manifest::LoadedModel;
 use crate::pipeline::BatchSpec;
@@ -83,27 +85,27 @@ fn dequeued(shared: &Shared, n: usize) {
     metrics::gauge!("fewstep_queue_depth").decrement(n as f64);
 }
 
-/// Drops jobs whose client went away (their reply channel is closed) and fails those whose
-/// deadline passed, before they cost device time.
+/// Drops jobs that were cancelled or whose client went away (their slot is already free) and
+/// fails those whose deadline passed, before they cost device time.
 fn drop_dead_jobs(pending: &mut Vec<Job>, shared: &Shared) {
     let now = Instant::now();
-    let before = pending.len();
-    let mut kept = Vec::with_capacity(before);
+    let mut kept = Vec::with_capacity(pending.len());
     for job in pending.drain(..) {
-        // Deadline first: a handler that gave up at its deadline also closes the channel.
-        if now >= job.deadline {
+        if let Some(why) = job.cell.stopped() {
+            let reason = match why {
+                Stop::Cancelled => "cancelled",
+                Stop::ClientGone => "client_gone",
+            };
+            metrics::counter!("fewstep_jobs_dropped_total", "reason" => reason).increment(1);
+            tracing::debug!(id = %job.id, reason, "dropped before running");
+            let _ = job.reply.send(Err(EngineError::Cancelled));
+        } else if now >= job.deadline && job.cell.expire() {
             metrics::counter!("fewstep_jobs_dropped_total", "reason" => "deadline").increment(1);
+            dequeued(shared, 1);
             let _ = job.reply.send(Err(EngineError::DeadlineExceeded));
-        } else if job.reply.is_closed() {
-            metrics::counter!("fewstep_jobs_dropped_total", "reason" => "client_gone").increment(1);
-            tracing::debug!(id = %job.id, "client went away; dropped before running");
         } else {
             kept.push(job);
         }
-    }
-    let dropped = before - kept.len();
-    if dropped > 0 {
-        dequeued(shared, dropped);
     }
     *pending = kept;
 }
@@ -120,7 +122,7 @@ fn handle(
         Msg::Job(job) => {
             if models.contains_key(&job.key.model) {
                 pending.push(job);
-            } else {
+            } else if job.cell.expire() {
                 dequeued(shared, 1);
                 let _ = job
                     .reply
@@ -180,6 +182,7 @@ fn reload(
         manifest,
         version: fresh.version.clone(),
         trained: fresh.trained,
+        created: crate::util::unix_ms() as u64 / 1000,
     };
     tracing::info!(model = name, version = %fresh.version, "reloaded weights");
     models.insert(name.to_string(), fresh);
@@ -187,6 +190,11 @@ fn reload(
 }
 
 fn run_batch(jobs: Vec<Job>, models: &HashMap<String, LoadedModel>, shared: &Shared) {
+    // A job cancelled since the last look has already left the queue (and released its slot).
+    let (jobs, gone): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| j.cell.claim());
+    for j in gone {
+        let _ = j.reply.send(Err(EngineError::Cancelled));
+    }
     if jobs.is_empty() {
         return;
     }
@@ -218,7 +226,9 @@ fn run_batch(jobs: Vec<Job>, models: &HashMap<String, LoadedModel>, shared: &Sha
     }
     let rows = spec.seeds.len();
     metrics::histogram!("fewstep_batch_size").record(rows as f64);
-    let result = model.generate(&spec, key.steps, key.guidance());
+    let mut watch = BatchObserver::new(&jobs, model);
+    let result = model.generate_observed(&spec, key.steps, key.guidance(), &mut watch);
+    let left = watch.left();
     match result {
         Ok(out) => {
             metrics::histogram!("fewstep_stage_seconds", "stage" => "text_encoding")
@@ -228,7 +238,13 @@ fn run_batch(jobs: Vec<Job>, models: &HashMap<String, LoadedModel>, shared: &Sha
             metrics::histogram!("fewstep_stage_seconds", "stage" => "decoding")
                 .record(out.decode_s);
             let mut outputs = out.outputs.into_iter();
-            for j in jobs {
+            for (i, j) in jobs.into_iter().enumerate() {
+                if left[i] {
+                    metrics::counter!("fewstep_jobs_dropped_total", "reason" => "cancelled_running")
+                        .increment(1);
+                    let _ = j.reply.send(Err(EngineError::Cancelled));
+                    continue;
+                }
                 let mine: Vec<_> = outputs.by_ref().take(j.rows()).collect();
                 let _ = j.reply.send(Ok(JobOutput {
                     outputs: mine,

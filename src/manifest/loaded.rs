@@ -4,12 +4,13 @@ use std::path::Path;
 
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
+use image::RgbImage;
 
 use super::{Manifest, ManifestError, ModelSource, SdSource};
 use crate::families::sd::layout::SdLayout;
 use crate::families::sd::{SdModel, SdOptions};
 use crate::families::tiny::{TinyModel, TinyTokenizer};
-use crate::pipeline::{BatchResult, BatchSpec, SamplerParams};
+use crate::pipeline::{BatchResult, BatchSpec, SamplerParams, StepObserver, Unobserved};
 
 /// The loaded network of one family.
 #[derive(Clone)]
@@ -117,14 +118,34 @@ impl LoadedModel {
         steps: usize,
         guidance: f32,
     ) -> candle_core::Result<BatchResult> {
+        self.generate_observed(spec, steps, guidance, &mut Unobserved)
+    }
+
+    /// [`Self::generate`] under an observer that sees every step and may drop rows; the
+    /// outputs are those of the rows still live at the end, in batch order.
+    pub fn generate_observed(
+        &self,
+        spec: &BatchSpec,
+        steps: usize,
+        guidance: f32,
+        observer: &mut dyn StepObserver,
+    ) -> candle_core::Result<BatchResult> {
         let params = SamplerParams {
             kind: self.manifest.sampling.sampler,
             steps,
             guidance,
         };
         match &self.model {
-            FamilyModel::Tiny(m) => m.generate(spec, params),
-            FamilyModel::Sd(m) => m.generate(spec, params),
+            FamilyModel::Tiny(m) => m.generate_observed(spec, params, observer),
+            FamilyModel::Sd(m) => m.generate_observed(spec, params, observer),
+        }
+    }
+
+    /// Frames of an intermediate x0 estimate (a partial image), one frame list per row.
+    pub fn preview(&self, x0: &candle_core::Tensor) -> candle_core::Result<Vec<Vec<RgbImage>>> {
+        match &self.model {
+            FamilyModel::Tiny(_) => crate::families::tiny::to_frames(x0),
+            FamilyModel::Sd(m) => m.frames(x0),
         }
     }
 }

@@ -1,4 +1,7 @@
-//! Media encoding: still images as PNG, JPEG or WebP; videos as animated GIF or APNG.
+//! Media encoding: still images as PNG, JPEG or WebP; videos as animated GIF, APNG or H.264
+//! in MP4.
+
+pub mod mp4;
 
 use std::io::Cursor;
 
@@ -28,6 +31,7 @@ pub enum OutputFormat {
     Webp,
     Gif,
     Apng,
+    Mp4,
 }
 
 impl OutputFormat {
@@ -38,11 +42,12 @@ impl OutputFormat {
             Self::Webp => "image/webp",
             Self::Gif => "image/gif",
             Self::Apng => "image/apng",
+            Self::Mp4 => "video/mp4",
         }
     }
 
     pub fn is_animated(self) -> bool {
-        matches!(self, Self::Gif | Self::Apng)
+        matches!(self, Self::Gif | Self::Apng | Self::Mp4)
     }
 
     /// The format a media type in an `Accept` header names, if any.
@@ -53,6 +58,7 @@ impl OutputFormat {
             "image/webp" => Some(Self::Webp),
             "image/gif" => Some(Self::Gif),
             "image/apng" | "image/vnd.mozilla.apng" => Some(Self::Apng),
+            "video/mp4" => Some(Self::Mp4),
             _ => None,
         }
     }
@@ -64,6 +70,7 @@ impl OutputFormat {
             Self::Webp => "webp",
             Self::Gif => "gif",
             Self::Apng => "apng",
+            Self::Mp4 => "mp4",
         }
     }
 }
@@ -74,6 +81,7 @@ pub fn encode(frames: &[RgbImage], format: OutputFormat, fps: u32) -> Result<Vec
     match format {
         OutputFormat::Gif => encode_gif(frames, fps),
         OutputFormat::Apng => encode_apng(frames, fps),
+        OutputFormat::Mp4 => mp4::encode(frames, fps),
         still if frames.len() > 1 => Err(MediaError::NotAnimated {
             format: still.name(),
             frames: frames.len(),
@@ -132,6 +140,9 @@ fn encode_apng(frames: &[RgbImage], fps: u32) -> Result<Vec<u8>, MediaError> {
 /// of an APNG), e.g. kept outputs in the generation log.
 pub fn decode(bytes: &[u8], media_type: &str) -> Result<Vec<RgbImage>, MediaError> {
     let dec = |e: image::ImageError| MediaError::Encode(format!("decoding {media_type}: {e}"));
+    if media_type == "video/mp4" {
+        return mp4::decode(bytes);
+    }
     if media_type == "image/gif" {
         use image::AnimationDecoder;
         let frames = image::codecs::gif::GifDecoder::new(Cursor::new(bytes))

@@ -6,7 +6,10 @@ pub mod sampler;
 pub mod schedule;
 
 pub use noise::RowNoise;
-pub use sampler::{sample, sample_with_noise, SamplerKind, SamplerParams};
+pub use sampler::{
+    sample, sample_observed, sample_with_noise, Sampled, SamplerKind, SamplerParams, StepObserver,
+    Unobserved,
+};
 pub use schedule::{FlowSchedule, NoiseSchedule};
 
 use candle_core::{Result, Tensor};
@@ -21,6 +24,10 @@ pub trait Denoiser {
     /// pure noise). `guidance > 1` applies classifier-free guidance.
     fn predict_x0(&self, x: &Tensor, t: &[f32], cond: &Self::Cond, guidance: f32)
         -> Result<Tensor>;
+
+    /// The conditioning of the rows at positions `idx` (a `u32` index tensor), for a batch
+    /// that some rows left between steps.
+    fn select_rows(&self, cond: &Self::Cond, idx: &Tensor) -> Result<Self::Cond>;
 }
 
 /// One lock-step batch for a model: a row per output.

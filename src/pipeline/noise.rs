@@ -34,6 +34,16 @@ pub fn batch_noise(
     sample_shape: &[usize],
     device: &Device,
 ) -> Result<Tensor> {
+    let mut streams: Vec<&mut RowNoise> = rows.iter_mut().collect();
+    batch_noise_of(&mut streams, sample_shape, device)
+}
+
+/// [`batch_noise`] over some of a batch's streams (the rows still in it).
+pub fn batch_noise_of(
+    rows: &mut [&mut RowNoise],
+    sample_shape: &[usize],
+    device: &Device,
+) -> Result<Tensor> {
     let per_row: usize = sample_shape.iter().product();
     let mut data = Vec::with_capacity(rows.len() * per_row);
     for r in rows.iter_mut() {

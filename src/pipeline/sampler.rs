@@ -2,10 +2,10 @@
 //! ancestral sampler of SD-Turbo / SDXL-Turbo, and a multi-step deterministic (Euler/DDIM)
 //! teacher sampler with CFG.
 
-use candle_core::{Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::noise::{batch_noise, RowNoise};
+use super::noise::{batch_noise_of, RowNoise};
 use super::{Denoiser, NoiseSchedule};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,6 +29,36 @@ pub struct SamplerParams {
     pub guidance: f32,
 }
 
+/// Watches a batch as it denoises: called once before the first step (`step` 0, no estimate)
+/// and after every step with the live rows' current x0 estimate. It returns the rows (by their
+/// index in the original batch) that leave the batch now, e.g. because their job was
+/// cancelled; the others go on unchanged (their noise comes from their own streams).
+pub trait StepObserver {
+    fn on_step(
+        &mut self,
+        step: usize,
+        steps: usize,
+        live: &[usize],
+        x0: Option<&Tensor>,
+    ) -> Vec<usize>;
+}
+
+/// Watches nothing and drops nothing.
+pub struct Unobserved;
+
+impl StepObserver for Unobserved {
+    fn on_step(&mut self, _: usize, _: usize, _: &[usize], _: Option<&Tensor>) -> Vec<usize> {
+        Vec::new()
+    }
+}
+
+/// What an observed batch leaves: the final samples of the rows still live (`None` when every
+/// row left), and those rows' indices in the original batch.
+pub struct Sampled {
+    pub x: Option<Tensor>,
+    pub live: Vec<usize>,
+}
+
 /// Runs the sampler from pure noise for `rows` outputs of `sample_shape` and returns the final
 /// x0 estimate, `[rows, sample_shape...]`. Every noise tensor comes from the rows' own streams.
 pub fn sample<M: Denoiser, S: NoiseSchedule>(
@@ -38,11 +68,48 @@ pub fn sample<M: Denoiser, S: NoiseSchedule>(
     cond: &M::Cond,
     rows: &mut [RowNoise],
     sample_shape: &[usize],
-    device: &candle_core::Device,
+    device: &Device,
 ) -> Result<Tensor> {
-    sample_with_noise(model, schedule, params, cond, || {
-        batch_noise(rows, sample_shape, device)
-    })
+    let out = sample_observed(
+        model,
+        schedule,
+        params,
+        cond,
+        rows,
+        sample_shape,
+        device,
+        &mut Unobserved,
+    )?;
+    out.x
+        .ok_or_else(|| candle_core::Error::Msg("every row left the batch".into()))
+}
+
+/// [`sample`] under a [`StepObserver`], which sees every step and may drop rows between steps.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_observed<M: Denoiser, S: NoiseSchedule>(
+    model: &M,
+    schedule: &S,
+    params: SamplerParams,
+    cond: &M::Cond,
+    rows: &mut [RowNoise],
+    sample_shape: &[usize],
+    device: &Device,
+    observer: &mut dyn StepObserver,
+) -> Result<Sampled> {
+    let mut live: Vec<usize> = (0..rows.len()).collect();
+    let mut noise = |live: &[usize]| {
+        let mut streams: Vec<&mut RowNoise> = Vec::with_capacity(live.len());
+        for (i, r) in rows.iter_mut().enumerate() {
+            if live.contains(&i) {
+                streams.push(r);
+            }
+        }
+        batch_noise_of(&mut streams, sample_shape, device)
+    };
+    let x = run(
+        model, schedule, params, cond, &mut live, &mut noise, observer,
+    )?;
+    Ok(Sampled { x, live })
 }
 
 /// [`sample`] with the noise supplied by `noise`: its first tensor is the starting point, each
@@ -54,38 +121,220 @@ pub fn sample_with_noise<M: Denoiser, S: NoiseSchedule>(
     cond: &M::Cond,
     mut noise: impl FnMut() -> Result<Tensor>,
 ) -> Result<Tensor> {
-    let mut x = noise()?;
-    let b = x.dim(0)?;
+    let first = noise()?;
+    let mut live: Vec<usize> = (0..first.dim(0)?).collect();
+    let mut first = Some(first);
+    let mut supply = |_: &[usize]| match first.take() {
+        Some(t) => Ok(t),
+        None => noise(),
+    };
+    run(
+        model,
+        schedule,
+        params,
+        cond,
+        &mut live,
+        &mut supply,
+        &mut Unobserved,
+    )?
+    .ok_or_else(|| candle_core::Error::Msg("every row left the batch".into()))
+}
+
+/// The sampler loop. `noise(live)` gives fresh noise for the live rows; after each step the
+/// observer may shrink `live`, and the state and conditioning shrink with it.
+fn run<M: Denoiser, S: NoiseSchedule>(
+    model: &M,
+    schedule: &S,
+    params: SamplerParams,
+    cond: &M::Cond,
+    live: &mut Vec<usize>,
+    noise: &mut dyn FnMut(&[usize]) -> Result<Tensor>,
+    observer: &mut dyn StepObserver,
+) -> Result<Option<Tensor>> {
     let SamplerParams {
         kind,
         steps,
         guidance,
     } = params;
-    match kind {
-        SamplerKind::Student | SamplerKind::Ancestral => {
-            let times = schedule.student_times(steps);
-            let mut x0 = x.clone();
-            for (i, &t) in times.iter().enumerate() {
-                // Sampling never needs a graph; detaching keeps a trainable model's steps from
-                // chaining every forward pass into one.
-                x0 = model.predict_x0(&x, &vec![t; b], cond, guidance)?.detach();
+    let times = match kind {
+        SamplerKind::Euler => schedule.euler_times(steps),
+        _ => schedule.student_times(steps),
+    };
+    let mut x = noise(live)?;
+    let mut x0 = x.clone();
+    let mut narrowed: Option<M::Cond> = None;
+    for i in 0..=steps {
+        let dropped = observer.on_step(i, steps, live, (i > 0).then_some(&x0));
+        if let Some(idx) = leave(live, &dropped, x.device())? {
+            if live.is_empty() {
+                return Ok(None);
+            }
+            x = x.index_select(&idx, 0)?;
+            x0 = x0.index_select(&idx, 0)?;
+            if i < steps {
+                narrowed = Some(model.select_rows(narrowed.as_ref().unwrap_or(cond), &idx)?);
+            }
+        }
+        if i == steps {
+            break;
+        }
+        let c = narrowed.as_ref().unwrap_or(cond);
+        let b = live.len();
+        let t = times[i];
+        // Sampling never needs a graph; detaching keeps a trainable model's steps from
+        // chaining every forward pass into one.
+        x0 = model.predict_x0(&x, &vec![t; b], c, guidance)?.detach();
+        match kind {
+            SamplerKind::Euler => x = schedule.step(&x, &x0, t, times[i + 1])?.detach(),
+            _ => {
                 if let Some(&next) = times.get(i + 1) {
-                    let n = noise()?;
+                    let n = noise(live)?;
                     x = match kind {
                         SamplerKind::Ancestral => schedule.ancestral_step(&x, &x0, t, next, &n)?,
                         _ => schedule.add_noise(&x0, &n, &vec![next; b])?,
                     };
                 }
             }
-            Ok(x0)
         }
-        SamplerKind::Euler => {
-            let times = schedule.euler_times(steps);
-            for w in times.windows(2) {
-                let x0 = model.predict_x0(&x, &vec![w[0]; b], cond, guidance)?;
-                x = schedule.step(&x, &x0.detach(), w[0], w[1])?.detach();
+    }
+    Ok(Some(match kind {
+        SamplerKind::Euler => x,
+        _ => x0,
+    }))
+}
+
+/// Takes the `dropped` rows out of `live`; returns the positions (in the old `live`) of the
+/// rows that stay, or `None` when nothing was dropped.
+fn leave(live: &mut Vec<usize>, dropped: &[usize], device: &Device) -> Result<Option<Tensor>> {
+    if !live.iter().any(|r| dropped.contains(r)) {
+        return Ok(None);
+    }
+    let keep: Vec<u32> = (0..live.len())
+        .filter(|&p| !dropped.contains(&live[p]))
+        .map(|p| p as u32)
+        .collect();
+    live.retain(|r| !dropped.contains(r));
+    Ok(Some(Tensor::new(keep.as_slice(), device)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::FlowSchedule;
+
+    /// A row-independent toy denoiser: x0 = x / 2 + the row's conditioning value.
+    struct Toy;
+
+    impl Denoiser for Toy {
+        type Cond = Tensor;
+
+        fn predict_x0(&self, x: &Tensor, _: &[f32], cond: &Tensor, _: f32) -> Result<Tensor> {
+            (x * 0.5)?.broadcast_add(cond)
+        }
+
+        fn select_rows(&self, cond: &Tensor, idx: &Tensor) -> Result<Tensor> {
+            cond.index_select(idx, 0)
+        }
+    }
+
+    /// Drops `row` after step `at`, and records what it saw.
+    struct DropAt {
+        row: usize,
+        at: usize,
+        seen: Vec<(usize, Vec<usize>)>,
+    }
+
+    impl StepObserver for DropAt {
+        fn on_step(
+            &mut self,
+            step: usize,
+            _: usize,
+            live: &[usize],
+            _: Option<&Tensor>,
+        ) -> Vec<usize> {
+            self.seen.push((step, live.to_vec()));
+            if step == self.at {
+                vec![self.row]
+            } else {
+                Vec::new()
             }
-            Ok(x)
         }
+    }
+
+    #[test]
+    fn a_row_that_leaves_between_steps_leaves_the_others_bit_identical() -> Result<()> {
+        let dev = Device::Cpu;
+        let cond = Tensor::new(&[[0.1f32], [0.2], [0.3]], &dev)?.reshape((3, 1, 1))?;
+        for kind in [
+            SamplerKind::Student,
+            SamplerKind::Euler,
+            SamplerKind::Ancestral,
+        ] {
+            let params = SamplerParams {
+                kind,
+                steps: 4,
+                guidance: 1.0,
+            };
+            let run = |obs: &mut dyn StepObserver| {
+                let mut rows: Vec<RowNoise> = (0..3).map(|s| RowNoise::new(s as u64)).collect();
+                sample_observed(
+                    &Toy,
+                    &FlowSchedule::default(),
+                    params,
+                    &cond,
+                    &mut rows,
+                    &[1, 2],
+                    &dev,
+                    obs,
+                )
+            };
+            let all = run(&mut Unobserved)?;
+            let mut obs = DropAt {
+                row: 1,
+                at: 2,
+                seen: Vec::new(),
+            };
+            let some = run(&mut obs)?;
+            assert_eq!(some.live, vec![0, 2]);
+            let all = all.x.unwrap().to_vec3::<f32>()?;
+            let some = some.x.unwrap().to_vec3::<f32>()?;
+            assert_eq!(some[0], all[0], "{kind:?}");
+            assert_eq!(some[1], all[2], "{kind:?}");
+            // Every step is seen, from 0 (before the first) to the last.
+            let steps: Vec<usize> = obs.seen.iter().map(|s| s.0).collect();
+            assert_eq!(steps, vec![0, 1, 2, 3, 4]);
+            assert_eq!(obs.seen[3].1, vec![0, 2], "gone from step 3 on");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn when_every_row_leaves_nothing_is_left() -> Result<()> {
+        let dev = Device::Cpu;
+        let cond = Tensor::new(&[[0.1f32]], &dev)?.reshape((1, 1, 1))?;
+        let params = SamplerParams {
+            kind: SamplerKind::Student,
+            steps: 4,
+            guidance: 1.0,
+        };
+        let mut rows = vec![RowNoise::new(0)];
+        let mut obs = DropAt {
+            row: 0,
+            at: 0,
+            seen: Vec::new(),
+        };
+        let out = sample_observed(
+            &Toy,
+            &FlowSchedule::default(),
+            params,
+            &cond,
+            &mut rows,
+            &[1, 2],
+            &dev,
+            &mut obs,
+        )?;
+        assert!(out.x.is_none() && out.live.is_empty());
+        assert_eq!(obs.seen.len(), 1, "no step ran");
+        Ok(())
     }
 }

@@ -467,7 +467,7 @@ async fn distill_from_the_log_publishes_a_new_version_into_the_running_server() 
     cfg.store_url = Some(log_url.clone());
     cfg.admin_token = Some("sesame".into());
     let s = start(cfg).await;
-    let (_, before) = s.get("/v1/models").await;
+    let (_, before) = s.get("/models").await;
     let v0 = before["models"][0]["version"].as_str().unwrap().to_string();
 
     // Users ask for a few things and rate them.
@@ -533,7 +533,7 @@ async fn distill_from_the_log_publishes_a_new_version_into_the_running_server() 
     assert_eq!(used["prompts"]["prompts"], 3);
     assert_eq!(used["reward"]["used"], "verifier");
 
-    let (_, after) = s.get("/v1/models").await;
+    let (_, after) = s.get("/models").await;
     let v1 = after["models"][0]["version"].as_str().unwrap().to_string();
     assert_ne!(v1, v0, "the published student serves");
     let r: Value = s

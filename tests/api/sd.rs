@@ -21,7 +21,7 @@ async fn an_sdxl_manifest_serves_pngs_of_the_requested_size_beside_the_tiny_mode
     let s = start(cfg).await;
 
     // The manifest path is served under the manifest's name, and is the default model.
-    let (status, models) = s.get("/v1/models").await;
+    let (status, models) = s.get("/models").await;
     assert_eq!(status, 200);
     assert_eq!(models["default_model"], "sdxl-tiny");
     let sd = models["models"]

@@ -22,7 +22,8 @@ pub use tokenizer::TinyTokenizer;
 pub use unet::UNet;
 
 use crate::pipeline::{
-    sample, BatchResult, BatchSpec, Denoiser, FlowSchedule, RowNoise, SamplerParams,
+    sample_observed, BatchResult, BatchSpec, Denoiser, FlowSchedule, RowNoise, SamplerParams,
+    StepObserver, Unobserved,
 };
 
 /// The denoiser the architecture names, with its weights under `dit.` or `unet.`.
@@ -133,6 +134,17 @@ impl TinyModel {
 
     /// Runs a whole batch: encode, sample, decode to 8-bit frames.
     pub fn generate(&self, spec: &BatchSpec, params: SamplerParams) -> Result<BatchResult> {
+        self.generate_observed(spec, params, &mut Unobserved)
+    }
+
+    /// [`Self::generate`] under an observer that sees each step and may drop rows; the
+    /// outputs are those of the rows still live at the end.
+    pub fn generate_observed(
+        &self,
+        spec: &BatchSpec,
+        params: SamplerParams,
+        observer: &mut dyn StepObserver,
+    ) -> Result<BatchResult> {
         let start = Instant::now();
         let prompts: Vec<&str> = spec.prompts.iter().map(String::as_str).collect();
         let cond = self.encode(&prompts)?;
@@ -148,7 +160,7 @@ impl TinyModel {
         let mut rows: Vec<RowNoise> = spec.seeds.iter().map(|&s| RowNoise::new(s)).collect();
         let shape = [spec.frames, self.cfg.channels, spec.height, spec.width];
         let cond = TinyCond { cond, uncond };
-        let x0 = sample(
+        let sampled = sample_observed(
             self,
             &self.schedule,
             params,
@@ -156,11 +168,15 @@ impl TinyModel {
             &mut rows,
             &shape,
             &self.device,
+            observer,
         )?;
         let denoise_s = start.elapsed().as_secs_f64();
 
         let start = Instant::now();
-        let outputs = to_frames(&x0)?;
+        let outputs = match &sampled.x {
+            Some(x0) => to_frames(x0)?,
+            None => Vec::new(),
+        };
         Ok(BatchResult {
             outputs,
             text_s,
@@ -172,6 +188,20 @@ impl TinyModel {
 
 impl Denoiser for TinyModel {
     type Cond = TinyCond;
+
+    fn select_rows(&self, cond: &TinyCond, idx: &Tensor) -> Result<TinyCond> {
+        let rows = |c: &TextCond| -> Result<TextCond> {
+            Ok(TextCond {
+                tokens: c.tokens.index_select(idx, 0)?,
+                key_bias: c.key_bias.index_select(idx, 0)?,
+                pooled: c.pooled.index_select(idx, 0)?,
+            })
+        };
+        Ok(TinyCond {
+            cond: rows(&cond.cond)?,
+            uncond: cond.uncond.as_ref().map(rows).transpose()?,
+        })
+    }
 
     fn predict_x0(&self, x: &Tensor, t: &[f32], cond: &TinyCond, guidance: f32) -> Result<Tensor> {
         match (&cond.uncond, guidance > 1.0) {

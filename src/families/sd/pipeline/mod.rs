@@ -20,7 +20,10 @@ use super::tokenizer::ClipTokenizer;
 use super::unet::{AddedCond, UNet, UNetConfig};
 use super::vae::AutoencoderKl;
 use crate::pipeline::schedule::row_scale;
-use crate::pipeline::{sample, BatchResult, BatchSpec, Denoiser, RowNoise, SamplerParams};
+use crate::pipeline::{
+    sample_observed, BatchResult, BatchSpec, Denoiser, RowNoise, SamplerParams, StepObserver,
+    Unobserved,
+};
 
 /// How to load a model directory.
 #[derive(Debug, Clone, PartialEq)]
@@ -518,6 +521,16 @@ impl SdModel {
 
     /// Runs a whole batch: encode, sample (noise from each row's seed), decode to RGB frames.
     pub fn generate(&self, spec: &BatchSpec, params: SamplerParams) -> Result<BatchResult> {
+        self.generate_observed(spec, params, &mut Unobserved)
+    }
+
+    /// [`Self::generate`] under an observer that sees each step and may drop rows.
+    pub fn generate_observed(
+        &self,
+        spec: &BatchSpec,
+        params: SamplerParams,
+        observer: &mut dyn StepObserver,
+    ) -> Result<BatchResult> {
         if spec.frames != 1 {
             candle_core::bail!("Stable Diffusion models make images: frames must be 1");
         }
@@ -536,7 +549,7 @@ impl SdModel {
 
         let start = Instant::now();
         let mut rows: Vec<RowNoise> = spec.seeds.iter().map(|&s| RowNoise::new(s)).collect();
-        let x0 = sample(
+        let sampled = sample_observed(
             self,
             &self.schedule,
             params,
@@ -544,12 +557,15 @@ impl SdModel {
             &mut rows,
             &shape,
             &self.device,
+            observer,
         )?;
         let denoise_s = start.elapsed().as_secs_f64();
 
         let start = Instant::now();
-        let images = self.decode(&x0)?;
-        let outputs = crate::families::tiny::to_frames(&images.unsqueeze(1)?)?;
+        let outputs = match &sampled.x {
+            Some(x0) => self.frames(x0)?,
+            None => Vec::new(),
+        };
         Ok(BatchResult {
             outputs,
             text_s,
@@ -559,8 +575,38 @@ impl SdModel {
     }
 }
 
+impl SdModel {
+    /// Latents `[B, C, h, w]` decoded to one RGB frame per row.
+    pub fn frames(&self, x0: &Tensor) -> Result<Vec<Vec<image::RgbImage>>> {
+        let images = self.decode(x0)?;
+        crate::families::tiny::to_frames(&images.unsqueeze(1)?)
+    }
+}
+
 impl Denoiser for SdModel {
     type Cond = SdCond;
+
+    fn select_rows(&self, cond: &SdCond, idx: &Tensor) -> Result<SdCond> {
+        let rows = |t: &SdText| -> Result<SdText> {
+            Ok(SdText {
+                context: t.context.index_select(idx, 0)?,
+                pooled: t
+                    .pooled
+                    .as_ref()
+                    .map(|p| p.index_select(idx, 0))
+                    .transpose()?,
+            })
+        };
+        Ok(SdCond {
+            cond: rows(&cond.cond)?,
+            uncond: cond.uncond.as_ref().map(rows).transpose()?,
+            time_ids: cond
+                .time_ids
+                .as_ref()
+                .map(|t| t.index_select(idx, 0))
+                .transpose()?,
+        })
+    }
 
     /// `t` are schedule times (see [`DdpmSchedule`]); the clean end maps to timestep 0.
     fn predict_x0(&self, x: &Tensor, t: &[f32], cond: &SdCond, guidance: f32) -> Result<Tensor> {
