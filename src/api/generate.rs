@@ -119,11 +119,12 @@ pub fn submit_options(state: &AppState, v: &Validated, headers: &HeaderMap) -> S
 struct CancelOnDrop<'a> {
     jobs: &'a Jobs,
     cell: Arc<JobCell>,
+    armed: bool,
 }
 
 impl Drop for CancelOnDrop<'_> {
     fn drop(&mut self) {
-        if !self.cell.snapshot().state.is_finished() {
+        if self.armed && !self.cell.snapshot().state.is_finished() {
             let _ = self.jobs.stop(&self.cell.id, Stop::ClientGone);
         }
     }
@@ -137,12 +138,19 @@ pub async fn run_sync(
 ) -> Result<(String, Validated, Arc<JobResult>), ApiError> {
     let timeout = v.timeout;
     let cell = jobs.submit(v.clone(), opts)?.cell;
-    let guard = CancelOnDrop { jobs, cell };
+    let mut guard = CancelOnDrop {
+        jobs,
+        cell,
+        armed: true,
+    };
     let id = guard.cell.id.clone();
     match tokio::time::timeout(timeout, jobs.wait(&id)).await {
         Ok(result) => Ok((id, v, result?)),
-        // The guard cancels the job when this returns.
-        Err(_) => Err(EngineError::DeadlineExceeded.into()),
+        Err(_) => {
+            // The worker expires the job at the same deadline.
+            guard.armed = false;
+            Err(EngineError::DeadlineExceeded.into())
+        }
     }
 }
 
