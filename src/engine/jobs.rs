@@ -449,13 +449,16 @@ impl Registry {
     }
 }
 
+/// Encoded files, one per output.
+type Files = Vec<Vec<u8>>;
+
 /// Encodes every output (and, for videos, a PNG thumbnail of its first frame).
 fn encode_all(
     outputs: &[Vec<image::RgbImage>],
     format: OutputFormat,
     fps: u32,
     video: bool,
-) -> Result<(Vec<Vec<u8>>, Vec<Vec<u8>>), media::MediaError> {
+) -> Result<(Files, Files), media::MediaError> {
     let encoded = outputs
         .iter()
         .map(|f| media::encode(f, format, fps))
