@@ -127,6 +127,11 @@ impl From<JobError> for ApiError {
         match e {
             JobError::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "job_not_found", detail),
             JobError::Finished { .. } => Self::new(StatusCode::CONFLICT, "job_finished", detail),
+            JobError::Log(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the generation log is unavailable; try again later",
+            ),
         }
     }
 }

@@ -13,21 +13,25 @@ use tokio::sync::{broadcast, mpsc};
 use super::error::{ApiError, Problem};
 use super::schema::JobStatus;
 use super::AppState;
-use crate::engine::{JobCell, JobError, JobEvent, JobState, Jobs};
+use crate::engine::{JobCell, JobError, JobEvent, JobState, JobView, Jobs};
 
-/// A job's state, progress and (once completed) result.
+/// A job's state, progress and (once completed) result. A finished job that this replica no
+/// longer holds (another replica ran it, or it expired here after `job_ttl_s`) comes from the
+/// generation log: without `expires_at`, and with its `result` only when the model keeps
+/// media.
 #[utoipa::path(get, path = "/jobs/{id}", tag = "jobs", operation_id = "get_job",
     params(("id" = String, Path, description = "The job (= generation) id")),
     responses(
         (status = 200, description = "The job", body = JobStatus),
-        (status = 404, description = "Unknown, or expired after `job_ttl_s`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown, or expired after `job_ttl_s` on a server without a log", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The log store is unavailable", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = [])))]
 pub async fn job(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<JobStatus>, ApiError> {
-    let view = state.jobs.view(&id).ok_or(JobError::NotFound(id))?;
+    let view = state.jobs.find(&id).await?.ok_or(JobError::NotFound(id))?;
     Ok(Json(JobStatus::from_view(&view)))
 }
 
@@ -45,13 +49,14 @@ pub async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<JobStatus>, ApiError> {
-    let view = state.jobs.cancel(&id)?;
+    let view = state.jobs.cancel(&id).await?;
     Ok(Json(JobStatus::from_view(&view)))
 }
 
 /// The job's events as Server-Sent Events: `queued` (with `position`), `progress` after each
 /// denoising step (`step`, `steps`, `stage`, `percent`, `eta_s`), then one of `completed`
-/// (the job with its result), `failed` or `cancelled`, and the stream ends.
+/// (the job with its result), `failed` or `cancelled`, and the stream ends. A job that only the
+/// log knows (finished on another replica) gets its final event at once.
 #[utoipa::path(get, path = "/jobs/{id}/events", tag = "jobs", operation_id = "job_events",
     params(("id" = String, Path, description = "The job id")),
     responses(
@@ -63,9 +68,16 @@ pub async fn events(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let cell = state.jobs.get(&id).ok_or(JobError::NotFound(id))?;
     let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(forward(state.jobs.clone(), cell, tx));
+    match state.jobs.get(&id) {
+        Some(cell) => {
+            tokio::spawn(forward(state.jobs.clone(), cell, tx));
+        }
+        None => {
+            let view = state.jobs.find(&id).await?.ok_or(JobError::NotFound(id))?;
+            let _ = tx.send(final_event(&view)).await;
+        }
+    }
     Ok(Sse::new(channel_stream(rx)).keep_alive(KeepAlive::default()))
 }
 
@@ -87,15 +99,15 @@ fn json_event(name: &str, data: &impl serde::Serialize) -> Event {
 }
 
 /// The final event of a job: its name is the state, its data the job.
-fn final_event(jobs: &Jobs, id: &str, state: JobState) -> Event {
-    let name = match state {
-        JobState::Completed => "completed",
-        JobState::Cancelled => "cancelled",
-        _ => "failed",
-    };
+fn final_event(v: &JobView) -> Event {
+    json_event(v.progress.state.as_str(), &JobStatus::from_view(v))
+}
+
+/// The final event of a job of this process (a bare one if it expired in between).
+fn final_event_of(jobs: &Jobs, id: &str, state: JobState) -> Event {
     match jobs.view(id) {
-        Some(v) => json_event(name, &JobStatus::from_view(&v)),
-        None => Event::default().event(name),
+        Some(v) => final_event(&v),
+        None => Event::default().event(state.as_str()),
     }
 }
 
@@ -109,7 +121,7 @@ async fn forward(jobs: Jobs, cell: Arc<JobCell>, tx: mpsc::Sender<Event>) {
         }
         JobState::InProgress => json_event("progress", &now),
         done => {
-            let _ = tx.send(final_event(&jobs, &cell.id, done)).await;
+            let _ = tx.send(final_event_of(&jobs, &cell.id, done)).await;
             return;
         }
     };
@@ -124,7 +136,7 @@ async fn forward(jobs: Jobs, cell: Arc<JobCell>, tx: mpsc::Sender<Event>) {
             Ok(JobEvent::Progress(p)) if !p.state.is_finished() => json_event("progress", &p),
             Ok(JobEvent::Progress(_)) | Ok(JobEvent::Partial { .. }) => continue,
             Ok(JobEvent::Finished(state)) => {
-                let _ = tx.send(final_event(&jobs, &cell.id, state)).await;
+                let _ = tx.send(final_event_of(&jobs, &cell.id, state)).await;
                 return;
             }
             Err(broadcast::error::RecvError::Lagged(_)) => continue,

@@ -184,7 +184,8 @@ pub struct JobStatus {
     /// Unix seconds, once finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished: Option<u64>,
-    /// Unix seconds after which the finished job is forgotten.
+    /// Unix seconds after which this server forgets the finished job (absent when the job
+    /// comes from the generation log, which keeps it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<u64>,
     /// 1-based place in the queue while queued.
@@ -200,7 +201,8 @@ pub struct JobStatus {
     /// Seconds left, from the measured step times.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_s: Option<f64>,
-    /// The outputs, once completed (the body `POST /generate` answers).
+    /// The outputs, once completed (the body `POST /generate` answers). From the generation
+    /// log, only when the model keeps media (`keep_media`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<GenerateResponse>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

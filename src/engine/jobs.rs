@@ -1,6 +1,10 @@
 //! The job system every front end goes through: submit a validated request, then wait for it,
 //! watch it (progress, partial images) or cancel it. Results are kept for `job_ttl_s` within
 //! `job_results_bytes`, then expire. Media encoding runs here, off the device thread.
+//!
+//! Every finished job is also written to the generation log (when there is one), with its
+//! generation when it completed, so [`Jobs::find`] can answer for a job this process no
+//! longer holds: one another replica ran, or one that expired here.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +18,7 @@ use tokio::sync::{broadcast, oneshot};
 use super::job::{JobCell, JobEvent, JobState, Progress, Stop};
 use super::{BucketKey, Engine, EngineError, Job, JobOutput, Validated};
 use crate::media::{self, OutputFormat};
-use crate::store::{GenerationRecord, LogWriter, StoredOutput};
+use crate::store::{GenerationRecord, JobRecord, LogEntry, LogWriter, StoreError, StoredOutput};
 
 /// How long finished jobs are kept, and in how many bytes of results.
 #[derive(Debug, Clone)]
@@ -80,6 +84,16 @@ pub enum JobError {
     NotFound(String),
     #[error("job {id} has already {state:?}")]
     Finished { id: String, state: JobState },
+    /// The generation log could not be read (or held a row this version cannot read).
+    #[error("the job log is unavailable: {0}")]
+    Log(String),
+}
+
+impl From<StoreError> for JobError {
+    fn from(e: StoreError) -> Self {
+        tracing::warn!(error = %e, "job log lookup failed");
+        Self::Log(e.to_string())
+    }
 }
 
 /// What a front end shows of a job.
@@ -101,8 +115,11 @@ struct Entry {
     cell: Arc<JobCell>,
     request: Arc<Validated>,
     seq: u64,
-    created: u64,
-    finished: Option<(Instant, u64)>,
+    /// Unix milliseconds.
+    created_ms: i64,
+    /// When it finished, and in Unix milliseconds.
+    finished: Option<(Instant, i64)>,
+    opts: Submit,
     /// Shared with waiters, so a result evicted at once still reaches its caller.
     outcome: Arc<OnceLock<Outcome>>,
 }
@@ -167,8 +184,9 @@ impl Jobs {
                     cell: cell.clone(),
                     request: request.clone(),
                     seq,
-                    created: crate::util::unix_ms() as u64 / 1000,
+                    created_ms: crate::util::unix_ms(),
                     finished: None,
+                    opts,
                     outcome: Arc::default(),
                 },
             );
@@ -201,7 +219,7 @@ impl Jobs {
             cell.queued(p);
         }
         let jobs = self.clone();
-        tokio::spawn(async move { jobs.complete(id, request, rx, now, opts).await });
+        tokio::spawn(async move { jobs.complete(id, request, rx, now).await });
         Ok(Submitted { cell, events })
     }
 
@@ -212,37 +230,43 @@ impl Jobs {
         v: Arc<Validated>,
         rx: oneshot::Receiver<Result<JobOutput, EngineError>>,
         submitted: Instant,
-        opts: Submit,
     ) {
         let Some(cell) = self.cell(&id) else { return };
         let reply = rx.await.unwrap_or(Err(EngineError::Draining));
         let outcome = match reply {
             Ok(out) if cell.stopped().is_none() => {
                 cell.encoding_media();
-                self.encode(&id, &v, out, submitted, &opts).await
+                self.encode(&v, out, submitted).await
             }
             Ok(_) | Err(EngineError::Cancelled) => Err(EngineError::Cancelled),
             Err(e) => Err(e),
         };
+        self.finish(&cell, outcome);
+        self.entries().prune(&self.inner.cfg, Instant::now());
+    }
+
+    /// Records a job's outcome once (a cancel and the worker's reply may race), tells its
+    /// subscribers, and hands it to the log.
+    fn finish(&self, cell: &JobCell, outcome: Outcome) {
         let state = match &outcome {
             Ok(_) => JobState::Completed,
             Err(EngineError::Cancelled) => JobState::Cancelled,
             Err(_) => JobState::Failed,
         };
-        {
-            self.entries().settle(&id, outcome);
-        }
+        let Some(settled) = self.entries().settle(&cell.id, outcome) else {
+            return;
+        };
         cell.finish(state);
-        self.entries().prune(&self.inner.cfg, Instant::now());
+        if let Some(log) = &self.inner.log {
+            log.log(log_entry(&cell.id, &settled, &cell.snapshot()));
+        }
     }
 
     async fn encode(
         &self,
-        id: &str,
         v: &Validated,
         out: JobOutput,
         submitted: Instant,
-        opts: &Submit,
     ) -> Result<Arc<JobResult>, EngineError> {
         let start = Instant::now();
         let (format, fps, video) = (v.format, self.inner.cfg.fps, v.frames > 1);
@@ -269,9 +293,6 @@ impl Jobs {
             encoding_s,
             total_s,
         };
-        if let Some(log) = &self.inner.log {
-            log.log(log_record(id, v, &result, opts));
-        }
         Ok(Arc::new(result))
     }
 
@@ -299,16 +320,39 @@ impl Jobs {
         let mut progress = e.cell.snapshot();
         progress.position = position;
         let ttl = self.inner.cfg.ttl.as_secs();
+        let finished = e.finished.map(|f| f.1 as u64 / 1000);
         Some(JobView {
             id: id.to_string(),
-            created: e.created,
-            finished: e.finished.map(|f| f.1),
-            expires_at: e.finished.map(|f| f.1 + ttl),
+            created: e.created_ms as u64 / 1000,
+            finished,
+            expires_at: finished.map(|f| f + ttl),
             progress,
             request: e.request.clone(),
             result: e.outcome.get().and_then(|o| o.as_ref().ok().cloned()),
             error: e.outcome.get().and_then(|o| o.as_ref().err().cloned()),
         })
+    }
+
+    /// The job as this process holds it or, failing that, as the generation log has it (run
+    /// by another replica, or expired here). `None` when neither knows it.
+    pub async fn find(&self, id: &str) -> Result<Option<JobView>, JobError> {
+        if let Some(v) = self.view(id) {
+            return Ok(Some(v));
+        }
+        let Some(log) = &self.inner.log else {
+            return Ok(None);
+        };
+        // A job of this process may have finished a moment ago, its row still on its way.
+        log.settle(id, LOG_SETTLE).await;
+        let Some(job) = log.store.job(id).await? else {
+            return Ok(None);
+        };
+        let generation = if job.state == JobState::Completed.as_str() {
+            log.store.generation(id).await?
+        } else {
+            None
+        };
+        Ok(Some(logged_view(job, generation, self.inner.cfg.fps)?))
     }
 
     /// Every job kept, newest first.
@@ -345,21 +389,45 @@ impl Jobs {
     }
 
     /// Cancels a queued job (it leaves the queue now) or a running one (its rows leave the
-    /// batch at the next step).
-    pub fn cancel(&self, id: &str) -> Result<JobView, JobError> {
-        self.stop(id, Stop::Cancelled)?;
-        self.view(id)
-            .ok_or_else(|| JobError::NotFound(id.to_string()))
+    /// batch at the next step). A job that only the log knows has finished, so cancelling it
+    /// is refused as for any finished job.
+    pub async fn cancel(&self, id: &str) -> Result<JobView, JobError> {
+        match self.stop(id, Stop::Cancelled) {
+            Ok(()) => self
+                .view(id)
+                .ok_or_else(|| JobError::NotFound(id.to_string())),
+            Err(JobError::NotFound(_)) => match self.find(id).await? {
+                Some(v) => Err(JobError::Finished {
+                    id: id.to_string(),
+                    state: v.progress.state,
+                }),
+                None => Err(JobError::NotFound(id.to_string())),
+            },
+            Err(e) => Err(e),
+        }
     }
 
-    /// Cancels the job if it has not finished, then forgets it.
-    pub fn remove(&self, id: &str) -> Result<(), JobError> {
-        match self.stop(id, Stop::Cancelled) {
-            Ok(()) | Err(JobError::Finished { .. }) => {}
+    /// Cancels the job if it has not finished, then forgets it, here and in the log (its
+    /// generation stays logged).
+    pub async fn remove(&self, id: &str) -> Result<(), JobError> {
+        let here = match self.stop(id, Stop::Cancelled) {
+            Ok(()) | Err(JobError::Finished { .. }) => true,
+            Err(JobError::NotFound(_)) => false,
             Err(e) => return Err(e),
-        }
+        };
         self.entries().remove(id);
-        Ok(())
+        let logged = match &self.inner.log {
+            Some(log) => {
+                log.settle(id, LOG_SETTLE).await;
+                log.store.delete_job(id).await?
+            }
+            None => false,
+        };
+        if here || logged {
+            Ok(())
+        } else {
+            Err(JobError::NotFound(id.to_string()))
+        }
     }
 
     /// Stops a job for `why`; a queued job's admission slot is released at once.
@@ -372,8 +440,7 @@ impl Jobs {
                 if was_queued {
                     self.inner.engine.release_slot();
                 }
-                self.entries().settle(id, Err(EngineError::Cancelled));
-                cell.finish(JobState::Cancelled);
+                self.finish(&cell, Err(EngineError::Cancelled));
                 Ok(())
             }
             Err(state) => Err(JobError::Finished {
@@ -400,18 +467,33 @@ fn result_bytes(e: &Entry) -> usize {
     }
 }
 
+/// What the log needs of a job that just finished.
+struct Settled {
+    request: Arc<Validated>,
+    created_ms: i64,
+    finished_ms: i64,
+    opts: Submit,
+    outcome: Outcome,
+}
+
 impl Registry {
-    /// Records a job's outcome once (a cancel and the worker's reply may race).
-    fn settle(&mut self, id: &str, outcome: Outcome) {
-        let Some(e) = self.map.get_mut(id) else {
-            return;
+    /// Records a job's outcome once (a cancel and the worker's reply may race); `None` when
+    /// it was recorded before (or the job is gone).
+    fn settle(&mut self, id: &str, outcome: Outcome) -> Option<Settled> {
+        let e = self.map.get_mut(id)?;
+        e.outcome.set(outcome).ok()?;
+        let (now, now_ms) = (Instant::now(), crate::util::unix_ms());
+        e.finished = Some((now, now_ms));
+        let settled = Settled {
+            request: e.request.clone(),
+            created_ms: e.created_ms,
+            finished_ms: now_ms,
+            opts: e.opts.clone(),
+            outcome: e.outcome.get()?.clone(),
         };
-        if e.outcome.set(outcome).is_ok() {
-            let now = Instant::now();
-            e.finished = Some((now, crate::util::unix_ms() as u64 / 1000));
-            self.bytes += result_bytes(e);
-            self.finished.push_back((now, id.to_string()));
-        }
+        self.bytes += result_bytes(e);
+        self.finished.push_back((now, id.to_string()));
+        Some(settled)
     }
 
     fn remove(&mut self, id: &str) {
@@ -474,13 +556,128 @@ fn encode_all(
     Ok((encoded, thumbnails))
 }
 
-/// The log row of a finished job.
-fn log_record(id: &str, v: &Validated, r: &JobResult, opts: &Submit) -> GenerationRecord {
+/// How long a lookup waits for this process's own log row of a job that just finished.
+const LOG_SETTLE: Duration = Duration::from_secs(2);
+
+/// The log rows of a finished job: its state and, when it completed, its generation.
+fn log_entry(id: &str, s: &Settled, progress: &Progress) -> LogEntry {
+    let v = &s.request;
+    let state = progress.state;
+    LogEntry {
+        job: JobRecord {
+            id: id.to_string(),
+            model: v.model.clone(),
+            state: state.as_str().to_string(),
+            created_ms: s.created_ms,
+            finished_ms: s.finished_ms,
+            request: serde_json::to_value(v.as_ref()).unwrap_or_default(),
+            progress: serde_json::to_value(progress).unwrap_or_default(),
+            error: s
+                .outcome
+                .as_ref()
+                .err()
+                .and_then(|e| serde_json::to_value(e).ok()),
+            api_key_id: s.opts.owner.clone(),
+        },
+        generation: s
+            .outcome
+            .as_ref()
+            .ok()
+            .map(|r| generation_record(id, s.finished_ms, v, r, &s.opts)),
+    }
+}
+
+/// A job as the log has it, in the shape of a live one (no expiry: the log keeps it). A
+/// completed job has its result when its model keeps media (`keep_media`); a video's
+/// thumbnail is made again from its first frame.
+fn logged_view(
+    job: JobRecord,
+    generation: Option<GenerationRecord>,
+    fps: u32,
+) -> Result<JobView, StoreError> {
+    let corrupt = |what: &str, e: &dyn std::fmt::Display| {
+        StoreError::Corrupt(format!("job {}: {what}: {e}", job.id))
+    };
+    let request: Validated =
+        serde_json::from_value(job.request.clone()).map_err(|e| corrupt("request", &e))?;
+    let progress: Progress =
+        serde_json::from_value(job.progress.clone()).map_err(|e| corrupt("progress", &e))?;
+    let error: Option<EngineError> = job
+        .error
+        .clone()
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|e| corrupt("error", &e))?;
+    let result = match generation.filter(|g| !g.outputs.is_empty()) {
+        Some(g) => Some(Arc::new(
+            logged_result(&g, request.frames > 1, fps).map_err(|e| corrupt("outputs", &e))?,
+        )),
+        None => None,
+    };
+    Ok(JobView {
+        id: job.id,
+        created: job.created_ms as u64 / 1000,
+        finished: Some(job.finished_ms as u64 / 1000),
+        expires_at: None,
+        progress,
+        request: Arc::new(request),
+        result,
+        error,
+    })
+}
+
+/// A completed job's result from its logged generation and kept outputs.
+fn logged_result(g: &GenerationRecord, video: bool, fps: u32) -> Result<JobResult, String> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let encoded = g
+        .outputs
+        .iter()
+        .map(|o| b64.decode(&o.data).map_err(|e| e.to_string()))
+        .collect::<Result<Files, _>>()?;
+    let thumbnails = if video {
+        g.outputs
+            .iter()
+            .zip(&encoded)
+            .map(|(o, bytes)| {
+                let frames = media::decode(bytes, &o.media_type).map_err(|e| e.to_string())?;
+                media::encode(&frames[..1.min(frames.len())], OutputFormat::Png, fps)
+                    .map_err(|e| e.to_string())
+            })
+            .collect::<Result<Files, _>>()?
+    } else {
+        Vec::new()
+    };
+    let ms = |k: &str| g.timings[k].as_f64().unwrap_or(0.0) / 1e3;
+    Ok(JobResult {
+        output: JobOutput {
+            outputs: Vec::new(),
+            model_version: g.model_version.clone(),
+            batch_size: g.batch_size as usize,
+            queue_s: ms("queue_ms"),
+            text_s: ms("text_encoding_ms"),
+            denoise_s: ms("denoising_ms"),
+            decode_s: ms("decoding_ms"),
+        },
+        encoded,
+        thumbnails,
+        encoding_s: ms("encoding_ms"),
+        total_s: ms("total_ms"),
+    })
+}
+
+/// The generation row of a completed job.
+fn generation_record(
+    id: &str,
+    created_ms: i64,
+    v: &Validated,
+    r: &JobResult,
+    opts: &Submit,
+) -> GenerationRecord {
     let b64 = base64::engine::general_purpose::STANDARD;
     let out = &r.output;
     GenerationRecord {
         id: id.to_string(),
-        created_ms: crate::util::unix_ms(),
+        created_ms,
         model: v.model.clone(),
         model_version: out.model_version.clone(),
         prompt: v.prompt.clone(),

@@ -28,7 +28,8 @@ pub use job::{JobCell, JobEvent, JobState, Progress, Stage, Stop};
 pub use jobs::{JobError, JobResult, JobView, Jobs, JobsConfig, Submit, Submitted};
 pub use validation::{validate, GenerationRequest, Validated, ValidationError};
 
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+/// Why a job did not produce its result (logged with the job, hence serde).
+#[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum EngineError {
     #[error("the queue is full ({capacity} requests waiting); retry later")]
     QueueFull { capacity: usize },

@@ -29,8 +29,9 @@ pub struct GenerationRequest {
     pub timeout_ms: Option<u64>,
 }
 
-/// A request that passed validation, with every default filled in and its seeds drawn.
-#[derive(Debug, Clone)]
+/// A request that passed validation, with every default filled in and its seeds drawn. It is
+/// logged with its job (JSON), so another replica can show the job.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Validated {
     pub model: String,
     pub prompt: String,

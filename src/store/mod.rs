@@ -56,6 +56,33 @@ pub struct GenerationRecord {
     pub outputs: Vec<StoredOutput>,
 }
 
+/// A finished job (completed, failed or cancelled), as any replica can read it back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// The job's id; a completed job's generation has the same id.
+    pub id: String,
+    pub model: String,
+    /// `completed`, `failed` or `cancelled`.
+    pub state: String,
+    pub created_ms: i64,
+    pub finished_ms: i64,
+    /// The validated request (JSON).
+    pub request: serde_json::Value,
+    /// The progress when it finished (JSON).
+    pub progress: serde_json::Value,
+    /// Why it failed or was cancelled (JSON).
+    pub error: Option<serde_json::Value>,
+    pub api_key_id: Option<String>,
+}
+
+/// What the log writer stores for one finished job: its state and, when it completed, its
+/// generation, in one transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogEntry {
+    pub job: JobRecord,
+    pub generation: Option<GenerationRecord>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredOutput {
     pub index: i64,
@@ -102,11 +129,14 @@ pub struct Store {
 
 /// The versioned schema, embedded in the binary (files under `migrations/`, applied in order
 /// and recorded in `_sqlx_migrations`).
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "generation log",
-    include_str!("../../migrations/0001_generation_log.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "generation log",
+        include_str!("../../migrations/0001_generation_log.sql"),
+    ),
+    (2, "jobs", include_str!("../../migrations/0002_jobs.sql")),
+];
 
 fn migrator() -> sqlx::migrate::Migrator {
     use sqlx::migrate::{Migration, MigrationType, Migrator};
@@ -173,44 +203,74 @@ impl Store {
     /// Writes a generation and its kept outputs in one transaction.
     pub async fn insert_generation(&self, g: &GenerationRecord) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO generations (id, created_ms, model, model_version, prompt, \
-             negative_prompt, kind, width, height, frames, steps, guidance, seeds, batch_size, \
-             timings, api_key_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
-             $13, $14, $15, $16)",
-        )
-        .bind(&g.id)
-        .bind(g.created_ms)
-        .bind(&g.model)
-        .bind(&g.model_version)
-        .bind(&g.prompt)
-        .bind(&g.negative_prompt)
-        .bind(&g.kind)
-        .bind(g.width)
-        .bind(g.height)
-        .bind(g.frames)
-        .bind(g.steps)
-        .bind(g.guidance)
-        .bind(serde_json::to_string(&g.seeds).unwrap_or_default())
-        .bind(g.batch_size)
-        .bind(g.timings.to_string())
-        .bind(g.api_key_id.clone())
-        .execute(&mut *tx)
-        .await?;
-        for o in &g.outputs {
-            sqlx::query(
-                "INSERT INTO outputs (generation_id, output_index, media_type, data) \
-                 VALUES ($1, $2, $3, $4)",
-            )
-            .bind(&g.id)
-            .bind(o.index)
-            .bind(&o.media_type)
-            .bind(&o.data)
-            .execute(&mut *tx)
-            .await?;
-        }
+        insert_generation_in(&mut tx, g).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Writes a finished job and, when it completed, its generation, in one transaction.
+    pub async fn insert_job(&self, e: &LogEntry) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(g) = &e.generation {
+            insert_generation_in(&mut tx, g).await?;
+        }
+        let j = &e.job;
+        sqlx::query(
+            "INSERT INTO jobs (id, model, state, created_ms, finished_ms, request, progress, \
+             error, api_key_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&j.id)
+        .bind(&j.model)
+        .bind(&j.state)
+        .bind(j.created_ms)
+        .bind(j.finished_ms)
+        .bind(j.request.to_string())
+        .bind(j.progress.to_string())
+        .bind(j.error.as_ref().map(|e| e.to_string()))
+        .bind(j.api_key_id.clone())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Forgets a finished job; false when there was none.
+    pub async fn delete_job(&self, id: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM jobs WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// A finished job, or `None`.
+    pub async fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let Some(row) = sqlx::query("SELECT * FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let json = |col: &str| -> Result<serde_json::Value, StoreError> {
+            let text: String = row.try_get(col)?;
+            serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("jobs.{col}: {e}")))
+        };
+        let error: Option<String> = row.try_get("error")?;
+        Ok(Some(JobRecord {
+            id: row.try_get("id")?,
+            model: row.try_get("model")?,
+            state: row.try_get("state")?,
+            created_ms: row.try_get("created_ms")?,
+            finished_ms: row.try_get("finished_ms")?,
+            request: json("request")?,
+            progress: json("progress")?,
+            error: error
+                .map(|e| serde_json::from_str(&e))
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(format!("jobs.error: {e}")))?,
+            api_key_id: row.try_get("api_key_id")?,
+        }))
     }
 
     fn generation_from(row: &AnyRow) -> Result<GenerationRecord, StoreError> {
@@ -367,4 +427,48 @@ impl Store {
         sqlx::query(sql).execute(&self.pool).await?;
         Ok(())
     }
+}
+
+/// Inserts a generation and its kept outputs inside the caller's transaction.
+async fn insert_generation_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    g: &GenerationRecord,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO generations (id, created_ms, model, model_version, prompt, \
+         negative_prompt, kind, width, height, frames, steps, guidance, seeds, batch_size, \
+         timings, api_key_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
+         $13, $14, $15, $16)",
+    )
+    .bind(&g.id)
+    .bind(g.created_ms)
+    .bind(&g.model)
+    .bind(&g.model_version)
+    .bind(&g.prompt)
+    .bind(&g.negative_prompt)
+    .bind(&g.kind)
+    .bind(g.width)
+    .bind(g.height)
+    .bind(g.frames)
+    .bind(g.steps)
+    .bind(g.guidance)
+    .bind(serde_json::to_string(&g.seeds).unwrap_or_default())
+    .bind(g.batch_size)
+    .bind(g.timings.to_string())
+    .bind(g.api_key_id.clone())
+    .execute(&mut **tx)
+    .await?;
+    for o in &g.outputs {
+        sqlx::query(
+            "INSERT INTO outputs (generation_id, output_index, media_type, data) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&g.id)
+        .bind(o.index)
+        .bind(&o.media_type)
+        .bind(&o.data)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
 }

@@ -1,5 +1,5 @@
-//! The bounded, asynchronous log writer: generations are handed over without waiting and
-//! written in the background. A full buffer or a failing database drops records (with a
+//! The bounded, asynchronous log writer: finished jobs (with their generations) are handed
+//! over without waiting and written in the background. A full buffer or a failing database drops records (with a
 //! warning and a metric); it never blocks or fails a generation.
 
 use std::collections::HashSet;
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify};
 
-use super::{GenerationRecord, Store};
+use super::{LogEntry, Store};
 
 /// Ids handed to the writer but not yet written, so that feedback arriving right after a
 /// generation can wait for its row instead of getting a 404.
@@ -20,7 +20,7 @@ struct Pending {
 
 #[derive(Clone)]
 pub struct LogWriter {
-    tx: mpsc::Sender<GenerationRecord>,
+    tx: mpsc::Sender<LogEntry>,
     pending: Arc<Pending>,
     pub store: Store,
 }
@@ -28,24 +28,24 @@ pub struct LogWriter {
 impl LogWriter {
     /// Starts the writer task with room for `capacity` unwritten records.
     pub fn spawn(store: Store, capacity: usize) -> Self {
-        let (tx, mut rx) = mpsc::channel::<GenerationRecord>(capacity.max(1));
+        let (tx, mut rx) = mpsc::channel::<LogEntry>(capacity.max(1));
         let pending = Arc::new(Pending::default());
         let (task_store, task_pending) = (store.clone(), pending.clone());
         tokio::spawn(async move {
             while let Some(rec) = rx.recv().await {
-                match task_store.insert_generation(&rec).await {
+                match task_store.insert_job(&rec).await {
                     Ok(()) => metrics::counter!("fewstep_log_written_total").increment(1),
                     Err(e) => {
                         metrics::counter!("fewstep_log_dropped_total", "reason" => "db_error")
                             .increment(1);
-                        tracing::warn!(id = %rec.id, error = %e, "generation log write failed; record dropped");
+                        tracing::warn!(id = %rec.job.id, error = %e, "generation log write failed; record dropped");
                     }
                 }
                 task_pending
                     .ids
                     .lock()
                     .expect("pending lock poisoned")
-                    .remove(&rec.id);
+                    .remove(&rec.job.id);
                 task_pending.written.notify_waiters();
             }
         });
@@ -53,8 +53,8 @@ impl LogWriter {
     }
 
     /// Hands a record over without waiting; drops it (and says so) when the buffer is full.
-    pub fn log(&self, rec: GenerationRecord) {
-        let id = rec.id.clone();
+    pub fn log(&self, rec: LogEntry) {
+        let id = rec.job.id.clone();
         self.pending
             .ids
             .lock()

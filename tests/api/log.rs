@@ -546,3 +546,142 @@ async fn distill_from_the_log_publishes_a_new_version_into_the_running_server() 
     s.handle.shutdown().await.unwrap();
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `GET` on `path` until it is no longer 404 (another replica's log writer may be behind).
+async fn get_once_logged(s: &TestServer, path: &str) -> (u16, Value) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = s.get(path).await;
+        if status != 404 || std::time::Instant::now() >= deadline {
+            return (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Job state goes to the log: a second replica sharing it answers for the first one's jobs
+/// (`GET /jobs/{id}`, its events, `DELETE`, the OpenAI video routes), and so does the first
+/// once a job has left its memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_are_answered_from_the_log_by_any_replica() {
+    use super::jobs::{png_pixels, sse, submit_async};
+    let dir = models_dir("joblog", |m| {
+        set(m, "serving", "keep_media", true);
+        set(m, "serving", "max_batch", 1);
+    });
+    for url in store_urls("joblog", &dir).await {
+        let mut cfg = config(&dir);
+        cfg.store_url = Some(url.clone());
+        cfg.job_ttl_s = 1;
+        let a = std::sync::Arc::new(start(cfg.clone()).await);
+        let image: Value = a
+            .generate(json!({"prompt": "a red circle", "seed": 5, "steps": 2}))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let image_id = image["id"].as_str().unwrap().to_string();
+        let video: Value = a
+            .generate(
+                json!({"prompt": "a red circle moving right", "num_frames": 8,
+                             "steps": 1, "output_format": "mp4"}),
+            )
+            .await
+            .json()
+            .await
+            .unwrap();
+        let video_id = video["id"].as_str().unwrap().to_string();
+        // A queued job behind a busy worker, cancelled before it ran.
+        let busy = keep_worker_busy(&a);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (cancelled, _) = submit_async(&a, json!({"prompt": "a blue square", "steps": 1})).await;
+        assert_eq!(
+            a.delete(&format!("/jobs/{cancelled}")).await.0,
+            200,
+            "{url}"
+        );
+        assert_eq!(busy.await.unwrap(), 200);
+
+        // Replica B shares the log, and holds none of A's jobs.
+        let mut cfg_b = cfg.clone();
+        cfg_b.job_ttl_s = 600;
+        let b = start(cfg_b).await;
+        let (status, job) = get_once_logged(&b, &format!("/jobs/{image_id}")).await;
+        assert_eq!(status, 200, "{url}: {job}");
+        assert_eq!(job["state"], "completed");
+        assert_eq!(
+            (job["step"].as_u64(), job["progress"].as_u64()),
+            (Some(2), Some(100))
+        );
+        assert!(job.get("expires_at").is_none(), "the log keeps it: {job}");
+        let result = &job["result"];
+        assert_eq!(result["id"], image_id.as_str());
+        assert_eq!(result["outputs"][0]["seed"], 5);
+        assert_eq!(result["model_version"], image["model_version"]);
+        assert_eq!(
+            png_pixels(&result["outputs"][0]["data"]),
+            png_pixels(&image["outputs"][0]["data"]),
+            "{url}"
+        );
+        let (status, job) = get_once_logged(&b, &format!("/jobs/{cancelled}")).await;
+        assert_eq!(status, 200, "{url}: {job}");
+        assert_eq!(job["state"], "cancelled");
+        assert_eq!(job["error"]["code"], "job_cancelled");
+        assert_eq!(job["step"], 0);
+        assert!(job.get("result").is_none());
+        let (status, _) = b.get("/jobs/gen_unknown").await;
+        assert_eq!(status, 404);
+
+        // Its events: the final one at once. Cancelling it: refused, it has finished.
+        let res = b
+            .client
+            .get(b.url(&format!("/jobs/{image_id}/events")))
+            .send()
+            .await
+            .unwrap();
+        let events = sse(res).await;
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].0, "completed");
+        assert_eq!(events[0].1["result"]["id"], image_id.as_str());
+        let (status, p) = b.delete(&format!("/jobs/{image_id}")).await;
+        assert_eq!((status, p["code"].as_str()), (409, Some("job_finished")));
+
+        // The OpenAI video routes read the log too: status, the MP4, its thumbnail; delete.
+        let (status, v) = get_once_logged(&b, &format!("/v1/videos/{video_id}")).await;
+        assert_eq!(status, 200, "{url}: {v}");
+        assert_eq!(
+            (v["status"].as_str(), v["progress"].as_u64()),
+            (Some("completed"), Some(100))
+        );
+        let mp4 = b
+            .client
+            .get(b.url(&format!("/v1/videos/{video_id}/content")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(mp4.headers()["content-type"], "video/mp4");
+        let frames = fewstep::media::decode(&mp4.bytes().await.unwrap(), "video/mp4").unwrap();
+        assert_eq!(frames.len(), 8);
+        let thumb = b
+            .client
+            .get(b.url(&format!("/v1/videos/{video_id}/content?variant=thumbnail")))
+            .send()
+            .await
+            .unwrap();
+        let thumb = image::load_from_memory(&thumb.bytes().await.unwrap()).unwrap();
+        assert_eq!((thumb.width(), thumb.height()), (32, 32));
+        assert_eq!(b.delete(&format!("/v1/videos/{video_id}")).await.0, 200);
+        assert_eq!(b.get(&format!("/v1/videos/{video_id}")).await.0, 404);
+
+        // Replica A, once its jobs have expired from memory (ttl 1 s), answers from the log.
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        let (status, job) = a.get(&format!("/jobs/{image_id}")).await;
+        assert_eq!(status, 200, "{url}: {job}");
+        assert_eq!(job["state"], "completed");
+        assert!(job.get("expires_at").is_none(), "from the log: {job}");
+        b.handle.shutdown().await.unwrap();
+        let a = std::sync::Arc::into_inner(a).expect("the busy client is done");
+        a.handle.shutdown().await.unwrap();
+        drop_database(&url).await;
+    }
+}

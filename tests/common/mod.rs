@@ -82,7 +82,16 @@ impl TestServer {
 
     /// `GET path`: the status and the JSON body (`Null` when the body is not JSON).
     pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
-        let r = self.client.get(self.url(path)).send().await.unwrap();
+        Self::status_and_json(self.client.get(self.url(path))).await
+    }
+
+    /// `DELETE path`: the status and the JSON body (`Null` when the body is not JSON).
+    pub async fn delete(&self, path: &str) -> (u16, serde_json::Value) {
+        Self::status_and_json(self.client.delete(self.url(path))).await
+    }
+
+    async fn status_and_json(req: reqwest::RequestBuilder) -> (u16, serde_json::Value) {
+        let r = req.send().await.unwrap();
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or_default())
     }

@@ -248,10 +248,12 @@ pub async fn create(
     Ok(Json(video(&view, fps)))
 }
 
-fn find(state: &AppState, id: &str) -> Result<JobView, OpenAiError> {
+/// The video job, from this replica or the log.
+async fn find(state: &AppState, id: &str) -> Result<JobView, OpenAiError> {
     state
         .jobs
-        .view(id)
+        .find(id)
+        .await?
         .filter(|v| v.request.frames > 1)
         .ok_or_else(|| {
             OpenAiError::from(ApiError::new(
@@ -274,7 +276,10 @@ pub async fn retrieve(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Video>, OpenAiError> {
-    Ok(Json(video(&find(&state, &id)?, state.config.video_fps)))
+    Ok(Json(video(
+        &find(&state, &id).await?,
+        state.config.video_fps,
+    )))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -333,8 +338,8 @@ pub async fn delete(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<VideoDeleted>, OpenAiError> {
-    find(&state, &id)?;
-    state.jobs.remove(&id)?;
+    find(&state, &id).await?;
+    state.jobs.remove(&id).await?;
     Ok(Json(VideoDeleted {
         id,
         object: "video.deleted".into(),
@@ -365,7 +370,7 @@ pub async fn content(
     Path(id): Path<String>,
     Query(q): Query<ContentQuery>,
 ) -> Result<Response, OpenAiError> {
-    let view = find(&state, &id)?;
+    let view = find(&state, &id).await?;
     let Some(result) = view.result else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
