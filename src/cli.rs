@@ -244,6 +244,10 @@ pub struct BenchArgs {
     /// Requests per concurrency level (each level also stops after --max-seconds).
     #[arg(long, default_value_t = 256)]
     pub requests: usize,
+    /// With --http: synchronous requests against asynchronous jobs (`Prefer: respond-async`,
+    /// then the job's events) at this concurrency, in alternating rounds; 0 skips it.
+    #[arg(long, default_value_t = 32)]
+    pub sync_vs_async: usize,
     #[arg(long, default_value_t = 60)]
     pub max_seconds: u64,
     /// Compare end-to-end generation speed of these models (comma-separated; each with its
@@ -846,7 +850,9 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 fn bench_http(args: &BenchArgs, manifest: &crate::manifest::Manifest) -> anyhow::Result<()> {
-    use crate::bench::http::{engine_throughput, http_load};
+    use crate::bench::http::{engine_throughput, http_load, sync_vs_async, Mode};
+    /// Alternating rounds of each side in the sync/async comparison.
+    const ROUNDS: usize = 3;
     let steps = args.steps.unwrap_or(manifest.sampling.default_steps);
     let guidance = args.guidance.unwrap_or(manifest.sampling.default_guidance);
     let config = ServerConfig {
@@ -882,33 +888,33 @@ fn bench_http(args: &BenchArgs, manifest: &crate::manifest::Manifest) -> anyhow:
     drop(model);
     let rt = runtime()?;
     let body = serde_json::json!({"prompt": "a small red circle on the left", "steps": steps, "guidance": guidance});
-    let http_rows = rt.block_on(async {
+    let max_time = std::time::Duration::from_secs(args.max_seconds);
+    let (http_rows, versus) = rt.block_on(async {
         let handle = crate::server::spawn(config, std::future::pending()).await?;
         let base = format!("http://{}", handle.addr);
         let mut rows = Vec::new();
         for &c in &args.concurrency {
             // Warm up the connection pool and the batch shapes.
-            http_load(
-                &base,
-                body.clone(),
-                c,
-                c,
-                std::time::Duration::from_secs(args.max_seconds),
-            )
-            .await;
-            rows.push(
-                http_load(
+            http_load(&base, body.clone(), Mode::Sync, c, c, max_time).await;
+            rows.push(http_load(&base, body.clone(), Mode::Sync, c, args.requests, max_time).await);
+        }
+        let versus = if args.sync_vs_async > 0 {
+            Some(
+                sync_vs_async(
                     &base,
                     body.clone(),
-                    c,
+                    args.sync_vs_async,
                     args.requests,
-                    std::time::Duration::from_secs(args.max_seconds),
+                    max_time,
+                    ROUNDS,
                 )
                 .await,
-            );
-        }
+            )
+        } else {
+            None
+        };
         handle.shutdown().await?;
-        anyhow::Ok(rows)
+        anyhow::Ok((rows, versus))
     })?;
     println!("HTTP: concurrency  requests  errors  images/s  p50 ms  p99 ms  mean batch  HTTP/engine at that batch");
     for r in &http_rows {
@@ -919,6 +925,24 @@ fn bench_http(args: &BenchArgs, manifest: &crate::manifest::Manifest) -> anyhow:
         println!(
             "      {:>11}  {:>8}  {:>6}  {:>8.1}  {:>6.0}  {:>6.0}  {:>10.1}  {ratio}",
             r.concurrency, r.requests, r.errors, r.images_per_s, r.p50_ms, r.p99_ms, r.mean_batch
+        );
+    }
+    if let Some(v) = versus {
+        println!(
+            "\nsync vs async jobs at concurrency {} (median of {ROUNDS} alternating rounds each)",
+            v.concurrency
+        );
+        println!("mode   requests  errors  images/s  p50 ms  p99 ms  mean batch");
+        for (name, r) in [("sync", &v.sync), ("async", &v.r#async)] {
+            println!(
+                "{name:<5}  {:>8}  {:>6}  {:>8.1}  {:>6.0}  {:>6.0}  {:>10.1}",
+                r.requests, r.errors, r.images_per_s, r.p50_ms, r.p99_ms, r.mean_batch
+            );
+        }
+        println!(
+            "async/sync throughput: {:.3} (job bookkeeping and the events stream cost {:+.1}%)",
+            v.ratio,
+            (1.0 - v.ratio) * 100.0
         );
     }
     Ok(())

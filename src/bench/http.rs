@@ -1,5 +1,6 @@
 //! Server throughput: the bare engine (the model's batched generate, no HTTP) against the
-//! real server on loopback at several client concurrencies, measured in one run.
+//! real server on loopback at several client concurrencies, and synchronous requests against
+//! asynchronous jobs (`Prefer: respond-async`, then the job's events), measured in one run.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,8 +18,19 @@ pub struct EngineRow {
     pub batch_ms: f64,
 }
 
+/// How the load's clients ask for their images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Mode {
+    /// `POST /generate`, waiting for the result.
+    Sync,
+    /// `POST /generate` with `Prefer: respond-async` (202), then `GET /jobs/{id}/events`
+    /// until the `completed` event, which carries the result.
+    Async,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct HttpRow {
+    pub mode: Mode,
     pub concurrency: usize,
     pub requests: usize,
     pub errors: usize,
@@ -64,22 +76,87 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
-/// `concurrency` clients, each sending `body` back to back, until `requests` have been sent in
-/// all or `max_time` has passed (whichever comes first). Loopback targets only.
+/// One Server-Sent Events block as `(event, data)` (data `Null` when it is not JSON); `None`
+/// without an `event:` line.
+pub fn parse_event(block: &str) -> Option<(String, Value)> {
+    let mut name = None;
+    let mut data = String::new();
+    for line in block.lines() {
+        if let Some(n) = line.strip_prefix("event:") {
+            name = Some(n.trim().to_string());
+        } else if let Some(d) = line.strip_prefix("data:") {
+            data.push_str(d.trim_start());
+        }
+    }
+    Some((name?, serde_json::from_str(&data).unwrap_or(Value::Null)))
+}
+
+/// The last event of a Server-Sent Events body.
+fn last_event(text: &str) -> Option<(String, Value)> {
+    text.rsplit("\n\n").find_map(parse_event)
+}
+
+/// One generation as `mode` asks for it; the batch size it ran in, `None` on any failure.
+async fn one(client: &reqwest::Client, base_url: &str, body: &Value, mode: Mode) -> Option<f64> {
+    let url = format!("{base_url}/generate");
+    match mode {
+        Mode::Sync => {
+            let r = client.post(&url).json(body).send().await.ok()?;
+            if !r.status().is_success() {
+                return None;
+            }
+            r.json::<Value>().await.ok()?["batch_size"].as_f64()
+        }
+        Mode::Async => {
+            let r = client
+                .post(&url)
+                .header("prefer", "respond-async")
+                .json(body)
+                .send()
+                .await
+                .ok()?;
+            if r.status() != reqwest::StatusCode::ACCEPTED {
+                return None;
+            }
+            let job = r.json::<Value>().await.ok()?;
+            let events = client
+                .get(format!("{base_url}/jobs/{}/events", job["id"].as_str()?))
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            match last_event(&events)? {
+                (name, data) if name == "completed" => data["result"]["batch_size"].as_f64(),
+                _ => None,
+            }
+        }
+    }
+}
+
+/// `concurrency` clients, each sending `body` back to back as `mode` says, until `requests`
+/// have been sent in all or `max_time` has passed (whichever comes first). Loopback targets
+/// only.
 pub async fn http_load(
     base_url: &str,
     body: Value,
+    mode: Mode,
     concurrency: usize,
     requests: usize,
     max_time: Duration,
 ) -> HttpRow {
     let client = reqwest::Client::new();
-    let url = format!("{base_url}/generate");
     let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..concurrency {
-        let (client, url, body, sent) = (client.clone(), url.clone(), body.clone(), sent.clone());
+        let (client, base, body, sent) = (
+            client.clone(),
+            base_url.to_string(),
+            body.clone(),
+            sent.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut batches = Vec::new();
@@ -94,15 +171,12 @@ pub async fn http_load(
                 b["seed"] = seed.into();
                 seed += 1;
                 let t = Instant::now();
-                match client.post(&url).json(&b).send().await {
-                    Ok(r) if r.status().is_success() => match r.json::<Value>().await {
-                        Ok(v) => {
-                            lat.push(t.elapsed().as_secs_f64() * 1e3);
-                            batches.push(v["batch_size"].as_f64().unwrap_or(0.0));
-                        }
-                        Err(_) => errors += 1,
-                    },
-                    _ => errors += 1,
+                match one(&client, &base, &b, mode).await {
+                    Some(batch) => {
+                        lat.push(t.elapsed().as_secs_f64() * 1e3);
+                        batches.push(batch);
+                    }
+                    None => errors += 1,
                 }
             }
             (lat, batches, errors)
@@ -121,6 +195,7 @@ pub async fn http_load(
     let elapsed = start.elapsed().as_secs_f64();
     lat.sort_by(|a, b| a.total_cmp(b));
     HttpRow {
+        mode,
         concurrency,
         requests: lat.len(),
         errors,
@@ -128,5 +203,89 @@ pub async fn http_load(
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
         mean_batch: batches.iter().sum::<f64>() / batches.len().max(1) as f64,
+    }
+}
+
+/// Synchronous requests against asynchronous jobs at one concurrency: rounds alternate
+/// between the two, and each side's throughput is the median of its rounds.
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncVsAsync {
+    pub concurrency: usize,
+    pub sync: HttpRow,
+    pub r#async: HttpRow,
+    /// Async images/s over sync images/s.
+    pub ratio: f64,
+}
+
+/// Runs `rounds` alternating sync and async loads (after one warm-up of each) and keeps each
+/// side's median round.
+pub async fn sync_vs_async(
+    base_url: &str,
+    body: Value,
+    concurrency: usize,
+    requests: usize,
+    max_time: Duration,
+    rounds: usize,
+) -> SyncVsAsync {
+    for mode in [Mode::Sync, Mode::Async] {
+        http_load(
+            base_url,
+            body.clone(),
+            mode,
+            concurrency,
+            concurrency,
+            max_time,
+        )
+        .await;
+    }
+    let (mut sync, mut asy) = (Vec::new(), Vec::new());
+    for _ in 0..rounds.max(1) {
+        sync.push(
+            http_load(
+                base_url,
+                body.clone(),
+                Mode::Sync,
+                concurrency,
+                requests,
+                max_time,
+            )
+            .await,
+        );
+        asy.push(
+            http_load(
+                base_url,
+                body.clone(),
+                Mode::Async,
+                concurrency,
+                requests,
+                max_time,
+            )
+            .await,
+        );
+    }
+    let median = |mut rows: Vec<HttpRow>| {
+        rows.sort_by(|a, b| a.images_per_s.total_cmp(&b.images_per_s));
+        rows.swap_remove(rows.len() / 2)
+    };
+    let (sync, asy) = (median(sync), median(asy));
+    SyncVsAsync {
+        concurrency,
+        ratio: asy.images_per_s / sync.images_per_s,
+        sync,
+        r#async: asy,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_event_of_a_stream_is_found() {
+        let text = "event: queued\ndata: {\"position\":1}\n\nevent: completed\ndata: {\"result\":{\"batch_size\":3}}\n\n";
+        let (name, data) = last_event(text).unwrap();
+        assert_eq!(name, "completed");
+        assert_eq!(data["result"]["batch_size"], 3);
+        assert!(last_event("").is_none());
     }
 }

@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use fewstep::bench::http::parse_event;
+
 use super::*;
 
 /// `POST /generate` with `Prefer: respond-async`: the job's id and `Location`.
@@ -36,20 +38,7 @@ pub async fn wait_until_finished(s: &TestServer, id: &str) -> Value {
 /// Server-Sent Events of a stream, as `(event, data)` pairs, until it ends.
 pub async fn sse(res: reqwest::Response) -> Vec<(String, Value)> {
     let text = res.text().await.unwrap();
-    text.split("\n\n")
-        .filter_map(|block| {
-            let mut name = None;
-            let mut data = String::new();
-            for line in block.lines() {
-                if let Some(n) = line.strip_prefix("event:") {
-                    name = Some(n.trim().to_string());
-                } else if let Some(d) = line.strip_prefix("data:") {
-                    data.push_str(d.trim_start());
-                }
-            }
-            Some((name?, serde_json::from_str(&data).unwrap_or(Value::Null)))
-        })
-        .collect()
+    text.split("\n\n").filter_map(parse_event).collect()
 }
 
 pub fn png_pixels(b64: &Value) -> image::RgbImage {
