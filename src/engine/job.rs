@@ -218,8 +218,12 @@ impl JobCell {
 
     fn update(&self, f: impl FnOnce(&mut Progress)) {
         let mut p = self.progress.lock().expect("progress lock poisoned");
+        self.update_locked(&mut p, f);
+    }
+
+    fn update_locked(&self, p: &mut Progress, f: impl FnOnce(&mut Progress)) {
         let before = p.percent;
-        f(&mut p);
+        f(p);
         p.percent = p.percent.max(before);
         let _ = self.events.send(JobEvent::Progress(p.clone()));
     }
@@ -233,10 +237,17 @@ impl JobCell {
         }
     }
 
-    /// `step` of `steps` denoising steps done; `eta_s` from the measured step times.
-    pub fn step(&self, step: usize, eta_s: Option<f64>) {
+    /// `step` of `steps` denoising steps done; `eta_s` from the measured step times. False,
+    /// with nothing reported, once the job was stopped: its rows leave the batch now. (Checked
+    /// under the progress lock, so a cancel's answer names the last step reported, and the
+    /// device runs at most one step after it.)
+    pub fn step(&self, step: usize, eta_s: Option<f64>) -> bool {
         let steps = self.steps.max(1);
-        self.update(|p| {
+        let mut p = self.progress.lock().expect("progress lock poisoned");
+        if self.stopped().is_some() {
+            return false;
+        }
+        self.update_locked(&mut p, |p| {
             p.step = step;
             p.stage = Some(if step >= steps {
                 Stage::Decode
@@ -247,6 +258,7 @@ impl JobCell {
             p.percent = (99 * step.min(steps) / steps) as u8;
             p.eta_s = eta_s;
         });
+        true
     }
 
     pub fn encoding_media(&self) {
@@ -362,6 +374,18 @@ mod tests {
         assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
         assert_eq!(seen.last(), Some(&100));
         assert!(seen[..seen.len() - 1].iter().all(|&p| p < 100), "{seen:?}");
+    }
+
+    #[test]
+    fn a_stopped_job_reports_no_more_steps() {
+        let c = JobCell::new("j".into(), 4, 0);
+        assert!(c.claim());
+        assert!(c.step(1, None));
+        let (_, mut rx) = c.subscribe();
+        assert_eq!(c.stop(Stop::Cancelled), Ok(false));
+        assert!(!c.step(2, None), "its rows leave the batch now");
+        assert_eq!(c.snapshot().step, 1, "the cancel names the last step reported");
+        assert!(rx.try_recv().is_err(), "nothing reported after the cancel");
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub(super) struct BatchObserver<'a> {
     partial_steps: Vec<Vec<usize>>,
     left: Vec<bool>,
     started: Instant,
+    /// `fewstep_denoise_steps_total`: denoising steps the device ran, by model.
+    device_steps: metrics::Counter,
 }
 
 impl<'a> BatchObserver<'a> {
@@ -36,6 +38,9 @@ impl<'a> BatchObserver<'a> {
             partial_steps: jobs.iter().map(|j| j.cell.partial_steps()).collect(),
             left: vec![false; jobs.len()],
             started: Instant::now(),
+            device_steps: metrics::counter!(
+                "fewstep_denoise_steps_total", "model" => model.manifest.name.clone()
+            ),
         }
     }
 
@@ -71,6 +76,8 @@ impl StepObserver for BatchObserver<'_> {
     ) -> Vec<usize> {
         if step == 0 {
             self.started = Instant::now();
+        } else {
+            self.device_steps.increment(1);
         }
         let eta_s = eta(self.started, step, steps);
         let mut dropped = Vec::new();
@@ -79,12 +86,11 @@ impl StepObserver for BatchObserver<'_> {
                 continue;
             }
             let (first, rows) = self.spans[j];
-            if self.cells[j].stopped().is_some() {
+            if !self.cells[j].step(step, eta_s) {
                 self.left[j] = true;
                 dropped.extend(first..first + rows);
                 continue;
             }
-            self.cells[j].step(step, eta_s);
             if let (Some(x0), Some(index)) =
                 (x0, self.partial_steps[j].iter().position(|&s| s == step))
             {

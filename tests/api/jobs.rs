@@ -365,3 +365,129 @@ async fn mp4_comes_from_generate_by_format_or_accept_and_decodes_to_every_frame(
     assert_eq!(frames.len(), 8);
     s.handle.shutdown().await.unwrap();
 }
+
+/// A job's Server-Sent Events as they arrive, each with the moment it was read.
+fn sse_live(
+    mut res: reqwest::Response,
+) -> tokio::sync::mpsc::UnboundedReceiver<(std::time::Instant, String, Value)> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut buf = String::new();
+        while let Ok(Some(chunk)) = res.chunk().await {
+            let at = std::time::Instant::now();
+            buf.push_str(std::str::from_utf8(&chunk).unwrap());
+            while let Some(end) = buf.find("\n\n") {
+                let block: String = buf.drain(..end + 2).collect();
+                if let Some((name, data)) = parse_event(&block) {
+                    if tx.send((at, name, data)).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    rx
+}
+
+async fn events_of(
+    s: &TestServer,
+    id: &str,
+) -> tokio::sync::mpsc::UnboundedReceiver<(std::time::Instant, String, Value)> {
+    let res = s
+        .client
+        .get(s.url(&format!("/jobs/{id}/events")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    sse_live(res)
+}
+
+/// Issue 15's target: cancelling a running 50-step video of the shipped teacher frees the
+/// worker within one step. Asserted on step counts (the device's step counter); the times,
+/// DELETE to the worker taking the next batch against the measured step time, are printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_running_50_step_teacher_video_frees_the_worker_within_one_step() {
+    const MODEL: &str = "tiny-shapes-teacher";
+    let mut cfg = config(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models"));
+    cfg.models = vec![MODEL.into()];
+    cfg.store_url = None;
+    let s = start(cfg).await;
+    let device_steps = |m: &str| {
+        metric(
+            m,
+            "fewstep_denoise_steps_total",
+            &format!("model=\"{MODEL}\""),
+        )
+    };
+    let steps_before = device_steps(&s.metrics().await);
+    let (victim, _) = submit_async(
+        &s,
+        json!({"model": MODEL, "prompt": "a red circle moving right", "num_frames": 8,
+               "steps": 50, "seed": 1}),
+    )
+    .await;
+    let mut victim_events = events_of(&s, &victim).await;
+    // The next job cannot share the video's batch (an image): it waits for the worker.
+    let (next, _) = submit_async(
+        &s,
+        json!({"model": MODEL, "prompt": "a blue square", "steps": 1, "seed": 2}),
+    )
+    .await;
+    let mut next_events = events_of(&s, &next).await;
+
+    // Let the video run a few steps, timing them.
+    let mut step_times = Vec::new();
+    while let Some((at, name, data)) = victim_events.recv().await {
+        assert!(name != "completed", "the video finished before the cancel");
+        if name == "progress" && data["stage"] == "denoise" {
+            step_times.push((data["step"].as_u64().unwrap(), at));
+            if step_times.len() >= 6 {
+                break;
+            }
+        }
+    }
+    let (first, last) = (step_times[1], step_times[step_times.len() - 1]);
+    let step_s = (last.1 - first.1).as_secs_f64() / (last.0 - first.0) as f64;
+
+    let deleted = std::time::Instant::now();
+    let (status, job) = s.delete(&format!("/jobs/{victim}")).await;
+    assert_eq!(status, 200);
+    let cancelled_at = job["step"].as_u64().unwrap();
+    assert!(cancelled_at < 50, "the video was still running");
+
+    // The worker's next batch is the image: the moment it leaves the queue.
+    let mut taken = None;
+    let mut next_done = false;
+    while let Some((at, name, data)) = next_events.recv().await {
+        if taken.is_none() && data["state"] == "in_progress" {
+            taken = Some(at);
+        }
+        if name == "completed" {
+            next_done = true;
+            break;
+        }
+    }
+    let taken = taken.expect("the next job ran");
+    assert!(next_done, "the next job completed");
+    let (_, v) = s.get(&format!("/jobs/{victim}")).await;
+    assert_eq!(v["state"], "cancelled");
+
+    // Steps the device ran: the video's up to the cancel, at most the one in flight, and the
+    // image's one step.
+    let ran = device_steps(&s.metrics().await) - steps_before;
+    let video_steps = ran as u64 - 1;
+    assert!(
+        video_steps >= cancelled_at && video_steps <= cancelled_at + 1,
+        "the video ran {video_steps} steps after being cancelled at step {cancelled_at}"
+    );
+    let latency_s = (taken - deleted).as_secs_f64();
+    println!(
+        "cancel latency: DELETE at step {cancelled_at}/50, the video ran {video_steps} steps; \
+         DELETE -> next batch taken {:.1} ms; one step {:.1} ms ({:.2} steps)",
+        latency_s * 1e3,
+        step_s * 1e3,
+        latency_s / step_s
+    );
+    s.handle.shutdown().await.unwrap();
+}
