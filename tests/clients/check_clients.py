@@ -138,6 +138,21 @@ def openai_client(base):
     print("openai client: images, streaming, models, videos: ok")
 
 
+def readme_example(base, workdir):
+    """Runs the README's OpenAI example as written, only pointed at this server."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    start = text.index("```python\n", text.index("The official OpenAI client")) + len("```python\n")
+    code = text[start : text.index("```", start)]
+    check("http://localhost:8080/v1" in code, "the README example's base_url")
+    code = code.replace("http://localhost:8080/v1", f"{base}/v1")
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True, timeout=120
+    )
+    check(out.returncode == 0, f"README example failed: {out.stderr[-2000:]}")
+    check(out.stdout.strip() == "decoded a 32x32 PNG", f"README example printed {out.stdout!r}")
+    print("README example: " + out.stdout.strip())
+
+
 def generated_client(base, workdir):
     out = os.path.join(workdir, "generated")
     subprocess.run(
@@ -220,6 +235,7 @@ def main():
     with tempfile.TemporaryDirectory() as workdir:
         proc, base = start_server(os.path.abspath(binary), workdir)
         try:
+            readme_example(base, workdir)
             openai_client(base)
             generated_client(base, workdir)
         except Exception:
