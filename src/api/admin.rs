@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
@@ -11,11 +13,13 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::error::{ApiError, Problem};
+use super::error::{ApiError, HttpError, Problem};
 use super::AppState;
 use crate::engine::EngineError;
 
-/// What to load; without `checkpoint` the manifest's weights file is read again.
+/// What to load; without `checkpoint` the manifest's weights file is read again. A
+/// checkpoint must lie under `models_dir` or one of `reload_dirs` (after resolving symlinks)
+/// and be at most a few times the size of the serving weights.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReloadRequest {
@@ -73,16 +77,18 @@ pub async fn require_admin(
     request_body(content = ReloadRequest, description = "Optional; `{}` reloads the manifest's weights file"),
     responses(
         (status = 200, description = "Swapped; the new version serves the next batch", body = ReloadResponse),
+        (status = 400, description = "The body is not a valid reload request", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or wrong admin token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown model, or admin routes disabled", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "The weights were refused (missing, corrupt, wrong shapes, failed smoke test)", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not `application/json`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The weights were refused: `checkpoint_unavailable` (not found or not allowed), `checkpoint_too_large`, `model_mismatch` (another model's weights), `reload_refused` (corrupt, wrong tensors, failed smoke test)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("admin" = []))
 )]
 pub async fn reload(
     State(state): State<AppState>,
     Path(model): Path<String>,
-    body: Option<Json<ReloadRequest>>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ReloadResponse>, ApiError> {
     let card = state.engine.card(&model).ok_or_else(|| {
         ApiError::new(
@@ -91,9 +97,25 @@ pub async fn reload(
             format!("no model named {model:?}"),
         )
     })?;
-    let req = body.map(|Json(b)| b).unwrap_or_default();
+    let body = body.map_err(|_| HttpError::BodyTooLarge {
+        limit: state.config.max_body_bytes,
+    })?;
+    let req: ReloadRequest = if body.is_empty() {
+        ReloadRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| HttpError::InvalidJson(e.to_string()))?
+    };
     let path = match req.checkpoint {
-        Some(p) => PathBuf::from(p),
+        Some(p) => {
+            let allowed: Vec<PathBuf> = std::iter::once(state.config.models_dir.clone())
+                .chain(state.config.reload_dirs.iter().cloned())
+                .collect();
+            crate::manifest::identity::resolve_checkpoint(
+                std::path::Path::new(&p),
+                &allowed,
+                card.weights_bytes,
+            )?
+        }
         None => card.manifest.weights_path(),
     };
     match state.engine.reload(&model, path.clone()).await {
@@ -107,15 +129,13 @@ pub async fn reload(
                 model_version: new.version,
             }))
         }
-        Err(EngineError::Reload(msg)) => {
+        Err(e @ (EngineError::Reload(_) | EngineError::ModelMismatch(_))) => {
             metrics::counter!("fewstep_reloads_total", "model" => model.clone(), "result" => "refused")
                 .increment(1);
-            tracing::warn!(%model, path = %path.display(), error = %msg, "reload refused");
-            Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "reload_refused",
-                format!("{msg}; version {} keeps serving", card.version),
-            ))
+            tracing::warn!(%model, path = %path.display(), error = %e, "reload refused");
+            let mut err = ApiError::from(e);
+            err.detail = format!("{}; version {} keeps serving", err.detail, card.version);
+            Err(err)
         }
         Err(e) => Err(e.into()),
     }

@@ -1,12 +1,16 @@
 //! A model resident on a device: the manifest's family loaded and ready to run batches.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use candle_core::{DType, Device};
+use candle_core::safetensors::Load as _;
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use image::RgbImage;
+use safetensors::SafeTensors;
 
-use super::{Manifest, ManifestError, ModelSource, SdSource};
+use super::identity::ModelIdentity;
+use super::{Manifest, ManifestError, ModelSource, SdSource, TinySource};
 use crate::families::sd::layout::SdLayout;
 use crate::families::sd::{SdModel, SdOptions};
 use crate::families::tiny::{TinyModel, TinyTokenizer};
@@ -27,6 +31,8 @@ pub struct LoadedModel {
     pub version: String,
     pub trained: bool,
     pub model: FamilyModel,
+    /// Bytes of the weights serving (a reload's size limit is relative to them).
+    pub weights_bytes: u64,
 }
 
 impl LoadedModel {
@@ -78,21 +84,11 @@ impl LoadedModel {
             path: "<random>".into(),
             message: e.to_string(),
         };
-        let map = VarMap::new();
-        let vb = crate::nn::random_var_builder(&map, seed, DType::F32, device);
-        TinyModel::new(
-            vb,
-            &tiny.architecture,
-            tokenizer.clone(),
-            manifest.schedule(),
-        )
-        .map_err(werr)?;
-        // Rebuild from plain tensors: a model over `Var`s would record a graph on every
-        // forward pass, which serving never needs.
-        let tensors = crate::train::named_vars(&map)
-            .into_iter()
-            .map(|(n, v)| (n, v.as_tensor().detach()))
-            .collect();
+        let tensors = random_tensors(manifest, tiny, &tokenizer, seed, device).map_err(werr)?;
+        let weights_bytes = tensors
+            .values()
+            .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+            .sum();
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         let model =
             TinyModel::new(vb, &tiny.architecture, tokenizer, manifest.schedule()).map_err(werr)?;
@@ -101,6 +97,7 @@ impl LoadedModel {
             version: format!("random-{seed}"),
             trained: false,
             model: FamilyModel::Tiny(Box::new(model)),
+            weights_bytes,
         })
     }
 
@@ -161,15 +158,52 @@ fn load_tiny(
             path: weights.display().to_string(),
         });
     }
+    let path = weights.display().to_string();
     let werr = |message: String| ManifestError::Weights {
-        path: weights.display().to_string(),
+        path: path.clone(),
         message,
     };
-    let bytes = std::fs::read(weights).map_err(|e| werr(e.to_string()))?;
-    let version = crate::util::sha256_hex(&bytes)[..16].to_string();
-    let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, device)
-        .map_err(|e| werr(e.to_string()))?;
+    let file = std::fs::File::open(weights).map_err(|e| werr(e.to_string()))?;
+    // SAFETY: the mapping is read-only and the project replaces weights files by rename,
+    // never in place, so the mapped bytes do not change while they are in use.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| werr(e.to_string()))?;
+    let version = crate::util::sha256_hex(&mmap)[..16].to_string();
+    let file = SafeTensors::deserialize(&mmap).map_err(|e| werr(e.to_string()))?;
+    let (_, header) = SafeTensors::read_metadata(&mmap).map_err(|e| werr(e.to_string()))?;
     let tokenizer = TinyTokenizer::from_file(&manifest.tokenizer_path()?)?;
+    let expected: BTreeMap<String, Vec<usize>> =
+        random_tensors(manifest, tiny, &tokenizer, 0, &Device::Cpu)
+            .map_err(|e| werr(e.to_string()))?
+            .into_iter()
+            .map(|(n, t)| (n, t.dims().to_vec()))
+            .collect();
+    if let Some(found) = header
+        .metadata()
+        .as_ref()
+        .and_then(ModelIdentity::from_metadata)
+    {
+        let wanted =
+            ModelIdentity::of_manifest(manifest, expected.iter().map(|(n, s)| (n, s.as_slice())));
+        if let Some(message) = found.mismatch(&wanted, &manifest.name, true) {
+            return Err(ManifestError::Identity {
+                path: path.clone(),
+                message,
+            });
+        }
+    }
+    let found: BTreeMap<String, Vec<usize>> = file
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.shape().to_vec()))
+        .collect();
+    check_shapes(&expected, &found).map_err(werr)?;
+    let tensors = file
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| Ok((n, v.load(device)?)))
+        .collect::<candle_core::Result<HashMap<String, Tensor>>>()
+        .map_err(|e| werr(e.to_string()))?;
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
     let model = TinyModel::new(vb, &tiny.architecture, tokenizer, manifest.schedule())
         .map_err(|e| werr(e.to_string()))?;
     Ok(LoadedModel {
@@ -177,7 +211,71 @@ fn load_tiny(
         version,
         trained: true,
         model: FamilyModel::Tiny(Box::new(model)),
+        weights_bytes: mmap.len() as u64,
     })
+}
+
+/// Fresh random tensors of a tiny model, by name (deterministic from `seed`). Plain
+/// tensors, not `Var`s: a model over `Var`s would record a graph on every forward pass,
+/// which serving never needs.
+fn random_tensors(
+    manifest: &Manifest,
+    tiny: &TinySource,
+    tokenizer: &TinyTokenizer,
+    seed: u64,
+    device: &Device,
+) -> candle_core::Result<HashMap<String, Tensor>> {
+    let map = VarMap::new();
+    let vb = crate::nn::random_var_builder(&map, seed, DType::F32, device);
+    TinyModel::new(
+        vb,
+        &tiny.architecture,
+        tokenizer.clone(),
+        manifest.schedule(),
+    )?;
+    Ok(crate::train::named_vars(&map)
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().detach()))
+        .collect())
+}
+
+/// Exactly the tensors the architecture has: none missing, none extra, every shape equal.
+fn check_shapes(
+    expected: &BTreeMap<String, Vec<usize>>,
+    found: &BTreeMap<String, Vec<usize>>,
+) -> Result<(), String> {
+    let missing: Vec<&str> = expected
+        .keys()
+        .filter(|n| !found.contains_key(*n))
+        .map(String::as_str)
+        .collect();
+    let extra: Vec<&str> = found
+        .keys()
+        .filter(|n| !expected.contains_key(*n))
+        .map(String::as_str)
+        .collect();
+    let wrong: Vec<String> = expected
+        .iter()
+        .filter_map(|(n, s)| {
+            let f = found.get(n)?;
+            (f != s).then(|| format!("{n} is {f:?}, expected {s:?}"))
+        })
+        .collect();
+    if missing.is_empty() && extra.is_empty() && wrong.is_empty() {
+        return Ok(());
+    }
+    let few = |v: &[&str]| v.iter().take(3).copied().collect::<Vec<_>>().join(", ");
+    let wrong: Vec<&str> = wrong.iter().map(String::as_str).collect();
+    Err(format!(
+        "the tensors do not match the architecture: {} missing ({}), {} unexpected ({}), {} \
+         of the wrong shape ({})",
+        missing.len(),
+        few(&missing),
+        extra.len(),
+        few(&extra),
+        wrong.len(),
+        few(&wrong)
+    ))
 }
 
 fn load_sd(
@@ -203,7 +301,7 @@ fn load_sd(
         error: Box::new(error),
     };
     let layout = SdLayout::open(root, unet_file).map_err(sd_err)?;
-    let version = weights_hash(&layout)?;
+    let (version, weights_bytes) = weights_hash(&layout)?;
     let opts = SdOptions {
         dtype: dtype.dtype(),
         vae_dtype: vae_dtype.dtype(),
@@ -224,13 +322,16 @@ fn load_sd(
         version,
         trained: true,
         model: FamilyModel::Sd(Box::new(model)),
+        weights_bytes,
     })
 }
 
-/// The content hash of every weights file of an sd model (UNet, VAE, text encoders).
-fn weights_hash(layout: &SdLayout) -> Result<String, ManifestError> {
+/// The content hash and total size of every weights file of an sd model (UNet, VAE, text
+/// encoders).
+fn weights_hash(layout: &SdLayout) -> Result<(String, u64), ManifestError> {
     use sha2::Digest;
     let mut hasher = sha2::Sha256::new();
+    let mut bytes = 0u64;
     let components = [&layout.unet, &layout.vae, &layout.text_encoder]
         .into_iter()
         .chain(layout.text_encoder_2.as_ref());
@@ -241,8 +342,8 @@ fn weights_hash(layout: &SdLayout) -> Result<String, ManifestError> {
         };
         // Streamed, so multi-GB files need no extra memory.
         let mut file = std::fs::File::open(path).map_err(werr)?;
-        std::io::copy(&mut file, &mut hasher).map_err(werr)?;
+        bytes += std::io::copy(&mut file, &mut hasher).map_err(werr)?;
     }
     let hex = crate::util::hex(&hasher.finalize());
-    Ok(hex[..16].to_string())
+    Ok((hex[..16].to_string(), bytes))
 }

@@ -5,6 +5,7 @@
 //! `family` decides what else it holds: the tiny family's `weights`, `tokenizer` and
 //! `[architecture]`, or the sd family's `[sd]` table naming a diffusers directory.
 
+pub mod identity;
 mod loaded;
 mod sd;
 #[cfg(test)]
@@ -33,6 +34,9 @@ pub enum ManifestError {
     MissingWeights { path: String },
     #[error("cannot load weights {path}: {message}")]
     Weights { path: String, message: String },
+    /// The file's recorded identity is another model's.
+    #[error("weights {path} belong to another model: {message}")]
+    Identity { path: String, message: String },
     #[error("tokenizer: {0}")]
     Tokenizer(#[from] crate::families::tiny::tokenizer::TokenizerError),
     #[error("no model named {name:?}: none of {tried} exists")]

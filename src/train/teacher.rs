@@ -385,7 +385,8 @@ fn save(
         &meta,
         &[("param.", &params), ("ema.", &ema.shadow), ("opt.", &state)],
     )?;
-    super::checkpoint::save_tensors_atomic(&ema.shadow, &paths.weights())?;
+    let identity = crate::manifest::identity::ModelIdentity::tiny_teacher(&config.architecture);
+    super::checkpoint::save_weights_atomic(&ema.shadow, &identity, &paths.weights())?;
     Ok(())
 }
 

@@ -505,7 +505,12 @@ impl Run<'_> {
         let mut manifest = self.student_manifest();
         let files = manifest.require_tiny("fewstep distill")?.clone();
         let student_dir = self.opts.out.join(&manifest.name);
-        crate::train::checkpoint::save_tensors_atomic(weights, &student_dir.join(&files.weights))?;
+        let identity = student_identity(&manifest, weights);
+        crate::train::checkpoint::save_weights_atomic(
+            weights,
+            &identity,
+            &student_dir.join(&files.weights),
+        )?;
         std::fs::copy(
             self.teacher.tokenizer_path()?,
             student_dir.join(&files.tokenizer),
@@ -528,7 +533,12 @@ impl Run<'_> {
         sd.dir_env = None;
         sd.unet_file = Some(PathBuf::from(SD_STUDENT_UNET));
         sd.unet_file_env = None;
-        crate::train::checkpoint::save_tensors_atomic(weights, &student_dir.join(SD_STUDENT_UNET))?;
+        let identity = student_identity(&manifest, weights);
+        crate::train::checkpoint::save_weights_atomic(
+            weights,
+            &identity,
+            &student_dir.join(SD_STUDENT_UNET),
+        )?;
         manifest.dir = student_dir.clone();
         Ok((student_dir, manifest))
     }
@@ -572,6 +582,17 @@ impl Run<'_> {
             report,
         })
     }
+}
+
+/// The identity an exported student's weights carry: its manifest names the teacher.
+fn student_identity(
+    manifest: &Manifest,
+    weights: &HashMap<String, Tensor>,
+) -> crate::manifest::identity::ModelIdentity {
+    crate::manifest::identity::ModelIdentity::of_manifest(
+        manifest,
+        weights.iter().map(|(n, t)| (n, t.dims())),
+    )
 }
 
 /// The file name of an exported SD student's UNet.
