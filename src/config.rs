@@ -46,6 +46,29 @@ pub struct ServerConfig {
     pub job_ttl_s: u64,
     /// Most bytes of finished results kept; the oldest expire first beyond it.
     pub job_results_bytes: usize,
+    /// How long a client may take to send a request's headers, and how long a keep-alive
+    /// connection may sit idle between requests (hyper runs one timer for both); then the
+    /// connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// Open connections served at once; further ones wait in the listen backlog until one
+    /// closes.
+    pub max_connections: usize,
+    /// Largest request line plus headers, in bytes; larger requests get 431.
+    pub max_header_bytes: usize,
+    /// Directories (besides `models_dir`, which is always allowed) whose files an admin
+    /// reload may load, checked after resolving symlinks.
+    pub reload_dirs: Vec<PathBuf>,
+    /// The least time a batch takes on top of a model's `max_wait_ms`: a request's
+    /// `timeout_ms` below their sum is refused rather than left to time out.
+    pub min_run_ms: u64,
+    /// Most summed work queued at once, in pixels x frames x steps x n (so a queue of large
+    /// video jobs is bounded by what they cost, not by how many they are).
+    pub queue_cost_budget: u64,
+    /// Per API key: requests per second on average (0 = no limit), and the burst above it.
+    pub key_rate_per_s: f64,
+    pub key_burst: u32,
+    /// Per API key: jobs queued or running at once (0 = no limit).
+    pub key_max_in_flight: usize,
 }
 
 impl Default for ServerConfig {
@@ -69,6 +92,15 @@ impl Default for ServerConfig {
             log_buffer: 1024,
             job_ttl_s: 600,
             job_results_bytes: 256 * 1024 * 1024,
+            header_read_timeout_ms: 10_000,
+            max_connections: 1024,
+            max_header_bytes: 16 * 1024,
+            reload_dirs: vec![PathBuf::from("runs")],
+            min_run_ms: 10,
+            queue_cost_budget: 1 << 30,
+            key_rate_per_s: 0.0,
+            key_burst: 10,
+            key_max_in_flight: 0,
         }
     }
 }
@@ -110,6 +142,22 @@ impl ServerConfig {
         }
         if self.job_ttl_s == 0 {
             return Err(ConfigError("job_ttl_s must be positive".into()));
+        }
+        if self.header_read_timeout_ms == 0 || self.max_connections == 0 {
+            return Err(ConfigError(
+                "header_read_timeout_ms and max_connections must be positive".into(),
+            ));
+        }
+        if self.max_header_bytes < 1024 {
+            return Err(ConfigError("max_header_bytes must be at least 1024".into()));
+        }
+        if self.queue_cost_budget == 0
+            || !self.key_rate_per_s.is_finite()
+            || self.key_rate_per_s < 0.0
+        {
+            return Err(ConfigError(
+                "queue_cost_budget must be positive and key_rate_per_s at least 0".into(),
+            ));
         }
         if self.video_fps == 0 {
             return Err(ConfigError("video_fps must be positive".into()));

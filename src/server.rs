@@ -1,5 +1,8 @@
 //! Starting, running and gracefully stopping the HTTP server.
 
+mod drain;
+mod listen;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -9,7 +12,7 @@ use anyhow::Context;
 use candle_core::Device;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::api::{router, AppState};
@@ -80,11 +83,16 @@ impl ServerHandle {
         self.task.await?
     }
 
-    /// Graceful shutdown: stop admitting, finish what was accepted, return.
-    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+    /// Starts a graceful shutdown without waiting for it (see [`ServerHandle::wait`]).
+    pub fn begin_shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+
+    /// Graceful shutdown: stop admitting, finish what was accepted, return.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.begin_shutdown();
         self.task.await?
     }
 }
@@ -121,6 +129,7 @@ pub async fn spawn(
         .map(|m| m.manifest.name.clone())
         .context("no model configured")?;
     let engine = Engine::start(models, config.queue_capacity, device);
+    engine.set_cost_budget(config.queue_cost_budget);
     let jobs = crate::engine::Jobs::new(
         engine.clone(),
         crate::engine::JobsConfig::from_server(&config),
@@ -134,32 +143,30 @@ pub async fn spawn(
         config: Arc::new(config.clone()),
         metrics: metrics_handle(),
     };
-    let app = router(state);
+    let drain = drain::Drain::new();
+    let app = router(state).layer(axum::middleware::from_fn_with_state(
+        drain.clone(),
+        drain::guard,
+    ));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let drain_engine = engine.clone();
+    let (close_tx, close_rx) = watch::channel(false);
+    let limits = listen::ConnLimits::from_config(&config);
     let timeout = Duration::from_secs(config.shutdown_timeout_s);
-    let (signalled_tx, signalled_rx) = oneshot::channel::<()>();
-    let shutdown = async move {
+    let worker_engine = engine.clone();
+    let task = tokio::spawn(async move {
+        let serving = tokio::spawn(listen::serve(listener, app, limits, close_rx));
         tokio::select! {
             _ = signal => {},
             _ = stop_rx => {},
         }
+        // The listener stays open while draining: probes answer, new work gets 503.
         tracing::info!("shutting down: draining accepted requests");
-        drain_engine.start_draining();
-        let _ = signalled_tx.send(());
-    };
-    let worker_engine = engine.clone();
-    let task = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(shutdown);
-        let bounded = async {
-            // After the signal, in-flight requests get `timeout` to finish.
-            let _ = signalled_rx.await;
-            tokio::time::sleep(timeout).await;
-        };
-        tokio::select! {
-            r = serve => r.context("server error")?,
-            _ = bounded => tracing::warn!("shutdown timeout reached; closing open requests"),
+        worker_engine.start_draining();
+        if !drain.wait(timeout).await {
+            tracing::warn!("shutdown timeout reached; open requests were answered 503");
         }
+        let _ = close_tx.send(true);
+        serving.await?;
         let finished = tokio::task::spawn_blocking(move || worker_engine.shutdown(timeout)).await?;
         if !finished {
             tracing::warn!("device worker did not finish in time");

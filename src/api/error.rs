@@ -86,9 +86,21 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         let detail = e.to_string();
         match e {
-            EngineError::QueueFull { .. } => Self {
-                retry_after_s: Some(1),
+            EngineError::QueueFull { retry_after_s, .. } => Self {
+                retry_after_s: Some(retry_after_s),
                 ..Self::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", detail)
+            },
+            EngineError::CostBudgetFull { retry_after_s, .. } => Self {
+                retry_after_s: Some(retry_after_s),
+                ..Self::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", detail)
+            },
+            EngineError::RateLimited { retry_after_s } => Self {
+                retry_after_s: Some(retry_after_s),
+                ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", detail)
+            },
+            EngineError::TooManyInFlight { retry_after_s, .. } => Self {
+                retry_after_s: Some(retry_after_s),
+                ..Self::new(StatusCode::TOO_MANY_REQUESTS, "too_many_in_flight", detail)
             },
             EngineError::NotReady => Self {
                 retry_after_s: Some(1),
@@ -109,6 +121,13 @@ impl From<EngineError> for ApiError {
             EngineError::Reload(_) => {
                 Self::new(StatusCode::UNPROCESSABLE_ENTITY, "reload_refused", detail)
             }
+            EngineError::ModelMismatch(_) => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "model_mismatch", detail)
+            }
+            EngineError::Device(_) => Self {
+                retry_after_s: Some(1),
+                ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "device_error", detail)
+            },
             EngineError::Cancelled => Self::new(StatusCode::CONFLICT, "job_cancelled", detail),
         }
     }
@@ -133,5 +152,61 @@ impl From<JobError> for ApiError {
                 "the generation log is unavailable; try again later",
             ),
         }
+    }
+}
+
+/// Errors of the HTTP layer itself (routing, headers, bodies), before any handler's rules.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HttpError {
+    #[error("no route for {0}")]
+    NotFound(String),
+    #[error("{method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    #[error("the request line and headers exceed {limit} bytes")]
+    HeadersTooLarge { limit: usize },
+    #[error("expected `Content-Type: application/json`, got {0}")]
+    UnsupportedMediaType(String),
+    #[error("invalid request body: {0}")]
+    InvalidJson(String),
+    #[error("the body exceeds {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("send `Authorization: Bearer <key>`")]
+    MissingApiKey,
+    #[error("the API key is not valid")]
+    InvalidApiKey,
+}
+
+impl From<HttpError> for ApiError {
+    fn from(e: HttpError) -> Self {
+        let detail = e.to_string();
+        let (status, code) = match e {
+            HttpError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            HttpError::MethodNotAllowed { .. } => {
+                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+            }
+            HttpError::HeadersTooLarge { .. } => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+            ),
+            HttpError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            HttpError::InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
+            HttpError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            HttpError::MissingApiKey => (StatusCode::UNAUTHORIZED, "missing_api_key"),
+            HttpError::InvalidApiKey => (StatusCode::UNAUTHORIZED, "invalid_api_key"),
+        };
+        Self::new(status, code, detail)
+    }
+}
+
+impl From<crate::manifest::identity::CheckpointError> for ApiError {
+    fn from(e: crate::manifest::identity::CheckpointError) -> Self {
+        use crate::manifest::identity::CheckpointError;
+        let code = match e {
+            CheckpointError::Unavailable(_) => "checkpoint_unavailable",
+            CheckpointError::TooLarge { .. } => "checkpoint_too_large",
+        };
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, e.to_string())
     }
 }

@@ -1,6 +1,7 @@
 //! The HTTP API: routes, authentication, metrics middleware and the OpenAPI document.
 
 pub mod admin;
+pub mod caller;
 pub mod error;
 pub mod feedback;
 pub mod generate;
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -25,7 +26,7 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use crate::config::ServerConfig;
 use crate::engine::{Engine, Jobs};
-use error::ApiError;
+use error::{ApiError, HttpError};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -62,6 +63,7 @@ pub fn router(state: AppState) -> Router {
         .route("/generations/{id}", get(feedback::generation))
         .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::ApiDoc::openapi()))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .route_layer(middleware::from_fn(require_json))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
@@ -70,6 +72,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/models/{id}/reload", post(admin::reload))
         .route("/admin/queue", get(admin::queue))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .route_layer(middleware::from_fn(require_json))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             admin::require_admin,
@@ -80,6 +83,12 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(info::metrics))
         .merge(protected)
         .merge(admin)
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            limit_header_bytes,
+        ))
         .layer(middleware::from_fn(record_metrics))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
@@ -92,39 +101,136 @@ async fn require_api_key(State(state): State<AppState>, req: Request, next: Next
         return next.run(req).await;
     }
     let refusal = match bearer_token(req.headers()) {
-        Some(t) if state.config.api_keys.iter().any(|k| constant_time_eq(k, t)) => {
+        // The admin token opens the API too (and sees every key's work).
+        Some(t)
+            if state.config.api_keys.iter().any(|k| constant_time_eq(k, t))
+                || state
+                    .config
+                    .admin_token
+                    .as_deref()
+                    .is_some_and(|a| constant_time_eq(a, t)) =>
+        {
             return next.run(req).await
         }
-        Some(_) => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "invalid_api_key",
-            "the API key is not valid",
-        ),
-        None => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing_api_key",
-            "send `Authorization: Bearer <key>`",
-        ),
+        Some(_) => ApiError::from(HttpError::InvalidApiKey),
+        None => ApiError::from(HttpError::MissingApiKey),
     };
-    if req.uri().path().starts_with("/v1/") {
-        let mut res = openai::OpenAiError::from(refusal).into_response();
-        res.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer"),
-        );
+    refuse(req.uri().path(), refusal)
+}
+
+/// An error answered before any handler: in OpenAI's shape under `/v1`, as problem+json
+/// everywhere else.
+fn refuse(path: &str, e: ApiError) -> Response {
+    if path == "/v1" || path.starts_with("/v1/") {
+        let unauthorized = e.status == axum::http::StatusCode::UNAUTHORIZED;
+        let mut res = openai::OpenAiError::from(e).into_response();
+        if unauthorized {
+            res.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
         res
     } else {
-        refusal.into_response()
+        e.into_response()
     }
 }
 
-/// The token of `Authorization: Bearer <token>`, if any.
+/// The token of `Authorization: Bearer <token>`, if any; the scheme is case-insensitive
+/// (RFC 7235).
 pub(crate) fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// JSON routes refuse a body of any other type (415), and a body with no type at all. A
+/// request without a body passes: its route decides whether a body is required.
+async fn require_json(req: Request, next: Next) -> Response {
+    if req.method() != Method::POST {
+        return next.run(req).await;
+    }
+    let headers = req.headers();
+    let form_ok = takes_forms(req.uri().path());
+    let refused = match headers.get(header::CONTENT_TYPE) {
+        Some(v) if is_json(v.to_str().unwrap_or_default()) => None,
+        Some(v) if form_ok && is_form(v.to_str().unwrap_or_default()) => None,
+        Some(v) => Some(format!("{v:?}")),
+        None if has_body(headers) => Some("none".to_string()),
+        None => None,
+    };
+    match refused {
+        Some(got) => refuse(
+            req.uri().path(),
+            HttpError::UnsupportedMediaType(got).into(),
+        ),
+        None => next.run(req).await,
+    }
+}
+
+/// OpenAI's `POST /v1/videos` takes JSON or a multipart form.
+fn takes_forms(path: &str) -> bool {
+    path == "/v1/videos"
+}
+
+fn is_form(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    essence.eq_ignore_ascii_case("multipart/form-data")
+}
+
+/// `application/json` or `application/<anything>+json`, with any parameters.
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    let essence = essence.to_ascii_lowercase();
+    essence == "application/json"
+        || essence
+            .strip_prefix("application/")
+            .is_some_and(|sub| sub.ends_with("+json"))
+}
+
+fn has_body(headers: &axum::http::HeaderMap) -> bool {
+    let length = headers
+        .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    length.is_some_and(|n| n > 0) || headers.contains_key(header::TRANSFER_ENCODING)
+}
+
+/// 431 as problem+json for a request line and headers over `max_header_bytes` (hyper's own
+/// limit sits above it, so most oversized requests get here rather than an empty 431).
+async fn limit_header_bytes(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let limit = state.config.max_header_bytes;
+    let line = req.method().as_str().len() + req.uri().to_string().len() + "HTTP/1.1\r\n".len();
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + ": \r\n".len())
+        .sum();
+    if line + headers > limit {
+        return refuse(
+            req.uri().path(),
+            HttpError::HeadersTooLarge { limit }.into(),
+        );
+    }
+    next.run(req).await
+}
+
+async fn not_found(uri: Uri) -> Response {
+    refuse(
+        uri.path(),
+        HttpError::NotFound(uri.path().to_string()).into(),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    let e = HttpError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+    };
+    refuse(uri.path(), e.into())
 }
 
 /// Compares without an early exit on the first differing byte.

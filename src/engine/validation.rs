@@ -10,6 +10,9 @@ use super::ModelCard;
 use crate::config::ServerConfig;
 use crate::media::OutputFormat;
 
+/// Largest seed a request may name (the spec's int64), so no output's seed wraps.
+pub const MAX_SEED: u64 = i64::MAX as u64;
+
 /// Largest seed handed out at random: 2^53, so JavaScript clients can echo it back exactly.
 const MAX_RANDOM_SEED: u64 = 1 << 53;
 
@@ -52,6 +55,11 @@ impl Validated {
     /// The seed of the first output.
     pub fn seed(&self) -> u64 {
         self.seeds[0]
+    }
+
+    /// What it costs the queue (see [`super::work_cost`]); equals its job's cost.
+    pub fn cost(&self) -> u64 {
+        super::work_cost(self.width, self.height, self.frames, self.steps, self.n)
     }
 
     pub fn kind(&self) -> &'static str {
@@ -103,8 +111,21 @@ pub enum ValidationError {
     },
     #[error("{format} cannot hold a video; use gif, apng or mp4")]
     NotAnimated { format: &'static str },
+    #[error("seed must be between 0 and {max} (seed + n - 1 included), got {seed}")]
+    InvalidSeed { seed: u64, max: u64 },
     #[error("timeout_ms must be between 1 and {max}, got {timeout_ms}")]
     InvalidTimeout { timeout_ms: u64, max: u64 },
+    #[error(
+        "timeout_ms must be at least {least} for model {model} (its batching wait of \
+         {max_wait_ms} ms plus {min_run_ms} ms to run), got {timeout_ms}"
+    )]
+    TimeoutBelowBatchingWait {
+        timeout_ms: u64,
+        least: u64,
+        max_wait_ms: u64,
+        min_run_ms: u64,
+        model: String,
+    },
 }
 
 impl ValidationError {
@@ -121,7 +142,10 @@ impl ValidationError {
             Self::InvalidSteps { .. } => "invalid_steps",
             Self::InvalidGuidance { .. } => "invalid_guidance",
             Self::NotAnimated { .. } => "invalid_output_format",
-            Self::InvalidTimeout { .. } => "invalid_timeout",
+            Self::InvalidSeed { .. } => "invalid_seed",
+            Self::InvalidTimeout { .. } | Self::TimeoutBelowBatchingWait { .. } => {
+                "invalid_timeout"
+            }
         }
     }
 
@@ -137,7 +161,8 @@ impl ValidationError {
             Self::InvalidSteps { .. } => "steps",
             Self::InvalidGuidance { .. } => "guidance",
             Self::NotAnimated { .. } => "output_format",
-            Self::InvalidTimeout { .. } => "timeout_ms",
+            Self::InvalidSeed { .. } => "seed",
+            Self::InvalidTimeout { .. } | Self::TimeoutBelowBatchingWait { .. } => "timeout_ms",
         })
     }
 }
@@ -225,9 +250,27 @@ pub fn validate(
     if timeout_ms == 0 || timeout_ms > max {
         return Err(ValidationError::InvalidTimeout { timeout_ms, max });
     }
+    // Below the batching wait plus the least run time, a request could only time out.
+    let max_wait_ms = m.serving.max_wait_ms;
+    let least = max_wait_ms.saturating_add(cfg.min_run_ms);
+    if timeout_ms < least {
+        return Err(ValidationError::TimeoutBelowBatchingWait {
+            timeout_ms,
+            least,
+            max_wait_ms,
+            min_run_ms: cfg.min_run_ms,
+            model: m.name.clone(),
+        });
+    }
     let seed = req
         .seed
         .unwrap_or_else(|| rand::rng().random_range(0..MAX_RANDOM_SEED));
+    if seed > MAX_SEED - (n as u64 - 1) {
+        return Err(ValidationError::InvalidSeed {
+            seed,
+            max: MAX_SEED,
+        });
+    }
     Ok(Validated {
         model: m.name.clone(),
         prompt,
@@ -238,7 +281,7 @@ pub fn validate(
         frames,
         steps,
         guidance,
-        seeds: (0..n as u64).map(|i| seed.wrapping_add(i)).collect(),
+        seeds: (0..n as u64).map(|i| seed + i).collect(),
         format,
         timeout: Duration::from_millis(timeout_ms),
     })

@@ -377,14 +377,17 @@ async fn reload_swaps_weights_under_load_and_refuses_bad_files() {
     // A corrupt file and a missing one are refused; the new version keeps serving.
     let corrupt = dir.join("corrupt.safetensors");
     std::fs::write(&corrupt, b"not a safetensors file").unwrap();
-    for path in [corrupt, dir.join("missing.safetensors")] {
+    for (path, code) in [
+        (corrupt, "reload_refused"),
+        (dir.join("missing.safetensors"), "checkpoint_unavailable"),
+    ] {
         let r = admin("/admin/models/tiny-shapes/reload")
             .json(&json!({"checkpoint": path}))
             .send()
             .await
             .unwrap();
         assert_eq!(r.status(), 422);
-        assert_eq!(r.json::<Value>().await.unwrap()["code"], "reload_refused");
+        assert_eq!(r.json::<Value>().await.unwrap()["code"], code);
     }
     let still: Value = s
         .generate(json!({"prompt": "a red circle", "steps": 2}))
@@ -466,6 +469,7 @@ async fn distill_from_the_log_publishes_a_new_version_into_the_running_server() 
     cfg.allow_random_weights = false;
     cfg.store_url = Some(log_url.clone());
     cfg.admin_token = Some("sesame".into());
+    cfg.reload_dirs = vec![dir.join("run")];
     let s = start(cfg).await;
     let (_, before) = s.get("/models").await;
     let v0 = before["models"][0]["version"].as_str().unwrap().to_string();

@@ -121,3 +121,51 @@ pub fn decode_b64(s: &str) -> Vec<u8> {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.decode(s).unwrap()
 }
+
+/// The real `fewstep serve` binary on an ephemeral port, logging to `store_url`.
+pub struct BinServer {
+    pub child: std::process::Child,
+    pub addr: String,
+    /// Its stderr lines, once it has exited.
+    pub log: std::thread::JoinHandle<Vec<String>>,
+}
+
+pub fn spawn_binary_server(models_dir: &Path, store_url: &str) -> BinServer {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fewstep"))
+        .args([
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--allow-random-weights",
+            "--models",
+            "tiny-shapes",
+            "--models-dir",
+        ])
+        .arg(models_dir)
+        .env("RUST_LOG", "info")
+        .env("FEWSTEP_STORE_URL", store_url)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("server exited before listening")
+            .unwrap();
+        if let Some(rest) = line
+            .split("addr=")
+            .nth(1)
+            .filter(|_| line.contains("listening"))
+        {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    // Keep draining stderr so the child never blocks on a full pipe.
+    let log = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    BinServer { child, addr, log }
+}
