@@ -10,6 +10,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::caller::Caller;
 use super::error::{ApiError, Problem};
 use super::AppState;
 use crate::store::{FeedbackRecord, LogWriter, StoreError};
@@ -26,7 +27,8 @@ pub enum Thumbs {
     Down,
 }
 
-/// A rating of one output of a generation: a `score` in [0, 1] or `thumbs` (not both).
+/// A rating of one output of a generation: a `score` in [0, 1], `thumbs`, or both (the
+/// score is then the rating and the thumbs are kept beside it).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"generation_id": "gen_0123456789abcdef01234567", "output_index": 0, "score": 0.8}))]
@@ -134,6 +136,7 @@ fn to_feedback(f: FeedbackRecord) -> Feedback {
     responses(
         (status = 201, description = "Recorded", body = Feedback),
         (status = 400, description = "Invalid feedback (see `code`)", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not `application/json`", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or wrong API key", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown generation, or no log on this server", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The log store is unavailable", body = Problem, content_type = "application/problem+json"),
@@ -142,29 +145,25 @@ fn to_feedback(f: FeedbackRecord) -> Feedback {
 )]
 pub async fn feedback(
     State(state): State<AppState>,
+    caller: Caller,
     body: Result<Json<FeedbackRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<Feedback>), ApiError> {
     let Json(req) = body.map_err(|e| ApiError::bad_request("invalid_json", e.body_text()))?;
+    // Both may come (the schema allows it): the score is the rating, the thumbs are kept.
     let score = match (req.score, req.thumbs) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::bad_request(
-                "invalid_feedback",
-                "send either score or thumbs, not both",
-            ))
-        }
         (None, None) => {
             return Err(ApiError::bad_request(
                 "invalid_feedback",
                 "send a score in [0, 1] or thumbs (up or down)",
             ))
         }
-        (Some(s), None) if !(0.0..=1.0).contains(&s) => {
+        (Some(s), _) if !(0.0..=1.0).contains(&s) => {
             return Err(ApiError::bad_request(
                 "invalid_score",
                 format!("score must be in [0, 1], got {s}"),
             ))
         }
-        (Some(s), None) => s,
+        (Some(s), _) => s,
         (None, Some(Thumbs::Up)) => 1.0,
         (None, Some(Thumbs::Down)) => 0.0,
     };
@@ -188,6 +187,7 @@ pub async fn feedback(
         .generation(&req.generation_id)
         .await
         .map_err(store_error)?
+        .filter(|g| caller.may_see(g.api_key_id.as_deref()))
         .ok_or_else(|| unknown_generation(&req.generation_id))?;
     let index = req.output_index.unwrap_or(0);
     if index as usize >= generation.seeds.len() {
@@ -236,6 +236,7 @@ pub async fn feedback(
 )]
 pub async fn generation(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Generation>, ApiError> {
     let log = log(&state)?;
@@ -245,6 +246,7 @@ pub async fn generation(
         .generation(&id)
         .await
         .map_err(store_error)?
+        .filter(|g| caller.may_see(g.api_key_id.as_deref()))
         .ok_or_else(|| unknown_generation(&id))?;
     let feedback = log.store.feedback_for(&id).await.map_err(store_error)?;
     Ok(Json(Generation {

@@ -106,8 +106,7 @@ pub fn validate_for(
 pub fn submit_options(state: &AppState, v: &Validated, headers: &HeaderMap) -> Submit {
     Submit {
         partials: 0,
-        owner: super::bearer_token(headers)
-            .map(|k| crate::util::sha256_hex(k.as_bytes())[..12].to_string()),
+        owner: super::caller::Caller::of(&state.config, headers).owner,
         keep_media: state
             .engine
             .card(&v.model)
@@ -242,9 +241,11 @@ fn prefers_async(headers: &HeaderMap) -> bool {
         (status = 406, description = "The `Accept` header names nothing the server can produce", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The job was cancelled (`DELETE /jobs/{id}`) before it finished", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "Queue full; retry after `Retry-After` seconds", body = Problem, content_type = "application/problem+json",
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
-        (status = 503, description = "Not ready or shutting down", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not `application/json`", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`queue_full` (the queue's count or work budget, pixels x frames x steps x n), `rate_limited` or `too_many_in_flight` (this API key's limits); retry after `Retry-After` seconds, from the measured drain rate", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying (1-60)"))),
+        (status = 503, description = "`not_ready`, `draining` (shutting down), or `device_error` (the device failed on this request even alone)", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying, when given"))),
         (status = 504, description = "The request's deadline passed", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))

@@ -10,6 +10,7 @@ use axum::Json;
 use futures_util::Stream;
 use tokio::sync::{broadcast, mpsc};
 
+use super::caller::Caller;
 use super::error::{ApiError, Problem};
 use super::schema::JobStatus;
 use super::AppState;
@@ -29,10 +30,19 @@ use crate::engine::{JobCell, JobError, JobEvent, JobState, JobView, Jobs};
     security((), ("bearer" = [])))]
 pub async fn job(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<JobStatus>, ApiError> {
-    let view = state.jobs.find(&id).await?.ok_or(JobError::NotFound(id))?;
+    let view = owned(&state.jobs, &caller, &id).await?;
     Ok(Json(JobStatus::from_view(&view)))
+}
+
+/// The job if `caller` may see it: another key's job is as unknown as a missing one.
+pub async fn owned(jobs: &Jobs, caller: &Caller, id: &str) -> Result<JobView, JobError> {
+    jobs.find(id)
+        .await?
+        .filter(|v| caller.may_see(v.owner.as_deref()))
+        .ok_or_else(|| JobError::NotFound(id.to_string()))
 }
 
 /// Cancels a job: a queued one leaves the queue, a running one leaves its batch at the next
@@ -47,8 +57,10 @@ pub async fn job(
     security((), ("bearer" = [])))]
 pub async fn cancel(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<JobStatus>, ApiError> {
+    owned(&state.jobs, &caller, &id).await?;
     let view = state.jobs.cancel(&id).await?;
     Ok(Json(JobStatus::from_view(&view)))
 }
@@ -60,21 +72,22 @@ pub async fn cancel(
 #[utoipa::path(get, path = "/jobs/{id}/events", tag = "jobs", operation_id = "job_events",
     params(("id" = String, Path, description = "The job id")),
     responses(
-        (status = 200, description = "An event stream", body = String, content_type = "text/event-stream"),
+        (status = 200, description = "An event stream", body = super::schema::SseEvent, content_type = "text/event-stream"),
         (status = 404, description = "Unknown or expired", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = [])))]
 pub async fn events(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let view = owned(&state.jobs, &caller, &id).await?;
     let (tx, rx) = mpsc::channel(16);
     match state.jobs.get(&id) {
         Some(cell) => {
             tokio::spawn(forward(state.jobs.clone(), cell, tx));
         }
         None => {
-            let view = state.jobs.find(&id).await?.ok_or(JobError::NotFound(id))?;
             let _ = tx.send(final_event(&view)).await;
         }
     }

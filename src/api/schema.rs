@@ -12,6 +12,18 @@ use crate::media::OutputFormat;
 #[schema(value_type = String, format = Binary)]
 pub struct Media(pub Vec<u8>);
 
+/// One Server-Sent Event: its name (`event`) and its JSON payload as text (`data`).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct SseEvent {
+    /// The event's name, e.g. `progress` or `completed`.
+    pub event: Option<String>,
+    /// The event's JSON payload.
+    pub data: String,
+    pub id: Option<String>,
+    pub retry: Option<u64>,
+}
+
 /// A text-to-image (`num_frames` 1) or text-to-video (`num_frames` > 1) request.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -46,10 +58,11 @@ pub struct GenerateRequest {
     /// Classifier-free guidance scale; 1 disables CFG.
     #[serde(default)]
     pub guidance: Option<f32>,
-    /// Seed of the first output; random when absent. The same seed gives the same image
+    /// Seed of the first output, 0 to 2^63-1 (output `i` uses `seed + i`, which must stay
+    /// in that range); random (below 2^53) when absent. The same seed gives the same image
     /// whatever else shares the batch (up to a rare one-level rounding difference).
     #[serde(default)]
-    #[schema(example = 42)]
+    #[schema(example = 42, minimum = 0, maximum = 9223372036854775807_u64, format = Int64)]
     pub seed: Option<u64>,
     /// Media format: `png` (default for images), `jpeg`, `webp`; `gif` (default for
     /// videos) or `apng`.

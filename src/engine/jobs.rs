@@ -27,6 +27,8 @@ pub struct JobsConfig {
     pub result_bytes: usize,
     /// Frames per second of encoded videos.
     pub fps: u32,
+    /// Per-API-key rate and in-flight limits.
+    pub key_limits: super::quota::KeyLimits,
 }
 
 impl JobsConfig {
@@ -35,6 +37,11 @@ impl JobsConfig {
             ttl: Duration::from_secs(cfg.job_ttl_s),
             result_bytes: cfg.job_results_bytes,
             fps: cfg.video_fps,
+            key_limits: super::quota::KeyLimits {
+                rate_per_s: cfg.key_rate_per_s,
+                burst: cfg.key_burst,
+                max_in_flight: cfg.key_max_in_flight,
+            },
         }
     }
 }
@@ -109,6 +116,8 @@ pub struct JobView {
     pub request: Arc<Validated>,
     pub result: Option<Arc<JobResult>>,
     pub error: Option<EngineError>,
+    /// The owner id of the API key that submitted it (`None` without keys).
+    pub owner: Option<String>,
 }
 
 struct Entry {
@@ -132,6 +141,7 @@ struct Inner {
     log: Option<LogWriter>,
     entries: Mutex<Registry>,
     seq: AtomicU64,
+    rates: super::quota::RateLimiter,
 }
 
 /// The job registry; cheap to clone.
@@ -154,6 +164,7 @@ impl Jobs {
                 log,
                 entries: Mutex::new(Registry::default()),
                 seq: AtomicU64::new(0),
+                rates: super::quota::RateLimiter::default(),
             }),
         }
     }
@@ -178,6 +189,9 @@ impl Jobs {
         {
             let mut entries = self.entries();
             entries.prune(&self.inner.cfg, Instant::now());
+            if let Some(owner) = &opts.owner {
+                self.check_key_limits(&entries, owner)?;
+            }
             entries.map.insert(
                 id.clone(),
                 Entry {
@@ -221,6 +235,29 @@ impl Jobs {
         let jobs = self.clone();
         tokio::spawn(async move { jobs.complete(id, request, rx, now).await });
         Ok(Submitted { cell, events })
+    }
+
+    /// The per-key limits: `owner`'s request rate and its jobs in flight.
+    fn check_key_limits(&self, entries: &Registry, owner: &str) -> Result<(), EngineError> {
+        let limits = &self.inner.cfg.key_limits;
+        if limits.max_in_flight > 0 {
+            let in_flight = entries
+                .map
+                .values()
+                .filter(|e| e.finished.is_none() && e.opts.owner.as_deref() == Some(owner))
+                .count();
+            if in_flight >= limits.max_in_flight {
+                let snapshot = self.inner.engine.snapshot();
+                return Err(EngineError::TooManyInFlight {
+                    limit: limits.max_in_flight,
+                    retry_after_s: self.inner.engine.retry_after_s(snapshot.queued_jobs),
+                });
+            }
+        }
+        self.inner
+            .rates
+            .take(limits, owner, Instant::now())
+            .map_err(|retry_after_s| EngineError::RateLimited { retry_after_s })
     }
 
     /// Waits for the job's reply from the worker, encodes its media, stores the result.
@@ -330,6 +367,7 @@ impl Jobs {
             request: e.request.clone(),
             result: e.outcome.get().and_then(|o| o.as_ref().ok().cloned()),
             error: e.outcome.get().and_then(|o| o.as_ref().err().cloned()),
+            owner: e.opts.owner.clone(),
         })
     }
 
@@ -438,7 +476,8 @@ impl Jobs {
         match cell.stop(why) {
             Ok(was_queued) => {
                 if was_queued {
-                    self.inner.engine.release_slot();
+                    let cost = self.entries().map.get(id).map_or(0, |e| e.request.cost());
+                    self.inner.engine.release_slot(cost);
                 }
                 self.finish(&cell, Err(EngineError::Cancelled));
                 Ok(())
@@ -615,6 +654,7 @@ fn logged_view(
         None => None,
     };
     Ok(JobView {
+        owner: job.api_key_id,
         id: job.id,
         created: job.created_ms as u64 / 1000,
         finished: Some(job.finished_ms as u64 / 1000),

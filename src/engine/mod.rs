@@ -9,11 +9,13 @@ mod batcher;
 pub mod job;
 pub mod jobs;
 mod observer;
+pub mod quota;
+mod rate;
 pub mod validation;
 mod worker;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -31,8 +33,22 @@ pub use validation::{validate, GenerationRequest, Validated, ValidationError};
 /// Why a job did not produce its result (logged with the job, hence serde).
 #[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum EngineError {
-    #[error("the queue is full ({capacity} requests waiting); retry later")]
-    QueueFull { capacity: usize },
+    #[error("the queue is full ({capacity} requests waiting); retry in {retry_after_s} s")]
+    QueueFull { capacity: usize, retry_after_s: u64 },
+    #[error("this API key sends requests faster than its limit; retry in {retry_after_s} s")]
+    RateLimited { retry_after_s: u64 },
+    #[error("this API key has {limit} jobs in flight, its limit; retry in {retry_after_s} s")]
+    TooManyInFlight { limit: usize, retry_after_s: u64 },
+    #[error(
+        "the queue's work budget is spent ({queued_cost} of {budget} units of pixels x frames x \
+         steps x n queued, this request needs {cost}); retry in {retry_after_s} s"
+    )]
+    CostBudgetFull {
+        cost: u64,
+        queued_cost: u64,
+        budget: u64,
+        retry_after_s: u64,
+    },
     #[error("the server is not ready yet")]
     NotReady,
     #[error("the server is shutting down")]
@@ -47,6 +63,12 @@ pub enum EngineError {
     Reload(String),
     #[error("the job was cancelled")]
     Cancelled,
+    /// The device failed on this job even alone (its batch was retried in halves first).
+    #[error("the device failed on this request: {0}")]
+    Device(String),
+    /// The weights' recorded identity (family, architecture, role, parent) is another model's.
+    #[error("reload refused: {0}")]
+    ModelMismatch(String),
 }
 
 /// What a loaded model can do, as the API validates and reports it.
@@ -57,6 +79,8 @@ pub struct ModelCard {
     pub trained: bool,
     /// Unix seconds when this version was loaded.
     pub created: u64,
+    /// Size of the serving weights, which bounds what a reload may read.
+    pub weights_bytes: u64,
 }
 
 /// One request: `seeds.len()` outputs of one prompt.
@@ -77,6 +101,24 @@ impl Job {
     pub fn rows(&self) -> usize {
         self.seeds.len()
     }
+
+    /// What the job costs the queue: pixels x frames x steps x outputs.
+    pub fn cost(&self) -> u64 {
+        work_cost(
+            self.key.width,
+            self.key.height,
+            self.key.frames,
+            self.key.steps,
+            self.rows(),
+        )
+    }
+}
+
+/// Pixels x frames x steps x outputs: the unit of the queue's cost budget.
+pub fn work_cost(width: usize, height: usize, frames: usize, steps: usize, n: usize) -> u64 {
+    [width, height, frames, steps, n]
+        .iter()
+        .fold(1u64, |acc, &x| acc.saturating_mul(x as u64))
 }
 
 /// The result of one job, with the stage timings of the batch it ran in.
@@ -103,10 +145,15 @@ pub struct QueueSnapshot {
 
 pub(crate) struct Shared {
     queued: AtomicUsize,
+    /// The summed [`Job::cost`] of the queued jobs, and its limit.
+    queued_cost: AtomicU64,
+    cost_budget: AtomicU64,
     capacity: usize,
     ready: AtomicBool,
     draining: AtomicBool,
     cards: RwLock<BTreeMap<String, ModelCard>>,
+    /// Jobs completed per second, for `Retry-After`.
+    rate: rate::DrainRate,
 }
 
 impl Shared {
@@ -142,10 +189,13 @@ impl Engine {
     pub fn start(models: Vec<LoadedModel>, queue_capacity: usize, device: Device) -> Self {
         let shared = Arc::new(Shared {
             queued: AtomicUsize::new(0),
+            queued_cost: AtomicU64::new(0),
+            cost_budget: AtomicU64::new(u64::MAX),
             capacity: queue_capacity,
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             cards: RwLock::new(BTreeMap::new()),
+            rate: rate::DrainRate::default(),
         });
         for m in &models {
             shared.set_card(ModelCard {
@@ -153,6 +203,7 @@ impl Engine {
                 version: m.version.clone(),
                 trained: m.trained,
                 created: crate::util::unix_ms() as u64 / 1000,
+                weights_bytes: m.weights_bytes,
             });
         }
         let (tx, rx) = std::sync::mpsc::channel();
@@ -185,15 +236,47 @@ impl Engine {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| {
                 (q < cap).then_some(q + 1)
             });
-        if admitted.is_err() {
-            return Err(EngineError::QueueFull { capacity: cap });
+        if let Err(queued) = admitted {
+            return Err(EngineError::QueueFull {
+                capacity: cap,
+                retry_after_s: self.shared.rate.retry_after_s(queued),
+            });
+        }
+        // The work budget: a job alone in the queue always fits (validation bounds it).
+        let cost = job.cost();
+        let budget = self.shared.cost_budget.load(Ordering::SeqCst);
+        let admitted =
+            self.shared
+                .queued_cost
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
+                    (c == 0 || c.saturating_add(cost) <= budget).then_some(c.saturating_add(cost))
+                });
+        if let Err(queued_cost) = admitted {
+            let queued = self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::CostBudgetFull {
+                cost,
+                queued_cost,
+                budget,
+                retry_after_s: self.shared.rate.retry_after_s(queued),
+            });
         }
         metrics::gauge!("fewstep_queue_depth").increment(1.0);
         self.tx.send(Msg::Job(job)).map_err(|_| {
-            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
-            metrics::gauge!("fewstep_queue_depth").decrement(1.0);
+            self.release_slot(cost);
             EngineError::Draining
         })
+    }
+
+    /// Seconds for `queued` jobs to drain at the measured rate (for `Retry-After`).
+    pub fn retry_after_s(&self, queued: usize) -> u64 {
+        self.shared.rate.retry_after_s(queued)
+    }
+
+    /// Limits the summed cost (pixels x frames x steps x n) of the queued jobs.
+    pub fn set_cost_budget(&self, budget: u64) {
+        self.shared
+            .cost_budget
+            .store(budget.max(1), Ordering::SeqCst);
     }
 
     /// Loads `weights` for `model` beside the serving copy, validates it with a smoke
@@ -214,8 +297,9 @@ impl Engine {
         rx.await.map_err(|_| EngineError::Draining)?
     }
 
-    /// Gives back the admission slot of a job that left the queue without running.
-    pub(crate) fn release_slot(&self) {
+    /// Gives back the admission slot of a job (of `cost`) that left the queue without running.
+    pub(crate) fn release_slot(&self, cost: u64) {
+        self.shared.queued_cost.fetch_sub(cost, Ordering::SeqCst);
         self.shared.queued.fetch_sub(1, Ordering::SeqCst);
         metrics::gauge!("fewstep_queue_depth").decrement(1.0);
     }

@@ -12,7 +12,7 @@ use super::batcher::{decide, Decision};
 use super::job::Stop;
 use super::observer::BatchObserver;
 use super::{EngineError, Job, JobOutput, ModelCard, Msg, Shared};
-use crate::manifest::LoadedModel;
+use crate::manifest::{LoadedModel, ManifestError};
 use crate::pipeline::BatchSpec;
 
 pub(super) fn run(
@@ -80,7 +80,11 @@ fn take(pending: &mut Vec<Job>, mut idx: Vec<usize>) -> Vec<Job> {
     out
 }
 
-fn dequeued(shared: &Shared, n: usize) {
+fn dequeued<'a>(shared: &Shared, jobs: impl IntoIterator<Item = &'a Job>) {
+    let (n, cost) = jobs
+        .into_iter()
+        .fold((0usize, 0u64), |(n, c), j| (n + 1, c + j.cost()));
+    shared.queued_cost.fetch_sub(cost, Ordering::SeqCst);
     shared.queued.fetch_sub(n, Ordering::SeqCst);
     metrics::gauge!("fewstep_queue_depth").decrement(n as f64);
 }
@@ -101,7 +105,7 @@ fn drop_dead_jobs(pending: &mut Vec<Job>, shared: &Shared) {
             let _ = job.reply.send(Err(EngineError::Cancelled));
         } else if now >= job.deadline && job.cell.expire() {
             metrics::counter!("fewstep_jobs_dropped_total", "reason" => "deadline").increment(1);
-            dequeued(shared, 1);
+            dequeued(shared, [&job]);
             let _ = job.reply.send(Err(EngineError::DeadlineExceeded));
         } else {
             kept.push(job);
@@ -123,7 +127,7 @@ fn handle(
             if models.contains_key(&job.key.model) {
                 pending.push(job);
             } else if job.cell.expire() {
-                dequeued(shared, 1);
+                dequeued(shared, [&job]);
                 let _ = job
                     .reply
                     .send(Err(EngineError::UnknownModel(job.key.model.clone())));
@@ -155,8 +159,10 @@ fn reload(
         .get(name)
         .ok_or_else(|| EngineError::UnknownModel(name.to_string()))?;
     let manifest = current.manifest.clone();
-    let fresh = LoadedModel::load_weights(&manifest, weights, device)
-        .map_err(|e| EngineError::Reload(e.to_string()))?;
+    let fresh = LoadedModel::load_weights(&manifest, weights, device).map_err(|e| match e {
+        ManifestError::Identity { .. } => EngineError::ModelMismatch(e.to_string()),
+        e => EngineError::Reload(e.to_string()),
+    })?;
     let [w, h] = manifest.serving.sizes[0];
     let smoke = BatchSpec {
         prompts: vec!["a red circle".into()],
@@ -183,6 +189,7 @@ fn reload(
         version: fresh.version.clone(),
         trained: fresh.trained,
         created: crate::util::unix_ms() as u64 / 1000,
+        weights_bytes: fresh.weights_bytes,
     };
     tracing::info!(model = name, version = %fresh.version, "reloaded weights");
     models.insert(name.to_string(), fresh);
@@ -198,7 +205,7 @@ fn run_batch(jobs: Vec<Job>, models: &HashMap<String, LoadedModel>, shared: &Sha
     if jobs.is_empty() {
         return;
     }
-    dequeued(shared, jobs.len());
+    dequeued(shared, &jobs);
     let key = jobs[0].key.clone();
     let Some(model) = models.get(&key.model) else {
         for j in jobs {
@@ -208,6 +215,50 @@ fn run_batch(jobs: Vec<Job>, models: &HashMap<String, LoadedModel>, shared: &Sha
         }
         return;
     };
+    let mut run = |jobs: Vec<Job>| run_rows(jobs, model, &key, shared);
+    split_on_failure(jobs, &mut run, &mut |j: Job, e: String| {
+        metrics::counter!("fewstep_device_errors_total").increment(1);
+        let _ = j.reply.send(Err(EngineError::Device(e)));
+    });
+}
+
+/// Runs `items` with `run`; when a run of several fails, each half is run again (and so on),
+/// so that only the items that fail on their own are handed to `fail`.
+fn split_on_failure<T, E: std::fmt::Display>(
+    items: Vec<T>,
+    run: &mut impl FnMut(Vec<T>) -> Result<(), (Vec<T>, E)>,
+    fail: &mut impl FnMut(T, String),
+) {
+    match run(items) {
+        Ok(()) => {}
+        Err((mut items, e)) if items.len() > 1 => {
+            tracing::warn!(error = %e, rows = items.len(), "batch failed on the device; retrying in halves");
+            metrics::counter!("fewstep_batch_splits_total").increment(1);
+            let second = items.split_off(items.len() / 2);
+            split_on_failure(items, run, fail);
+            split_on_failure(second, run, fail);
+        }
+        Err((items, e)) => {
+            tracing::error!(error = %e, "a job failed on the device on its own");
+            for item in items {
+                fail(item, e.to_string());
+            }
+        }
+    }
+}
+
+/// Test-only fault injection: a batch with a prompt containing this fails as if the device
+/// had failed (out of memory, a kernel error).
+#[cfg(test)]
+pub(crate) const INJECT_FAULT: &str = "__inject_device_fault__";
+
+/// One pass of `jobs` on the device; the jobs come back when it fails.
+fn run_rows(
+    jobs: Vec<Job>,
+    model: &LoadedModel,
+    key: &super::BucketKey,
+    shared: &Shared,
+) -> Result<(), (Vec<Job>, candle_core::Error)> {
     let started = Instant::now();
     let mut spec = BatchSpec {
         prompts: Vec::new(),
@@ -227,8 +278,16 @@ fn run_batch(jobs: Vec<Job>, models: &HashMap<String, LoadedModel>, shared: &Sha
     let rows = spec.seeds.len();
     metrics::histogram!("fewstep_batch_size").record(rows as f64);
     let mut watch = BatchObserver::new(&jobs, model);
+    #[cfg(test)]
+    let result = if spec.prompts.iter().any(|p| p.contains(INJECT_FAULT)) {
+        Err(candle_core::Error::Msg("injected device fault".into()))
+    } else {
+        model.generate_observed(&spec, key.steps, key.guidance(), &mut watch)
+    };
+    #[cfg(not(test))]
     let result = model.generate_observed(&spec, key.steps, key.guidance(), &mut watch);
     let left = watch.left();
+    shared.rate.record(jobs.len(), started.elapsed());
     match result {
         Ok(out) => {
             metrics::histogram!("fewstep_stage_seconds", "stage" => "text_encoding")
@@ -258,10 +317,83 @@ fn run_batch(jobs: Vec<Job>, models: &HashMap<String, LoadedModel>, shared: &Sha
             }
         }
         Err(e) => {
-            tracing::error!(error = %e, "batch failed");
-            for j in jobs {
-                let _ = j.reply.send(Err(EngineError::Generation(e.to_string())));
-            }
+            drop(watch);
+            return Err((jobs, e));
         }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_batch_is_retried_in_halves_until_only_the_bad_rows_fail() {
+        let bad = [2, 5];
+        let mut runs: Vec<Vec<u32>> = Vec::new();
+        let mut failed: Vec<u32> = Vec::new();
+        let mut run = |items: Vec<u32>| {
+            runs.push(items.clone());
+            if items.iter().any(|i| bad.contains(i)) {
+                Err((items, "out of memory"))
+            } else {
+                Ok(())
+            }
+        };
+        split_on_failure((0..8).collect(), &mut run, &mut |i, _| failed.push(i));
+        assert_eq!(failed, vec![2, 5]);
+        // 8 -> 4 + 4 -> (2 + 2) + (2 + 2) -> singles only where a bad row was.
+        assert_eq!(runs[0].len(), 8);
+        let ok_rows: usize = runs
+            .iter()
+            .filter(|r| !r.iter().any(|i| bad.contains(i)))
+            .map(Vec::len)
+            .sum();
+        assert_eq!(
+            ok_rows, 6,
+            "every good row ran to completion once: {runs:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_device_fault_fails_only_its_request_and_the_worker_keeps_serving() {
+        use crate::engine::{validate, GenerationRequest, Jobs, JobsConfig, Submit};
+        let cpu = Device::Cpu;
+        let manifest =
+            crate::manifest::Manifest::find(std::path::Path::new("models"), "tiny-shapes").unwrap();
+        let model = LoadedModel::random(&manifest, 0, &cpu).unwrap();
+        let engine = crate::engine::Engine::start(vec![model], 16, cpu);
+        let cfg = crate::config::ServerConfig::default();
+        let jobs = Jobs::new(engine.clone(), JobsConfig::from_server(&cfg), None);
+        let card = engine.card(&manifest.name).unwrap();
+        let request = |prompt: &str| {
+            let req = GenerationRequest {
+                prompt: prompt.to_string(),
+                seed: Some(1),
+                ..Default::default()
+            };
+            validate(req, &card, &cfg).unwrap()
+        };
+        let submit = |prompt: &str| {
+            jobs.submit(request(prompt), Submit::default())
+                .unwrap()
+                .cell
+                .id
+                .clone()
+        };
+        // Submitted together, so they share a batch that fails and is split.
+        let good = submit("a red circle");
+        let bad = submit(&format!("a blue square {INJECT_FAULT}"));
+        let also_good = submit("a green triangle");
+        assert!(jobs.wait(&good).await.is_ok());
+        assert!(jobs.wait(&also_good).await.is_ok());
+        match jobs.wait(&bad).await {
+            Err(EngineError::Device(msg)) => assert!(msg.contains("injected"), "{msg}"),
+            other => panic!("expected a device error, got {other:?}"),
+        }
+        let after = submit("a red circle");
+        assert!(jobs.wait(&after).await.is_ok(), "the worker keeps serving");
+        engine.shutdown(Duration::from_secs(5));
     }
 }

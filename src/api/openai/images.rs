@@ -70,6 +70,7 @@ pub struct ImageGenerationRequest {
     pub partial_images: Option<u32>,
     /// fewstep: the seed of the first image (image `i` uses `seed + i`).
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 9223372036854775807_u64, format = Int64)]
     pub seed: Option<u64>,
 }
 
@@ -196,7 +197,7 @@ fn translate(
     request_body = ImageGenerationRequest,
     responses(
         (status = 200, description = "The images as base64, or with `stream: true` an event stream of `image_generation.partial_image` and `image_generation.completed` events",
-            content((ImagesResponse = "application/json"), (String = "text/event-stream"))),
+            content((ImagesResponse = "application/json"), (crate::api::schema::SseEvent = "text/event-stream"))),
         (status = 400, description = "Invalid request (`error.param` names the field)", body = OpenAiErrorBody),
         (status = 429, description = "Queue full (the client raises `RateLimitError`)", body = OpenAiErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait"))),

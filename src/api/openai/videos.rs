@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{parse_size, OpenAiError, OpenAiErrorBody};
+use crate::api::caller::Caller;
 use crate::api::error::ApiError;
 use crate::api::generate::{submit_options, validate_for};
 use crate::api::AppState;
@@ -36,6 +37,7 @@ pub struct VideoCreateRequest {
     #[schema(example = "32x32")]
     pub size: Option<String>,
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 9223372036854775807_u64, format = Int64)]
     pub seed: Option<u64>,
 }
 
@@ -249,12 +251,12 @@ pub async fn create(
 }
 
 /// The video job, from this replica or the log.
-async fn find(state: &AppState, id: &str) -> Result<JobView, OpenAiError> {
+async fn find(state: &AppState, caller: &Caller, id: &str) -> Result<JobView, OpenAiError> {
     state
         .jobs
         .find(id)
         .await?
-        .filter(|v| v.request.frames > 1)
+        .filter(|v| v.request.frames > 1 && caller.may_see(v.owner.as_deref()))
         .ok_or_else(|| {
             OpenAiError::from(ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -274,10 +276,11 @@ async fn find(state: &AppState, id: &str) -> Result<JobView, OpenAiError> {
     security((), ("bearer" = [])))]
 pub async fn retrieve(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Video>, OpenAiError> {
     Ok(Json(video(
-        &find(&state, &id).await?,
+        &find(&state, &caller, &id).await?,
         state.config.video_fps,
     )))
 }
@@ -295,15 +298,23 @@ pub struct ListQuery {
 
 /// The kept video jobs (OpenAI's `videos.list`).
 #[utoipa::path(get, path = "/v1/videos", tag = "openai", operation_id = "videos_list", params(ListQuery),
-    responses((status = 200, description = "Videos", body = VideoList)),
+    responses(
+        (status = 200, description = "Videos", body = VideoList),
+        (status = 400, description = "A query parameter is not valid (`limit` is a count)", body = OpenAiErrorBody),
+    ),
     security((), ("bearer" = [])))]
-pub async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> Json<VideoList> {
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<VideoList>, OpenAiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let fps = state.config.video_fps;
     let mut all: Vec<Video> = state
         .jobs
         .list()
         .iter()
-        .filter(|v| v.request.frames > 1)
+        .filter(|v| v.request.frames > 1 && caller.may_see(v.owner.as_deref()))
         .map(|v| video(v, fps))
         .collect();
     if q.order.as_deref() == Some("asc") {
@@ -317,13 +328,13 @@ pub async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> 
     let limit = q.limit.unwrap_or(20).max(1);
     let has_more = all.len() > limit;
     all.truncate(limit);
-    Json(VideoList {
+    Ok(Json(VideoList {
         object: "list".into(),
         first_id: all.first().map(|v| v.id.clone()),
         last_id: all.last().map(|v| v.id.clone()),
         has_more,
         data: all,
-    })
+    }))
 }
 
 /// Cancels the job if it is still running and forgets it (OpenAI's `videos.delete`).
@@ -336,9 +347,10 @@ pub async fn list(State(state): State<AppState>, Query(q): Query<ListQuery>) -> 
     security((), ("bearer" = [])))]
 pub async fn delete(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<VideoDeleted>, OpenAiError> {
-    find(&state, &id).await?;
+    find(&state, &caller, &id).await?;
     state.jobs.remove(&id).await?;
     Ok(Json(VideoDeleted {
         id,
@@ -367,10 +379,11 @@ pub struct ContentQuery {
     security((), ("bearer" = [])))]
 pub async fn content(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     Query(q): Query<ContentQuery>,
 ) -> Result<Response, OpenAiError> {
-    let view = find(&state, &id).await?;
+    let view = find(&state, &caller, &id).await?;
     let Some(result) = view.result else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
