@@ -384,7 +384,11 @@ mod tests {
         let (_, mut rx) = c.subscribe();
         assert_eq!(c.stop(Stop::Cancelled), Ok(false));
         assert!(!c.step(2, None), "its rows leave the batch now");
-        assert_eq!(c.snapshot().step, 1, "the cancel names the last step reported");
+        assert_eq!(
+            c.snapshot().step,
+            1,
+            "the cancel names the last step reported"
+        );
         assert!(rx.try_recv().is_err(), "nothing reported after the cancel");
     }
 
