@@ -42,18 +42,21 @@ pub struct GenerateRequest {
     #[serde(default)]
     #[schema(minimum = 1, example = 1)]
     pub n: Option<u32>,
+    /// One of the model's `sizes` (`GET /models`).
     #[serde(default)]
-    #[schema(example = 32)]
+    #[schema(minimum = 1, example = 32)]
     pub width: Option<u32>,
     #[serde(default)]
-    #[schema(example = 32)]
+    #[schema(minimum = 1, example = 32)]
     pub height: Option<u32>,
-    /// 1 for an image; more for a video (see the model's `frames`).
+    /// 1 for an image; more for a video (one of the model's `frames`).
     #[serde(default)]
-    #[schema(example = 1)]
+    #[schema(minimum = 1, example = 1)]
     pub num_frames: Option<u32>,
-    /// Network evaluations; one of the model's `allowed_steps`.
+    /// Network evaluations; one of the model's `allowed_steps` (`GET /models`): the limits
+    /// are per model, so a value the schema allows can still be `invalid_steps`.
     #[serde(default)]
+    #[schema(minimum = 1, example = 4)]
     pub steps: Option<u32>,
     /// Classifier-free guidance scale; 1 disables CFG.
     #[serde(default)]

@@ -181,10 +181,6 @@ async fn feedback_is_validated_and_tied_to_the_logged_generation() {
 
     for (body, want) in [
         (json!({"generation_id": id}), "invalid_feedback"),
-        (
-            json!({"generation_id": id, "score": 1, "thumbs": "up"}),
-            "invalid_feedback",
-        ),
         (json!({"generation_id": id, "score": 1.5}), "invalid_score"),
         (
             json!({"generation_id": id, "score": 0.5, "output_index": 2}),
