@@ -14,13 +14,14 @@ export FEWSTEP_API_KEYS='[st-key]'
 export FEWSTEP_ADMIN_TOKEN=st-admin
 (cd "$root" && exec "$binary" serve --addr "127.0.0.1:$port" --models tiny-shapes) >"$work/server.log" 2>&1 &
 server=$!
-trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true' EXIT
+trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; rm -rf "$work"' EXIT
 ready() { python3 -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=2)" \
     "http://127.0.0.1:$port/ready" >/dev/null 2>&1; }
 for _ in $(seq 1 240); do ready && break; sleep 0.5; done
 ready || { cat "$work/server.log"; exit 1; }
 st() {
-    (cd "$here" && "$venv/bin/schemathesis" run "$root/openapi/openapi.json" \
+    (cd "$work" && "$venv/bin/schemathesis" --config-file "$here/schemathesis.toml" \
+        run "$root/openapi/openapi.json" \
         --url "http://127.0.0.1:$port" --checks all --max-examples "$max_examples" \
         --request-timeout 30 --generation-deterministic --workers 1 "$@")
 }
