@@ -135,6 +135,7 @@ pub async fn spawn(
         crate::engine::JobsConfig::from_server(&config),
         log.clone(),
     );
+    let shutdown_log = log.clone();
     let state = AppState {
         log,
         jobs,
@@ -170,6 +171,13 @@ pub async fn spawn(
         let finished = tokio::task::spawn_blocking(move || worker_engine.shutdown(timeout)).await?;
         if !finished {
             tracing::warn!("device worker did not finish in time");
+        }
+        if let Some(log) = shutdown_log {
+            // Jobs that just finished hand their records over as the worker stops.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if !log.flush(timeout).await {
+                tracing::warn!("generation log records still unwritten at exit");
+            }
         }
         tracing::info!("server stopped");
         Ok(())

@@ -75,6 +75,27 @@ impl LogWriter {
         }
     }
 
+    /// Waits (at most `limit`) until every record handed over has been written: a server
+    /// stopping gracefully keeps what it logged. Returns whether everything was written.
+    pub async fn flush(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.pending.written.notified();
+            if self
+                .pending
+                .ids
+                .lock()
+                .expect("pending lock poisoned")
+                .is_empty()
+            {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+
     /// Waits (at most `limit`) until `id` is no longer waiting to be written.
     pub async fn settle(&self, id: &str, limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;
