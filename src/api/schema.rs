@@ -12,10 +12,20 @@ use crate::media::OutputFormat;
 #[schema(value_type = String, format = Binary)]
 pub struct Media(pub Vec<u8>);
 
-/// One Server-Sent Event: its name (`event`) and its JSON payload as text (`data`).
-#[derive(ToSchema)]
+/// A Server-Sent Events body: as text (what an HTTP client reads), or one parsed event (its
+/// name in `event`, its JSON payload as text in `data`).
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
 #[allow(dead_code)]
-pub struct SseEvent {
+pub enum SseEvent {
+    Text(String),
+    Event(ParsedSseEvent),
+}
+
+/// One parsed Server-Sent Event.
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct ParsedSseEvent {
     /// The event's name, e.g. `progress` or `completed`.
     pub event: Option<String>,
     /// The event's JSON payload.
