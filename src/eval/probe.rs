@@ -78,13 +78,33 @@ pub struct WrongShape {
     pub follows_input: usize,
 }
 
-/// Rms velocity change when one kind of word changes, at one noise level.
+/// Rms velocity change when one kind of word changes, at one noise level, and what reading
+/// the shape word is worth to the loss there.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Sensitivity {
     pub t: f32,
     pub shape: f64,
     pub color: f64,
     pub position: f64,
+    /// Mean squared error of the predicted x0 against the true render, with the true prompt.
+    #[serde(default)]
+    pub x0_loss: f64,
+    /// The same with the shape word swapped for another shape. Its excess over `x0_loss` is
+    /// how much the model uses the shape word at this noise level: a smooth learning signal
+    /// long before samples change shape.
+    #[serde(default)]
+    pub x0_loss_wrong_shape: f64,
+}
+
+impl Sensitivity {
+    /// `x0_loss_wrong_shape / x0_loss - 1`.
+    pub fn shape_gain(&self) -> f64 {
+        if self.x0_loss > 0.0 {
+            self.x0_loss_wrong_shape / self.x0_loss - 1.0
+        } else {
+            0.0
+        }
+    }
 }
 
 /// Mean cross-attention mass of an object token on each kind of prompt token.
@@ -155,6 +175,16 @@ impl ProbeReport {
                 s.t, s.shape, s.color, s.position
             );
         }
+        out += "\nx0 loss with the true / a wrong shape word (gain):";
+        for s in &self.sensitivity {
+            out += &format!(
+                " t={}: {:.4} / {:.4} ({:+.1}%);",
+                s.t,
+                s.x0_loss,
+                s.x0_loss_wrong_shape,
+                100.0 * s.shape_gain()
+            );
+        }
         let a = &self.attention;
         out += &format!(
             "\nattention mass of object tokens: [BOS] {:.3} shape {:.3} colour {:.3} size {:.3} \
@@ -183,7 +213,7 @@ fn mean(xs: impl Iterator<Item = f64>) -> f64 {
 }
 
 /// Noise levels of the sensitivity probe.
-const SENSITIVITY_TIMES: [f32; 3] = [0.3, 0.6, 0.9];
+const SENSITIVITY_TIMES: [f32; 4] = [0.3, 0.6, 0.75, 0.9];
 /// Noise level at which attention is read.
 const ATTENTION_T: f32 = 0.6;
 /// Rows per network call.
@@ -481,16 +511,28 @@ fn word_sensitivity(
         if t == ATTENTION_T {
             attention = attention_mass(&captured, &base, &renders, model)?;
         }
+        let target = (&noise - &x0)?;
+        // x0 = x_t - t v, so an x0 error is t times the velocity error.
+        let x0_loss = |v: &Tensor| -> Result<f64> {
+            let e = (v - &target)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
+            Ok(e * (t as f64).powi(2))
+        };
         let mut rms = [0f64; 3];
+        let mut wrong_shape = 0.0;
         for (k, text) in variant_text.iter().enumerate() {
-            let dv = (model.velocity(&xt, &tt, text)? - &v)?;
-            rms[k] = dv.sqr()?.mean_all()?.to_scalar::<f32>()?.sqrt() as f64;
+            let vk = model.velocity(&xt, &tt, text)?;
+            if k == 0 {
+                wrong_shape = x0_loss(&vk)?;
+            }
+            rms[k] = (vk - &v)?.sqr()?.mean_all()?.to_scalar::<f32>()?.sqrt() as f64;
         }
         sensitivity.push(Sensitivity {
             t,
             shape: rms[0],
             color: rms[1],
             position: rms[2],
+            x0_loss: x0_loss(&v)?,
+            x0_loss_wrong_shape: wrong_shape,
         });
     }
     Ok((sensitivity, attention))

@@ -28,10 +28,40 @@ pub struct TeacherConfig {
     /// How the per-row velocity error is weighted over noise levels.
     #[serde(default, skip_serializing_if = "LossWeighting::is_velocity")]
     pub loss_weighting: LossWeighting,
+    /// Simple scenes (one large object on black) mixed into the image batches early on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub curriculum: Option<Curriculum>,
     pub ema_decay: f64,
     pub seed: u64,
     pub checkpoint_every: u64,
     pub log_every: u64,
+}
+
+/// The share of each image batch drawn by [`world::sample_simple_spec`]: `share` until step
+/// `hold`, then falling linearly to 0 at step `until`.
+///
+/// Why: in the full world an object's shape only lowers the loss once its position, size and
+/// colour are settled, so shape is learnt last and slowest; scenes that hold one large object
+/// make shape the main thing left to learn.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Curriculum {
+    pub share: f64,
+    pub hold: u64,
+    pub until: u64,
+}
+
+impl Curriculum {
+    /// The simple share at `step`.
+    pub fn share_at(&self, step: u64) -> f64 {
+        if step <= self.hold {
+            self.share
+        } else if step >= self.until {
+            0.0
+        } else {
+            self.share * (self.until - step) as f64 / (self.until - self.hold) as f64
+        }
+    }
 }
 
 impl Default for TeacherConfig {
@@ -50,6 +80,7 @@ impl Default for TeacherConfig {
             video_batch: 4,
             cfg_dropout: 0.1,
             loss_weighting: LossWeighting::Velocity,
+            curriculum: None,
             ema_decay: 0.999,
             seed: 0,
             checkpoint_every: 100,
@@ -110,6 +141,14 @@ impl TeacherConfig {
         if self.image_batch == 0 {
             return Err("image_batch must be at least 1".into());
         }
+        if let Some(c) = &self.curriculum {
+            if !(0.0..=1.0).contains(&c.share) || c.hold > c.until {
+                return Err(format!(
+                    "curriculum: share must be in [0, 1] and hold <= until (got share {}, hold {}, until {})",
+                    c.share, c.hold, c.until
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -138,18 +177,24 @@ pub struct WorldBatch {
     pub prompts: Vec<String>,
 }
 
-/// Renders `n` training scenes of `frames` frames (1 or `world::VIDEO_FRAMES`).
+/// Renders `n` training scenes of `frames` frames (1 or `world::VIDEO_FRAMES`); for images, a
+/// `simple_share` of them are simple scenes ([`world::sample_simple_spec`]).
 pub fn world_batch(
     rng: &mut ChaCha8Rng,
     n: usize,
     video: bool,
+    simple_share: f64,
     cfg_dropout: f64,
     device: &Device,
 ) -> Result<WorldBatch> {
     let mut xs = Vec::with_capacity(n);
     let mut prompts = Vec::with_capacity(n);
     for _ in 0..n {
-        let spec = world::sample_spec(rng, Split::Train, video);
+        let spec = if !video && simple_share > 0.0 && rng.random::<f64>() < simple_share {
+            world::sample_simple_spec(rng, Split::Train)
+        } else {
+            world::sample_spec(rng, Split::Train, video)
+        };
         let frames = world::render(&spec, rng);
         xs.push(from_frames(&frames, device)?);
         let drop = rng.random::<f64>() < cfg_dropout;
@@ -277,10 +322,12 @@ pub fn train_teacher(
         // A fresh RNG per step, derived from (seed, step): a resumed run sees the same data.
         let mut rng =
             ChaCha8Rng::seed_from_u64(config.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let simple = config.curriculum.map_or(0.0, |c| c.share_at(step));
         let ib = world_batch(
             &mut rng,
             config.image_batch,
             false,
+            simple,
             config.cfg_dropout,
             device,
         )?;
@@ -290,6 +337,7 @@ pub fn train_teacher(
                 &mut rng,
                 config.video_batch,
                 true,
+                0.0,
                 config.cfg_dropout,
                 device,
             )?;
@@ -352,7 +400,12 @@ fn warm_start(
     let mut loaded = 0;
     for (name, var) in vars {
         if let Some(t) = tensors.get(name) {
-            if t.dims() != var.dims() {
+            let t = t.to_dtype(var.dtype())?;
+            if t.dims() == var.dims() {
+                var.set(&t)?;
+            } else if let Some(grown) = longer_text_positions(name, &t, var.as_tensor())? {
+                var.set(&grown)?;
+            } else {
                 anyhow::bail!(
                     "{}: {name} has shape {:?}, the model wants {:?}",
                     path.display(),
@@ -360,11 +413,22 @@ fn warm_start(
                     var.dims()
                 );
             }
-            var.set(&t.to_dtype(var.dtype())?)?;
             loaded += 1;
         }
     }
     Ok((loaded, vars.len() - loaded))
+}
+
+/// The text encoder's position table of a shorter prompt length, extended to this model's:
+/// the trained rows are kept and the new tail keeps its initialization (teachers trained
+/// before prompts fitted the grammar had 16 positions; the grammar needs 24).
+fn longer_text_positions(name: &str, old: &Tensor, init: &Tensor) -> Result<Option<Tensor>> {
+    let (o, n) = (old.dims(), init.dims());
+    if !name.ends_with("text.pos") || o.len() != 2 || n.len() != 2 || o[1] != n[1] || o[0] >= n[0] {
+        return Ok(None);
+    }
+    let tail = init.narrow(0, o[0], n[0] - o[0])?;
+    Ok(Some(Tensor::cat(&[old, &tail], 0)?))
 }
 
 fn save(
@@ -485,6 +549,58 @@ mod tests {
     }
 
     #[test]
+    fn a_warm_start_extends_a_shorter_prompt_length() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let dir = std::env::temp_dir().join(format!("fewstep-warm-len-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("short.safetensors");
+        let tok = TinyTokenizer::from_vocabulary(&world::vocabulary()).unwrap();
+        let short = TinyConfig {
+            text_max_len: 16,
+            ..cfg(tok.vocab_size(), 0)
+        };
+        let old_map = VarMap::new();
+        TinyModel::new(
+            crate::nn::random_var_builder(&old_map, 1, DType::F32, &dev),
+            &short,
+            tok.clone(),
+            FlowSchedule::default(),
+        )?;
+        candle_core::safetensors::save(&tensors_of(&named_vars(&old_map)), &file)?;
+
+        let map = VarMap::new();
+        model(crate::nn::seeded_var_builder(&map, 2, DType::F32, &dev), 0)?;
+        let vars = named_vars(&map);
+        let (loaded, fresh) = warm_start(&vars, &file, &dev)?;
+        assert_eq!((loaded, fresh), (vars.len(), 0));
+        let pos = |m: &VarMap| m.data().lock().unwrap()["text.pos"].as_tensor().clone();
+        let (old, new) = (pos(&old_map), pos(&map));
+        assert_eq!(new.dims(), &[cfg(0, 0).text_max_len, 32]);
+        let same = (new.narrow(0, 0, 16)? - &old)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert_eq!(same, 0.0, "the trained rows are kept");
+        // Any other shape change is still refused.
+        let longer = TinyConfig {
+            text_max_len: 40,
+            ..cfg(tok.vocab_size(), 0)
+        };
+        let big_map = VarMap::new();
+        TinyModel::new(
+            crate::nn::random_var_builder(&big_map, 1, DType::F32, &dev),
+            &longer,
+            tok,
+            FlowSchedule::default(),
+        )?;
+        candle_core::safetensors::save(&tensors_of(&named_vars(&big_map)), &file)?;
+        let err = warm_start(&vars, &file, &dev).unwrap_err().to_string();
+        assert!(err.contains("text.pos"), "{err}");
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
     fn x0_weighting_is_t_squared_with_mean_one() {
         let t = [0.1f32, 0.5, 0.9];
         let w = LossWeighting::X0.weights(&t);
@@ -499,6 +615,66 @@ mod tests {
         let x0: TeacherConfig =
             serde_json::from_str(&text.replacen('{', "{\"loss_weighting\":\"x0\",", 1)).unwrap();
         assert_eq!(x0.loss_weighting, LossWeighting::X0);
+    }
+
+    #[test]
+    fn curriculum_holds_then_falls_to_zero_and_is_validated() {
+        let c = Curriculum {
+            share: 0.8,
+            hold: 100,
+            until: 300,
+        };
+        assert_eq!(c.share_at(0), 0.8);
+        assert_eq!(c.share_at(100), 0.8);
+        assert!((c.share_at(200) - 0.4).abs() < 1e-12);
+        assert_eq!(c.share_at(300), 0.0);
+        assert_eq!(c.share_at(10_000), 0.0);
+        let mut cfg = TeacherConfig {
+            curriculum: Some(c),
+            ..TeacherConfig::default()
+        };
+        assert!(cfg.validate().is_ok());
+        cfg.curriculum = Some(Curriculum { share: 1.5, ..c });
+        assert!(cfg.validate().unwrap_err().contains("share"));
+        cfg.curriculum = Some(Curriculum { hold: 400, ..c });
+        assert!(cfg.validate().unwrap_err().contains("hold"));
+    }
+
+    #[test]
+    fn simple_share_draws_single_large_objects_on_black() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let all = world_batch(&mut rng, 64, false, 1.0, 0.0, &Device::Cpu).unwrap();
+        for p in &all.prompts {
+            let spec = world::parse(p).unwrap();
+            assert_eq!(spec.objects.len(), 1, "{p}");
+            assert_eq!(spec.objects[0].size, Some(world::SizeClass::Large), "{p}");
+            assert_eq!(spec.background, Some(world::Background::Black), "{p}");
+            assert_eq!(world::split_of(&spec), Split::Train, "{p}");
+        }
+        // Without a share, the stream of the grammar's mix is unchanged (resumed runs match).
+        let a = world_batch(
+            &mut ChaCha8Rng::seed_from_u64(4),
+            8,
+            false,
+            0.0,
+            0.1,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let specs: Vec<_> = (0..8)
+            .map(|_| {
+                let s = world::sample_spec(&mut rng, Split::Train, false);
+                let _ = world::render(&s, &mut rng);
+                let drop = rng.random::<f64>() < 0.1;
+                if drop {
+                    String::new()
+                } else {
+                    world::prompt(&s)
+                }
+            })
+            .collect();
+        assert_eq!(a.prompts, specs);
     }
 
     /// The committed training configurations still parse and describe buildable models, so

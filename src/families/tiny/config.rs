@@ -30,6 +30,26 @@ impl DenoiserKind {
     }
 }
 
+/// What the denoiser's last layer predicts. Every caller still sees a flow velocity: an x0
+/// prediction is turned into one by [`super::TinyNet`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Prediction {
+    /// The velocity `noise - x0` directly (rectified flow as in SD3).
+    #[default]
+    Velocity,
+    /// The clean sample x0, from which `v = (x_t - x0) / t`. A pixel-space net then only has
+    /// to draw the image, not also carry the noise of every pixel through its blocks to the
+    /// output (Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise").
+    X0,
+}
+
+impl Prediction {
+    fn is_velocity(&self) -> bool {
+        *self == Prediction::Velocity
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TinyConfig {
@@ -64,6 +84,9 @@ pub struct TinyConfig {
     /// the side (`[32, 64, 128]` works at 32, 16 and 8 pixels).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unet_channels: Vec<usize>,
+    /// What the network outputs (`velocity` when absent).
+    #[serde(default, skip_serializing_if = "Prediction::is_velocity")]
+    pub prediction: Prediction,
 }
 
 impl Default for TinyConfig {
@@ -84,6 +107,7 @@ impl Default for TinyConfig {
             refiner: 0,
             denoiser: DenoiserKind::Dit,
             unet_channels: Vec::new(),
+            prediction: Prediction::Velocity,
         }
     }
 }

@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use image::RgbImage;
 
-pub use config::{DenoiserKind, TinyConfig};
+pub use config::{DenoiserKind, Prediction, TinyConfig};
 pub use dit::Dit;
 pub use text::{TextCond, TextEncoder};
 pub use tokenizer::TinyTokenizer;
@@ -26,9 +26,19 @@ use crate::pipeline::{
     StepObserver, Unobserved,
 };
 
+/// Below this time an x0 prediction's velocity `(x_t - x0) / t` divides by this instead, so
+/// the velocity (and the loss) stays bounded next to the clean end.
+const X0_PREDICTION_MIN_T: f32 = 0.05;
+
 /// The denoiser the architecture names, with its weights under `dit.` or `unet.`.
 #[derive(Debug, Clone)]
-pub enum TinyNet {
+pub struct TinyNet {
+    body: NetBody,
+    prediction: Prediction,
+}
+
+#[derive(Debug, Clone)]
+enum NetBody {
     Dit(Box<Dit>),
     UNet(Box<UNet>),
 }
@@ -36,9 +46,13 @@ pub enum TinyNet {
 impl TinyNet {
     pub fn new(vb: VarBuilder, cfg: &TinyConfig) -> Result<Self> {
         let vb = vb.pp(cfg.denoiser.prefix());
-        Ok(match cfg.denoiser {
-            DenoiserKind::Dit => TinyNet::Dit(Box::new(Dit::new(vb, cfg)?)),
-            DenoiserKind::Unet => TinyNet::UNet(Box::new(UNet::new(vb, cfg)?)),
+        let body = match cfg.denoiser {
+            DenoiserKind::Dit => NetBody::Dit(Box::new(Dit::new(vb, cfg)?)),
+            DenoiserKind::Unet => NetBody::UNet(Box::new(UNet::new(vb, cfg)?)),
+        };
+        Ok(Self {
+            body,
+            prediction: cfg.prediction,
         })
     }
 
@@ -57,17 +71,25 @@ impl TinyNet {
         text: &TextCond,
         features: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        match self {
-            TinyNet::Dit(n) => n.forward_with_features(x, t, text, features),
-            TinyNet::UNet(n) => n.forward_with_features(x, t, text, features),
-        }
+        let (out, feats) = match &self.body {
+            NetBody::Dit(n) => n.forward_with_features(x, t, text, features)?,
+            NetBody::UNet(n) => n.forward_with_features(x, t, text, features)?,
+        };
+        let v = match self.prediction {
+            Prediction::Velocity => out,
+            Prediction::X0 => {
+                let inv: Vec<f32> = t.iter().map(|t| 1.0 / t.max(X0_PREDICTION_MIN_T)).collect();
+                (x - out)?.broadcast_mul(&crate::pipeline::schedule::row_scale(&inv, x)?)?
+            }
+        };
+        Ok((v, feats))
     }
 
     /// Width of the tokens [`Self::forward_with_features`] returns.
     pub fn feature_dim(&self) -> usize {
-        match self {
-            TinyNet::Dit(n) => n.dim(),
-            TinyNet::UNet(n) => n.feature_dim(),
+        match &self.body {
+            NetBody::Dit(n) => n.dim(),
+            NetBody::UNet(n) => n.feature_dim(),
         }
     }
 }
@@ -266,4 +288,59 @@ pub fn from_frames(frames: &[RgbImage], device: &Device) -> Result<Tensor> {
         }
     }
     Tensor::from_vec(data, (frames.len(), 3, h, w), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::VarMap;
+
+    /// An x0-predicting net is the same body read differently: `x_t - t v` gives back exactly
+    /// what a velocity-predicting net with the same weights outputs, for the DiT and the UNet.
+    #[test]
+    fn x0_prediction_turns_the_body_output_into_a_velocity() -> Result<()> {
+        let dev = Device::Cpu;
+        let tok = TinyTokenizer::from_vocabulary(&crate::world::vocabulary()).unwrap();
+        let dit = TinyConfig {
+            dim: 32,
+            depth: 1,
+            heads: 2,
+            patch: 8,
+            text_dim: 32,
+            text_depth: 1,
+            vocab_size: tok.vocab_size(),
+            ..TinyConfig::default()
+        };
+        let unet = TinyConfig {
+            denoiser: DenoiserKind::Unet,
+            unet_channels: vec![8, 16, 16],
+            depth: 1,
+            ..dit.clone()
+        };
+        for cfg in [dit, unet] {
+            let map = VarMap::new();
+            let vb = crate::nn::random_var_builder(&map, 3, DType::F32, &dev);
+            let velocity = TinyModel::new(vb.clone(), &cfg, tok.clone(), FlowSchedule::default())?;
+            let x0_cfg = TinyConfig {
+                prediction: Prediction::X0,
+                ..cfg.clone()
+            };
+            let x0_net = TinyModel::new(vb, &x0_cfg, tok.clone(), FlowSchedule::default())?;
+            let x = Tensor::randn(0f32, 1.0, (2, 1, 3, 32, 32), &dev)?;
+            let t = [0.3f32, 0.9];
+            let text = velocity.encode(&["a red circle", "two blue crosses"])?;
+            let body = velocity.velocity(&x, &t, &text)?;
+            let v = x0_net.velocity(&x, &t, &text)?;
+            let x0 = x0_net.x0_from_velocity(&x, &t, &v)?;
+            let diff = (x0 - &body)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                diff < 1e-4,
+                "{:?}: x0 differs from the body by {diff}",
+                cfg.denoiser
+            );
+            let moved = (v - &body)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(moved > 1e-2, "the velocity is not derived from x0");
+        }
+        Ok(())
+    }
 }
