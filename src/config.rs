@@ -69,6 +69,10 @@ pub struct ServerConfig {
     pub key_burst: u32,
     /// Per API key: jobs queued or running at once (0 = no limit).
     pub key_max_in_flight: usize,
+    /// Wait a model's `max_wait_ms` for company only when recent arrivals of that shape
+    /// overlapped other jobs (a lone closed-loop client then runs at once); `false` always
+    /// waits.
+    pub adaptive_wait: bool,
 }
 
 impl Default for ServerConfig {
@@ -101,6 +105,7 @@ impl Default for ServerConfig {
             key_rate_per_s: 0.0,
             key_burst: 10,
             key_max_in_flight: 0,
+            adaptive_wait: true,
         }
     }
 }

@@ -130,6 +130,7 @@ pub async fn spawn(
         .context("no model configured")?;
     let engine = Engine::start(models, config.queue_capacity, device);
     engine.set_cost_budget(config.queue_cost_budget);
+    engine.set_adaptive_wait(config.adaptive_wait);
     let jobs = crate::engine::Jobs::new(
         engine.clone(),
         crate::engine::JobsConfig::from_server(&config),

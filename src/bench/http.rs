@@ -1,6 +1,7 @@
 //! Server throughput: the bare engine (the model's batched generate, no HTTP) against the
-//! real server on loopback at several client concurrencies, and synchronous requests against
-//! asynchronous jobs (`Prefer: respond-async`, then the job's events), measured in one run.
+//! real server on loopback at several client concurrencies (with the batching wait fixed and
+//! adaptive), and synchronous requests against asynchronous jobs (`Prefer: respond-async`,
+//! then the job's events), measured in one run.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -227,52 +228,63 @@ pub async fn sync_vs_async(
     max_time: Duration,
     rounds: usize,
 ) -> SyncVsAsync {
+    let load = |mode, n| http_load(base_url, body.clone(), mode, concurrency, n, max_time);
     for mode in [Mode::Sync, Mode::Async] {
-        http_load(
-            base_url,
-            body.clone(),
-            mode,
-            concurrency,
-            concurrency,
-            max_time,
-        )
-        .await;
+        load(mode, concurrency).await;
     }
     let (mut sync, mut asy) = (Vec::new(), Vec::new());
     for _ in 0..rounds.max(1) {
-        sync.push(
-            http_load(
-                base_url,
-                body.clone(),
-                Mode::Sync,
-                concurrency,
-                requests,
-                max_time,
-            )
-            .await,
-        );
-        asy.push(
-            http_load(
-                base_url,
-                body.clone(),
-                Mode::Async,
-                concurrency,
-                requests,
-                max_time,
-            )
-            .await,
-        );
+        sync.push(load(Mode::Sync, requests).await);
+        asy.push(load(Mode::Async, requests).await);
     }
-    let median = |mut rows: Vec<HttpRow>| {
-        rows.sort_by(|a, b| a.images_per_s.total_cmp(&b.images_per_s));
-        rows.swap_remove(rows.len() / 2)
-    };
-    let (sync, asy) = (median(sync), median(asy));
+    let (sync, asy) = (median_round(sync), median_round(asy));
     SyncVsAsync {
         concurrency,
         ratio: asy.images_per_s / sync.images_per_s,
         sync,
         r#async: asy,
+    }
+}
+
+/// The round with the median throughput.
+fn median_round(mut rows: Vec<HttpRow>) -> HttpRow {
+    rows.sort_by(|a, b| a.images_per_s.total_cmp(&b.images_per_s));
+    rows.swap_remove(rows.len() / 2)
+}
+
+/// Synchronous load at one concurrency with the batching wait fixed (always `max_wait_ms`)
+/// and adaptive (only when company is expected), each the median of alternating rounds.
+#[derive(Debug, Clone, Serialize)]
+pub struct FixedVsAdaptive {
+    pub concurrency: usize,
+    pub fixed: HttpRow,
+    pub adaptive: HttpRow,
+}
+
+/// Runs `rounds` alternating loads with `engine`'s wait fixed, then adaptive (after one
+/// warm-up), and leaves the engine adaptive.
+pub async fn fixed_vs_adaptive(
+    engine: &crate::engine::Engine,
+    base_url: &str,
+    body: Value,
+    concurrency: usize,
+    requests: usize,
+    max_time: Duration,
+    rounds: usize,
+) -> FixedVsAdaptive {
+    let load = |n| http_load(base_url, body.clone(), Mode::Sync, concurrency, n, max_time);
+    load(concurrency).await;
+    let (mut fixed, mut adaptive) = (Vec::new(), Vec::new());
+    for _ in 0..rounds.max(1) {
+        engine.set_adaptive_wait(false);
+        fixed.push(load(requests).await);
+        engine.set_adaptive_wait(true);
+        adaptive.push(load(requests).await);
+    }
+    FixedVsAdaptive {
+        concurrency,
+        fixed: median_round(fixed),
+        adaptive: median_round(adaptive),
     }
 }
 

@@ -1,5 +1,6 @@
 //! Bucketing and batch selection: pure logic over queued jobs, tested without a model.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::Job;
@@ -34,15 +35,50 @@ pub enum Decision {
     Wait(Duration),
 }
 
-/// Picks the bucket of the oldest pending job; runs it when it has `max_batch` rows or its
-/// oldest job has waited `max_wait`, else says how long to wait. Jobs are taken in arrival
-/// order while their rows fit in `max_batch` (a job never exceeds `max_batch` rows: the API
-/// validates `n`).
+/// Whether a bucket has company coming: how many of its jobs were already in the system
+/// (queued, or in the batch being run) when each new job arrived, averaged over recent
+/// arrivals.
+///
+/// Why not an arrival rate: with one client in a closed loop the next request only comes
+/// after this one is answered, so waiting for it is pure latency, yet its arrival rate
+/// looks the same as that of a few clients who do overlap. Overlap is what a wait can use.
+#[derive(Debug, Default)]
+pub struct Company {
+    overlap: HashMap<BucketKey, f64>,
+}
+
+impl Company {
+    /// Weight of the newest arrival in the running average.
+    const ALPHA: f64 = 0.25;
+    /// Average overlap from which waiting pays: about every other arrival finds another job.
+    const WAIT_FROM: f64 = 0.5;
+
+    /// Records a job of `key` that found `others` jobs of its bucket in the system.
+    pub fn arrived(&mut self, key: &BucketKey, others: usize) {
+        let x = others.min(8) as f64;
+        self.overlap
+            .entry(key.clone())
+            .and_modify(|m| *m += Self::ALPHA * (x - *m))
+            .or_insert(x);
+    }
+
+    /// True when recent arrivals of `key` overlapped other jobs often enough that waiting
+    /// for company is likely to fill the batch. A bucket never seen has none.
+    pub fn expected(&self, key: &BucketKey) -> bool {
+        self.overlap.get(key).is_some_and(|&m| m >= Self::WAIT_FROM)
+    }
+}
+
+/// Picks the bucket of the oldest pending job; runs it when it has `max_batch` rows, when its
+/// oldest job has waited `max_wait`, or at once when no company is expected; else says how
+/// long to wait. Jobs are taken in arrival order while their rows fit in `max_batch` (a job
+/// never exceeds `max_batch` rows: the API validates `n`).
 pub fn decide(
     pending: &[Job],
     now: Instant,
     max_batch: impl Fn(&BucketKey) -> usize,
     max_wait: impl Fn(&BucketKey) -> Duration,
+    company: impl Fn(&BucketKey) -> bool,
 ) -> Decision {
     let Some(oldest) = pending.iter().min_by_key(|j| j.enqueued) else {
         return Decision::Idle;
@@ -70,7 +106,7 @@ pub fn decide(
     }
     let waited = now.saturating_duration_since(oldest.enqueued);
     let wait = max_wait(key);
-    if bucket_rows >= cap || waited >= wait {
+    if bucket_rows >= cap || waited >= wait || !company(key) {
         Decision::Run(chosen)
     } else {
         Decision::Wait(wait - waited)
@@ -118,7 +154,7 @@ mod tests {
             job(key("m", 1), 3, t0 + ms(1)),
             job(key("m", 1), 4, t0 + ms(2)),
         ];
-        let d = decide(&pending, t0 + ms(100), |_| 6, |_| ms(10));
+        let d = decide(&pending, t0 + ms(100), |_| 6, |_| ms(10), |_| true);
         assert_eq!(d, Decision::Run(vec![1, 2]));
     }
 
@@ -128,11 +164,11 @@ mod tests {
         let ms = Duration::from_millis;
         let pending = vec![job(key("m", 1), 1, t0)];
         assert_eq!(
-            decide(&pending, t0 + ms(3), |_| 8, |_| ms(10)),
+            decide(&pending, t0 + ms(3), |_| 8, |_| ms(10), |_| true),
             Decision::Wait(ms(7))
         );
         assert_eq!(
-            decide(&pending, t0 + ms(10), |_| 8, |_| ms(10)),
+            decide(&pending, t0 + ms(10), |_| 8, |_| ms(10), |_| true),
             Decision::Run(vec![0])
         );
     }
@@ -141,13 +177,49 @@ mod tests {
     fn a_full_bucket_runs_without_waiting() {
         let t0 = Instant::now();
         let pending: Vec<Job> = (0..4).map(|_| job(key("m", 1), 2, t0)).collect();
-        let d = decide(&pending, t0, |_| 8, |_| Duration::from_secs(1));
+        let d = decide(&pending, t0, |_| 8, |_| Duration::from_secs(1), |_| true);
         assert_eq!(d, Decision::Run(vec![0, 1, 2, 3]));
     }
 
     #[test]
+    fn a_lone_job_without_company_in_sight_runs_at_once() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let pending = vec![job(key("m", 1), 1, t0)];
+        let mut company = Company::default();
+        // Never seen: no wait.
+        let d = decide(&pending, t0, |_| 8, |_| ms(10), |k| company.expected(k));
+        assert_eq!(d, Decision::Run(vec![0]));
+        // A closed loop of one client: every job finds the system empty.
+        for _ in 0..20 {
+            company.arrived(&key("m", 1), 0);
+        }
+        assert!(!company.expected(&key("m", 1)));
+        // Concurrent clients: arrivals find others queued or running, so the bucket waits...
+        for _ in 0..6 {
+            company.arrived(&key("m", 1), 3);
+        }
+        assert!(company.expected(&key("m", 1)));
+        let d = decide(
+            &pending,
+            t0 + ms(3),
+            |_| 8,
+            |_| ms(10),
+            |k| company.expected(k),
+        );
+        assert_eq!(d, Decision::Wait(ms(7)));
+        // ... per bucket: another bucket has no company of its own.
+        assert!(!company.expected(&key("m", 8)));
+        // When the load goes away, the waits stop again within a few arrivals.
+        for _ in 0..8 {
+            company.arrived(&key("m", 1), 0);
+        }
+        assert!(!company.expected(&key("m", 1)));
+    }
+
+    #[test]
     fn nothing_pending_is_idle() {
-        let d = decide(&[], Instant::now(), |_| 8, |_| Duration::ZERO);
+        let d = decide(&[], Instant::now(), |_| 8, |_| Duration::ZERO, |_| true);
         assert_eq!(d, Decision::Idle);
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! Handlers never touch device tensors: they submit a [`Job`] and await its reply. The worker
 //! picks the bucket whose oldest job has waited longest (so no bucket starves), waits up to
-//! the model's `max_wait_ms` for company, and runs up to `max_batch` rows in one pass.
+//! the model's `max_wait_ms` for company when recent arrivals of that bucket overlapped (a
+//! lone closed-loop client runs at once), and runs up to `max_batch` rows in one pass.
 
 mod batcher;
 pub mod job;
@@ -148,6 +149,8 @@ pub(crate) struct Shared {
     /// The summed [`Job::cost`] of the queued jobs, and its limit.
     queued_cost: AtomicU64,
     cost_budget: AtomicU64,
+    /// Wait for company only when it is expected (see `batcher::Company`).
+    adaptive_wait: AtomicBool,
     capacity: usize,
     ready: AtomicBool,
     draining: AtomicBool,
@@ -191,6 +194,7 @@ impl Engine {
             queued: AtomicUsize::new(0),
             queued_cost: AtomicU64::new(0),
             cost_budget: AtomicU64::new(u64::MAX),
+            adaptive_wait: AtomicBool::new(true),
             capacity: queue_capacity,
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
@@ -277,6 +281,12 @@ impl Engine {
         self.shared
             .cost_budget
             .store(budget.max(1), Ordering::SeqCst);
+    }
+
+    /// Whether a lone job runs at once when no company is expected (`true`, the default) or
+    /// always waits its model's `max_wait_ms`.
+    pub fn set_adaptive_wait(&self, adaptive: bool) {
+        self.shared.adaptive_wait.store(adaptive, Ordering::SeqCst);
     }
 
     /// Loads `weights` for `model` beside the serving copy, validates it with a smoke

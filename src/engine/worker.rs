@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 
-use super::batcher::{decide, Decision};
+use super::batcher::{decide, BucketKey, Company, Decision};
 use super::job::Stop;
 use super::observer::BatchObserver;
 use super::{EngineError, Job, JobOutput, ModelCard, Msg, Shared};
@@ -21,53 +21,124 @@ pub(super) fn run(
     shared: Arc<Shared>,
     device: Device,
 ) {
-    let mut models: HashMap<String, LoadedModel> = models
-        .into_iter()
-        .map(|m| (m.manifest.name.clone(), m))
-        .collect();
-    let mut pending: Vec<Job> = Vec::new();
-    let mut open = true;
+    let mut w = Worker {
+        models: models
+            .into_iter()
+            .map(|m| (m.manifest.name.clone(), m))
+            .collect(),
+        pending: Vec::new(),
+        open: true,
+        seen: Arrivals::default(),
+        shared,
+        device,
+    };
     loop {
-        if pending.is_empty() {
-            if !open {
+        if w.pending.is_empty() {
+            if !w.open {
                 break;
             }
             match rx.recv() {
-                Ok(msg) => handle(msg, &mut open, &mut pending, &mut models, &shared, &device),
+                Ok(msg) => w.handle(msg),
                 Err(_) => break,
             }
         }
         while let Ok(msg) = rx.try_recv() {
-            handle(msg, &mut open, &mut pending, &mut models, &shared, &device);
+            w.handle(msg);
         }
-        drop_dead_jobs(&mut pending, &shared);
-        let decision = decide(
-            &pending,
-            Instant::now(),
-            |k| {
-                models
-                    .get(&k.model)
-                    .map_or(1, |m| m.manifest.serving.max_batch)
-            },
-            |k| {
-                // Shutting down, nobody else is coming: run what is there without waiting.
-                let ms = models
-                    .get(&k.model)
-                    .map_or(0, |m| m.manifest.serving.max_wait_ms);
-                Duration::from_millis(if open { ms } else { 0 })
-            },
-        );
-        match decision {
+        drop_dead_jobs(&mut w.pending, &w.shared);
+        match w.decide() {
             Decision::Idle => {}
             Decision::Wait(d) => match rx.recv_timeout(d) {
-                Ok(msg) => handle(msg, &mut open, &mut pending, &mut models, &shared, &device),
+                Ok(msg) => w.handle(msg),
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => open = false,
+                Err(RecvTimeoutError::Disconnected) => w.open = false,
             },
-            Decision::Run(idx) => run_batch(take(&mut pending, idx), &models, &shared),
+            Decision::Run(idx) => {
+                let batch = take(&mut w.pending, idx);
+                let (key, start) = (batch[0].key.clone(), Instant::now());
+                let ready = run_batch(batch, &w.models, &w.shared).unwrap_or_else(Instant::now);
+                w.seen.last_batch = Some((key, start, ready));
+            }
         }
     }
     tracing::info!("device worker stopped");
+}
+
+/// The device thread's state between messages.
+struct Worker {
+    models: HashMap<String, LoadedModel>,
+    pending: Vec<Job>,
+    /// False once a stop was asked for: the queue is finished without waiting.
+    open: bool,
+    seen: Arrivals,
+    shared: Arc<Shared>,
+    device: Device,
+}
+
+impl Worker {
+    fn decide(&self) -> Decision {
+        let serving = |k: &BucketKey| self.models.get(&k.model).map(|m| &m.manifest.serving);
+        decide(
+            &self.pending,
+            Instant::now(),
+            |k| serving(k).map_or(1, |s| s.max_batch),
+            |k| {
+                // Shutting down, nobody else is coming: run what is there without waiting.
+                let ms = serving(k).map_or(0, |s| s.max_wait_ms);
+                Duration::from_millis(if self.open { ms } else { 0 })
+            },
+            |k| !self.shared.adaptive_wait.load(Ordering::Relaxed) || self.seen.company.expected(k),
+        )
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Job(job) => {
+                if self.models.contains_key(&job.key.model) {
+                    self.seen.on_job(&job, &self.pending);
+                    self.pending.push(job);
+                } else if job.cell.expire() {
+                    dequeued(&self.shared, [&job]);
+                    let _ = job
+                        .reply
+                        .send(Err(EngineError::UnknownModel(job.key.model.clone())));
+                }
+            }
+            Msg::Stop => self.open = false,
+            Msg::Reload {
+                model,
+                weights,
+                reply,
+            } => {
+                let result = reload(&model, &weights, &mut self.models, &self.device);
+                if let Ok(card) = &result {
+                    self.shared.set_card(card.clone());
+                }
+                let _ = reply.send(result);
+            }
+        }
+    }
+}
+
+/// What the worker has seen of arrivals, for [`Company`]: a job's company is the jobs of its
+/// bucket still queued when it arrived, plus the batch of its bucket that was running then.
+#[derive(Default)]
+struct Arrivals {
+    company: Company,
+    /// The bucket of the last batch run, when it started, and when its results were ready
+    /// (not when the worker came back: a client in a closed loop may already have sent its
+    /// next request by then, and that request did not overlap).
+    last_batch: Option<(BucketKey, Instant, Instant)>,
+}
+
+impl Arrivals {
+    fn on_job(&mut self, job: &Job, pending: &[Job]) {
+        let queued = pending.iter().filter(|j| j.key == job.key).count();
+        let running = self.last_batch.as_ref().is_some_and(|(k, start, end)| {
+            *k == job.key && (*start..=*end).contains(&job.enqueued)
+        });
+        self.company.arrived(&job.key, queued + running as usize);
+    }
 }
 
 fn take(pending: &mut Vec<Job>, mut idx: Vec<usize>) -> Vec<Job> {
@@ -112,40 +183,6 @@ fn drop_dead_jobs(pending: &mut Vec<Job>, shared: &Shared) {
         }
     }
     *pending = kept;
-}
-
-fn handle(
-    msg: Msg,
-    open: &mut bool,
-    pending: &mut Vec<Job>,
-    models: &mut HashMap<String, LoadedModel>,
-    shared: &Shared,
-    device: &Device,
-) {
-    match msg {
-        Msg::Job(job) => {
-            if models.contains_key(&job.key.model) {
-                pending.push(job);
-            } else if job.cell.expire() {
-                dequeued(shared, [&job]);
-                let _ = job
-                    .reply
-                    .send(Err(EngineError::UnknownModel(job.key.model.clone())));
-            }
-        }
-        Msg::Stop => *open = false,
-        Msg::Reload {
-            model,
-            weights,
-            reply,
-        } => {
-            let result = reload(&model, &weights, models, device);
-            if let Ok(card) = &result {
-                shared.set_card(card.clone());
-            }
-            let _ = reply.send(result);
-        }
-    }
 }
 
 /// Loads new weights beside the serving copy, runs a smoke generation, then swaps.
@@ -196,14 +233,19 @@ fn reload(
     Ok(card)
 }
 
-fn run_batch(jobs: Vec<Job>, models: &HashMap<String, LoadedModel>, shared: &Shared) {
+/// Runs one batch; returns when its first results were handed back, if any were.
+fn run_batch(
+    jobs: Vec<Job>,
+    models: &HashMap<String, LoadedModel>,
+    shared: &Shared,
+) -> Option<Instant> {
     // A job cancelled since the last look has already left the queue (and released its slot).
     let (jobs, gone): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| j.cell.claim());
     for j in gone {
         let _ = j.reply.send(Err(EngineError::Cancelled));
     }
     if jobs.is_empty() {
-        return;
+        return None;
     }
     dequeued(shared, &jobs);
     let key = jobs[0].key.clone();
@@ -213,13 +255,19 @@ fn run_batch(jobs: Vec<Job>, models: &HashMap<String, LoadedModel>, shared: &Sha
                 .reply
                 .send(Err(EngineError::UnknownModel(key.model.clone())));
         }
-        return;
+        return None;
     };
-    let mut run = |jobs: Vec<Job>| run_rows(jobs, model, &key, shared);
+    let mut ready = None;
+    let mut run = |jobs: Vec<Job>| {
+        let at = run_rows(jobs, model, &key, shared)?;
+        ready.get_or_insert(at);
+        Ok(())
+    };
     split_on_failure(jobs, &mut run, &mut |j: Job, e: String| {
         metrics::counter!("fewstep_device_errors_total").increment(1);
         let _ = j.reply.send(Err(EngineError::Device(e)));
     });
+    ready
 }
 
 /// Runs `items` with `run`; when a run of several fails, each half is run again (and so on),
@@ -252,13 +300,14 @@ fn split_on_failure<T, E: std::fmt::Display>(
 #[cfg(test)]
 pub(crate) const INJECT_FAULT: &str = "__inject_device_fault__";
 
-/// One pass of `jobs` on the device; the jobs come back when it fails.
+/// One pass of `jobs` on the device; returns when its results were ready, and the jobs when
+/// it fails.
 fn run_rows(
     jobs: Vec<Job>,
     model: &LoadedModel,
     key: &super::BucketKey,
     shared: &Shared,
-) -> Result<(), (Vec<Job>, candle_core::Error)> {
+) -> Result<Instant, (Vec<Job>, candle_core::Error)> {
     let started = Instant::now();
     let mut spec = BatchSpec {
         prompts: Vec::new(),
@@ -288,6 +337,7 @@ fn run_rows(
     let result = model.generate_observed(&spec, key.steps, key.guidance(), &mut watch);
     let left = watch.left();
     shared.rate.record(jobs.len(), started.elapsed());
+    let ready = Instant::now();
     match result {
         Ok(out) => {
             metrics::histogram!("fewstep_stage_seconds", "stage" => "text_encoding")
@@ -321,7 +371,7 @@ fn run_rows(
             return Err((jobs, e));
         }
     }
-    Ok(())
+    Ok(ready)
 }
 
 #[cfg(test)]

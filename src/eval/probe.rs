@@ -122,6 +122,9 @@ pub struct AttentionMass {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProbeReport {
+    /// The from-noise sampler (reports written before it was recorded were Euler).
+    #[serde(default = "euler")]
+    pub sampler: SamplerKind,
     pub steps: usize,
     pub guidance: f32,
     pub t0: f32,
@@ -129,6 +132,10 @@ pub struct ProbeReport {
     pub wrong_shape: Vec<WrongShape>,
     pub sensitivity: Vec<Sensitivity>,
     pub attention: AttentionMass,
+}
+
+fn euler() -> SamplerKind {
+    SamplerKind::Euler
 }
 
 impl ProbeReport {
@@ -149,9 +156,10 @@ impl ProbeReport {
     /// A few lines for the terminal.
     pub fn summary(&self) -> String {
         let mut out = format!(
-            "from-noise shape hit {:.3} ({} Euler steps, CFG {}):",
+            "from-noise shape hit {:.3} ({} {:?} steps, CFG {}):",
             self.shape_hit(),
             self.steps,
+            self.sampler,
             self.guidance
         );
         for h in &self.from_noise {
@@ -232,6 +240,7 @@ pub fn probe(model: &TinyModel, opts: &ProbeOptions) -> Result<ProbeReport> {
     let wrong_shape = wrong_shape_hits(model, opts, &mut rng)?;
     let (sensitivity, attention) = word_sensitivity(model, opts, &mut rng)?;
     Ok(ProbeReport {
+        sampler: opts.sampler,
         steps: opts.steps,
         guidance: opts.guidance,
         t0: opts.t0,

@@ -239,10 +239,32 @@ async fn a_cancelled_queued_job_leaves_the_queue_and_frees_its_slot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_request_does_not_wait_for_company() {
+    // A batching wait far longer than any run, which a client alone in a loop skips.
+    let dir = models_dir("adaptive-wait", |m| {
+        set(m, "serving", "max_wait_ms", 30_000)
+    });
+    let s = start(config(&dir)).await;
+    let body = json!({"prompt": "a red circle", "steps": 1, "timeout_ms": 60_000});
+    for _ in 0..3 {
+        let r: Value = s.generate(body.clone()).await.json().await.unwrap();
+        assert_eq!(r["batch_size"], 1);
+        let queued = r["timings"]["queue_ms"].as_f64().unwrap();
+        assert!(queued < 15_000.0, "a lone request waited {queued} ms");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_running_job_leaves_its_batch_and_the_other_rows_keep_their_pixels() {
-    // Both jobs wait for company and share one lock-step batch.
+    // Both jobs wait for company (always: a fixed wait) and share one lock-step batch.
     let dir = models_dir("cancel-running", |m| set(m, "serving", "max_wait_ms", 300));
-    let s = Arc::new(start(config(&dir)).await);
+    let s = Arc::new(
+        start(fewstep::config::ServerConfig {
+            adaptive_wait: false,
+            ..config(&dir)
+        })
+        .await,
+    );
     let body = |seed: u64| {
         json!({"prompt": "a red circle moving right", "seed": seed, "num_frames": 8,
                "steps": 16, "guidance": 3.0, "output_format": "apng"})

@@ -1,0 +1,273 @@
+//! `fewstep bench`: the denoiser, the fused ops, the samplers, and the engine against the
+//! HTTP server, each measured side by side in one run.
+
+use std::path::PathBuf;
+
+use crate::config::ServerConfig;
+
+use super::runtime;
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Model whose architecture to measure.
+    #[arg(long, default_value = "tiny-shapes")]
+    pub model: String,
+    #[arg(long, default_value = "models", env = "FEWSTEP_MODELS_DIR")]
+    pub models_dir: PathBuf,
+    /// Batch sizes for the denoiser measurement.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub batches: Vec<usize>,
+    #[arg(long, default_value_t = 1)]
+    pub frames: usize,
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    /// Also measure the bare engine and the HTTP server (loopback) side by side.
+    #[arg(long)]
+    pub http: bool,
+    /// Skip the denoiser (forward/training/MFU) table.
+    #[arg(long)]
+    pub skip_denoiser: bool,
+    /// Sampler steps for the engine and HTTP measurements (default: the model's).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Guidance for the engine and HTTP measurements (default: the model's).
+    #[arg(long)]
+    pub guidance: Option<f32>,
+    /// Client concurrencies for the HTTP measurement.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub concurrency: Vec<usize>,
+    /// Requests per concurrency level (each level also stops after --max-seconds).
+    #[arg(long, default_value_t = 256)]
+    pub requests: usize,
+    /// With --http: synchronous requests against asynchronous jobs (`Prefer: respond-async`,
+    /// then the job's events) at this concurrency, in alternating rounds; 0 skips it.
+    #[arg(long, default_value_t = 32)]
+    pub sync_vs_async: usize,
+    #[arg(long, default_value_t = 60)]
+    pub max_seconds: u64,
+    /// Compare end-to-end generation speed of these models (comma-separated; each with its
+    /// own sampler, steps and guidance), interleaved in one run; the first is the baseline.
+    #[arg(long, value_delimiter = ',')]
+    pub compare: Vec<String>,
+    /// Also time the fused ops against the composed candle ops they replace.
+    #[arg(long)]
+    pub ops: bool,
+}
+
+pub(super) fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let manifest = crate::manifest::Manifest::find(&args.models_dir, &args.model)?;
+    let device = candle_core::Device::Cpu;
+    if !args.skip_denoiser {
+        let tiny =
+            manifest.require_tiny("the denoiser table of fewstep bench (pass --skip-denoiser)")?;
+        let tokenizer =
+            crate::families::tiny::TinyTokenizer::from_file(&manifest.tokenizer_path()?)?;
+        let rows = crate::bench::model::bench_model(
+            &tiny.architecture,
+            &tokenizer,
+            &args.batches,
+            args.frames,
+            args.reps,
+            &device,
+        )?;
+        println!(
+            "denoiser {} ({} frames); naive = candle's composed ops, measured interleaved",
+            args.model, args.frames
+        );
+        println!(
+            "batch  fwd samples/s (naive)  speedup  train samples/s (naive)  speedup  \
+             fwd GFLOP/s  GEMM GFLOP/s  fwd MFU"
+        );
+        for r in rows {
+            println!(
+                "{:>5}  {:>13.1} {:>9}  {:>6.2}x  {:>15.1} {:>7}  {:>6.2}x  {:>11.2}  {:>12.2}  {:>6.1}%",
+                r.batch,
+                r.forward_samples_per_s,
+                format!("({:.1})", r.naive_forward_samples_per_s),
+                r.forward_samples_per_s / r.naive_forward_samples_per_s,
+                r.train_samples_per_s,
+                format!("({:.1})", r.naive_train_samples_per_s),
+                r.train_samples_per_s / r.naive_train_samples_per_s,
+                r.forward_gflops,
+                r.gemm_gflops,
+                100.0 * r.forward_mfu
+            );
+        }
+    }
+    if args.http {
+        bench_http(&args, &manifest)?;
+    }
+    if args.ops {
+        // The spatial attention scores of the largest batch: [batch * heads, tokens, tokens].
+        let a = &manifest.require_tiny("fewstep bench --ops")?.architecture;
+        let batch = args.batches.iter().copied().max().unwrap_or(32);
+        let t = a.tokens_per_frame();
+        let r = crate::bench::ops::softmax(batch * a.heads, t, t, args.reps, &device)?;
+        println!(
+            "\nop                               shape          composed ms  fused ms  speedup"
+        );
+        println!(
+            "{:<32} {:<14} {:>11.3} {:>9.3} {:>7.2}x",
+            r.op,
+            format!("{:?}", r.shape),
+            r.composed_ms,
+            r.fused_ms,
+            r.speedup
+        );
+    }
+    if !args.compare.is_empty() {
+        let models = args
+            .compare
+            .iter()
+            .map(|name| {
+                let m = crate::manifest::Manifest::find(&args.models_dir, name)?;
+                Ok(crate::manifest::LoadedModel::load(&m, &device)?)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let batch = args.batches.iter().copied().max().unwrap_or(32);
+        let rows = crate::bench::samplers::compare(&models, batch, args.frames, args.reps)?;
+        println!(
+            "\nmodels, batch {batch}, {} frame(s), median of {} interleaved rounds",
+            args.frames, args.reps
+        );
+        println!(
+            "{:<24} {:>8} {:>5} {:>8} {:>4} {:>10} {:>8}",
+            "model", "sampler", "steps", "guidance", "NFE", "samples/s", "speedup"
+        );
+        for r in rows {
+            println!(
+                "{:<24} {:>8} {:>5} {:>8.1} {:>4} {:>10.1} {:>7.1}x",
+                r.model, r.sampler, r.steps, r.guidance, r.nfe, r.samples_per_s, r.speedup
+            );
+        }
+    }
+    Ok(())
+}
+
+fn bench_http(args: &BenchArgs, manifest: &crate::manifest::Manifest) -> anyhow::Result<()> {
+    use crate::bench::http::{engine_throughput, fixed_vs_adaptive, sync_vs_async};
+    /// Alternating rounds of each side in the sync/async comparison.
+    const ROUNDS: usize = 3;
+    let steps = args.steps.unwrap_or(manifest.sampling.default_steps);
+    let guidance = args.guidance.unwrap_or(manifest.sampling.default_guidance);
+    let config = ServerConfig {
+        addr: "127.0.0.1:0".into(),
+        models_dir: args.models_dir.clone(),
+        models: vec![args.model.clone()],
+        allow_random_weights: true,
+        queue_capacity: 4096,
+        ..ServerConfig::default()
+    };
+    let device = candle_core::Device::Cpu;
+    let model = crate::server::load_models(&config, &device)?.remove(0);
+    println!(
+        "\nengine vs HTTP: {} (version {}{}), steps {steps}, guidance {guidance}",
+        args.model,
+        model.version,
+        if model.trained {
+            ""
+        } else {
+            ", UNTRAINED random weights"
+        }
+    );
+    let mut engine_rows = Vec::new();
+    println!("bare engine: batch  images/s  batch ms");
+    for &b in &args.batches {
+        let r = engine_throughput(&model, b, steps, guidance, args.reps)?;
+        println!(
+            "             {:>5}  {:>8.1}  {:>8.1}",
+            r.batch, r.images_per_s, r.batch_ms
+        );
+        engine_rows.push(r);
+    }
+    drop(model);
+    let rt = runtime()?;
+    let body = serde_json::json!({"prompt": "a small red circle on the left", "steps": steps, "guidance": guidance});
+    let max_time = std::time::Duration::from_secs(args.max_seconds);
+    let (http_rows, versus) = rt.block_on(async {
+        let handle = crate::server::spawn(config, std::future::pending()).await?;
+        let base = format!("http://{}", handle.addr);
+        let mut rows = Vec::new();
+        for &c in &args.concurrency {
+            rows.push(
+                fixed_vs_adaptive(
+                    &handle.engine,
+                    &base,
+                    body.clone(),
+                    c,
+                    args.requests,
+                    max_time,
+                    ROUNDS,
+                )
+                .await,
+            );
+        }
+        let versus = if args.sync_vs_async > 0 {
+            Some(
+                sync_vs_async(
+                    &base,
+                    body.clone(),
+                    args.sync_vs_async,
+                    args.requests,
+                    max_time,
+                    ROUNDS,
+                )
+                .await,
+            )
+        } else {
+            None
+        };
+        handle.shutdown().await?;
+        anyhow::Ok((rows, versus))
+    })?;
+    println!(
+        "HTTP, batching wait fixed ({} ms) vs adaptive (median of {ROUNDS} alternating rounds)",
+        manifest.serving.max_wait_ms
+    );
+    println!(
+        "concurrency  wait      requests  errors  images/s  p50 ms  p99 ms  mean batch  HTTP/engine at that batch"
+    );
+    for w in &http_rows {
+        let same = engine_rows.iter().find(|e| e.batch == w.concurrency);
+        for (name, r) in [("fixed", &w.fixed), ("adaptive", &w.adaptive)] {
+            let ratio = same.map_or("-".to_string(), |e| {
+                format!("{:.2}", r.images_per_s / e.images_per_s)
+            });
+            println!(
+                "{:>11}  {name:<8}  {:>8}  {:>6}  {:>8.1}  {:>6.0}  {:>6.0}  {:>10.1}  {ratio}",
+                w.concurrency,
+                r.requests,
+                r.errors,
+                r.images_per_s,
+                r.p50_ms,
+                r.p99_ms,
+                r.mean_batch
+            );
+        }
+        println!(
+            "{:>11}  adaptive/fixed throughput {:.2}, p50 latency {:.2}",
+            "",
+            w.adaptive.images_per_s / w.fixed.images_per_s,
+            w.adaptive.p50_ms / w.fixed.p50_ms
+        );
+    }
+    if let Some(v) = versus {
+        println!(
+            "\nsync vs async jobs at concurrency {} (median of {ROUNDS} alternating rounds each)",
+            v.concurrency
+        );
+        println!("mode   requests  errors  images/s  p50 ms  p99 ms  mean batch");
+        for (name, r) in [("sync", &v.sync), ("async", &v.r#async)] {
+            println!(
+                "{name:<5}  {:>8}  {:>6}  {:>8.1}  {:>6.0}  {:>6.0}  {:>10.1}",
+                r.requests, r.errors, r.images_per_s, r.p50_ms, r.p99_ms, r.mean_batch
+            );
+        }
+        println!(
+            "async/sync throughput: {:.3} (job bookkeeping and the events stream cost {:+.1}%)",
+            v.ratio,
+            (1.0 - v.ratio) * 100.0
+        );
+    }
+    Ok(())
+}
