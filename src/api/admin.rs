@@ -6,14 +6,13 @@ use std::path::PathBuf;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Request, State};
-use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::error::{ApiError, HttpError, Problem};
+use super::error::{ApiError, HttpError, Problem, ServeError};
 use super::AppState;
 use crate::engine::EngineError;
 
@@ -50,20 +49,12 @@ pub async fn require_admin(
     next: Next,
 ) -> Result<Response, ApiError> {
     let Some(expected) = state.config.admin_token.as_deref() else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "admin_disabled",
-            "admin routes are disabled (set `admin_token`)",
-        ));
+        return Err(ServeError::AdminDisabled.into());
     };
     let token = super::bearer_token(req.headers());
     match token {
         Some(t) if super::constant_time_eq(expected, t) => Ok(next.run(req).await),
-        _ => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "invalid_admin_token",
-            "admin routes need `Authorization: Bearer <admin token>`",
-        )),
+        _ => Err(ServeError::InvalidAdminToken.into()),
     }
 }
 
@@ -90,13 +81,10 @@ pub async fn reload(
     Path(model): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ReloadResponse>, ApiError> {
-    let card = state.engine.card(&model).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_model",
-            format!("no model named {model:?}"),
-        )
-    })?;
+    let card = state
+        .engine
+        .card(&model)
+        .ok_or_else(|| ServeError::UnknownModel(model.clone()))?;
     let body = body.map_err(|_| HttpError::BodyTooLarge {
         limit: state.config.max_body_bytes,
     })?;

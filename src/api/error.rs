@@ -146,11 +146,7 @@ impl From<JobError> for ApiError {
         match e {
             JobError::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "job_not_found", detail),
             JobError::Finished { .. } => Self::new(StatusCode::CONFLICT, "job_finished", detail),
-            JobError::Log(_) => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                "the generation log is unavailable; try again later",
-            ),
+            JobError::Log(_) => ServeError::StoreUnavailable.into(),
         }
     }
 }
@@ -195,6 +191,54 @@ impl From<HttpError> for ApiError {
             HttpError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             HttpError::MissingApiKey => (StatusCode::UNAUTHORIZED, "missing_api_key"),
             HttpError::InvalidApiKey => (StatusCode::UNAUTHORIZED, "invalid_api_key"),
+        };
+        Self::new(status, code, detail)
+    }
+}
+
+/// What a handler cannot serve once the request itself is valid: something missing or
+/// switched off, or a representation it cannot produce.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ServeError {
+    #[error("no model named {0:?}")]
+    UnknownModel(String),
+    #[error("no logged generation {0:?}")]
+    UnknownGeneration(String),
+    #[error("no video {0:?} (unknown, deleted, or expired)")]
+    UnknownVideo(String),
+    #[error("video {id} is {state}, not completed")]
+    VideoNotReady { id: String, state: String },
+    #[error("cannot produce any of {accept:?}; use application/json or an image type")]
+    NotAcceptable { accept: String },
+    #[error("raw media responses hold one output; ask for application/json when n > 1")]
+    RawNeedsOneOutput,
+    #[error("{media_type} cannot hold a video")]
+    NotAnimated { media_type: &'static str },
+    #[error("this server keeps no generation log (set `store_url`)")]
+    LogDisabled,
+    #[error("the generation log is unavailable; try again later")]
+    StoreUnavailable,
+    #[error("admin routes are disabled (set `admin_token`)")]
+    AdminDisabled,
+    #[error("admin routes need `Authorization: Bearer <admin token>`")]
+    InvalidAdminToken,
+}
+
+impl From<ServeError> for ApiError {
+    fn from(e: ServeError) -> Self {
+        let detail = e.to_string();
+        let (status, code) = match e {
+            ServeError::UnknownModel(_) => (StatusCode::NOT_FOUND, "unknown_model"),
+            ServeError::UnknownGeneration(_) => (StatusCode::NOT_FOUND, "unknown_generation"),
+            ServeError::UnknownVideo(_) => (StatusCode::NOT_FOUND, "video_not_found"),
+            ServeError::VideoNotReady { .. } => (StatusCode::CONFLICT, "video_not_ready"),
+            ServeError::NotAcceptable { .. }
+            | ServeError::RawNeedsOneOutput
+            | ServeError::NotAnimated { .. } => (StatusCode::NOT_ACCEPTABLE, "not_acceptable"),
+            ServeError::LogDisabled => (StatusCode::NOT_FOUND, "log_disabled"),
+            ServeError::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            ServeError::AdminDisabled => (StatusCode::NOT_FOUND, "admin_disabled"),
+            ServeError::InvalidAdminToken => (StatusCode::UNAUTHORIZED, "invalid_admin_token"),
         };
         Self::new(status, code, detail)
     }

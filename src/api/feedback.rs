@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::caller::Caller;
-use super::error::{ApiError, Problem};
+use super::error::{ApiError, Problem, ServeError};
 use super::AppState;
 use crate::store::{FeedbackRecord, LogWriter, StoreError};
 
@@ -84,31 +84,17 @@ pub struct Generation {
     pub feedback: Vec<Feedback>,
 }
 
-fn store_error(e: StoreError) -> ApiError {
+fn store_error(e: StoreError) -> ServeError {
     tracing::warn!(error = %e, "store unavailable");
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "store_unavailable",
-        "the generation log is unavailable; try again later",
-    )
+    ServeError::StoreUnavailable
 }
 
-fn log(state: &AppState) -> Result<&LogWriter, ApiError> {
-    state.log.as_ref().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "log_disabled",
-            "this server keeps no generation log (set `store_url`)",
-        )
-    })
+fn log(state: &AppState) -> Result<&LogWriter, ServeError> {
+    state.log.as_ref().ok_or(ServeError::LogDisabled)
 }
 
-fn unknown_generation(id: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "unknown_generation",
-        format!("no logged generation {id:?}"),
-    )
+fn unknown_generation(id: &str) -> ServeError {
+    ServeError::UnknownGeneration(id.to_string())
 }
 
 fn to_feedback(f: FeedbackRecord) -> Feedback {

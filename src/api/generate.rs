@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
 
-use super::error::{ApiError, Problem};
+use super::error::{ApiError, HttpError, Problem, ServeError};
 use super::schema::{
     GenerateRequest, GenerateResponse, GeneratedOutput, JobStatus, Media, StageTimings,
 };
@@ -60,11 +60,10 @@ fn negotiate(headers: &HeaderMap) -> Result<Wanted, ApiError> {
     match best {
         Some((_, w)) => Ok(w),
         None if !any => Ok(Wanted::Json),
-        None => Err(ApiError::new(
-            StatusCode::NOT_ACCEPTABLE,
-            "not_acceptable",
-            format!("cannot produce any of {accept:?}; use application/json or an image type"),
-        )),
+        None => Err(ServeError::NotAcceptable {
+            accept: accept.to_string(),
+        }
+        .into()),
     }
 }
 
@@ -75,11 +74,10 @@ pub fn body_bytes(
 ) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                format!("the body exceeds {} bytes", state.config.max_body_bytes),
-            )
+            HttpError::BodyTooLarge {
+                limit: state.config.max_body_bytes,
+            }
+            .into()
         } else {
             ApiError::bad_request("invalid_body", e.body_text())
         }
@@ -263,18 +261,13 @@ pub async fn generate(
     let mut v = validate_for(&state, model.as_deref(), req.into())?;
     if let Wanted::Raw(fmt) = wanted {
         if v.n != 1 {
-            return Err(ApiError::new(
-                StatusCode::NOT_ACCEPTABLE,
-                "not_acceptable",
-                "raw media responses hold one output; ask for application/json when n > 1",
-            ));
+            return Err(ServeError::RawNeedsOneOutput.into());
         }
         if v.frames > 1 && !fmt.is_animated() {
-            return Err(ApiError::new(
-                StatusCode::NOT_ACCEPTABLE,
-                "not_acceptable",
-                format!("{} cannot hold a video", fmt.media_type()),
-            ));
+            return Err(ServeError::NotAnimated {
+                media_type: fmt.media_type(),
+            }
+            .into());
         }
         v.format = fmt;
     }

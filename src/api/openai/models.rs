@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{OpenAiError, OpenAiErrorBody};
-use crate::api::error::ApiError;
+use crate::api::error::ServeError;
 use crate::api::info::model_info;
 use crate::api::schema::ModelInfo;
 use crate::api::AppState;
@@ -72,11 +72,7 @@ pub async fn retrieve(
     Path(id): Path<String>,
 ) -> Result<Json<OpenAiModel>, OpenAiError> {
     let card = state.engine.card(&id).ok_or_else(|| OpenAiError {
-        api: ApiError::new(
-            axum::http::StatusCode::NOT_FOUND,
-            "unknown_model",
-            format!("no model named {id:?}"),
-        ),
+        api: ServeError::UnknownModel(id.clone()).into(),
         param: Some("model".into()),
     })?;
     Ok(Json(model(&card)))

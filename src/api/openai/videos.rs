@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -13,7 +13,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{parse_size, OpenAiError, OpenAiErrorBody};
 use crate::api::caller::Caller;
-use crate::api::error::ApiError;
+use crate::api::error::{ApiError, ServeError};
 use crate::api::generate::{submit_options, validate_for};
 use crate::api::AppState;
 use crate::engine::{GenerationRequest, JobError, JobState, JobView};
@@ -257,13 +257,7 @@ async fn find(state: &AppState, caller: &Caller, id: &str) -> Result<JobView, Op
         .find(id)
         .await?
         .filter(|v| v.request.frames > 1 && caller.may_see(v.owner.as_deref()))
-        .ok_or_else(|| {
-            OpenAiError::from(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "video_not_found",
-                format!("no video {id:?} (unknown, deleted, or expired)"),
-            ))
-        })
+        .ok_or_else(|| OpenAiError::from(ApiError::from(ServeError::UnknownVideo(id.to_string()))))
 }
 
 /// A video job's status and integer progress (OpenAI's `videos.retrieve`).
@@ -385,11 +379,10 @@ pub async fn content(
 ) -> Result<Response, OpenAiError> {
     let view = find(&state, &caller, &id).await?;
     let Some(result) = view.result else {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "video_not_ready",
-            format!("video {id} is {:?}, not completed", view.progress.state),
-        )
+        return Err(ApiError::from(ServeError::VideoNotReady {
+            id,
+            state: format!("{:?}", view.progress.state),
+        })
         .into());
     };
     let (bytes, media_type) = match q.variant.as_deref() {
