@@ -438,7 +438,8 @@ async fn distill_from_the_log_publishes_a_new_version_into_the_running_server() 
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
     let dir = std::env::temp_dir().join(format!("fewstep-test-loop-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    // A models directory with the committed teacher and a 2-step student of it.
+    // A models directory with the committed teacher and a 2-step student of it (the committed
+    // student's weights: they name the teacher as their parent).
     let teacher = dir.join("models/tiny-shapes-teacher");
     std::fs::create_dir_all(&teacher).unwrap();
     for f in ["manifest.toml", "teacher.safetensors", "tokenizer.json"] {
@@ -456,9 +457,16 @@ async fn distill_from_the_log_publishes_a_new_version_into_the_running_server() 
     set(&mut m, "sampling", "default_guidance", 1.0);
     set(&mut m, "sampling", "max_guidance", 1.0);
     std::fs::write(student.join("manifest.toml"), toml::to_string(&m).unwrap()).unwrap();
-    for f in ["teacher.safetensors", "tokenizer.json"] {
-        std::fs::copy(teacher.join(f), student.join(f)).unwrap();
-    }
+    std::fs::copy(
+        root.join("tiny-shapes/student.safetensors"),
+        student.join("teacher.safetensors"),
+    )
+    .unwrap();
+    std::fs::copy(
+        teacher.join("tokenizer.json"),
+        student.join("tokenizer.json"),
+    )
+    .unwrap();
 
     let log_url = format!("sqlite://{}/log.db", dir.display());
     let mut cfg = config(&dir.join("models"));

@@ -13,10 +13,9 @@ use crate::api::schema::ModelInfo;
 use crate::api::AppState;
 use crate::engine::ModelCard;
 
-/// OpenAI's `Model`, with what the model can do.
+/// OpenAI's `Model` (its `id` comes with the capability fields), with what the model can do.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct OpenAiModel {
-    pub id: String,
     /// Always `model`.
     pub object: String,
     /// Unix seconds when the served version was loaded.
@@ -37,7 +36,6 @@ pub struct OpenAiModelList {
 fn model(card: &ModelCard) -> OpenAiModel {
     let info = model_info(card);
     OpenAiModel {
-        id: info.id.clone(),
         object: "model".into(),
         created: card.created,
         owned_by: "fewstep".into(),
