@@ -4,3 +4,4 @@ pub mod http;
 pub mod model;
 pub mod ops;
 pub mod samplers;
+pub mod unet;

@@ -52,9 +52,37 @@ pub struct BenchArgs {
     /// Also time the fused ops against the composed candle ops they replace.
     #[arg(long)]
     pub ops: bool,
+    /// Instead of a model, time this diffusers-layout UNet directory (`config.json` and its
+    /// safetensors: SD1.5- or SDXL-shaped) through a `--steps`-step denoising (default 4) at
+    /// each of `--batches`. `tools/gpu-bench.sh` runs it against diffusers.
+    #[arg(long, value_name = "DIR")]
+    pub unet: Option<PathBuf>,
+    /// With --unet: `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// With --unet: the precision of weights and activations.
+    #[arg(long, value_enum, default_value_t = crate::manifest::WeightDtype::F32)]
+    pub dtype: crate::manifest::WeightDtype,
+    /// With --unet: latent height and width (128 is a 1024x1024 SDXL image).
+    #[arg(long, default_value_t = 64)]
+    pub latent_size: usize,
+    /// With --unet: a safetensors file of batch-first inputs (`sample`,
+    /// `encoder_hidden_states`, and for SDXL `text_embeds`, `time_ids`); default seeded random.
+    #[arg(long, value_name = "FILE")]
+    pub inputs: Option<PathBuf>,
+    /// With --unet: write one UNet evaluation (`forward`, at t=999) and the whole denoising
+    /// (`denoised`) of the first batch size here, for a parity check against another runtime.
+    #[arg(long, value_name = "FILE")]
+    pub outputs: Option<PathBuf>,
+    /// With --unet: also write the rows as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
 }
 
 pub(super) fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(dir) = &args.unet {
+        return bench_unet(&args, dir);
+    }
     let manifest = crate::manifest::Manifest::find(&args.models_dir, &args.model)?;
     let device = candle_core::Device::Cpu;
     if !args.skip_denoiser {
@@ -140,6 +168,68 @@ pub(super) fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 r.model, r.sampler, r.steps, r.guidance, r.nfe, r.samples_per_s, r.speedup
             );
         }
+    }
+    Ok(())
+}
+
+fn bench_unet(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
+    use crate::bench::unet;
+    let device = crate::config::parse_device(&args.device)?;
+    let dtype = args.dtype.dtype();
+    let steps = args.steps.unwrap_or(4);
+    let (model, rows) = unet::bench_unet(
+        dir,
+        args.inputs.as_deref(),
+        dtype,
+        &device,
+        args.latent_size,
+        &args.batches,
+        steps,
+        args.reps,
+    )?;
+    println!(
+        "UNet {} on {}, {}, latents {}x{}, {steps} steps, median of {} rounds",
+        dir.display(),
+        args.device,
+        args.dtype,
+        args.latent_size,
+        args.latent_size,
+        args.reps
+    );
+    println!("batch  round ms  images/s");
+    for r in &rows {
+        println!(
+            "{:>5}  {:>8.1}  {:>8.2}",
+            r.batch, r.round_ms, r.images_per_s
+        );
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&rows)?)?;
+    }
+    if let Some(path) = &args.outputs {
+        let batch = args.batches.first().copied().unwrap_or(1);
+        let x = unet::inputs(
+            model.config(),
+            args.inputs.as_deref(),
+            batch,
+            args.latent_size,
+            dtype,
+            &device,
+        )?;
+        let t = candle_core::Tensor::full(999f32, batch, &device)?;
+        let forward = model.forward(&x.sample, &t, &x.text, x.added.as_ref())?;
+        let denoised = unet::denoise(&model, &x, steps)?;
+        let out = std::collections::HashMap::from([
+            (
+                "forward".to_string(),
+                forward.to_dtype(candle_core::DType::F32)?,
+            ),
+            (
+                "denoised".to_string(),
+                denoised.to_dtype(candle_core::DType::F32)?,
+            ),
+        ]);
+        candle_core::safetensors::save(&out, path)?;
     }
     Ok(())
 }

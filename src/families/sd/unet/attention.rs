@@ -18,7 +18,14 @@ const MAX_SCORE_ELEMS: usize = 1 << 26;
 fn attend(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(2)? as f64).sqrt();
     let scores = (q * scale)?.matmul(&k.t()?)?;
-    let probs = in_f32(&scores, crate::nn::softmax_last_dim)?;
+    let probs = if !scores.device().is_cpu() && !scores.track_op() {
+        // Forward-only on a GPU: candle's fused kernel already accumulates half precision in
+        // f32, and skipping the upcast copies saves three passes over the largest tensor of
+        // the network. It has no backward, so training keeps the path below.
+        candle_nn::ops::softmax_last_dim(&scores)?
+    } else {
+        in_f32(&scores, crate::nn::softmax_last_dim)?
+    };
     probs.matmul(v)
 }
 

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# fewstep against diffusers (eager and torch.compile) on one GPU: the SDXL UNet's 4-step
+# denoising at 1024x1024 in bf16, batch 1/4/8, same weights and inputs, with a parity check
+# (tools/gpu_bench.py does the measuring).
+#
+# The GPU machine reaches no registry, so the work is split in two:
+#   tools/gpu-bench.sh prepare [COMPUTE_CAP]   here: builds the CUDA binary (tools/build-cuda.sh),
+#                                              packs it into .carry/ and the wheels diffusers
+#                                              needs into .whl/ (both git-ignored)
+#   tools/gpu-bench.sh run [ARGS...]           on the GPU machine, from the repository root with
+#                                              .carry/ and .whl/ beside it; ARGS go to
+#                                              gpu_bench.py (--batches, --reps, ...)
+# The machine needs a CUDA 13 driver, python3 with torch (CUDA), and the CUDA 13 libraries
+# (cuBLAS, cudart, cuRAND) in that python's site-packages (torch's cu13 wheels bring them) or
+# on LD_LIBRARY_PATH. Results go to $OUT (default ./gpu-bench-out): bench.json, fewstep.json.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+DIFFUSERS=0.42.1
+IMPORTLIB_METADATA=8.7.0
+
+case "${1:-}" in
+prepare)
+  cap="${2:-90}"
+  target="${CARGO_TARGET_DIR:-$root/target-cuda}"
+  CARGO_TARGET_DIR="$target" tools/build-cuda.sh "$cap"
+  mkdir -p .carry .whl
+  # Line tables are of no use there; without them the packed binary is a fraction the size.
+  objcopy --strip-debug "$target/release/fewstep" .carry/fewstep
+  xz -T0 -6 -f .carry/fewstep
+  python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl "diffusers==$DIFFUSERS" "importlib_metadata==$IMPORTLIB_METADATA"
+  du -sh .carry .whl
+  echo "prepared; on the GPU machine, carrying .carry and .whl: tools/gpu-bench.sh run"
+  ;;
+run)
+  shift
+  out="${OUT:-$root/gpu-bench-out}"
+  mkdir -p "$out"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/gpu-bench-site .whl/*.whl
+  export PYTHONPATH=/tmp/gpu-bench-site${PYTHONPATH:+:$PYTHONPATH}
+  xz -dc .carry/fewstep.xz > /tmp/fewstep && chmod +x /tmp/fewstep
+  # The CUDA 13 libraries that the binary links, from the python packages that ship them.
+  libs=$(python3 - <<'EOF'
+import glob, os, site
+dirs = set()
+for root in site.getsitepackages():
+    for lib in ("libcublas.so.13", "libcublasLt.so.13", "libcudart.so.13", "libcurand.so.10"):
+        for f in glob.glob(os.path.join(root, "nvidia", "**", lib), recursive=True):
+            dirs.add(os.path.dirname(f))
+print(":".join(sorted(dirs)))
+EOF
+)
+  export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv || true
+  if ldd /tmp/fewstep | grep "not found"; then
+    echo "fewstep is missing libraries (LD_LIBRARY_PATH=$LD_LIBRARY_PATH)"
+  fi
+  PYTHONUNBUFFERED=1 python3 tools/gpu_bench.py --fewstep /tmp/fewstep --out "$out" "$@" \
+    2>&1 | tee "$out/log.txt"
+  ;;
+*)
+  sed -n '2,16p' "$0"
+  exit 2
+  ;;
+esac
