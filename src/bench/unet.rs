@@ -150,3 +150,51 @@ pub fn bench_unet(
     }
     Ok((unet, rows))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UNET: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/sd/sdxl-tiny/unet"
+    );
+
+    #[test]
+    fn times_each_batch_and_denoises_to_finite_latents() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let (unet, rows) = bench_unet(Path::new(UNET), None, DType::F32, &dev, 8, &[1, 2], 2, 1)?;
+        assert_eq!(rows.iter().map(|r| r.batch).collect::<Vec<_>>(), [1, 2]);
+        assert!(rows.iter().all(|r| r.images_per_s > 0.0 && r.steps == 2));
+        let x = inputs(unet.config(), None, 2, 8, DType::F32, &dev)?;
+        let out = denoise(&unet, &x, 2)?;
+        assert_eq!(out.dims(), x.sample.dims());
+        let moved = (&out - &x.sample)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+        assert!(moved.is_finite() && moved > 0.0, "{moved}");
+        Ok(())
+    }
+
+    #[test]
+    fn an_inputs_file_short_of_rows_or_tensors_is_refused() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let cfg = UNetConfig::from_file(&Path::new(UNET).join("config.json"))?;
+        let file = std::env::temp_dir().join(format!(
+            "fewstep-unet-inputs-{}.safetensors",
+            std::process::id()
+        ));
+        let sample = Tensor::zeros((1, cfg.in_channels, 8, 8), DType::F32, &dev)?;
+        candle_core::safetensors::save(&HashMap::from([("sample".to_string(), sample)]), &file)?;
+        let short = inputs(&cfg, Some(&file), 2, 8, DType::F32, &dev)
+            .err()
+            .unwrap();
+        assert!(short.to_string().contains("has 1 rows"), "{short}");
+        let missing = inputs(&cfg, Some(&file), 1, 8, DType::F32, &dev)
+            .err()
+            .unwrap();
+        assert!(
+            missing.to_string().contains("encoder_hidden_states"),
+            "{missing}"
+        );
+        Ok(())
+    }
+}
