@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -27,21 +26,28 @@ pub struct UnetRow {
     pub images_per_s: f64,
 }
 
-/// The latents and conditioning of `inputs` (a safetensors file with `sample`,
-/// `encoder_hidden_states` and, for SDXL, `text_embeds` and `time_ids`, batch-first), cut to
-/// `batch` rows; or, without a file, seeded random ones of the config's shapes.
+/// The tensors of an inputs file (a safetensors file with `sample`, `encoder_hidden_states`
+/// and, for SDXL, `text_embeds` and `time_ids`, batch-first); empty without a file.
+pub fn load_inputs(
+    path: Option<&Path>,
+    device: &Device,
+) -> anyhow::Result<HashMap<String, Tensor>> {
+    Ok(match path {
+        Some(path) => candle_core::safetensors::load(path, device)?,
+        None => HashMap::new(),
+    })
+}
+
+/// The latents and conditioning cut to `batch` rows from `loaded` (see [`load_inputs`]); or,
+/// when `loaded` is empty, random ones of the config's shapes.
 pub fn inputs(
     cfg: &UNetConfig,
-    inputs: Option<&Path>,
+    loaded: &HashMap<String, Tensor>,
     batch: usize,
     latent: usize,
     dtype: DType,
     device: &Device,
 ) -> anyhow::Result<UnetInputs> {
-    let loaded: HashMap<String, Tensor> = match inputs {
-        Some(path) => candle_core::safetensors::load(path, device)?,
-        None => HashMap::new(),
-    };
     let plan = cfg.plan()?;
     let cross = plan
         .mid
@@ -63,7 +69,7 @@ pub fn inputs(
                 );
                 t.narrow(0, 0, batch)?
             }
-            None if inputs.is_some() => anyhow::bail!("inputs: no tensor {name:?}"),
+            None if !loaded.is_empty() => anyhow::bail!("inputs: no tensor {name:?}"),
             None => Tensor::randn(0f32, 1.0, shape, device)?,
         };
         Ok(t.to_dtype(dtype)?)
@@ -117,7 +123,7 @@ pub fn denoise(unet: &UNet, x: &UnetInputs, steps: usize) -> candle_core::Result
 #[allow(clippy::too_many_arguments)]
 pub fn bench_unet(
     dir: &Path,
-    inputs_file: Option<&Path>,
+    loaded: &HashMap<String, Tensor>,
     dtype: DType,
     device: &Device,
     latent: usize,
@@ -129,18 +135,12 @@ pub fn bench_unet(
     let unet = UNet::load(dir, &cfg, dtype, device)?;
     let mut rows = Vec::new();
     for &batch in batches {
-        let x = inputs(&cfg, inputs_file, batch, latent, dtype, device)?;
-        denoise(&unet, &x, steps)?;
-        device.synchronize()?;
-        let mut times = Vec::with_capacity(reps);
-        for _ in 0..reps.max(1) {
-            let start = Instant::now();
-            denoise(&unet, &x, steps)?;
-            device.synchronize()?;
-            times.push(start.elapsed().as_secs_f64() * 1e3);
-        }
-        times.sort_by(|a, b| a.total_cmp(b));
-        let round_ms = times[times.len() / 2];
+        let x = inputs(&cfg, loaded, batch, latent, dtype, device)?;
+        let round_ms = 1e3
+            * super::model::median_secs(reps.max(1), || {
+                denoise(&unet, &x, steps)?;
+                device.synchronize()
+            })?;
         rows.push(UnetRow {
             batch,
             steps,
@@ -163,10 +163,19 @@ mod tests {
     #[test]
     fn times_each_batch_and_denoises_to_finite_latents() -> anyhow::Result<()> {
         let dev = Device::Cpu;
-        let (unet, rows) = bench_unet(Path::new(UNET), None, DType::F32, &dev, 8, &[1, 2], 2, 1)?;
+        let (unet, rows) = bench_unet(
+            Path::new(UNET),
+            &HashMap::new(),
+            DType::F32,
+            &dev,
+            8,
+            &[1, 2],
+            2,
+            1,
+        )?;
         assert_eq!(rows.iter().map(|r| r.batch).collect::<Vec<_>>(), [1, 2]);
         assert!(rows.iter().all(|r| r.images_per_s > 0.0 && r.steps == 2));
-        let x = inputs(unet.config(), None, 2, 8, DType::F32, &dev)?;
+        let x = inputs(unet.config(), &HashMap::new(), 2, 8, DType::F32, &dev)?;
         let out = denoise(&unet, &x, 2)?;
         assert_eq!(out.dims(), x.sample.dims());
         let moved = (&out - &x.sample)?.abs()?.sum_all()?.to_scalar::<f32>()?;
@@ -184,13 +193,10 @@ mod tests {
         ));
         let sample = Tensor::zeros((1, cfg.in_channels, 8, 8), DType::F32, &dev)?;
         candle_core::safetensors::save(&HashMap::from([("sample".to_string(), sample)]), &file)?;
-        let short = inputs(&cfg, Some(&file), 2, 8, DType::F32, &dev)
-            .err()
-            .unwrap();
+        let loaded = load_inputs(Some(&file), &dev)?;
+        let short = inputs(&cfg, &loaded, 2, 8, DType::F32, &dev).err().unwrap();
         assert!(short.to_string().contains("has 1 rows"), "{short}");
-        let missing = inputs(&cfg, Some(&file), 1, 8, DType::F32, &dev)
-            .err()
-            .unwrap();
+        let missing = inputs(&cfg, &loaded, 1, 8, DType::F32, &dev).err().unwrap();
         assert!(
             missing.to_string().contains("encoder_hidden_states"),
             "{missing}"

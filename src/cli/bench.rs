@@ -67,7 +67,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 64)]
     pub latent_size: usize,
     /// With --unet: a safetensors file of batch-first inputs (`sample`,
-    /// `encoder_hidden_states`, and for SDXL `text_embeds`, `time_ids`); default seeded random.
+    /// `encoder_hidden_states`, and for SDXL `text_embeds`, `time_ids`); default random.
     #[arg(long, value_name = "FILE")]
     pub inputs: Option<PathBuf>,
     /// With --unet: write one UNet evaluation (`forward`, at t=999) and the whole denoising
@@ -177,9 +177,10 @@ fn bench_unet(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
     let device = crate::config::parse_device(&args.device)?;
     let dtype = args.dtype.dtype();
     let steps = args.steps.unwrap_or(4);
+    let loaded = unet::load_inputs(args.inputs.as_deref(), &device)?;
     let (model, rows) = unet::bench_unet(
         dir,
-        args.inputs.as_deref(),
+        &loaded,
         dtype,
         &device,
         args.latent_size,
@@ -210,7 +211,7 @@ fn bench_unet(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         let batch = args.batches.first().copied().unwrap_or(1);
         let x = unet::inputs(
             model.config(),
-            args.inputs.as_deref(),
+            &loaded,
             batch,
             args.latent_size,
             dtype,
