@@ -49,6 +49,10 @@ pub struct Curriculum {
     pub share: f64,
     pub hold: u64,
     pub until: u64,
+    /// Relative weights of circle, square, triangle and cross in the simple scenes: more of the
+    /// shapes the model draws worst (crosses). Uniform when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape_weights: Option<[f64; 4]>,
 }
 
 impl Curriculum {
@@ -142,6 +146,13 @@ impl TeacherConfig {
             return Err("image_batch must be at least 1".into());
         }
         if let Some(c) = &self.curriculum {
+            if let Some(w) = c.shape_weights {
+                if w.iter().any(|x| !x.is_finite() || *x < 0.0) || w.iter().sum::<f64>() <= 0.0 {
+                    return Err(format!(
+                        "curriculum: shape_weights must be finite, >= 0 and not all 0 (got {w:?})"
+                    ));
+                }
+            }
             if !(0.0..=1.0).contains(&c.share) || c.hold > c.until {
                 return Err(format!(
                     "curriculum: share must be in [0, 1] and hold <= until (got share {}, hold {}, until {})",
@@ -184,6 +195,7 @@ pub fn world_batch(
     n: usize,
     video: bool,
     simple_share: f64,
+    shape_weights: Option<&[f64; 4]>,
     cfg_dropout: f64,
     device: &Device,
 ) -> Result<WorldBatch> {
@@ -191,7 +203,7 @@ pub fn world_batch(
     let mut prompts = Vec::with_capacity(n);
     for _ in 0..n {
         let spec = if !video && simple_share > 0.0 && rng.random::<f64>() < simple_share {
-            world::sample_simple_spec(rng, Split::Train)
+            world::sample_simple_spec(rng, Split::Train, shape_weights)
         } else {
             world::sample_spec(rng, Split::Train, video)
         };
@@ -328,6 +340,10 @@ pub fn train_teacher(
             config.image_batch,
             false,
             simple,
+            config
+                .curriculum
+                .as_ref()
+                .and_then(|c| c.shape_weights.as_ref()),
             config.cfg_dropout,
             device,
         )?;
@@ -338,6 +354,7 @@ pub fn train_teacher(
                 config.video_batch,
                 true,
                 0.0,
+                None,
                 config.cfg_dropout,
                 device,
             )?;
@@ -623,6 +640,7 @@ mod tests {
             share: 0.8,
             hold: 100,
             until: 300,
+            shape_weights: None,
         };
         assert_eq!(c.share_at(0), 0.8);
         assert_eq!(c.share_at(100), 0.8);
@@ -638,12 +656,43 @@ mod tests {
         assert!(cfg.validate().unwrap_err().contains("share"));
         cfg.curriculum = Some(Curriculum { hold: 400, ..c });
         assert!(cfg.validate().unwrap_err().contains("hold"));
+        for bad in [[0.0; 4], [1.0, 1.0, -1.0, 1.0], [1.0, f64::NAN, 1.0, 1.0]] {
+            cfg.curriculum = Some(Curriculum {
+                shape_weights: Some(bad),
+                ..c
+            });
+            assert!(cfg.validate().unwrap_err().contains("shape_weights"));
+        }
+    }
+
+    #[test]
+    fn shape_weights_tilt_the_simple_scenes() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let w = [1.0, 0.0, 1.0, 2.0];
+        let b = world_batch(&mut rng, 400, false, 1.0, Some(&w), 0.0, &Device::Cpu).unwrap();
+        let mut counts = [0usize; 4];
+        for p in &b.prompts {
+            let shape = world::parse(p).unwrap().objects[0].shape;
+            let i = world::Shape::all()
+                .iter()
+                .position(|s| *s == shape)
+                .unwrap();
+            counts[i] += 1;
+        }
+        // Expected 100 / 0 / 100 / 200 (before the split filter, which is shape-blind enough
+        // to keep the proportions within a few standard deviations).
+        assert_eq!(counts[1], 0, "{counts:?}");
+        assert!(
+            counts[3] > counts[0] + 50 && counts[3] > counts[2] + 50,
+            "{counts:?}"
+        );
+        assert!(counts[0] > 50 && counts[2] > 50, "{counts:?}");
     }
 
     #[test]
     fn simple_share_draws_single_large_objects_on_black() {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
-        let all = world_batch(&mut rng, 64, false, 1.0, 0.0, &Device::Cpu).unwrap();
+        let all = world_batch(&mut rng, 64, false, 1.0, None, 0.0, &Device::Cpu).unwrap();
         for p in &all.prompts {
             let spec = world::parse(p).unwrap();
             assert_eq!(spec.objects.len(), 1, "{p}");
@@ -657,6 +706,7 @@ mod tests {
             8,
             false,
             0.0,
+            None,
             0.1,
             &Device::Cpu,
         )

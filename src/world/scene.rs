@@ -79,6 +79,19 @@ fn pick<T: Copy>(rng: &mut impl Rng, items: &[T]) -> T {
     items[rng.random_range(0..items.len())]
 }
 
+/// `items[i]` with probability `weights[i] / sum(weights)`.
+fn pick_weighted<T: Copy>(rng: &mut impl Rng, items: &[T], weights: &[f64]) -> T {
+    let total: f64 = weights.iter().sum();
+    let mut x = rng.random::<f64>() * total;
+    for (item, w) in items.iter().zip(weights) {
+        if x < *w {
+            return *item;
+        }
+        x -= w;
+    }
+    items[items.len() - 1]
+}
+
 /// Decides every unspecified attribute at random; with two objects it
 /// retries up to `tries` times to keep a [`GAP`] between them in all frames.
 pub(crate) fn layout(spec: &SceneSpec, rng: &mut impl Rng, tries: usize) -> Layout {
@@ -230,10 +243,20 @@ pub fn sample_spec(rng: &mut impl Rng, split: Split, video: bool) -> SceneSpec {
 /// stated half the time (the scenes `eval --probe` draws). Shape is the hardest thing in the
 /// world to learn, and here nothing else competes for it: a teacher's curriculum mixes these
 /// into its early image batches.
-pub fn sample_simple_spec(rng: &mut impl Rng, split: Split) -> SceneSpec {
+///
+/// `shape_weights` (circle, square, triangle, cross; need not sum to 1) tilts the shape mix
+/// towards the shapes a model draws worst; `None` keeps it uniform.
+pub fn sample_simple_spec(
+    rng: &mut impl Rng,
+    split: Split,
+    shape_weights: Option<&[f64; 4]>,
+) -> SceneSpec {
     loop {
         let mut o = random_object(rng, 0.0, 0.5);
         o.size = Some(SizeClass::Large);
+        if let Some(w) = shape_weights {
+            o.shape = pick_weighted(rng, Shape::all(), w);
+        }
         let spec = SceneSpec {
             objects: vec![o],
             background: Some(Background::Black),
