@@ -73,6 +73,8 @@ pub struct ServerConfig {
     /// overlapped other jobs (a lone closed-loop client then runs at once); `false` always
     /// waits.
     pub adaptive_wait: bool,
+    /// When a canary is promoted or rolled back by itself (`[rollout]`).
+    pub rollout: crate::rollout::RolloutPolicy,
 }
 
 impl Default for ServerConfig {
@@ -106,6 +108,7 @@ impl Default for ServerConfig {
             key_burst: 10,
             key_max_in_flight: 0,
             adaptive_wait: true,
+            rollout: crate::rollout::RolloutPolicy::default(),
         }
     }
 }
@@ -167,6 +170,7 @@ impl ServerConfig {
         if self.video_fps == 0 {
             return Err(ConfigError("video_fps must be positive".into()));
         }
+        self.rollout.validate().map_err(ConfigError)?;
         self.device()?;
         Ok(())
     }

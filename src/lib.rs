@@ -14,6 +14,7 @@ pub mod media;
 pub mod nn;
 pub mod pipeline;
 pub mod reward;
+pub mod rollout;
 pub mod server;
 pub mod store;
 pub mod train;

@@ -137,7 +137,11 @@ pub async fn spawn(
         log.clone(),
     );
     let shutdown_log = log.clone();
+    let rollout =
+        crate::rollout::Controller::new(engine.clone(), log.clone(), config.rollout.clone());
+    let policy_task = rollout.spawn_policy();
     let state = AppState {
+        rollout,
         log,
         jobs,
         engine: engine.clone(),
@@ -163,6 +167,10 @@ pub async fn spawn(
         }
         // The listener stays open while draining: probes answer, new work gets 503.
         tracing::info!("shutting down: draining accepted requests");
+        // No rollout decisions while draining: the evidence stops growing.
+        if let Some(t) = policy_task {
+            t.abort();
+        }
         worker_engine.start_draining();
         if !drain.wait(timeout).await {
             tracing::warn!("shutdown timeout reached; open requests were answered 503");

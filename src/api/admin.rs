@@ -15,6 +15,7 @@ use utoipa::ToSchema;
 use super::error::{ApiError, HttpError, Problem, ServeError};
 use super::AppState;
 use crate::engine::EngineError;
+use crate::rollout::{DecidedBy, DecisionView, RolloutReport};
 
 /// What to load; without `checkpoint` the manifest's weights file is read again. A
 /// checkpoint must lie under `models_dir` or one of `reload_dirs` (after resolving symlinks)
@@ -24,14 +25,31 @@ use crate::engine::EngineError;
 pub struct ReloadRequest {
     /// A safetensors weights file readable by the server (e.g. a `fewstep distill` export).
     pub checkpoint: Option<String>,
+    /// Serve the new weights as a canary to this share of new generations, in `(0, 1]`,
+    /// beside the current version, until promoted or rolled back (by hand or by the
+    /// `[rollout]` policy). Without it the new weights take all traffic at once.
+    #[schema(maximum = 1.0, exclusive_minimum = 0.0)]
+    pub canary: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ReloadResponse {
     pub model: String,
     pub previous_version: String,
-    /// Content hash of the weights now serving.
+    /// Content hash of the loaded weights (the canary's, when `canary_share` is set).
     pub model_version: String,
+    /// The canary's share of new generations; absent when the weights took all traffic.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canary_share: Option<f64>,
+}
+
+/// A rollout that ended: the version now serving all traffic and the logged decision.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RolloutEndResponse {
+    pub model: String,
+    /// The version serving all traffic now.
+    pub model_version: String,
+    pub decision: DecisionView,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -67,8 +85,8 @@ pub async fn require_admin(
     params(("id" = String, Path, description = "Model id")),
     request_body(content = ReloadRequest, description = "Optional; `{}` reloads the manifest's weights file"),
     responses(
-        (status = 200, description = "Swapped; the new version serves the next batch", body = ReloadResponse),
-        (status = 400, description = "The body is not a valid reload request", body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "Swapped (or, with `canary`, serving that share beside the current version) from the next batch", body = ReloadResponse),
+        (status = 400, description = "The body is not a valid reload request (`invalid_json`, `invalid_canary`)", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or wrong admin token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown model, or admin routes disabled", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "The body is not `application/json`", body = Problem, content_type = "application/problem+json"),
@@ -106,18 +124,25 @@ pub async fn reload(
         }
         None => card.manifest.weights_path(),
     };
-    match state.engine.reload(&model, path.clone()).await {
+    match state.rollout.load(&model, path.clone(), req.canary).await {
         Ok(new) => {
             metrics::counter!("fewstep_reloads_total", "model" => model.clone(), "result" => "ok")
                 .increment(1);
-            tracing::info!(%model, from = %card.version, to = %new.version, path = %path.display(), "model reloaded");
+            let (version, share) = match &new.canary {
+                Some(c) => (c.version.clone(), Some(c.share)),
+                None => (new.version.clone(), None),
+            };
+            tracing::info!(%model, from = %card.version, to = %version, canary = ?share, path = %path.display(), "model reloaded");
             Ok(Json(ReloadResponse {
                 model,
                 previous_version: card.version,
-                model_version: new.version,
+                model_version: version,
+                canary_share: share,
             }))
         }
-        Err(e @ (EngineError::Reload(_) | EngineError::ModelMismatch(_))) => {
+        Err(crate::rollout::RolloutError::Engine(
+            e @ (EngineError::Reload(_) | EngineError::ModelMismatch(_)),
+        )) => {
             metrics::counter!("fewstep_reloads_total", "model" => model.clone(), "result" => "refused")
                 .increment(1);
             tracing::warn!(%model, path = %path.display(), error = %e, "reload refused");
@@ -127,6 +152,96 @@ pub async fn reload(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Both versions of a model's rollout side by side (requests, device errors, users' mean
+/// rating with its interval, the reward proxy), what the policy would decide now, and the
+/// recent decisions. Without a canary only the serving version is shown.
+#[utoipa::path(
+    get,
+    path = "/admin/models/{id}/rollout",
+    tag = "admin",
+    params(("id" = String, Path, description = "Model id")),
+    responses(
+        (status = 200, description = "The rollout", body = RolloutReport),
+        (status = 401, description = "Missing or wrong admin token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown model, or admin routes disabled", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The generation log is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin" = []))
+)]
+pub async fn rollout(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<RolloutReport>, ApiError> {
+    Ok(Json(state.rollout.report(&model).await?))
+}
+
+/// Makes the canary the only version of the model.
+#[utoipa::path(
+    post,
+    path = "/admin/models/{id}/promote",
+    tag = "admin",
+    params(("id" = String, Path, description = "Model id")),
+    responses(
+        (status = 200, description = "Promoted; the canary serves all traffic", body = RolloutEndResponse),
+        (status = 401, description = "Missing or wrong admin token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown model, or admin routes disabled", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "No canary is serving (`no_canary`)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The generation log is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin" = []))
+)]
+pub async fn promote(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<RolloutEndResponse>, ApiError> {
+    end_rollout(state, model, true).await
+}
+
+/// Drops the canary; the previous version serves all traffic again.
+#[utoipa::path(
+    post,
+    path = "/admin/models/{id}/rollback",
+    tag = "admin",
+    params(("id" = String, Path, description = "Model id")),
+    responses(
+        (status = 200, description = "Rolled back", body = RolloutEndResponse),
+        (status = 401, description = "Missing or wrong admin token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown model, or admin routes disabled", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "No canary is serving (`no_canary`)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The generation log is unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin" = []))
+)]
+pub async fn rollback(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<RolloutEndResponse>, ApiError> {
+    end_rollout(state, model, false).await
+}
+
+async fn end_rollout(
+    state: AppState,
+    model: String,
+    promote: bool,
+) -> Result<Json<RolloutEndResponse>, ApiError> {
+    if state.engine.card(&model).is_none() {
+        return Err(ServeError::UnknownModel(model).into());
+    }
+    let reason = format!(
+        "{} by an admin",
+        if promote { "promoted" } else { "rolled back" }
+    );
+    let (end, decision) = state
+        .rollout
+        .end(&model, promote, DecidedBy::Admin, reason)
+        .await?;
+    Ok(Json(RolloutEndResponse {
+        model,
+        model_version: end.card.version,
+        decision,
+    }))
 }
 
 /// Queue depth and readiness.

@@ -129,6 +129,7 @@ impl From<EngineError> for ApiError {
                 ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "device_error", detail)
             },
             EngineError::Cancelled => Self::new(StatusCode::CONFLICT, "job_cancelled", detail),
+            EngineError::NoCanary(_) => Self::new(StatusCode::CONFLICT, "no_canary", detail),
         }
     }
 }
@@ -147,6 +148,20 @@ impl From<JobError> for ApiError {
             JobError::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "job_not_found", detail),
             JobError::Finished { .. } => Self::new(StatusCode::CONFLICT, "job_finished", detail),
             JobError::Log(_) => ServeError::StoreUnavailable.into(),
+        }
+    }
+}
+
+impl From<crate::rollout::RolloutError> for ApiError {
+    fn from(e: crate::rollout::RolloutError) -> Self {
+        use crate::rollout::RolloutError;
+        match e {
+            RolloutError::InvalidShare(share) => ServeError::InvalidCanaryShare(share).into(),
+            RolloutError::Engine(e) => e.into(),
+            RolloutError::Store(e) => {
+                tracing::warn!(error = %e, "rollout: the generation log failed");
+                ServeError::StoreUnavailable.into()
+            }
         }
     }
 }
@@ -222,6 +237,8 @@ pub enum ServeError {
     AdminDisabled,
     #[error("admin routes need `Authorization: Bearer <admin token>`")]
     InvalidAdminToken,
+    #[error("canary must be a share of traffic in (0, 1], got {0}")]
+    InvalidCanaryShare(f64),
 }
 
 impl From<ServeError> for ApiError {
@@ -239,6 +256,7 @@ impl From<ServeError> for ApiError {
             ServeError::StoreUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             ServeError::AdminDisabled => (StatusCode::NOT_FOUND, "admin_disabled"),
             ServeError::InvalidAdminToken => (StatusCode::UNAUTHORIZED, "invalid_admin_token"),
+            ServeError::InvalidCanaryShare(_) => (StatusCode::BAD_REQUEST, "invalid_canary"),
         };
         Self::new(status, code, detail)
     }

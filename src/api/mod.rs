@@ -38,6 +38,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// The generation log (`None` when `store_url` is unset).
     pub log: Option<crate::store::LogWriter>,
+    /// Canary rollouts: start, compare, promote, roll back.
+    pub rollout: crate::rollout::Controller,
 }
 
 /// The whole application: public probes, then everything else behind the API keys.
@@ -70,6 +72,9 @@ pub fn router(state: AppState) -> Router {
         ));
     let admin = Router::new()
         .route("/admin/models/{id}/reload", post(admin::reload))
+        .route("/admin/models/{id}/rollout", get(admin::rollout))
+        .route("/admin/models/{id}/promote", post(admin::promote))
+        .route("/admin/models/{id}/rollback", post(admin::rollback))
         .route("/admin/queue", get(admin::queue))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .route_layer(middleware::from_fn(require_json))

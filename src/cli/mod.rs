@@ -201,6 +201,10 @@ pub struct DistillArgs {
     /// Admin token for --publish.
     #[arg(long, env = "FEWSTEP_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// With --publish: serve the student as a canary to this share of new generations (in
+    /// (0, 1]) until promoted or rolled back, instead of to all traffic at once.
+    #[arg(long, requires = "publish")]
+    pub canary: Option<f64>,
 }
 
 /// Unix milliseconds from RFC 3339 (UTC `Z` or an offset) or a plain integer.
@@ -669,10 +673,17 @@ fn distill(args: DistillArgs) -> anyhow::Result<()> {
         }),
         None => None,
     };
+    if let Some(share) = args.canary {
+        anyhow::ensure!(
+            share > 0.0 && share <= 1.0,
+            "--canary must be a share of traffic in (0, 1], got {share}"
+        );
+    }
     let publish = match (&args.publish, &args.admin_token) {
         (Some(url), Some(token)) => Some(crate::distill::run::Publish {
             url: url.clone(),
             admin_token: token.clone(),
+            canary: args.canary,
         }),
         (Some(_), None) => anyhow::bail!("--publish needs --admin-token or FEWSTEP_ADMIN_TOKEN"),
         (None, _) => None,

@@ -16,6 +16,9 @@ pub struct BucketKey {
     pub steps: usize,
     /// `f32::to_bits` of the guidance scale (exact match, hashable).
     pub guidance_bits: u32,
+    /// Served by the model's canary version (set by the worker on arrival; a canary that is
+    /// gone by the time the batch runs leaves its jobs to the stable version).
+    pub canary: bool,
 }
 
 impl BucketKey {
@@ -126,6 +129,7 @@ mod tests {
             frames,
             steps: 4,
             guidance_bits: 1f32.to_bits(),
+            canary: false,
         }
     }
 

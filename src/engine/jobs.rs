@@ -216,6 +216,7 @@ impl Jobs {
                 frames: request.frames,
                 steps: request.steps,
                 guidance_bits: request.guidance.to_bits(),
+                canary: false,
             },
             prompt: request.prompt.clone(),
             negative_prompt: request.negative_prompt.clone(),
@@ -308,10 +309,20 @@ impl Jobs {
         let start = Instant::now();
         let (format, fps, video) = (v.format, self.inner.cfg.fps, v.frames > 1);
         let frames = out.outputs.clone();
-        let encoded = tokio::task::spawn_blocking(move || encode_all(&frames, format, fps, video))
-            .await
-            .map_err(|e| EngineError::Generation(format!("encoding: {e}")))?
-            .map_err(|e| EngineError::Generation(format!("encoding: {e}")))?;
+        // During a rollout, the reward proxy scores every output of both versions.
+        let proxy = self.reward_proxy(&v.model).then(|| v.prompt.clone());
+        let (encoded, rewards) = tokio::task::spawn_blocking(move || {
+            let rewards = proxy.map(|prompt| proxy_scores(&prompt, &frames));
+            encode_all(&frames, format, fps, video).map(|e| (e, rewards))
+        })
+        .await
+        .map_err(|e| EngineError::Generation(format!("encoding: {e}")))?
+        .map_err(|e| EngineError::Generation(format!("encoding: {e}")))?;
+        if let Some(scores) = rewards {
+            self.inner
+                .engine
+                .record_rewards(&v.model, &out.model_version, &scores);
+        }
         let encoding_s = start.elapsed().as_secs_f64();
         let total_s = submitted.elapsed().as_secs_f64();
         metrics::histogram!("fewstep_stage_seconds", "stage" => "encoding").record(encoding_s);
@@ -331,6 +342,16 @@ impl Jobs {
             total_s,
         };
         Ok(Arc::new(result))
+    }
+
+    /// Whether `model`'s outputs get a reward-proxy score now: during a rollout, for the
+    /// built-in family, whose verifier is exact and cheap (a few ms per 32x32 output).
+    fn reward_proxy(&self, model: &str) -> bool {
+        let engine = &self.inner.engine;
+        engine.rollout_active(model)
+            && engine
+                .card(model)
+                .is_some_and(|c| c.manifest.family() == crate::manifest::Family::Tiny)
     }
 
     fn cell(&self, id: &str) -> Option<Arc<JobCell>> {
@@ -574,6 +595,16 @@ impl Registry {
 type Files = Vec<Vec<u8>>;
 
 /// Encodes every output (and, for videos, a PNG thumbnail of its first frame).
+/// The verifier's soft score of each output against `prompt`; none when the prompt is not
+/// in the world's grammar (users may type anything).
+fn proxy_scores(prompt: &str, outputs: &[Vec<image::RgbImage>]) -> Vec<f32> {
+    outputs
+        .iter()
+        .filter_map(|frames| crate::reward::VerifierReward::verdict(prompt, frames).ok())
+        .map(|v| v.score)
+        .collect()
+}
+
 fn encode_all(
     outputs: &[Vec<image::RgbImage>],
     format: OutputFormat,

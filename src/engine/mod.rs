@@ -7,6 +7,7 @@
 //! lone closed-loop client runs at once), and runs up to `max_batch` rows in one pass.
 
 mod batcher;
+mod canary;
 pub mod job;
 pub mod jobs;
 mod observer;
@@ -27,6 +28,7 @@ use tokio::sync::oneshot;
 use crate::manifest::{LoadedModel, Manifest};
 
 pub use batcher::BucketKey;
+pub use canary::{in_canary, ArmCounts, CanaryCard, RolloutCounts, Rollouts};
 pub use job::{JobCell, JobEvent, JobState, Progress, Stage, Stop};
 pub use jobs::{JobError, JobResult, JobView, Jobs, JobsConfig, Submit, Submitted};
 pub use validation::{validate, GenerationRequest, Validated, ValidationError};
@@ -70,6 +72,9 @@ pub enum EngineError {
     /// The weights' recorded identity (family, architecture, role, parent) is another model's.
     #[error("reload refused: {0}")]
     ModelMismatch(String),
+    /// Promote or roll back with no canary serving.
+    #[error("model {0:?} has no canary version serving")]
+    NoCanary(String),
 }
 
 /// What a loaded model can do, as the API validates and reports it.
@@ -82,6 +87,17 @@ pub struct ModelCard {
     pub created: u64,
     /// Size of the serving weights, which bounds what a reload may read.
     pub weights_bytes: u64,
+    /// A new version serving a share of the traffic beside this one, if any.
+    pub canary: Option<CanaryCard>,
+}
+
+/// A rollout that ended (promoted or rolled back): the model as it now serves, the canary
+/// that left, and what both versions did meanwhile.
+#[derive(Debug, Clone)]
+pub struct RolloutEnd {
+    pub card: ModelCard,
+    pub canary: CanaryCard,
+    pub counts: Option<RolloutCounts>,
 }
 
 /// One request: `seeds.len()` outputs of one prompt.
@@ -157,6 +173,8 @@ pub(crate) struct Shared {
     cards: RwLock<BTreeMap<String, ModelCard>>,
     /// Jobs completed per second, for `Retry-After`.
     rate: rate::DrainRate,
+    /// What each version of a live canary rollout has done.
+    rollouts: Rollouts,
 }
 
 impl Shared {
@@ -171,7 +189,15 @@ pub(crate) enum Msg {
     Reload {
         model: String,
         weights: std::path::PathBuf,
+        /// Serve the new weights to this share of traffic beside the current version.
+        canary: Option<f64>,
         reply: oneshot::Sender<Result<ModelCard, EngineError>>,
+    },
+    /// End a model's rollout: the canary becomes the only version (`promote`) or leaves.
+    EndRollout {
+        model: String,
+        promote: bool,
+        reply: oneshot::Sender<Result<RolloutEnd, EngineError>>,
     },
     /// Finish the accepted jobs, then exit.
     Stop,
@@ -200,6 +226,7 @@ impl Engine {
             draining: AtomicBool::new(false),
             cards: RwLock::new(BTreeMap::new()),
             rate: rate::DrainRate::default(),
+            rollouts: Rollouts::default(),
         });
         for m in &models {
             shared.set_card(ModelCard {
@@ -208,6 +235,7 @@ impl Engine {
                 trained: m.trained,
                 created: crate::util::unix_ms() as u64 / 1000,
                 weights_bytes: m.weights_bytes,
+                canary: None,
             });
         }
         let (tx, rx) = std::sync::mpsc::channel();
@@ -289,22 +317,63 @@ impl Engine {
         self.shared.adaptive_wait.store(adaptive, Ordering::SeqCst);
     }
 
-    /// Loads `weights` for `model` beside the serving copy, validates it with a smoke
-    /// generation, and swaps it in between batches. The old version keeps serving on error.
+    /// Loads `weights` for `model` beside the serving copy and validates it with a smoke
+    /// generation. Without `canary` it replaces the serving version (and ends any rollout)
+    /// between batches; with `canary = Some(share)` it serves that share of new generations
+    /// beside it until promoted or rolled back. The old version keeps serving on error.
     pub async fn reload(
         &self,
         model: &str,
         weights: std::path::PathBuf,
+        canary: Option<f64>,
     ) -> Result<ModelCard, EngineError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Msg::Reload {
                 model: model.to_string(),
                 weights,
+                canary,
                 reply,
             })
             .map_err(|_| EngineError::Draining)?;
         rx.await.map_err(|_| EngineError::Draining)?
+    }
+
+    /// Makes the canary of `model` its only version (jobs already routed to it stay on it).
+    pub async fn promote(&self, model: &str) -> Result<RolloutEnd, EngineError> {
+        self.end_rollout(model, true).await
+    }
+
+    /// Drops the canary of `model`; its queued jobs run on the stable version.
+    pub async fn rollback(&self, model: &str) -> Result<RolloutEnd, EngineError> {
+        self.end_rollout(model, false).await
+    }
+
+    async fn end_rollout(&self, model: &str, promote: bool) -> Result<RolloutEnd, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::EndRollout {
+                model: model.to_string(),
+                promote,
+                reply,
+            })
+            .map_err(|_| EngineError::Draining)?;
+        rx.await.map_err(|_| EngineError::Draining)?
+    }
+
+    /// What both versions of `model`'s live rollout have done, if one is live.
+    pub fn rollout_counts(&self, model: &str) -> Option<RolloutCounts> {
+        self.shared.rollouts.get(model)
+    }
+
+    /// Whether `model` has a live rollout (so its outputs are worth scoring).
+    pub fn rollout_active(&self, model: &str) -> bool {
+        self.shared.rollouts.is_active(model)
+    }
+
+    /// Adds reward-proxy scores of outputs that `version` of `model` made.
+    pub fn record_rewards(&self, model: &str, version: &str, scores: &[f32]) {
+        self.shared.rollouts.record_rewards(model, version, scores);
     }
 
     /// Gives back the admission slot of a job (of `cost`) that left the queue without running.

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 
 use super::batcher::{decide, BucketKey, Company, Decision};
+use super::canary::{in_canary, CanaryCard};
 use super::job::Stop;
 use super::observer::BatchObserver;
-use super::{EngineError, Job, JobOutput, ModelCard, Msg, Shared};
+use super::{EngineError, Job, JobOutput, ModelCard, Msg, RolloutEnd, Shared};
 use crate::manifest::{LoadedModel, ManifestError};
 use crate::pipeline::BatchSpec;
 
@@ -26,6 +27,7 @@ pub(super) fn run(
             .into_iter()
             .map(|m| (m.manifest.name.clone(), m))
             .collect(),
+        canaries: HashMap::new(),
         pending: Vec::new(),
         open: true,
         seen: Arrivals::default(),
@@ -56,7 +58,8 @@ pub(super) fn run(
             Decision::Run(idx) => {
                 let batch = take(&mut w.pending, idx);
                 let (key, start) = (batch[0].key.clone(), Instant::now());
-                let ready = run_batch(batch, &w.models, &w.shared).unwrap_or_else(Instant::now);
+                let ready = run_batch(batch, &w.models, &w.canaries, &w.shared)
+                    .unwrap_or_else(Instant::now);
                 w.seen.last_batch = Some((key, start, ready));
             }
         }
@@ -67,6 +70,8 @@ pub(super) fn run(
 /// The device thread's state between messages.
 struct Worker {
     models: HashMap<String, LoadedModel>,
+    /// Versions on trial beside the serving one, by model.
+    canaries: HashMap<String, Canary>,
     pending: Vec<Job>,
     /// False once a stop was asked for: the queue is finished without waiting.
     open: bool,
@@ -93,8 +98,11 @@ impl Worker {
 
     fn handle(&mut self, msg: Msg) {
         match msg {
-            Msg::Job(job) => {
+            Msg::Job(mut job) => {
                 if self.models.contains_key(&job.key.model) {
+                    if let Some(c) = self.canaries.get(&job.key.model) {
+                        job.key.canary = in_canary(&job.id, c.card.share);
+                    }
                     self.seen.on_job(&job, &self.pending);
                     self.pending.push(job);
                 } else if job.cell.expire() {
@@ -108,16 +116,107 @@ impl Worker {
             Msg::Reload {
                 model,
                 weights,
+                canary,
                 reply,
             } => {
-                let result = reload(&model, &weights, &mut self.models, &self.device);
+                let result = self.reload(&model, &weights, canary);
                 if let Ok(card) = &result {
                     self.shared.set_card(card.clone());
                 }
                 let _ = reply.send(result);
             }
+            Msg::EndRollout {
+                model,
+                promote,
+                reply,
+            } => {
+                let result = self.end_rollout(&model, promote);
+                if let Ok(end) = &result {
+                    self.shared.set_card(end.card.clone());
+                }
+                let _ = reply.send(result);
+            }
         }
     }
+
+    /// Loads and smoke-tests new weights, then makes them the serving version or, with
+    /// `canary`, serves them to that share of new jobs.
+    fn reload(
+        &mut self,
+        name: &str,
+        weights: &std::path::Path,
+        canary: Option<f64>,
+    ) -> Result<ModelCard, EngineError> {
+        let current = self
+            .models
+            .get(name)
+            .ok_or_else(|| EngineError::UnknownModel(name.to_string()))?;
+        let fresh = load_checked(current, weights, &self.device)?;
+        let now_ms = crate::util::unix_ms();
+        let Some(share) = canary else {
+            if self.canaries.remove(name).is_some() {
+                self.shared.rollouts.end(name);
+                tracing::info!(model = name, "a plain reload ended the canary rollout");
+            }
+            let card = card_of(&fresh, None);
+            tracing::info!(model = name, version = %fresh.version, "reloaded weights");
+            self.models.insert(name.to_string(), fresh);
+            return Ok(card);
+        };
+        if fresh.version == current.version {
+            return Err(EngineError::Reload(format!(
+                "the canary's weights are the serving version {}",
+                current.version
+            )));
+        }
+        let c = CanaryCard {
+            version: fresh.version.clone(),
+            trained: fresh.trained,
+            share,
+            started_ms: now_ms,
+            weights_bytes: fresh.weights_bytes,
+        };
+        self.shared
+            .rollouts
+            .start(name, &current.version, &fresh.version, now_ms);
+        let card = card_of(current, Some(c.clone()));
+        tracing::info!(model = name, version = %fresh.version, share, "canary serving");
+        self.canaries.insert(
+            name.to_string(),
+            Canary {
+                model: fresh,
+                card: c,
+            },
+        );
+        Ok(card)
+    }
+
+    fn end_rollout(&mut self, name: &str, promote: bool) -> Result<RolloutEnd, EngineError> {
+        if !self.models.contains_key(name) {
+            return Err(EngineError::UnknownModel(name.to_string()));
+        }
+        let canary = self
+            .canaries
+            .remove(name)
+            .ok_or_else(|| EngineError::NoCanary(name.to_string()))?;
+        let counts = self.shared.rollouts.end(name);
+        if promote {
+            self.models.insert(name.to_string(), canary.model);
+        }
+        let serving = &self.models[name];
+        tracing::info!(model = name, promote, version = %serving.version, "rollout ended");
+        Ok(RolloutEnd {
+            card: card_of(serving, None),
+            canary: canary.card,
+            counts,
+        })
+    }
+}
+
+/// A new version serving a share of a model's traffic.
+struct Canary {
+    model: LoadedModel,
+    card: CanaryCard,
 }
 
 /// What the worker has seen of arrivals, for [`Company`]: a job's company is the jobs of its
@@ -185,18 +284,25 @@ fn drop_dead_jobs(pending: &mut Vec<Job>, shared: &Shared) {
     *pending = kept;
 }
 
-/// Loads new weights beside the serving copy, runs a smoke generation, then swaps.
-fn reload(
-    name: &str,
+fn card_of(m: &LoadedModel, canary: Option<CanaryCard>) -> ModelCard {
+    ModelCard {
+        manifest: m.manifest.clone(),
+        version: m.version.clone(),
+        trained: m.trained,
+        created: crate::util::unix_ms() as u64 / 1000,
+        weights_bytes: m.weights_bytes,
+        canary,
+    }
+}
+
+/// Loads new weights for `current`'s manifest beside it and runs a smoke generation.
+fn load_checked(
+    current: &LoadedModel,
     weights: &std::path::Path,
-    models: &mut HashMap<String, LoadedModel>,
     device: &Device,
-) -> Result<ModelCard, EngineError> {
-    let current = models
-        .get(name)
-        .ok_or_else(|| EngineError::UnknownModel(name.to_string()))?;
-    let manifest = current.manifest.clone();
-    let fresh = LoadedModel::load_weights(&manifest, weights, device).map_err(|e| match e {
+) -> Result<LoadedModel, EngineError> {
+    let manifest = &current.manifest;
+    let fresh = LoadedModel::load_weights(manifest, weights, device).map_err(|e| match e {
         ManifestError::Identity { .. } => EngineError::ModelMismatch(e.to_string()),
         e => EngineError::Reload(e.to_string()),
     })?;
@@ -221,22 +327,14 @@ fn reload(
             "smoke generation returned no image".into(),
         ));
     }
-    let card = ModelCard {
-        manifest,
-        version: fresh.version.clone(),
-        trained: fresh.trained,
-        created: crate::util::unix_ms() as u64 / 1000,
-        weights_bytes: fresh.weights_bytes,
-    };
-    tracing::info!(model = name, version = %fresh.version, "reloaded weights");
-    models.insert(name.to_string(), fresh);
-    Ok(card)
+    Ok(fresh)
 }
 
 /// Runs one batch; returns when its first results were handed back, if any were.
 fn run_batch(
     jobs: Vec<Job>,
     models: &HashMap<String, LoadedModel>,
+    canaries: &HashMap<String, Canary>,
     shared: &Shared,
 ) -> Option<Instant> {
     // A job cancelled since the last look has already left the queue (and released its slot).
@@ -249,7 +347,8 @@ fn run_batch(
     }
     dequeued(shared, &jobs);
     let key = jobs[0].key.clone();
-    let Some(model) = models.get(&key.model) else {
+    let canary = canaries.get(&key.model).filter(|_| key.canary);
+    let Some(model) = canary.map(|c| &c.model).or_else(|| models.get(&key.model)) else {
         for j in jobs {
             let _ = j
                 .reply
@@ -265,6 +364,9 @@ fn run_batch(
     };
     split_on_failure(jobs, &mut run, &mut |j: Job, e: String| {
         metrics::counter!("fewstep_device_errors_total").increment(1);
+        shared
+            .rollouts
+            .record_run(&key.model, &model.version, j.rows(), true);
         let _ = j.reply.send(Err(EngineError::Device(e)));
     });
     ready
@@ -355,6 +457,9 @@ fn run_rows(
                     continue;
                 }
                 let mine: Vec<_> = outputs.by_ref().take(j.rows()).collect();
+                shared
+                    .rollouts
+                    .record_run(&key.model, &model.version, mine.len(), false);
                 let _ = j.reply.send(Ok(JobOutput {
                     outputs: mine,
                     model_version: model.version.clone(),

@@ -122,6 +122,33 @@ pub struct RatedOutput {
     pub score: f64,
 }
 
+/// The users' ratings of one model version: how many, their sum and sum of squares (scores
+/// in `[0, 1]`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RatingStats {
+    pub version: String,
+    pub n: i64,
+    pub sum: f64,
+    pub sum_sq: f64,
+}
+
+/// One step of a canary rollout (`start`, `promote`, `rollback`, `superseded`), by the
+/// policy or by hand, with the numbers it was decided on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutDecision {
+    pub id: String,
+    pub model: String,
+    pub created_ms: i64,
+    pub action: String,
+    /// `policy` or `admin`.
+    pub decided_by: String,
+    pub stable_version: String,
+    pub canary_version: String,
+    pub share: f64,
+    pub reason: String,
+    pub stats: serde_json::Value,
+}
+
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
@@ -136,6 +163,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/0001_generation_log.sql"),
     ),
     (2, "jobs", include_str!("../../migrations/0002_jobs.sql")),
+    (
+        3,
+        "rollout decisions",
+        include_str!("../../migrations/0003_rollouts.sql"),
+    ),
 ];
 
 fn migrator() -> sqlx::migrate::Migrator {
@@ -417,6 +449,91 @@ impl Store {
                     media_type: r.try_get("media_type")?,
                     data: r.try_get("data")?,
                     score: r.try_get("score")?,
+                })
+            })
+            .collect()
+    }
+
+    /// The ratings of each version of `model` among generations made since `since_ms`.
+    pub async fn rating_stats(
+        &self,
+        model: &str,
+        since_ms: i64,
+    ) -> Result<Vec<RatingStats>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT g.model_version AS version, COUNT(f.id) AS n, SUM(f.score) AS total, \
+             SUM(f.score * f.score) AS total_sq FROM feedback f \
+             JOIN generations g ON g.id = f.generation_id \
+             WHERE g.model = $1 AND g.created_ms >= $2 \
+             GROUP BY g.model_version ORDER BY g.model_version",
+        )
+        .bind(model)
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(RatingStats {
+                    version: r.try_get("version")?,
+                    n: r.try_get("n")?,
+                    sum: r.try_get::<Option<f64>, _>("total")?.unwrap_or(0.0),
+                    sum_sq: r.try_get::<Option<f64>, _>("total_sq")?.unwrap_or(0.0),
+                })
+            })
+            .collect()
+    }
+
+    pub async fn insert_rollout_decision(&self, d: &RolloutDecision) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO rollout_decisions (id, model, created_ms, action, decided_by, \
+             stable_version, canary_version, share, reason, stats) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(&d.id)
+        .bind(&d.model)
+        .bind(d.created_ms)
+        .bind(&d.action)
+        .bind(&d.decided_by)
+        .bind(&d.stable_version)
+        .bind(&d.canary_version)
+        .bind(d.share)
+        .bind(&d.reason)
+        .bind(d.stats.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The newest `limit` rollout decisions of `model`, newest first.
+    pub async fn rollout_decisions(
+        &self,
+        model: &str,
+        limit: i64,
+    ) -> Result<Vec<RolloutDecision>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM rollout_decisions WHERE model = $1 \
+             ORDER BY created_ms DESC, id DESC LIMIT $2",
+        )
+        .bind(model)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let stats: String = r.try_get("stats")?;
+                Ok(RolloutDecision {
+                    id: r.try_get("id")?,
+                    model: r.try_get("model")?,
+                    created_ms: r.try_get("created_ms")?,
+                    action: r.try_get("action")?,
+                    decided_by: r.try_get("decided_by")?,
+                    stable_version: r.try_get("stable_version")?,
+                    canary_version: r.try_get("canary_version")?,
+                    share: r.try_get("share")?,
+                    reason: r.try_get("reason")?,
+                    stats: serde_json::from_str(&stats).map_err(|e| {
+                        StoreError::Corrupt(format!("rollout_decisions.stats: {e}"))
+                    })?,
                 })
             })
             .collect()

@@ -293,7 +293,7 @@ async fn the_log_keeps_serving_while_its_database_fails_and_recovers() {
 }
 
 /// Writes random weights for the tiny-shapes architecture to `path`.
-fn random_weights(path: &std::path::Path, seed: u64) {
+pub fn random_weights(path: &std::path::Path, seed: u64) {
     let manifest = fewstep::manifest::Manifest::from_file(
         &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-shapes/manifest.toml"),
     )

@@ -179,6 +179,7 @@ proptest! {
             trained: false,
             created: 0,
             weights_bytes: 0,
+            canary: None,
         };
         let cfg = fewstep::config::ServerConfig::default();
         if let Ok(v) = fewstep::engine::validate(req, &card, &cfg) {

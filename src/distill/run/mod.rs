@@ -62,6 +62,8 @@ pub struct Publish {
     /// Base URL, e.g. `http://127.0.0.1:8080`.
     pub url: String,
     pub admin_token: String,
+    /// Publish as a canary taking this share of new generations.
+    pub canary: Option<f64>,
 }
 
 /// One logged interval of `metrics.jsonl` (`step` is the iteration).
@@ -306,7 +308,10 @@ fn publish(p: &Publish, manifest: &Manifest) -> anyhow::Result<()> {
         let res = reqwest::Client::new()
             .post(&url)
             .bearer_auth(&p.admin_token)
-            .json(&serde_json::json!({ "checkpoint": weights }))
+            .json(&match p.canary {
+                Some(share) => serde_json::json!({ "checkpoint": weights, "canary": share }),
+                None => serde_json::json!({ "checkpoint": weights }),
+            })
             .send()
             .await
             .with_context(|| format!("publishing to {url}"))?;
@@ -315,7 +320,7 @@ fn publish(p: &Publish, manifest: &Manifest) -> anyhow::Result<()> {
         anyhow::ensure!(status.is_success(), "{url} answered {status}: {body}");
         anyhow::Ok(body)
     })?;
-    tracing::info!(%url, version = %body["model_version"], "published");
+    tracing::info!(%url, version = %body["model_version"], canary = ?p.canary, "published");
     Ok(())
 }
 
