@@ -288,6 +288,68 @@ pub async fn fixed_vs_adaptive(
     }
 }
 
+/// Synchronous load at one concurrency with no canary, with a canary taking all traffic
+/// (same batches; routing, per-version counters and the reward proxy on top), and with a
+/// canary taking half (which also splits the batches in two), each the median of
+/// alternating rounds.
+#[derive(Debug, Clone, Serialize)]
+pub struct CanaryOverhead {
+    pub concurrency: usize,
+    pub plain: HttpRow,
+    pub canary_all: HttpRow,
+    pub canary_half: HttpRow,
+}
+
+/// Runs `rounds` alternating loads without and with a canary of `weights` on `model`.
+#[allow(clippy::too_many_arguments)]
+pub async fn canary_overhead(
+    engine: &crate::engine::Engine,
+    model: &str,
+    weights: &std::path::Path,
+    base_url: &str,
+    body: Value,
+    concurrency: usize,
+    requests: usize,
+    max_time: Duration,
+    rounds: usize,
+) -> Result<CanaryOverhead, crate::engine::EngineError> {
+    let load = |n| http_load(base_url, body.clone(), Mode::Sync, concurrency, n, max_time);
+    load(concurrency).await;
+    let (mut plain, mut all, mut half) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds.max(1) {
+        plain.push(load(requests).await);
+        for (share, rows) in [(1.0, &mut all), (0.5, &mut half)] {
+            engine
+                .reload(model, weights.to_path_buf(), Some(share))
+                .await?;
+            rows.push(load(requests).await);
+            engine.rollback(model).await?;
+        }
+    }
+    Ok(CanaryOverhead {
+        concurrency,
+        plain: median_round(plain),
+        canary_all: median_round(all),
+        canary_half: median_round(half),
+    })
+}
+
+/// Copies a safetensors file with the lowest bit of its first tensor byte flipped: another
+/// version to the server (versions hash the file), with the same compute and, to rounding,
+/// the same outputs; the identity in the header is kept.
+pub fn distinct_weights_copy(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    let mut bytes = std::fs::read(from)?;
+    let header = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+        .ok_or_else(|| std::io::Error::other("not a safetensors file"))?;
+    let first = bytes
+        .get_mut(8 + header)
+        .ok_or_else(|| std::io::Error::other("a safetensors file without tensor data"))?;
+    *first ^= 1;
+    std::fs::write(to, bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -43,6 +43,10 @@ pub struct BenchArgs {
     /// then the job's events) at this concurrency, in alternating rounds; 0 skips it.
     #[arg(long, default_value_t = 32)]
     pub sync_vs_async: usize,
+    /// With --http: the cost of serving a canary at this concurrency (no canary, a canary
+    /// taking all traffic, a canary taking half) in alternating rounds; 0 skips it.
+    #[arg(long, default_value_t = 0)]
+    pub canary_overhead: usize,
     #[arg(long, default_value_t = 60)]
     pub max_seconds: u64,
     /// Compare end-to-end generation speed of these models (comma-separated; each with its
@@ -236,7 +240,9 @@ fn bench_unet(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn bench_http(args: &BenchArgs, manifest: &crate::manifest::Manifest) -> anyhow::Result<()> {
-    use crate::bench::http::{engine_throughput, fixed_vs_adaptive, sync_vs_async};
+    use crate::bench::http::{
+        canary_overhead, distinct_weights_copy, engine_throughput, fixed_vs_adaptive, sync_vs_async,
+    };
     /// Alternating rounds of each side in the sync/async comparison.
     const ROUNDS: usize = 3;
     let steps = args.steps.unwrap_or(manifest.sampling.default_steps);
@@ -275,7 +281,7 @@ fn bench_http(args: &BenchArgs, manifest: &crate::manifest::Manifest) -> anyhow:
     let rt = runtime()?;
     let body = serde_json::json!({"prompt": "a small red circle on the left", "steps": steps, "guidance": guidance});
     let max_time = std::time::Duration::from_secs(args.max_seconds);
-    let (http_rows, versus) = rt.block_on(async {
+    let (http_rows, versus, canary) = rt.block_on(async {
         let handle = crate::server::spawn(config, std::future::pending()).await?;
         let base = format!("http://{}", handle.addr);
         let mut rows = Vec::new();
@@ -308,8 +314,31 @@ fn bench_http(args: &BenchArgs, manifest: &crate::manifest::Manifest) -> anyhow:
         } else {
             None
         };
+        let canary = if args.canary_overhead > 0 && manifest.weights_path().is_file() {
+            let copy = std::env::temp_dir().join(format!(
+                "fewstep-bench-canary-{}.safetensors",
+                std::process::id()
+            ));
+            distinct_weights_copy(&manifest.weights_path(), &copy)?;
+            let r = canary_overhead(
+                &handle.engine,
+                &args.model,
+                &copy,
+                &base,
+                body.clone(),
+                args.canary_overhead,
+                args.requests,
+                max_time,
+                ROUNDS,
+            )
+            .await;
+            std::fs::remove_file(&copy).ok();
+            Some(r?)
+        } else {
+            None
+        };
         handle.shutdown().await?;
-        anyhow::Ok((rows, versus))
+        anyhow::Ok((rows, versus, canary))
     })?;
     println!(
         "HTTP, batching wait fixed ({} ms) vs adaptive (median of {ROUNDS} alternating rounds)",
@@ -359,6 +388,33 @@ fn bench_http(args: &BenchArgs, manifest: &crate::manifest::Manifest) -> anyhow:
             v.ratio,
             (1.0 - v.ratio) * 100.0
         );
+    }
+    if let Some(c) = canary {
+        println!(
+            "\ncanary serving at concurrency {} (median of {ROUNDS} alternating rounds each)",
+            c.concurrency
+        );
+        println!(
+            "canary            requests  errors  images/s  p50 ms  p99 ms  mean batch  vs none"
+        );
+        for (name, r) in [
+            ("none", &c.plain),
+            ("all traffic", &c.canary_all),
+            ("half traffic", &c.canary_half),
+        ] {
+            println!(
+                "{name:<16}  {:>8}  {:>6}  {:>8.1}  {:>6.0}  {:>6.0}  {:>10.1}  {:.3}",
+                r.requests,
+                r.errors,
+                r.images_per_s,
+                r.p50_ms,
+                r.p99_ms,
+                r.mean_batch,
+                r.images_per_s / c.plain.images_per_s
+            );
+        }
+    } else if args.canary_overhead > 0 {
+        println!("\ncanary overhead skipped: the model's weights are not one safetensors file");
     }
     Ok(())
 }
