@@ -687,3 +687,6 @@ mod props;
 
 #[path = "api/limits.rs"]
 mod limits;
+
+#[path = "api/playground.rs"]
+mod playground;

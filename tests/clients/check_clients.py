@@ -45,13 +45,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(binary, workdir):
+def start_server(binary, workdir, models="tiny-shapes", env_extra=None):
+    """`binary serve` on a free loopback port, logging to a SQLite file in `workdir`; returns
+    the process and its base URL once it is ready. Also used by tests/browser/playground.py."""
     port = free_port()
     env = dict(os.environ)
     env["FEWSTEP_STORE_URL"] = f"sqlite://{workdir}/log.db"
+    env.update(env_extra or {})
     log = open(os.path.join(workdir, "server.log"), "wb")
     proc = subprocess.Popen(
-        [binary, "serve", "--addr", f"127.0.0.1:{port}", "--models", "tiny-shapes"],
+        [binary, "serve", "--addr", f"127.0.0.1:{port}", "--models", models],
         cwd=ROOT,
         env=env,
         stdout=log,
