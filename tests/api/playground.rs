@@ -18,7 +18,10 @@ async fn the_playground_is_served_with_its_assets_and_a_csp() {
         let csp = h["content-security-policy"].to_str().unwrap();
         assert!(csp.contains("default-src 'self'"), "{csp}");
         assert!(csp.contains("script-src 'self'"), "{csp}");
-        assert!(!csp.contains("unsafe-inline") && !csp.contains("http"), "{csp}");
+        assert!(
+            !csp.contains("unsafe-inline") && !csp.contains("http"),
+            "{csp}"
+        );
         assert_eq!(h["x-content-type-options"], "nosniff");
         assert_eq!(h["cache-control"], "no-cache");
         let html = res.text().await.unwrap();
@@ -28,7 +31,11 @@ async fn the_playground_is_served_with_its_assets_and_a_csp() {
 
     for (file, content_type, marker) in [
         ("app.js", "text/javascript; charset=utf-8", "jobEvents"),
-        ("api.js", "text/javascript; charset=utf-8", "text/event-stream"),
+        (
+            "api.js",
+            "text/javascript; charset=utf-8",
+            "text/event-stream",
+        ),
         ("style.css", "text/css; charset=utf-8", ":focus-visible"),
         ("icon.svg", "image/svg+xml", "<svg"),
     ] {

@@ -7,7 +7,7 @@ rating in `GET /generations/{id}` and in the page's history; videos (GIF and MP4
 running job is cancelled; an API error is shown; generation works from the keyboard alone; a
 390x844 phone screen has no horizontal scroll. Exits non-zero on the first failure.
 
-Usage: playground.py PATH/TO/fewstep [--screenshot docs/playground.png]
+Usage: playground.py PATH/TO/fewstep [--chromium PATH] [--screenshot docs/playground.png]
 (run from the repository root; see .ci/run)
 """
 
@@ -17,13 +17,12 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tests", "clients"))
-from check_clients import check, start_server  # noqa: E402
+from check_clients import check, serving  # noqa: E402
 
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
@@ -269,43 +268,35 @@ def desktop_grid(page, screenshot):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("binary", nargs="?", default=os.path.join(ROOT, "target/debug/fewstep"))
+    ap.add_argument("--chromium", default=shutil.which("chromium"), help="the browser to drive")
     ap.add_argument("--screenshot", help="also save a desktop screenshot after a generation")
     args = ap.parse_args()
-    chromium = shutil.which("chromium")
-    check(chromium, "Debian's chromium is not installed (apt-get install chromium)")
+    check(args.chromium, "no chromium: install Debian's (tools/chromium.sh)")
     start = time.monotonic()
-    with tempfile.TemporaryDirectory() as workdir:
-        proc, base = start_server(
-            os.path.abspath(args.binary),
-            workdir,
-            models="tiny-shapes,tiny-shapes-teacher",
-            env_extra={"FEWSTEP_API_KEYS": f"[{KEY}]"},
-        )
-        try:
-            with sync_playwright() as p:
-                # Root in a container: Chromium's sandbox needs user namespaces it may not have.
-                browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-                context = browser.new_context(viewport=DESKTOP)
-                context.set_default_timeout(20_000)
-                context.add_init_script(WATCH_STATUS)
-                page = context.new_page()
-                problems = []
-                watch(page, problems)
-                key_and_first_image(page, base)
-                videos(page)
-                cancel_and_errors(page, base)
-                keyboard_only(page)
-                desktop_grid(page, args.screenshot and os.path.abspath(args.screenshot))
-                check(not problems, f"desktop: {problems}")
-                phone(browser, base, context.storage_state())
-                browser.close()
-        except Exception:
-            with open(os.path.join(workdir, "server.log"), "rb") as f:
-                sys.stderr.write(f.read()[-4000:].decode(errors="replace"))
-            raise
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    server = serving(
+        args.binary,
+        models="tiny-shapes,tiny-shapes-teacher",
+        env_extra={"FEWSTEP_API_KEYS": f"[{KEY}]"},
+    )
+    with server as (base, _), sync_playwright() as p:
+        # Root in a container: Chromium's sandbox needs user namespaces it may not have.
+        browser = p.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
+        context = browser.new_context(viewport=DESKTOP)
+        # Generous: the debug server shares the machine with whatever else CI runs.
+        context.set_default_timeout(30_000)
+        expect.set_options(timeout=30_000)
+        context.add_init_script(WATCH_STATUS)
+        page = context.new_page()
+        problems = []
+        watch(page, problems)
+        key_and_first_image(page, base)
+        videos(page)
+        cancel_and_errors(page, base)
+        keyboard_only(page)
+        desktop_grid(page, args.screenshot and os.path.abspath(args.screenshot))
+        check(not problems, f"desktop: {problems}")
+        phone(browser, base, context.storage_state())
+        browser.close()
     print(f"playground in chromium: ok ({time.monotonic() - start:.1f} s)")
 
 
