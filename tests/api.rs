@@ -690,3 +690,6 @@ mod limits;
 
 #[path = "api/rollout.rs"]
 mod rollout;
+
+#[path = "api/playground.rs"]
+mod playground;

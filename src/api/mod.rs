@@ -9,6 +9,7 @@ pub mod info;
 pub mod jobs;
 pub mod openai;
 pub mod openapi;
+pub mod playground;
 pub mod schema;
 
 use std::sync::Arc;
@@ -42,7 +43,8 @@ pub struct AppState {
     pub rollout: crate::rollout::Controller,
 }
 
-/// The whole application: public probes, then everything else behind the API keys.
+/// The whole application: public probes and the playground page, then everything else behind
+/// the API keys.
 pub fn router(state: AppState) -> Router {
     let protected = Router::new()
         .route("/generate", post(generate::generate))
@@ -86,6 +88,10 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(info::health))
         .route("/ready", get(info::ready))
         .route("/metrics", get(info::metrics))
+        // The page is public; the API calls it makes send the key typed into it.
+        .route("/", get(playground::index))
+        .route("/playground", get(playground::index))
+        .route("/playground/{file}", get(playground::asset))
         .merge(protected)
         .merge(admin)
         .method_not_allowed_fallback(method_not_allowed)

@@ -7,6 +7,7 @@ Usage: check_clients.py PATH/TO/fewstep   (run from the repository root; see .ci
 """
 
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -45,13 +46,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(binary, workdir):
+def start_server(binary, workdir, models="tiny-shapes", env_extra=None):
+    """`binary serve` on a free loopback port, logging to a SQLite file in `workdir`; returns
+    the process and its base URL once it is ready."""
     port = free_port()
     env = dict(os.environ)
     env["FEWSTEP_STORE_URL"] = f"sqlite://{workdir}/log.db"
+    env.update(env_extra or {})
     log = open(os.path.join(workdir, "server.log"), "wb")
     proc = subprocess.Popen(
-        [binary, "serve", "--addr", f"127.0.0.1:{port}", "--models", "tiny-shapes"],
+        [binary, "serve", "--addr", f"127.0.0.1:{port}", "--models", models],
         cwd=ROOT,
         env=env,
         stdout=log,
@@ -69,6 +73,23 @@ def start_server(binary, workdir):
             time.sleep(0.1)
     proc.kill()
     raise RuntimeError("the server never became ready")
+
+
+@contextlib.contextmanager
+def serving(binary, **kwargs):
+    """`start_server` for the `with` block (yielding the base URL and the work directory); on a
+    failure the tail of the server's log goes to stderr. Also used by tests/browser/."""
+    with tempfile.TemporaryDirectory() as workdir:
+        proc, base = start_server(os.path.abspath(binary), workdir, **kwargs)
+        try:
+            yield base, workdir
+        except Exception:
+            with open(os.path.join(workdir, "server.log"), "rb") as f:
+                sys.stderr.write(f.read()[-4000:].decode(errors="replace"))
+            raise
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 def openai_client(base):
@@ -232,19 +253,10 @@ def generated_client(base, workdir):
 
 def main():
     binary = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target/debug/fewstep")
-    with tempfile.TemporaryDirectory() as workdir:
-        proc, base = start_server(os.path.abspath(binary), workdir)
-        try:
-            readme_example(base, workdir)
-            openai_client(base)
-            generated_client(base, workdir)
-        except Exception:
-            with open(os.path.join(workdir, "server.log"), "rb") as f:
-                sys.stderr.write(f.read()[-4000:].decode(errors="replace"))
-            raise
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    with serving(binary) as (base, workdir):
+        readme_example(base, workdir)
+        openai_client(base)
+        generated_client(base, workdir)
 
 
 if __name__ == "__main__":
