@@ -131,11 +131,23 @@ def main():
             "pass_rate": round(sum(r["pass"] for r in rows) / len(rows), 4),
         }
     summary["mean_verifier_score"] = round(sum(r["score"] for r in ok) / len(ok), 4)
+    # During a canary rollout both versions answer: each one's share and score.
+    summary["by_version"] = {}
+    for version in summary["versions"]:
+        rows = [r for r in ok if r["version"] == version]
+        summary["by_version"][version] = {
+            "n": len(rows),
+            "mean_verifier_score": round(sum(r["score"] for r in rows) / len(rows), 4),
+            "pass_rate": round(sum(r["pass"] for r in rows) / len(rows), 4),
+        }
     print(f"{len(ok)}/{len(done)} requests ok, {rated} rated, model versions {summary['versions']}")
     print(f"{'split':<16}{'n':>6}{'mean score':>12}{'pass':>8}")
     for key, row in summary["by_split"].items():
         print(f"{key:<16}{row['n']:>6}{row['mean_verifier_score']:>12.3f}{row['pass_rate']:>8.1%}")
     print(f"{'all':<16}{len(ok):>6}{summary['mean_verifier_score']:>12.3f}")
+    if len(summary["by_version"]) > 1:
+        for version, row in summary["by_version"].items():
+            print(f"{version:<16}{row['n']:>6}{row['mean_verifier_score']:>12.3f}{row['pass_rate']:>8.1%}")
     if args.json:
         print(json.dumps(summary))
 

@@ -212,16 +212,24 @@ impl Controller {
         by: DecidedBy,
         reason: String,
     ) -> Result<(RolloutEnd, DecisionView), RolloutError> {
-        // The evidence as it stood when decided, before the engine forgets the counts.
-        let report = self.report(model).await?;
+        // The evidence as it stood when decided, before the engine forgets the counts. A log
+        // that cannot be read must not block a rollback: the decision then keeps no numbers.
+        let stats = match self.report(model).await {
+            Ok(r) => serde_json::json!({ "stable": r.stable, "canary": r.canary }),
+            Err(RolloutError::Engine(e)) => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, model, "rollout evidence unavailable");
+                serde_json::Value::Null
+            }
+        };
         let engine = &self.inner.engine;
+        let stable = engine.card(model).map(|c| c.version).unwrap_or_default();
         let end = if promote {
             engine.promote(model).await?
         } else {
             engine.rollback(model).await?
         };
-        let stats = serde_json::json!({ "stable": report.stable, "canary": report.canary });
-        let stable = report.stable.version.as_str();
+        let stable = stable.as_str();
         let action = if promote { "promote" } else { "rollback" };
         let d = self
             .record(model, action, by, stable, &end.canary, reason, stats)
