@@ -6,11 +6,12 @@
 #   4. the same users ask again, without rating (before/after on equal prompts and seeds);
 #   5. a deliberately bad candidate (a student after only 20 distillation iterations) is
 #      published the same way, and the policy must roll it back.
-# Usage: load-tests/canary-loop.sh [OUT_DIR]   (needs target/release/fewstep; ~30 min on 2 cores)
+# Usage: load-tests/canary-loop.sh [OUT_DIR [BINARY]]   (default binary target/release/fewstep;
+# about 30 minutes on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=${FEWSTEP_BIN:-target/release/fewstep}
 out=${1:-runs/canary-loop}
+bin=${2:-target/release/fewstep}
 port=${PORT:-8097}
 url=http://127.0.0.1:$port
 rm -rf "$out" && mkdir -p "$out"
@@ -31,7 +32,8 @@ export FEWSTEP_ADMIN_TOKEN=loop-secret
 "$bin" serve --config "$out/server.toml" >"$out/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
-for _ in $(seq 100); do curl -sf "$url/ready" >/dev/null && break; sleep 0.2; done
+for _ in $(seq 150); do curl -sf "$url/ready" >/dev/null && break; sleep 0.2; done
+curl -sf "$url/ready" >/dev/null || { echo "the server did not start:" >&2; tail -5 "$out/server.log" >&2; exit 1; }
 
 users() { python3 load-tests/users.py --url "$url" --fewstep "$bin" --json "$@"; }
 rollout() { curl -sf -H "Authorization: Bearer loop-secret" "$url/admin/models/tiny-shapes/rollout"; }
