@@ -4,14 +4,16 @@
 #   2. `distill --from-log` refines the served student and publishes it as a 50% canary;
 #   3. more users ask and rate until the [rollout] policy promotes or rolls it back;
 #   4. the same users ask again, without rating (before/after on equal prompts and seeds);
-#   5. a deliberately bad candidate (a student after only 20 distillation iterations) is
-#      published the same way, and the policy must roll it back.
-# Usage: load-tests/canary-loop.sh [OUT_DIR [BINARY]]   (default binary target/release/fewstep;
-# about 30 minutes on 2 cores)
+#   5. a deliberately bad candidate (a student distilled for 40 iterations at 200x the
+#      learning rate) is published the same way, and the policy must roll it back.
+# Usage: load-tests/canary-loop.sh [OUT_DIR [BINARY [STAGES]]]   (default binary
+# target/release/fewstep; STAGES "refine bad", the default, or one of them; about 30 minutes
+# on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/canary-loop}
 bin=${2:-target/release/fewstep}
+stages=${3:-refine bad}
 port=${PORT:-8097}
 url=http://127.0.0.1:$port
 rm -rf "$out" && mkdir -p "$out"
@@ -50,19 +52,26 @@ until_decided() {
     python3 -c 'import json,sys; d=json.load(open(sys.argv[1]))["decisions"][0]; print(d["action"], d["decided_by"], "-", d["reason"])' "$out/$1-rollout.json"
 }
 
-echo "== before: 300 users ask and rate"
-users --users 300 --seed 0 --held-out-share 1.0 | tee "$out/before.txt"
-echo "== refine from the log, publish as a 50% canary"
-"$bin" distill --model tiny-shapes --from-log "sqlite://$out/log.db" \
-    --config models/tiny-shapes-teacher/distill.toml --steps 300 --out "$out/refine" \
-    --eval-prompts 0 --publish "$url" --canary 0.5 >"$out/refine.log" 2>&1
-echo "== users rate both versions until the policy decides"
-until_decided refine
-echo "== after: the same 300 users, no rating"
-users --users 300 --seed 0 --held-out-share 1.0 --no-feedback | tee "$out/after.txt"
+if [[ " $stages " == *" refine "* ]]; then
+    echo "== before: 300 users ask and rate"
+    users --users 300 --seed 0 --held-out-share 1.0 | tee "$out/before.txt"
+    echo "== refine from the log, publish as a 50% canary"
+    "$bin" distill --model tiny-shapes --from-log "sqlite://$out/log.db" \
+        --config models/tiny-shapes-teacher/distill.toml --steps 300 --out "$out/refine" \
+        --eval-prompts 0 --publish "$url" --canary 0.5 >"$out/refine.log" 2>&1
+    echo "== users rate both versions until the policy decides"
+    until_decided refine
+    echo "== after: the same 300 users, no rating"
+    users --users 300 --seed 0 --held-out-share 1.0 --no-feedback | tee "$out/after.txt"
+fi
 
-echo "== a bad candidate: a student after 20 iterations, published as a 50% canary"
-"$bin" distill --model tiny-shapes-teacher --config models/tiny-shapes-teacher/distill.toml \
-    --method amd --student-steps 4 --steps 20 --out "$out/bad" --eval-prompts 0 \
-    --publish "$url" --canary 0.5 >"$out/bad.log" 2>&1
-until_decided bad
+if [[ " $stages " == *" bad "* ]]; then
+    echo "== a bad candidate: 40 iterations at 200x the learning rate, published as a 50% canary"
+    # The shipped recipe with both learning rates (student and critic) raised from 1e-4 to 2e-2.
+    sed 's/^lr = 1e-4$/lr = 2e-2/' models/tiny-shapes-teacher/distill.toml >"$out/bad.toml"
+    grep -q '^lr = 2e-2$' "$out/bad.toml"
+    "$bin" distill --model tiny-shapes-teacher --config "$out/bad.toml" \
+        --method amd --student-steps 4 --steps 40 --out "$out/bad" --eval-prompts 0 \
+        --publish "$url" --canary 0.5 >"$out/bad.log" 2>&1
+    until_decided bad
+fi
