@@ -212,11 +212,16 @@ async fn the_policy_rolls_back_a_canary_users_rate_worse() {
     let canary = started["model_version"].as_str().unwrap().to_string();
 
     // Users like the stable version's outputs and dislike the canary's.
+    // Until both have 10 ratings, or the policy (looking every second) has already acted.
     let (mut rated_canary, mut rated_stable) = (0, 0);
-    let mut seed = 0;
-    while rated_canary < 10 || rated_stable < 10 {
+    for seed in 0..400u64 {
+        if rated_canary >= 10 && rated_stable >= 10 {
+            break;
+        }
+        if seed % 10 == 9 && admin.report().await["canary"].is_null() {
+            break;
+        }
         let g = generate(&s, seed).await;
-        seed += 1;
         let bad = g["model_version"] == canary.as_str();
         let score = if bad {
             0.1 + 0.05 * (seed % 3) as f64
@@ -237,9 +242,9 @@ async fn the_policy_rolls_back_a_canary_users_rate_worse() {
             rated_stable += 1;
         }
     }
-    // The policy looks every second.
+    // The policy looks every second (slow machines: up to 30 s).
     let mut report = admin.report().await;
-    for _ in 0..50 {
+    for _ in 0..150 {
         if report["canary"].is_null() {
             break;
         }
