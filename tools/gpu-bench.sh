@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # fewstep against diffusers (eager and torch.compile) on one GPU: the SDXL UNet's 4-step
 # denoising at 1024x1024 in bf16, batch 1/4/8, same weights and inputs, with a parity check
-# (tools/gpu_bench.py does the measuring).
+# (tools/torch_bench.py does the measuring; tools/cpu-bench.sh is its CPU counterpart).
 #
 # The GPU machine reaches no registry, so the work is split in two:
 #   tools/gpu-bench.sh prepare [COMPUTE_CAP]   here: builds the CUDA binary (tools/build-cuda.sh),
@@ -9,10 +9,10 @@
 #                                              needs into .whl/ (both git-ignored)
 #   tools/gpu-bench.sh run [ARGS...]           on the GPU machine, from the repository root with
 #                                              .carry/ and .whl/ beside it; ARGS go to
-#                                              gpu_bench.py (--batches, --reps, ...)
+#                                              torch_bench.py (--batches, --reps, ...)
 # The machine needs a CUDA 13 driver, python3 with torch (CUDA), and the CUDA 13 libraries
 # (cuBLAS, cudart, cuRAND) in that python's site-packages (torch's cu13 wheels bring them) or
-# on LD_LIBRARY_PATH. Results go to $OUT (default ./gpu-bench-out): bench.json, fewstep.json.
+# on LD_LIBRARY_PATH. Results go to $OUT (default ./gpu-bench-out): bench.json, fewstep-sdxl.json.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -58,7 +58,8 @@ EOF
   if ldd /tmp/fewstep | grep "not found"; then
     echo "fewstep is missing libraries (LD_LIBRARY_PATH=$LD_LIBRARY_PATH)"
   fi
-  PYTHONUNBUFFERED=1 python3 tools/gpu_bench.py --fewstep /tmp/fewstep --out "$out" "$@" \
+  PYTHONUNBUFFERED=1 python3 tools/torch_bench.py --device cuda --fewstep /tmp/fewstep \
+    --out "$out" "$@" \
     2>&1 | tee "$out/log.txt"
   ;;
 *)

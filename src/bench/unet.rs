@@ -1,7 +1,7 @@
 //! A diffusers-layout UNet (SD1.5- or SDXL-shaped, any weights) through a few-step denoising
 //! loop at a given latent size, batch and precision: the network a served SD/SDXL student
-//! spends its time in. `tools/gpu-bench.sh` runs the same weights and inputs through
-//! diffusers, so the numbers and the outputs can be compared side by side.
+//! spends its time in. `tools/gpu-bench.sh` and `tools/cpu-bench.sh` run the same weights and
+//! inputs through diffusers, so the numbers and the outputs can be compared side by side.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -23,6 +23,9 @@ pub struct UnetRow {
     pub steps: usize,
     /// Median over the rounds of one `steps`-step denoising of `batch` latents.
     pub round_ms: f64,
+    /// The same in this process's CPU time (all threads; on the CPU, what the work cost
+    /// whatever share of the cores other processes left it).
+    pub cpu_round_ms: f64,
     pub images_per_s: f64,
 }
 
@@ -136,16 +139,16 @@ pub fn bench_unet(
     let mut rows = Vec::new();
     for &batch in batches {
         let x = inputs(&cfg, loaded, batch, latent, dtype, device)?;
-        let round_ms = 1e3
-            * super::model::median_secs(reps.max(1), || {
-                denoise(&unet, &x, steps)?;
-                device.synchronize()
-            })?;
+        let (wall, cpu) = super::model::median_wall_and_cpu(reps.max(1), || {
+            denoise(&unet, &x, steps)?;
+            device.synchronize()
+        })?;
         rows.push(UnetRow {
             batch,
             steps,
-            round_ms,
-            images_per_s: batch as f64 * 1e3 / round_ms,
+            round_ms: 1e3 * wall,
+            cpu_round_ms: 1e3 * cpu,
+            images_per_s: batch as f64 / wall,
         });
     }
     Ok((unet, rows))
@@ -174,7 +177,9 @@ mod tests {
             1,
         )?;
         assert_eq!(rows.iter().map(|r| r.batch).collect::<Vec<_>>(), [1, 2]);
-        assert!(rows.iter().all(|r| r.images_per_s > 0.0 && r.steps == 2));
+        assert!(rows
+            .iter()
+            .all(|r| r.images_per_s > 0.0 && r.cpu_round_ms > 0.0 && r.steps == 2));
         let x = inputs(unet.config(), &HashMap::new(), 2, 8, DType::F32, &dev)?;
         let out = denoise(&unet, &x, 2)?;
         assert_eq!(out.dims(), x.sample.dims());

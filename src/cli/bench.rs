@@ -9,7 +9,7 @@ use super::runtime;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Model whose architecture to measure.
+    /// Model whose architecture to measure (with its weights, when its weights file exists).
     #[arg(long, default_value = "tiny-shapes")]
     pub model: String,
     #[arg(long, default_value = "models", env = "FEWSTEP_MODELS_DIR")]
@@ -58,7 +58,8 @@ pub struct BenchArgs {
     pub ops: bool,
     /// Instead of a model, time this diffusers-layout UNet directory (`config.json` and its
     /// safetensors: SD1.5- or SDXL-shaped) through a `--steps`-step denoising (default 4) at
-    /// each of `--batches`. `tools/gpu-bench.sh` runs it against diffusers.
+    /// each of `--batches`. `tools/gpu-bench.sh` and `tools/cpu-bench.sh` run it against
+    /// diffusers.
     #[arg(long, value_name = "DIR")]
     pub unet: Option<PathBuf>,
     /// With --unet: `cpu`, `cuda` or `cuda:N`.
@@ -70,15 +71,18 @@ pub struct BenchArgs {
     /// With --unet: latent height and width (128 is a 1024x1024 SDXL image).
     #[arg(long, default_value_t = 64)]
     pub latent_size: usize,
-    /// With --unet: a safetensors file of batch-first inputs (`sample`,
-    /// `encoder_hidden_states`, and for SDXL `text_embeds`, `time_ids`); default random.
+    /// A safetensors file of batch-first inputs; default random. With --unet: `sample`,
+    /// `encoder_hidden_states`, and for SDXL `text_embeds`, `time_ids`; for a tiny model's
+    /// denoiser table: `x` `[B, F, C, H, W]` and `t` `[B]` (every row's prompt is
+    /// `bench::model::PROMPT`).
     #[arg(long, value_name = "FILE")]
     pub inputs: Option<PathBuf>,
-    /// With --unet: write one UNet evaluation (`forward`, at t=999) and the whole denoising
-    /// (`denoised`) of the first batch size here, for a parity check against another runtime.
+    /// Write outputs of the first batch size here, for a parity check against another
+    /// runtime. With --unet: one UNet evaluation (`forward`, at t=999) and the whole denoising
+    /// (`denoised`); for a tiny model: its `velocity`, the training `loss` and its `grad_norm`.
     #[arg(long, value_name = "FILE")]
     pub outputs: Option<PathBuf>,
-    /// With --unet: also write the rows as JSON here.
+    /// Also write the rows (of --unet, or of the denoiser table) as JSON here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
 }
@@ -94,14 +98,33 @@ pub(super) fn bench(args: BenchArgs) -> anyhow::Result<()> {
             manifest.require_tiny("the denoiser table of fewstep bench (pass --skip-denoiser)")?;
         let tokenizer =
             crate::families::tiny::TinyTokenizer::from_file(&manifest.tokenizer_path()?)?;
+        let weights = Some(manifest.weights_path()).filter(|p| p.is_file());
+        let loaded = crate::bench::unet::load_inputs(args.inputs.as_deref(), &device)?;
+        let setup = crate::bench::model::ModelBenchSetup {
+            cfg: &tiny.architecture,
+            tokenizer: &tokenizer,
+            weights: weights.as_deref(),
+            inputs: &loaded,
+        };
+        if let Some(path) = &args.outputs {
+            let batch = args.batches.first().copied().unwrap_or(1);
+            let out = crate::bench::model::parity_outputs(&setup, batch, args.frames, &device)?;
+            candle_core::safetensors::save(&out, path)?;
+        }
         let rows = crate::bench::model::bench_model(
-            &tiny.architecture,
-            &tokenizer,
+            &setup,
             &args.batches,
             args.frames,
             args.reps,
             &device,
         )?;
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_string_pretty(&rows)?)?;
+        }
+        match &weights {
+            Some(w) => println!("weights {}", w.display()),
+            None => println!("random weights (no weights file)"),
+        }
         println!(
             "denoiser {} ({} frames); naive = candle's composed ops, measured interleaved",
             args.model, args.frames
@@ -201,11 +224,11 @@ fn bench_unet(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         args.latent_size,
         args.reps
     );
-    println!("batch  round ms  images/s");
+    println!("batch  round ms  CPU ms  images/s");
     for r in &rows {
         println!(
-            "{:>5}  {:>8.1}  {:>8.2}",
-            r.batch, r.round_ms, r.images_per_s
+            "{:>5}  {:>8.1}  {:>6.0}  {:>8.2}",
+            r.batch, r.round_ms, r.cpu_round_ms, r.images_per_s
         );
     }
     if let Some(path) = &args.json {

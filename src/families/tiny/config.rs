@@ -210,6 +210,23 @@ impl TinyConfig {
 }
 
 #[cfg(test)]
+impl TinyConfig {
+    /// A DiT small enough for unit tests: one block of width 32 on 8-pixel patches.
+    pub(crate) fn small_for_tests(vocab_size: usize) -> Self {
+        Self {
+            dim: 32,
+            depth: 1,
+            heads: 2,
+            patch: 8,
+            text_dim: 32,
+            text_depth: 1,
+            vocab_size,
+            ..Self::default()
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -301,16 +301,7 @@ mod tests {
     fn x0_prediction_turns_the_body_output_into_a_velocity() -> Result<()> {
         let dev = Device::Cpu;
         let tok = TinyTokenizer::from_vocabulary(&crate::world::vocabulary()).unwrap();
-        let dit = TinyConfig {
-            dim: 32,
-            depth: 1,
-            heads: 2,
-            patch: 8,
-            text_dim: 32,
-            text_depth: 1,
-            vocab_size: tok.vocab_size(),
-            ..TinyConfig::default()
-        };
+        let dit = TinyConfig::small_for_tests(tok.vocab_size());
         let unet = TinyConfig {
             denoiser: DenoiserKind::Unet,
             unet_channels: vec![8, 16, 16],
