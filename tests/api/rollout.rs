@@ -196,7 +196,8 @@ async fn the_policy_rolls_back_a_canary_users_rate_worse() {
     cfg.admin_token = Some("sesame".into());
     cfg.rollout.auto = true;
     cfg.rollout.min_rated_to_decide = 8;
-    cfg.rollout.min_rated = 20;
+    // Far above what the test rates, so the rollback is the early "worse" one.
+    cfg.rollout.min_rated = 60;
     cfg.rollout.check_every_s = 1;
     let s = start(cfg).await;
     let admin = Admin { s: &s };
