@@ -17,7 +17,8 @@
 # reachable from here) and diffusers into .venv-bench/ (git-ignored, ~5 GB), builds fewstep
 # (release) and writes bench.json, fewstep-<net>.json and log.txt to $OUT (default
 # ./cpu-bench-out). The SDXL UNet is 10 GB in f32: torch drops its copy while fewstep runs, so
-# about 12 GB of free memory is enough. At 1 thread the whole run takes about an hour.
+# about 12 GB of free memory is enough. At 1 thread the whole run takes about 30 minutes, more
+# when torch.compile starts from a cold cache.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
