@@ -226,9 +226,6 @@ async fn end_rollout(
     model: String,
     promote: bool,
 ) -> Result<Json<RolloutEndResponse>, ApiError> {
-    if state.engine.card(&model).is_none() {
-        return Err(ServeError::UnknownModel(model).into());
-    }
     let reason = format!(
         "{} by an admin",
         if promote { "promoted" } else { "rolled back" }

@@ -91,6 +91,20 @@ pub struct ModelCard {
     pub canary: Option<CanaryCard>,
 }
 
+impl ModelCard {
+    /// The card of a model just loaded (or swapped in), with its canary if one serves.
+    pub(crate) fn of(m: &LoadedModel, canary: Option<CanaryCard>) -> Self {
+        Self {
+            manifest: m.manifest.clone(),
+            version: m.version.clone(),
+            trained: m.trained,
+            created: crate::util::unix_ms() as u64 / 1000,
+            weights_bytes: m.weights_bytes,
+            canary,
+        }
+    }
+}
+
 /// A rollout that ended (promoted or rolled back): the model as it now serves, the canary
 /// that left, and what both versions did meanwhile.
 #[derive(Debug, Clone)]
@@ -229,14 +243,7 @@ impl Engine {
             rollouts: Rollouts::default(),
         });
         for m in &models {
-            shared.set_card(ModelCard {
-                manifest: m.manifest.clone(),
-                version: m.version.clone(),
-                trained: m.trained,
-                created: crate::util::unix_ms() as u64 / 1000,
-                weights_bytes: m.weights_bytes,
-                canary: None,
-            });
+            shared.set_card(ModelCard::of(m, None));
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let worker_shared = shared.clone();

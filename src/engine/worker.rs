@@ -158,7 +158,7 @@ impl Worker {
                 self.shared.rollouts.end(name);
                 tracing::info!(model = name, "a plain reload ended the canary rollout");
             }
-            let card = card_of(&fresh, None);
+            let card = ModelCard::of(&fresh, None);
             tracing::info!(model = name, version = %fresh.version, "reloaded weights");
             self.models.insert(name.to_string(), fresh);
             return Ok(card);
@@ -179,7 +179,7 @@ impl Worker {
         self.shared
             .rollouts
             .start(name, &current.version, &fresh.version, now_ms);
-        let card = card_of(current, Some(c.clone()));
+        let card = ModelCard::of(current, Some(c.clone()));
         tracing::info!(model = name, version = %fresh.version, share, "canary serving");
         self.canaries.insert(
             name.to_string(),
@@ -206,7 +206,7 @@ impl Worker {
         let serving = &self.models[name];
         tracing::info!(model = name, promote, version = %serving.version, "rollout ended");
         Ok(RolloutEnd {
-            card: card_of(serving, None),
+            card: ModelCard::of(serving, None),
             canary: canary.card,
             counts,
         })
@@ -282,17 +282,6 @@ fn drop_dead_jobs(pending: &mut Vec<Job>, shared: &Shared) {
         }
     }
     *pending = kept;
-}
-
-fn card_of(m: &LoadedModel, canary: Option<CanaryCard>) -> ModelCard {
-    ModelCard {
-        manifest: m.manifest.clone(),
-        version: m.version.clone(),
-        trained: m.trained,
-        created: crate::util::unix_ms() as u64 / 1000,
-        weights_bytes: m.weights_bytes,
-        canary,
-    }
 }
 
 /// Loads new weights for `current`'s manifest beside it and runs a smoke generation.

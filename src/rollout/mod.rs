@@ -100,6 +100,14 @@ impl From<RolloutDecision> for DecisionView {
     }
 }
 
+/// A rollout's numbers as the policy reads them.
+struct Evidence {
+    stable: ArmReport,
+    canary: Option<ArmReport>,
+    verdict: Option<Verdict>,
+    card: Option<CanaryCard>,
+}
+
 /// Who decided a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DecidedBy {
@@ -214,8 +222,8 @@ impl Controller {
     ) -> Result<(RolloutEnd, DecisionView), RolloutError> {
         // The evidence as it stood when decided, before the engine forgets the counts. A log
         // that cannot be read must not block a rollback: the decision then keeps no numbers.
-        let stats = match self.report(model).await {
-            Ok(r) => serde_json::json!({ "stable": r.stable, "canary": r.canary }),
+        let stats = match self.evidence(model).await {
+            Ok(e) => serde_json::json!({ "stable": e.stable, "canary": e.canary }),
             Err(RolloutError::Engine(e)) => return Err(e.into()),
             Err(e) => {
                 tracing::warn!(error = %e, model, "rollout evidence unavailable");
@@ -239,13 +247,28 @@ impl Controller {
 
     /// Both versions' evidence, what the policy reads from it, and the recent decisions.
     pub async fn report(&self, model: &str) -> Result<RolloutReport, RolloutError> {
+        let e = self.evidence(model).await?;
+        Ok(RolloutReport {
+            model: model.to_string(),
+            stable: e.stable,
+            canary: e.canary,
+            share: e.card.as_ref().map(|c| c.share),
+            started_ms: e.card.as_ref().map(|c| c.started_ms),
+            policy: self.inner.policy.clone(),
+            verdict: e.verdict,
+            decisions: self.decisions(model, 20).await?,
+        })
+    }
+
+    /// Both versions' numbers and the policy's reading of them (what decisions need; the
+    /// report adds the decision history).
+    async fn evidence(&self, model: &str) -> Result<Evidence, RolloutError> {
         let engine = &self.inner.engine;
         let card = engine
             .card(model)
             .ok_or_else(|| EngineError::UnknownModel(model.to_string()))?;
         let counts = engine.rollout_counts(model);
-        let canary = card.canary.as_ref();
-        let ratings = match (&self.inner.log, canary) {
+        let ratings = match (&self.inner.log, &card.canary) {
             (Some(log), Some(c)) => log.store.rating_stats(model, c.started_ms).await?,
             _ => Vec::new(),
         };
@@ -261,21 +284,17 @@ impl Controller {
         let stable_ev = evidence(&stable_counts, &rated(&card.version));
         let stable = arm_report(&card.version, &stable_counts, &stable_ev, confidence);
         let mut verdict = None;
-        let canary_arm = canary.map(|c| {
+        let canary = card.canary.as_ref().map(|c| {
             let counts = counts.as_ref().map(|c| c.canary).unwrap_or_default();
             let ev = evidence(&counts, &rated(&c.version));
             verdict = Some(decide(&stable_ev, &ev, &self.inner.policy));
             arm_report(&c.version, &counts, &ev, confidence)
         });
-        Ok(RolloutReport {
-            model: model.to_string(),
+        Ok(Evidence {
             stable,
-            canary: canary_arm,
-            share: canary.map(|c| c.share),
-            started_ms: canary.map(|c| c.started_ms),
-            policy: self.inner.policy.clone(),
+            canary,
             verdict,
-            decisions: self.decisions(model, 20).await?,
+            card: card.canary,
         })
     }
 
@@ -376,8 +395,8 @@ impl Controller {
             .map(|c| c.manifest.name)
             .collect();
         for model in models {
-            let verdict = match self.report(&model).await {
-                Ok(r) => r.verdict,
+            let verdict = match self.evidence(&model).await {
+                Ok(e) => e.verdict,
                 Err(e) => {
                     tracing::warn!(error = %e, %model, "rollout policy could not read the evidence");
                     continue;
