@@ -41,24 +41,9 @@ run)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/gpu-bench-site .whl/*.whl
   export PYTHONPATH=/tmp/gpu-bench-site${PYTHONPATH:+:$PYTHONPATH}
-  xz -dc .carry/fewstep.xz > /tmp/fewstep && chmod +x /tmp/fewstep
-  # The CUDA 13 libraries that the binary links, from the python packages that ship them.
-  libs=$(python3 - <<'EOF'
-import glob, os, site
-dirs = set()
-for root in site.getsitepackages():
-    for lib in ("libcublas.so.13", "libcublasLt.so.13", "libcudart.so.13", "libcurand.so.10"):
-        for f in glob.glob(os.path.join(root, "nvidia", "**", lib), recursive=True):
-            dirs.add(os.path.dirname(f))
-print(":".join(sorted(dirs)))
-EOF
-)
-  export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv || true
-  if ldd /tmp/fewstep | grep "not found"; then
-    echo "fewstep is missing libraries (LD_LIBRARY_PATH=$LD_LIBRARY_PATH)"
-  fi
-  PYTHONUNBUFFERED=1 python3 tools/torch_bench.py --device cuda --fewstep /tmp/fewstep \
+  # shellcheck source=tools/gpu-env.sh
+  source tools/gpu-env.sh
+  PYTHONUNBUFFERED=1 python3 tools/torch_bench.py --device cuda --fewstep "$FEWSTEP_BIN" \
     --out "$out" "$@" \
     2>&1 | tee "$out/log.txt"
   ;;
