@@ -95,8 +95,11 @@ impl WanAttention {
         let mut k = split_heads(&k, self.heads)?;
         let v = split_heads(&self.to_v.forward(ctx)?, self.heads)?;
         if let Some((cos, sin)) = rope {
-            q = apply_rope(&q, cos, sin)?;
-            k = apply_rope(&k, cos, sin)?;
+            // The tables are f32 for half-precision models (diffusers rotates in f64).
+            let rotate =
+                |x: &Tensor| apply_rope(&x.to_dtype(cos.dtype())?, cos, sin)?.to_dtype(x.dtype());
+            q = rotate(&q)?;
+            k = rotate(&k)?;
         }
         let o = sdpa(&q, &k, &v, None)?;
         self.to_out.forward(&merge_heads(&o, b)?)

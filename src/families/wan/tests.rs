@@ -9,7 +9,7 @@ use candle_nn::VarMap;
 
 use super::*;
 use crate::families::sd::testing::{
-    assert_close, assert_every_var_has_gradient, assert_mentions, max_abs_diff,
+    assert_close, assert_every_var_has_gradient, assert_mentions, assert_near_f32, max_abs_diff,
 };
 
 const NAME: &str = "wan-tiny";
@@ -72,6 +72,25 @@ fn wan_tiny_transformer_matches_diffusers() {
         cases += 1;
     }
     assert!(cases >= 2, "fewer than 2 timestep cases");
+}
+
+#[test]
+fn bf16_keeps_the_f32_modules_and_stays_near_f32() {
+    let (dir, r) = fixture();
+    let cfg = tiny_config();
+    let dev = Device::Cpu;
+    let full = WanTransformer::load(&dir, &cfg, DType::F32, &dev).expect("f32");
+    let half = WanTransformer::load(&dir, &cfg, DType::BF16, &dev).expect("bf16");
+    let (x, t, text) = (
+        &r["transformer.latents"],
+        &r["transformer.timesteps.0"],
+        &r["transformer.text"],
+    );
+    let want = full.forward(x, t, text).expect("f32 forward");
+    let bf = |v: &Tensor| v.to_dtype(DType::BF16).unwrap();
+    let got = half.forward(&bf(x), t, &bf(text)).expect("bf16 forward");
+    assert_eq!(got.dtype(), DType::BF16);
+    assert_near_f32("wan-tiny bf16", &got, &want, 0.05);
 }
 
 #[test]

@@ -160,7 +160,12 @@ impl WanTransformer {
         };
         let dtype = latents.dtype();
         let dim = self.cfg.inner_dim();
-        let rope = rope_tables(self.cfg.attention_head_dim, grid, dtype, latents.device())?;
+        let rope = rope_tables(
+            self.cfg.attention_head_dim,
+            grid,
+            wide(dtype),
+            latents.device(),
+        )?;
 
         let mut x = self.patch_embedding.forward(latents, self.cfg.patch())?;
 
