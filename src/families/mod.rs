@@ -2,3 +2,4 @@
 
 pub mod sd;
 pub mod tiny;
+pub mod wan;

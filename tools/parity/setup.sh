@@ -4,8 +4,10 @@
 #   - Debian's torchvision (python3-torchvision 0.14.1, built for that torch), which open_clip
 #     imports for its image transforms,
 #   - pinned diffusers/transformers/open_clip and their pure-Python (or self-contained wheel)
-#     deps, installed with --no-deps into tools/parity/.pydeps so no second torch is pulled.
-# Idempotent: apt is skipped when torch already imports, pip when .pydeps matches the pins.
+#     deps, installed with --no-deps into tools/parity/.pydeps so no second torch is pulled,
+#   - an overlay tools/parity/.pydeps-wan (a newer diffusers and huggingface_hub) that only
+#     wan_fixture.py puts before .pydeps.
+# Idempotent: apt is skipped when torch already imports, pip when a folder matches its pins.
 # Usage (as root): bash tools/parity/setup.sh
 set -euo pipefail
 
@@ -57,16 +59,32 @@ if ! "$py" -m pip --version >/dev/null 2>&1; then
   apt-get install -y --no-install-recommends python3-pip
 fi
 
-stamp="$target/.pins"
-want="$(printf '%s\n' "${pins[@]}")"
-if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
-  echo "tools/parity/.pydeps is up to date"
-else
-  rm -rf "$target"
+# install_pins DIR PIN...: (re)installs exactly PIN... into DIR unless DIR/.pins lists them.
+install_pins() {
+  local dir="$1"
+  shift
+  local want
+  want="$(printf '%s\n' "$@")"
+  if [[ -f "$dir/.pins" && "$(cat "$dir/.pins")" == "$want" ]]; then
+    echo "tools/parity/$(basename "$dir") is up to date"
+    return
+  fi
+  rm -rf "$dir"
   # --target skips Debian's externally-managed check; --no-deps keeps torch/numpy out.
-  "$py" -m pip install --no-deps --only-binary=:all: --no-compile --target "$target" "${pins[@]}"
-  printf '%s\n' "$want" >"$stamp"
-fi
+  "$py" -m pip install --no-deps --only-binary=:all: --no-compile --target "$dir" "$@"
+  printf '%s\n' "$want" >"$dir/.pins"
+}
+install_pins "$target" "${pins[@]}"
+
+# wan_fixture.py needs diffusers >= 0.33 (WanTransformer3DModel), whose Stable Diffusion
+# pipelines no longer import on torch 1.13: an overlay put before .pydeps on PYTHONPATH for
+# that script alone, so the SD and CLIP fixtures keep their pins.
+wan_target="$here/.pydeps-wan"
+wan_pins=(
+  diffusers==0.33.1
+  huggingface_hub==0.27.1
+)
+install_pins "$wan_target" "${wan_pins[@]}"
 
 PYTHONPATH="$target" "$py" - <<'PY'
 import torch, torchvision, numpy, diffusers, transformers, tokenizers, safetensors, open_clip.version
@@ -75,3 +93,5 @@ print("torch", torch.__version__, "torchvision", torchvision.__version__, "numpy
       "tokenizers", tokenizers.__version__, "safetensors", safetensors.__version__,
       "open_clip", open_clip.version.__version__)
 PY
+
+PYTHONPATH="$wan_target:$target" "$py" -c 'import diffusers; print("wan overlay: diffusers", diffusers.__version__)'

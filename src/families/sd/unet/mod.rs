@@ -327,9 +327,10 @@ impl UNet {
     }
 }
 
-/// The safetensors files of a UNet: the file itself, or in a directory the single file,
-/// the shards of its index, or the fp16 variant.
-fn weight_files(path: &Path) -> std::result::Result<Vec<PathBuf>, UNetError> {
+/// The safetensors files of a UNet (or another diffusers model, e.g. Wan's transformer): the
+/// file itself, or in a directory the single file, the shards of its index, or the fp16
+/// variant.
+pub(crate) fn weight_files(path: &Path) -> std::result::Result<Vec<PathBuf>, UNetError> {
     let missing = || UNetError::MissingWeights {
         path: path.display().to_string(),
     };

@@ -1,0 +1,45 @@
+//! Wan2.1 text-to-video (`Wan-AI/Wan2.1-T2V-*-Diffusers`), loaded from a directory in the
+//! diffusers layout. So far: the video transformer (`transformer/`). One implementation
+//! serves and trains, so every layer is built from ops with a backward (see `crate::nn`).
+
+mod block;
+pub mod config;
+pub mod rope;
+pub mod transformer;
+
+pub use config::WanTransformerConfig;
+pub use transformer::WanTransformer;
+
+/// Errors of reading a Wan component's config or weights.
+#[derive(Debug, thiserror::Error)]
+pub enum WanError {
+    #[error("invalid Wan config {path}: {message}")]
+    Config { path: String, message: String },
+    #[error("unsupported Wan config: {0}")]
+    Unsupported(String),
+    #[error(
+        "no Wan weights at {path}: expected a .safetensors file or a directory holding \
+         diffusion_pytorch_model.safetensors (or its sharded index)"
+    )]
+    MissingWeights { path: String },
+    #[error("cannot load Wan weights {path}: {source}")]
+    Weights {
+        path: String,
+        source: candle_core::Error,
+    },
+}
+
+/// The diffusers weight-file lookup is shared with the UNet; its errors are re-labelled.
+impl From<crate::families::sd::UNetError> for WanError {
+    fn from(e: crate::families::sd::UNetError) -> Self {
+        use crate::families::sd::UNetError as U;
+        match e {
+            U::MissingWeights { path } => Self::MissingWeights { path },
+            U::Config { path, message } => Self::Config { path, message },
+            other => Self::Unsupported(other.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,191 @@
+//! Wan transformer tests: parity with diffusers on `tests/fixtures/wan/` (written by
+//! `tools/parity/wan_fixture.py`), gradients to every parameter, and clear errors.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarMap;
+
+use super::*;
+use crate::families::sd::testing::{
+    assert_close, assert_every_var_has_gradient, assert_mentions, assert_near_f32, max_abs_diff,
+};
+
+const NAME: &str = "wan-tiny";
+
+fn fixture_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/wan")
+}
+
+/// The fixture's transformer directory and its reference tensors. Panics when absent: a
+/// parity test must not pass vacuously.
+fn fixture() -> (PathBuf, HashMap<String, Tensor>) {
+    let dir = fixture_root().join(NAME).join("transformer");
+    let reference = fixture_root().join(format!("{NAME}.reference.safetensors"));
+    assert!(
+        dir.is_dir() && reference.is_file(),
+        "parity fixture {NAME} missing under {}: run tools/parity/wan_fixture.py",
+        fixture_root().display()
+    );
+    let tensors = candle_core::safetensors::load(&reference, &Device::Cpu).expect("reference");
+    (dir, tensors)
+}
+
+fn tiny_config() -> WanTransformerConfig {
+    let (dir, _) = fixture();
+    WanTransformerConfig::from_file(&dir.join("config.json")).expect("config")
+}
+
+#[test]
+fn wan_tiny_transformer_matches_diffusers() {
+    let (dir, r) = fixture();
+    let get = |k: &str| r.get(k).unwrap_or_else(|| panic!("no {k}")).clone();
+    let cfg = tiny_config();
+    let dev = Device::Cpu;
+    let model = WanTransformer::load(&dir, &cfg, DType::F32, &dev).expect("weights");
+    let (latents, text) = (get("transformer.latents"), get("transformer.text"));
+    assert!(
+        latents.dim(2).unwrap() > 1,
+        "the fixture must have several frames"
+    );
+    let mut cases = 0;
+    for k in 0.. {
+        let Some(t) = r.get(&format!("transformer.timesteps.{k}")) else {
+            break;
+        };
+        let ts = t.to_vec1::<f32>().unwrap();
+        assert!(ts.windows(2).all(|w| w[0] != w[1]), "rows share a timestep");
+        let want = get(&format!("transformer.out.{k}"));
+        let got = model.forward(&latents, t, &text).expect("forward");
+        assert_close(&format!("{NAME} transformer.out.{k} t={ts:?}"), &got, &want);
+        // Per-row timesteps: each row alone gives that row of the batch.
+        for (i, tv) in ts.iter().enumerate() {
+            let row = |x: &Tensor| x.narrow(0, i, 1).unwrap();
+            let t1 = Tensor::new(&[*tv], &dev).unwrap();
+            let alone = model.forward(&row(&latents), &t1, &row(&text)).unwrap();
+            assert!(
+                max_abs_diff(&alone, &row(&got)) < 1e-5,
+                "row {i} depends on the batch"
+            );
+        }
+        cases += 1;
+    }
+    assert!(cases >= 2, "fewer than 2 timestep cases");
+}
+
+#[test]
+fn bf16_keeps_the_f32_modules_and_stays_near_f32() {
+    let (dir, r) = fixture();
+    let cfg = tiny_config();
+    let dev = Device::Cpu;
+    let full = WanTransformer::load(&dir, &cfg, DType::F32, &dev).expect("f32");
+    let half = WanTransformer::load(&dir, &cfg, DType::BF16, &dev).expect("bf16");
+    let (x, t, text) = (
+        &r["transformer.latents"],
+        &r["transformer.timesteps.0"],
+        &r["transformer.text"],
+    );
+    let want = full.forward(x, t, text).expect("f32 forward");
+    let bf = |v: &Tensor| v.to_dtype(DType::BF16).unwrap();
+    let got = half.forward(&bf(x), t, &bf(text)).expect("bf16 forward");
+    assert_eq!(got.dtype(), DType::BF16);
+    assert_near_f32("wan-tiny bf16", &got, &want, 0.05);
+}
+
+#[test]
+fn a_fresh_model_has_exactly_the_diffusers_state_dict() -> Result<()> {
+    let (dir, _) = fixture();
+    let stored = candle_core::safetensors::load(
+        dir.join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )?;
+    let map = VarMap::new();
+    let vb = crate::nn::random_var_builder(&map, 1, DType::F32, &Device::Cpu);
+    WanTransformer::new(vb, &tiny_config())?;
+    let vars = map.data().lock().expect("var map");
+    let mut names: Vec<_> = vars.keys().cloned().collect();
+    let mut want: Vec<_> = stored.keys().cloned().collect();
+    names.sort();
+    want.sort();
+    assert_eq!(names, want);
+    for (name, var) in vars.iter() {
+        assert_eq!(var.dims(), stored[name].dims(), "{name}");
+    }
+    Ok(())
+}
+
+#[test]
+fn every_parameter_receives_a_gradient() -> Result<()> {
+    let dev = Device::Cpu;
+    let cfg = tiny_config();
+    let map = VarMap::new();
+    let vb = crate::nn::random_var_builder(&map, 7, DType::F32, &dev);
+    let model = WanTransformer::new(vb, &cfg)?;
+    let latents = Tensor::randn(0f32, 1.0, (2, cfg.in_channels, 3, 4, 6), &dev)?;
+    let text = Tensor::randn(0f32, 1.0, (2, 5, cfg.text_dim), &dev)?;
+    let t = Tensor::new(&[900f32, 120.0], &dev)?;
+    let out = model.forward(&latents, &t, &text)?;
+    assert_eq!(out.dims(), &[2, cfg.out_channels(), 3, 4, 6]);
+    let target = Tensor::randn(0f32, 1.0, out.shape(), &dev)?;
+    let loss = (out - target)?.sqr()?.mean_all()?;
+    let grads = loss.backward()?;
+    let vars = map.data().lock().expect("var map").clone();
+    assert!(vars.len() > 40, "only {} variables", vars.len());
+    assert_every_var_has_gradient(&vars, &grads, "wan.");
+    Ok(())
+}
+
+#[test]
+fn bad_configs_inputs_and_weights_give_clear_errors() -> Result<()> {
+    let dev = Device::Cpu;
+    let cfg = tiny_config();
+    let reject = |json: &str, key: &str| {
+        let c: WanTransformerConfig = serde_json::from_str(json).expect("json");
+        assert_mentions(&c.validate().unwrap_err().to_string(), &[key]);
+    };
+    reject(r#"{"image_dim": 1280}"#, "image_dim");
+    reject(r#"{"added_kv_proj_dim": 5120}"#, "added_kv_proj_dim");
+    reject(r#"{"qk_norm": "rms_norm"}"#, "qk_norm");
+    reject(r#"{"patch_size": [1, 2]}"#, "patch_size");
+    reject(r#"{"attention_head_dim": 4}"#, "attention_head_dim");
+
+    let (dir, _) = fixture();
+    let model = WanTransformer::load(&dir, &cfg, DType::F32, &dev).expect("weights");
+    let t = Tensor::new(&[10f32, 20.0], &dev)?;
+    let text = Tensor::zeros((2, 3, cfg.text_dim), DType::F32, &dev)?;
+    let c = cfg.in_channels;
+    let cases: [(&[usize], &str); 3] = [
+        (&[2, c + 1, 2, 4, 4], "channels"),
+        (&[2, c, 2, 3, 4], "patch"),
+        (&[2, c, 2, 4], "[B, C, F, H, W]"),
+    ];
+    for (shape, words) in cases {
+        let x = Tensor::zeros(shape, DType::F32, &dev)?;
+        let err = model.forward(&x, &t, &text).unwrap_err().to_string();
+        assert_mentions(&err, &[words]);
+    }
+    let x = Tensor::zeros((2, c, 2, 4, 4), DType::F32, &dev)?;
+    let narrow_text = Tensor::zeros((2, 3, cfg.text_dim + 1), DType::F32, &dev)?;
+    let err = model.forward(&x, &t, &narrow_text).unwrap_err().to_string();
+    assert_mentions(&err, &["text states"]);
+    let t3 = Tensor::new(&[1f32, 2.0, 3.0], &dev)?;
+    let err = model.forward(&x, &t3, &text).unwrap_err().to_string();
+    assert_mentions(&err, &["timesteps"]);
+
+    // A weights file without one tensor names it.
+    let scratch = std::env::temp_dir().join(format!("fewstep-wan-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let file = scratch.join("student.safetensors");
+    let mut tensors =
+        candle_core::safetensors::load(dir.join("diffusion_pytorch_model.safetensors"), &dev)?;
+    let name = "blocks.1.attn2.norm_k.weight";
+    tensors.remove(name);
+    candle_core::safetensors::save(&tensors, &file)?;
+    let err = WanTransformer::load(&file, &cfg, DType::F32, &dev).unwrap_err();
+    assert_mentions(&err.to_string(), &[name]);
+    let err = WanTransformer::load(&scratch.join("absent"), &cfg, DType::F32, &dev).unwrap_err();
+    assert_mentions(&err.to_string(), &["absent"]);
+    std::fs::remove_dir_all(&scratch)?;
+    Ok(())
+}

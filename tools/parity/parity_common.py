@@ -1,0 +1,90 @@
+"""Helpers shared by the parity fixture scripts (make_fixtures.py, openclip_fixture.py,
+wan_fixture.py): random weights, the reference JSON's tensor tables, and the --check
+comparison. Imports torch only, so a script on another diffusers version can use it."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def randomize(model: torch.nn.Module, seed: int, extra: dict | None = None) -> None:
+    """Re-draws every parameter so that nothing is an identity or a zero (norm affine params
+    included) while activations stay O(1): weights N(0, 1/fan_in), biases N(0, 0.1^2), norm
+    weights N(1, 0.25^2), norm biases N(0, 0.25^2), embeddings N(0, 0.5^2). `extra` maps the
+    names of bare parameters (no module type above knows them) to their (mean, std); they are
+    drawn last, in name order, so that models without any draw exactly what they always did."""
+    g = torch.Generator().manual_seed(seed)
+    done: set[int] = set()
+
+    def draw(p, mean, std):
+        with torch.no_grad():
+            p.copy_(torch.randn(p.shape, generator=g) * std + mean)
+        done.add(id(p))
+
+    for name, m in sorted(model.named_modules(), key=lambda x: x[0]):
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            fan_in = m.weight[0].numel()
+            draw(m.weight, 0.0, 1.0 / math.sqrt(fan_in))
+            if m.bias is not None:
+                draw(m.bias, 0.0, 0.1)
+        elif isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            if m.weight is not None:
+                draw(m.weight, 1.0, 0.25)
+            if m.bias is not None:
+                draw(m.bias, 0.0, 0.25)
+        elif isinstance(m, torch.nn.Embedding):
+            draw(m.weight, 0.0, 0.5)
+    params = dict(model.named_parameters())
+    for name, (mean, std) in sorted((extra or {}).items()):
+        draw(params[name], mean, std)
+    missed = [n for n, p in model.named_parameters() if id(p) not in done]
+    if missed:
+        raise SystemExit(f"randomize: parameters of unknown modules left untouched: {missed}")
+
+
+def tensor_tables(r, tensors, is_input, describe):
+    """The reference JSON's tables: each float32 output's max abs value, and every stored
+    tensor's shape, dtype, role (`is_input(key)`) and `describe(key)`."""
+    return {
+        "output_max_abs": {
+            k: round(float(v.abs().max()), 4) for k, v in sorted(r.items()) if v.dtype == torch.float32
+        },
+        "tensors": {
+            k: {
+                "shape": list(v.shape),
+                "dtype": str(v.dtype).replace("torch.", ""),
+                "role": "input" if is_input(k) else "output",
+                "description": describe(k),
+            }
+            for k, v in tensors.items()
+        },
+    }
+
+
+def compare_outputs(name, ref, r):
+    """Reproduced outputs `r` against the stored `ref`: same shapes and dtypes, max abs
+    difference <= 1e-6. Prints what differs and a summary line; returns whether all matched."""
+    ok = True
+    worst = 0.0
+    for k, v in r.items():
+        if ref[k].shape != v.shape or ref[k].dtype != v.dtype:
+            print(f"{name}: {k}: {tuple(v.shape)} {v.dtype} != stored {tuple(ref[k].shape)} {ref[k].dtype}")
+            ok = False
+            continue
+        d = float((ref[k].double() - v.double()).abs().max())
+        worst = max(worst, d)
+        if d > 1e-6:
+            print(f"{name}: {k} differs from the reference by {d:.3g}")
+            ok = False
+    print(f"{name}: {'ok' if ok else 'FAILED'} ({len(r)} outputs, worst max abs diff {worst:.3g})")
+    return ok
+
+
+def describe_in(table: dict[str, str], name: str) -> str:
+    """`table[name]`, where a key ending in `.K` stands for every `<prefix>.<K>`."""
+    for key, text in table.items():
+        if key == name or (key.endswith(".K") and name.rsplit(".", 1)[0] == key[:-2]):
+            return text
+    raise KeyError(name)
