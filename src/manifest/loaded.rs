@@ -14,7 +14,9 @@ use super::{Manifest, ManifestError, ModelSource, SdSource, TinySource};
 use crate::families::sd::layout::SdLayout;
 use crate::families::sd::{SdModel, SdOptions};
 use crate::families::tiny::{TinyModel, TinyTokenizer};
-use crate::pipeline::{BatchResult, BatchSpec, SamplerParams, StepObserver, Unobserved};
+use crate::pipeline::{
+    generate, BatchResult, BatchSpec, Generator, SamplerParams, StepObserver, Unobserved,
+};
 
 /// The loaded network of one family.
 #[derive(Clone)]
@@ -133,15 +135,15 @@ impl LoadedModel {
             guidance,
         };
         match &self.model {
-            FamilyModel::Tiny(m) => m.generate_observed(spec, params, observer),
-            FamilyModel::Sd(m) => m.generate_observed(spec, params, observer),
+            FamilyModel::Tiny(m) => generate(m.as_ref(), spec, params, observer),
+            FamilyModel::Sd(m) => generate(m.as_ref(), spec, params, observer),
         }
     }
 
     /// Frames of an intermediate x0 estimate (a partial image), one frame list per row.
     pub fn preview(&self, x0: &candle_core::Tensor) -> candle_core::Result<Vec<Vec<RgbImage>>> {
         match &self.model {
-            FamilyModel::Tiny(_) => crate::families::tiny::to_frames(x0),
+            FamilyModel::Tiny(m) => m.frames(x0),
             FamilyModel::Sd(m) => m.frames(x0),
         }
     }

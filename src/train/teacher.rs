@@ -12,7 +12,8 @@ use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
 use super::{named_vars, tensors_of, AdamW, AdamWConfig, Checkpoint, Ema};
-use crate::families::tiny::{from_frames, TinyConfig, TinyModel, TinyTokenizer};
+use crate::families::tiny::{TinyConfig, TinyModel, TinyTokenizer};
+use crate::pipeline::from_frames;
 use crate::pipeline::FlowSchedule;
 use crate::world::{self, Split};
 

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::manifest::FamilyModel;
-use crate::pipeline::{BatchSpec, SamplerParams};
+use crate::pipeline::{BatchSpec, Generator, SamplerParams};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd")

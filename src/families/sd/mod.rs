@@ -7,7 +7,7 @@ pub mod clip_image;
 pub mod clip_vision;
 pub mod layers;
 pub mod layout;
-pub mod pipeline;
+pub mod model;
 pub mod schedule;
 pub mod tokenizer;
 pub mod unet;
@@ -16,6 +16,6 @@ pub mod vae;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use pipeline::{SdCond, SdModel, SdOptions, SdText};
+pub use model::{SdCond, SdModel, SdOptions, SdText};
 pub use schedule::DdpmSchedule;
 pub use unet::{AddedCond, UNet, UNetConfig, UNetError};
