@@ -467,7 +467,7 @@ fn save(
         &meta,
         &[("param.", &params), ("ema.", &ema.shadow), ("opt.", &state)],
     )?;
-    let identity = crate::manifest::identity::ModelIdentity::tiny_teacher(&config.architecture);
+    let identity = crate::families::tiny::teacher_identity(&config.architecture);
     super::checkpoint::save_weights_atomic(&ema.shadow, &identity, &paths.weights())?;
     Ok(())
 }

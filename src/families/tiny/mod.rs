@@ -4,7 +4,11 @@
 
 pub mod cond;
 pub mod config;
+pub mod distill;
 pub mod dit;
+mod family;
+mod load;
+pub mod manifest;
 pub mod text;
 pub mod tokenizer;
 pub mod unet;
@@ -14,7 +18,10 @@ use candle_nn::VarBuilder;
 use image::RgbImage;
 
 pub use config::{DenoiserKind, Prediction, TinyConfig};
+pub use distill::TinyFamily;
 pub use dit::Dit;
+pub use family::Tiny;
+pub use manifest::{flow_schedule, teacher_identity, TinySource};
 pub use text::{TextCond, TextEncoder};
 pub use tokenizer::TinyTokenizer;
 pub use unet::UNet;
