@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use crate::config::ServerConfig;
+use crate::families::tiny::TinySource;
 
 use super::runtime;
 
@@ -66,8 +67,8 @@ pub struct BenchArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// With --unet: the precision of weights and activations.
-    #[arg(long, value_enum, default_value_t = crate::manifest::WeightDtype::F32)]
-    pub dtype: crate::manifest::WeightDtype,
+    #[arg(long, value_enum, default_value_t = crate::families::sd::WeightDtype::F32)]
+    pub dtype: crate::families::sd::WeightDtype,
     /// With --unet: latent height and width (128 is a 1024x1024 SDXL image).
     #[arg(long, default_value_t = 64)]
     pub latent_size: usize,
@@ -94,10 +95,12 @@ pub(super) fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let manifest = crate::manifest::Manifest::find(&args.models_dir, &args.model)?;
     let device = candle_core::Device::Cpu;
     if !args.skip_denoiser {
-        let tiny =
-            manifest.require_tiny("the denoiser table of fewstep bench (pass --skip-denoiser)")?;
+        let tiny = TinySource::of(
+            &manifest,
+            "the denoiser table of fewstep bench (pass --skip-denoiser)",
+        )?;
         let tokenizer =
-            crate::families::tiny::TinyTokenizer::from_file(&manifest.tokenizer_path()?)?;
+            crate::families::tiny::TinyTokenizer::from_file(&tiny.tokenizer_path(&manifest.dir))?;
         let weights = Some(manifest.weights_path()).filter(|p| p.is_file());
         let loaded = crate::bench::unet::load_inputs(args.inputs.as_deref(), &device)?;
         let setup = crate::bench::model::ModelBenchSetup {
@@ -154,7 +157,7 @@ pub(super) fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.ops {
         // The spatial attention scores of the largest batch: [batch * heads, tokens, tokens].
-        let a = &manifest.require_tiny("fewstep bench --ops")?.architecture;
+        let a = &TinySource::of(&manifest, "fewstep bench --ops")?.architecture;
         let batch = args.batches.iter().copied().max().unwrap_or(32);
         let t = a.tokens_per_frame();
         let r = crate::bench::ops::softmax(batch * a.heads, t, t, args.reps, &device)?;

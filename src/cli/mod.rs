@@ -357,7 +357,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from("runs/eval").join(&args.model));
     if args.probe {
         let tiny = model
-            .tiny()
+            .family_model::<crate::families::tiny::TinyModel>()
             .context("--probe needs a tiny-family model (it probes ShapesWorld prompts)")?;
         let s = &model.manifest.sampling;
         let opts = crate::eval::probe::ProbeOptions {

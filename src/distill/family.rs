@@ -2,10 +2,14 @@
 //! tiny family and Stable Diffusion alike, through the code each family serves with.
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::VarMap;
 
+use crate::families::Section;
+use crate::manifest::identity::ModelIdentity;
+use crate::manifest::Manifest;
 use crate::nn::LoraConfig;
 use crate::pipeline::NoiseSchedule;
 
@@ -74,6 +78,24 @@ pub trait DistillFamily {
     /// The variables a trainable denoiser starts from when it copies the teacher.
     fn teacher_weights(&self) -> &HashMap<String, Tensor>;
 
+    /// The variables a served `student` of `teacher` continues from (its own weights).
+    fn student_weights(
+        &self,
+        student: &Manifest,
+        teacher: &Manifest,
+    ) -> anyhow::Result<HashMap<String, Tensor>>;
+
+    /// Writes a student's servable `weights` (see [`Self::export`]) under `dir` and returns
+    /// `manifest` (the teacher's, renamed and resampled for the student) naming them, with
+    /// its `dir` set.
+    fn write_student(
+        &self,
+        manifest: Manifest,
+        teacher: &Manifest,
+        dir: &Path,
+        weights: &HashMap<String, Tensor>,
+    ) -> anyhow::Result<Manifest>;
+
     /// The servable weights of a student that started from `init` and whose variables now
     /// hold `tensors` (by variable name; LoRA adapters are merged into their weights).
     fn export(
@@ -104,6 +126,23 @@ pub trait GanSupport<N, C> {
         frames: usize,
         rng: &mut rand_chacha::ChaCha8Rng,
     ) -> anyhow::Result<Tensor>;
+}
+
+/// Saves a student's `weights` as `dir/file` with the identity its manifest gives them (which
+/// names the teacher), and returns that manifest with `section` (naming the file) and `dir`.
+pub fn save_student(
+    manifest: Manifest,
+    section: impl Section,
+    dir: &Path,
+    file: &Path,
+    weights: &HashMap<String, Tensor>,
+) -> anyhow::Result<Manifest> {
+    let mut manifest = manifest.with_section(section);
+    let identity =
+        ModelIdentity::of_manifest(&manifest, weights.iter().map(|(n, t)| (n, t.dims())));
+    crate::train::checkpoint::save_weights_atomic(weights, &identity, &dir.join(file))?;
+    manifest.dir = dir.to_path_buf();
+    Ok(manifest)
 }
 
 /// A var map whose variables start as `init` (as f32 on `device`), so that building a model

@@ -6,8 +6,8 @@ use candle_nn::VarBuilder;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::families::tiny::from_frames;
 use crate::nn::Linear;
+use crate::pipeline::from_frames;
 use crate::world;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -7,8 +7,6 @@ pub mod gan;
 pub mod math;
 pub mod prompts;
 pub mod run;
-pub mod sd;
-pub mod tiny;
 pub mod trainer;
 
 pub use config::{AmdConfig, DistillConfig, Method};

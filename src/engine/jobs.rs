@@ -344,14 +344,14 @@ impl Jobs {
         Ok(Arc::new(result))
     }
 
-    /// Whether `model`'s outputs get a reward-proxy score now: during a rollout, for the
-    /// built-in family, whose verifier is exact and cheap (a few ms per 32x32 output).
+    /// Whether `model`'s outputs get a reward-proxy score now: during a rollout, for a
+    /// ShapesWorld family, whose verifier is exact and cheap (a few ms per 32x32 output).
     fn reward_proxy(&self, model: &str) -> bool {
         let engine = &self.inner.engine;
         engine.rollout_active(model)
             && engine
                 .card(model)
-                .is_some_and(|c| c.manifest.family() == crate::manifest::Family::Tiny)
+                .is_some_and(|c| c.manifest.family().capabilities().shapes_world)
     }
 
     fn cell(&self, id: &str) -> Option<Arc<JobCell>> {

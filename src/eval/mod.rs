@@ -156,7 +156,7 @@ pub fn load_model(
     device: &Device,
 ) -> anyhow::Result<LoadedModel> {
     let manifest = Manifest::find(models_dir, name)?;
-    manifest.require_tiny(EVAL_FEATURE)?;
+    manifest.require(EVAL_FEATURE, |c| c.shapes_world)?;
     let model = match weights {
         Some(w) => LoadedModel::load_weights(&manifest, w, device)?,
         None if allow_random && !manifest.weights_path().is_file() => {
@@ -174,7 +174,7 @@ pub fn load_model(
 /// Generates the prompt sets with `model`, scores them and, when `opts.out_dir` is set,
 /// writes `report.json`, `report.md`, `grid.png` and `videos.gif` there.
 pub fn evaluate(model: &LoadedModel, opts: &EvalOptions) -> anyhow::Result<EvalReport> {
-    model.manifest.require_tiny(EVAL_FEATURE)?;
+    model.manifest.require(EVAL_FEATURE, |c| c.shapes_world)?;
     let settings = resolve_settings(model, opts)?;
     let start = Instant::now();
     let groups = generate_groups(model, &settings)?;

@@ -17,8 +17,9 @@ use image::RgbImage;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::families::tiny::{from_frames, to_frames, TinyCond, TinyModel};
+use crate::families::tiny::{TinyCond, TinyModel};
 use crate::nn::attention::capture_cross_attention;
+use crate::pipeline::{from_frames, to_frames};
 use crate::pipeline::{sample, Denoiser, NoiseSchedule, RowNoise, SamplerKind, SamplerParams};
 use crate::world::{
     self, split::HELD_OUT_PAIRS, Background, Color, ObjectSpec, Position, SceneSpec, Shape,

@@ -5,8 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::{Family, Manifest, ModelSource};
-use crate::families::tiny::TinyConfig;
+use super::Manifest;
 
 const FAMILY: &str = "fewstep.family";
 const ARCHITECTURE: &str = "fewstep.architecture";
@@ -48,11 +47,12 @@ pub struct ModelIdentity {
 }
 
 impl ModelIdentity {
-    /// The weights of a tiny teacher trained with `architecture`.
-    pub fn tiny_teacher(architecture: &TinyConfig) -> Self {
+    /// The weights of a teacher of `family` trained with the architecture hashed as
+    /// `architecture`.
+    pub fn teacher(family: &str, architecture: String) -> Self {
         Self {
-            family: Family::Tiny.to_string(),
-            architecture: tiny_architecture_hash(architecture),
+            family: family.into(),
+            architecture,
             role: Role::Teacher.as_str().into(),
             parent: String::new(),
         }
@@ -64,10 +64,8 @@ impl ModelIdentity {
         manifest: &Manifest,
         tensors: impl IntoIterator<Item = (&'a String, &'a [usize])>,
     ) -> Self {
-        let architecture = match &manifest.source {
-            ModelSource::Tiny(t) => tiny_architecture_hash(&t.architecture),
-            ModelSource::Sd(_) => shapes_hash(tensors),
-        };
+        let tensors: Vec<(&String, &[usize])> = tensors.into_iter().collect();
+        let architecture = manifest.architecture(&tensors);
         let role = if manifest.teacher.is_some() {
             Role::Student
         } else {
@@ -145,12 +143,9 @@ fn of_parent(parent: &str) -> String {
     }
 }
 
-fn tiny_architecture_hash(a: &TinyConfig) -> String {
-    let json = serde_json::to_vec(a).expect("a TinyConfig serializes");
-    crate::util::sha256_hex(&json)[..16].to_string()
-}
-
-fn shapes_hash<'a>(tensors: impl IntoIterator<Item = (&'a String, &'a [usize])>) -> String {
+/// The architecture hash of families whose config lives outside the weights file: the
+/// file's tensor names and shapes.
+pub fn shapes_hash<'a>(tensors: impl IntoIterator<Item = (&'a String, &'a [usize])>) -> String {
     let mut lines: Vec<String> = tensors
         .into_iter()
         .map(|(name, shape)| format!("{name}:{shape:?}"))
@@ -260,8 +255,7 @@ mod tests {
 
     #[test]
     fn identity_round_trips_and_a_teacher_is_not_a_student() {
-        let a = TinyConfig::default();
-        let teacher = ModelIdentity::tiny_teacher(&a);
+        let teacher = ModelIdentity::teacher("tiny", "abc".into());
         assert_eq!(
             ModelIdentity::from_metadata(&teacher.to_metadata()),
             Some(teacher.clone())

@@ -1,25 +1,23 @@
 //! Model manifests and loading the model they describe.
 //!
-//! A manifest is found as `<models_dir>/<name>/manifest.toml` (the tiny family keeps its
-//! weights and tokenizer beside it), `<models_dir>/<name>.toml`, or any `*.toml` path. Its
-//! `family` decides what else it holds: the tiny family's `weights`, `tokenizer` and
-//! `[architecture]`, or the sd family's `[sd]` table naming a diffusers directory.
+//! A manifest is found as `<models_dir>/<name>/manifest.toml`, `<models_dir>/<name>.toml`, or
+//! any `*.toml` path. Every manifest has a name, `[sampling]` and `[serving]`; its `family`
+//! names the [`Family`] that reads, checks and loads the rest (`crate::families`).
 
 pub mod identity;
 mod loaded;
-mod sd;
 #[cfg(test)]
 mod tests;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::families::tiny::TinyConfig;
-use crate::pipeline::{FlowSchedule, SamplerKind};
+use crate::families::{Capabilities, Family, Section};
+use crate::pipeline::SamplerKind;
 
-pub use loaded::{FamilyModel, LoadedModel};
-pub use sd::{SdSource, WeightDtype};
+pub use loaded::{check_shapes, LoadedModel};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -41,39 +39,25 @@ pub enum ManifestError {
     Tokenizer(#[from] crate::families::tiny::tokenizer::TokenizerError),
     #[error("no model named {name:?}: none of {tried} exists")]
     UnknownModel { name: String, tried: String },
-    /// A Stable Diffusion directory that does not load; the error names the file (and the
+    /// A family's files that do not load; the family's error names the file (and the
     /// tensor, for weights). Shown inline, not as a `source`, so a chain prints it once.
     #[error("model {name}: {error}")]
-    Sd {
+    Load {
         name: String,
-        error: Box<crate::families::sd::layout::LoadError>,
+        error: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("model {name}: {message}")]
     Model { name: String, message: String },
-    #[error("model {name} is of the {family} family; {feature} supports only the tiny family")]
+    #[error(
+        "model {name} is of the {family} family; {feature} supports only the {supported} family"
+    )]
     WrongFamily {
         name: String,
-        family: Family,
+        family: String,
         feature: String,
+        /// The families that would do, joined.
+        supported: String,
     },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Family {
-    /// The built-in ShapesWorld DiT (`crate::families::tiny`).
-    Tiny,
-    /// Stable Diffusion 1.x / 2.x / XL and their students from a diffusers directory.
-    Sd,
-}
-
-impl std::fmt::Display for Family {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Family::Tiny => "tiny",
-            Family::Sd => "sd",
-        })
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,28 +98,14 @@ pub struct Serving {
     pub keep_media: bool,
 }
 
-/// Where the tiny family's model lives: files relative to the manifest's directory.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TinySource {
-    pub weights: PathBuf,
-    pub tokenizer: PathBuf,
-    pub architecture: TinyConfig,
-}
-
-/// The family-specific part of a manifest.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ModelSource {
-    Tiny(TinySource),
-    Sd(SdSource),
-}
-
-/// A parsed, validated manifest. The TOML keys are those of [`ManifestFile`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(try_from = "ManifestFile", into = "ManifestFile")]
+/// A parsed, validated manifest: the keys every manifest has, and its family's own part.
+#[derive(Debug, Clone)]
 pub struct Manifest {
     pub name: String,
     pub description: String,
-    pub source: ModelSource,
+    family: &'static dyn Family,
+    /// The family's keys; see [`Manifest::section`].
+    section: Arc<dyn Section>,
     pub sampling: Sampling,
     pub serving: Serving,
     /// For a distilled student: the model (under the same models directory) it was distilled
@@ -145,120 +115,99 @@ pub struct Manifest {
     pub dir: PathBuf,
 }
 
-/// The TOML layout of a manifest, every family's keys side by side (the key order is the
-/// order in which a manifest is written).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ManifestFile {
+/// The keys every manifest has; the rest belong to its family.
+#[derive(Deserialize)]
+struct Shared {
     name: String,
-    family: Family,
+    family: String,
     #[serde(default)]
     description: String,
-    /// tiny: weights file, relative to the manifest's directory.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    weights: Option<PathBuf>,
-    /// tiny: tokenizer file, relative to the manifest's directory.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    tokenizer: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    architecture: Option<TinyConfig>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    sd: Option<SdSource>,
     sampling: Sampling,
     serving: Serving,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     teacher: Option<String>,
 }
 
-impl TryFrom<ManifestFile> for Manifest {
-    type Error = String;
+const SHARED_KEYS: &[&str] = &[
+    "name",
+    "family",
+    "description",
+    "sampling",
+    "serving",
+    "teacher",
+];
 
-    fn try_from(f: ManifestFile) -> Result<Self, String> {
-        let source = match f.family {
-            Family::Tiny => {
-                if f.sd.is_some() {
-                    return Err("[sd] belongs to family \"sd\" manifests".into());
-                }
-                match (f.weights, f.tokenizer, f.architecture) {
-                    (Some(weights), Some(tokenizer), Some(architecture)) => {
-                        ModelSource::Tiny(TinySource {
-                            weights,
-                            tokenizer,
-                            architecture,
-                        })
-                    }
-                    _ => {
-                        return Err(
-                            "family \"tiny\" needs `weights`, `tokenizer` and [architecture]"
-                                .into(),
-                        )
-                    }
-                }
-            }
-            Family::Sd => {
-                if f.weights.is_some() || f.tokenizer.is_some() || f.architecture.is_some() {
-                    return Err(
-                        "`weights`, `tokenizer` and [architecture] belong to family \
-                                \"tiny\"; an sd manifest names its diffusers directory in [sd]"
-                            .into(),
-                    );
-                }
-                ModelSource::Sd(f.sd.ok_or("family \"sd\" needs an [sd] table with `dir`")?)
-            }
-        };
-        let m = Manifest {
-            name: f.name,
-            description: f.description,
-            source,
-            sampling: f.sampling,
-            serving: f.serving,
-            teacher: f.teacher,
-            dir: PathBuf::new(),
-        };
-        m.validate()?;
-        Ok(m)
-    }
-}
-
-impl From<Manifest> for ManifestFile {
-    fn from(m: Manifest) -> Self {
-        let family = m.family();
-        let (weights, tokenizer, architecture, sd) = match m.source {
-            ModelSource::Tiny(t) => (
-                Some(t.weights),
-                Some(t.tokenizer),
-                Some(t.architecture),
-                None,
-            ),
-            ModelSource::Sd(s) => (None, None, None, Some(s)),
-        };
-        ManifestFile {
-            name: m.name,
-            family,
-            description: m.description,
-            weights,
-            tokenizer,
-            architecture,
-            sd,
-            sampling: m.sampling,
-            serving: m.serving,
-            teacher: m.teacher,
+/// Why a top-level key that is neither shared nor the family's own is refused.
+fn foreign_key(family: &dyn Family, key: &str, value: &toml::Value) -> String {
+    let shown = match value {
+        toml::Value::Table(_) => format!("[{key}]"),
+        _ => format!("`{key}`"),
+    };
+    match crate::families::FAMILIES
+        .iter()
+        .find(|f| f.keys().contains(&key))
+    {
+        Some(owner) => format!(
+            "{shown} belongs to family \"{owner}\" manifests, not to family \"{family}\" ones"
+        ),
+        None => {
+            let known: Vec<String> = SHARED_KEYS
+                .iter()
+                .chain(family.keys())
+                .map(|k| format!("`{k}`"))
+                .collect();
+            format!(
+                "unknown field `{key}`, expected one of {}",
+                known.join(", ")
+            )
         }
     }
 }
 
 impl Manifest {
+    /// Parses and validates a manifest's TOML text (`dir` is left empty).
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        let keys: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        let shared: Shared = toml::from_str(text).map_err(|e| e.to_string())?;
+        let family = crate::families::find(&shared.family).ok_or_else(|| {
+            let known: Vec<String> = crate::families::FAMILIES
+                .iter()
+                .map(|f| format!("`{f}`"))
+                .collect();
+            format!(
+                "unknown family `{}`, expected one of {}",
+                shared.family,
+                known.join(", ")
+            )
+        })?;
+        if let Some((key, value)) = keys.iter().find(|(k, _)| {
+            !SHARED_KEYS.contains(&k.as_str()) && !family.keys().contains(&k.as_str())
+        }) {
+            return Err(foreign_key(family, key, value));
+        }
+        let m = Manifest {
+            name: shared.name,
+            description: shared.description,
+            family,
+            section: Arc::from(family.parse(text)?),
+            sampling: shared.sampling,
+            serving: shared.serving,
+            teacher: shared.teacher,
+            dir: PathBuf::new(),
+        };
+        m.validate()?;
+        Ok(m)
+    }
+
     pub fn from_file(path: &Path) -> Result<Self, ManifestError> {
         let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        let invalid = |message: String| ManifestError::Invalid {
+        let mut m = Manifest::from_toml(&text).map_err(|message| ManifestError::Invalid {
             path: path.display().to_string(),
             message,
-        };
-        let file: ManifestFile = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-        let mut m = Manifest::try_from(file).map_err(invalid)?;
+        })?;
         m.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Ok(m)
     }
@@ -277,100 +226,74 @@ impl Manifest {
         if self.serving.sizes.is_empty() || self.serving.frames.is_empty() {
             return Err("serving.sizes and serving.frames must not be empty".into());
         }
-        match &self.source {
-            ModelSource::Tiny(t) => self.validate_tiny(&t.architecture),
-            ModelSource::Sd(_) => self.validate_sd(),
-        }
+        self.section.validate(&self.sampling, &self.serving)
     }
 
-    fn validate_tiny(&self, a: &TinyConfig) -> Result<(), String> {
-        if self.sampling.timesteps.is_some() {
-            return Err("sampling.timesteps applies to the sd family only".into());
+    /// The keys in the order a manifest is written: the shared ones first, then the
+    /// family's, then the shared tables.
+    fn to_table(&self) -> Result<toml::Table, toml::ser::Error> {
+        let mut t = toml::Table::new();
+        t.insert("name".into(), self.name.clone().into());
+        t.insert("family".into(), self.family.name().into());
+        t.insert("description".into(), self.description.clone().into());
+        for (key, value) in self.section.to_toml()? {
+            t.insert(key.into(), value);
         }
-        a.validate()?;
-        let m = a.size_multiple();
-        for [w, h] in &self.serving.sizes {
-            if !w.is_multiple_of(m) || !h.is_multiple_of(m) {
-                return Err(format!(
-                    "size {w}x{h} is not a multiple of {m} (the denoiser's coarsest grid)"
-                ));
-            }
+        t.insert("sampling".into(), toml::Value::try_from(&self.sampling)?);
+        t.insert("serving".into(), toml::Value::try_from(&self.serving)?);
+        if let Some(teacher) = &self.teacher {
+            t.insert("teacher".into(), teacher.clone().into());
         }
-        Ok(())
+        Ok(t)
     }
 
-    /// What can be checked without the model directory; sizes against the model's grid are
-    /// checked when it loads.
-    fn validate_sd(&self) -> Result<(), String> {
-        let s = &self.sampling;
-        if self.serving.frames != [1] {
-            return Err("serving.frames must be [1]: sd models make images".into());
-        }
-        if s.shift != 1.0 {
-            return Err("sampling.shift applies to the tiny family's flow schedule only".into());
-        }
-        if self.serving.sizes.iter().any(|&[w, h]| w == 0 || h == 0) {
-            return Err("serving.sizes must be positive".into());
-        }
-        if let Some(list) = &s.timesteps {
-            if s.sampler == SamplerKind::Euler {
-                return Err("sampling.timesteps is for the student and ancestral samplers".into());
-            }
-            if list.is_empty() || list.windows(2).any(|w| w[0] <= w[1]) {
-                return Err(format!(
-                    "sampling.timesteps {list:?} must be strictly descending"
-                ));
-            }
-            if !s.allowed_steps.contains(&list.len()) {
-                return Err(format!(
-                    "sampling.timesteps lists {} steps, which allowed_steps {:?} does not allow",
-                    list.len(),
-                    s.allowed_steps
-                ));
-            }
-        }
-        Ok(())
+    pub fn family(&self) -> &'static dyn Family {
+        self.family
     }
 
-    pub fn family(&self) -> Family {
-        match self.source {
-            ModelSource::Tiny(_) => Family::Tiny,
-            ModelSource::Sd(_) => Family::Sd,
-        }
+    /// The family's part of the manifest as its own type `T` (`None` for another family's).
+    pub fn section<T: 'static>(&self) -> Option<&T> {
+        crate::families::contract::AnyEq::as_any(&*self.section).downcast_ref()
     }
 
-    pub fn tiny(&self) -> Option<&TinySource> {
-        match &self.source {
-            ModelSource::Tiny(t) => Some(t),
-            ModelSource::Sd(_) => None,
-        }
+    /// A manifest of the same family with another section (a student's file names, say).
+    pub fn with_section(mut self, section: impl Section) -> Self {
+        self.section = Arc::new(section);
+        self
     }
 
-    /// The tiny family's part, or an error saying that `feature` needs it.
-    pub fn require_tiny(&self, feature: &str) -> Result<&TinySource, ManifestError> {
-        self.tiny().ok_or_else(|| ManifestError::WrongFamily {
+    /// The family's architecture hash (see [`Section::architecture`]).
+    pub fn architecture(&self, tensors: &[(&String, &[usize])]) -> String {
+        self.section.architecture(tensors)
+    }
+
+    /// An error saying that `feature` needs a family with a capability this one lacks.
+    pub fn unsupported(&self, feature: &str, has: impl Fn(Capabilities) -> bool) -> ManifestError {
+        ManifestError::WrongFamily {
             name: self.name.clone(),
-            family: self.family(),
-            feature: feature.to_string(),
-        })
-    }
-
-    /// What a reload without a checkpoint reads again: the tiny weights file, or an sd
-    /// model's single UNet file when it has one, else its diffusers directory.
-    pub fn weights_path(&self) -> PathBuf {
-        match &self.source {
-            ModelSource::Tiny(t) => self.dir.join(&t.weights),
-            ModelSource::Sd(s) => s
-                .unet_file(&self.dir)
-                .unwrap_or_else(|| s.model_dir(&self.dir)),
+            family: self.family.name().into(),
+            feature: feature.into(),
+            supported: crate::families::names_with(has).join(" or "),
         }
     }
 
-    /// The tiny family's tokenizer file.
-    pub fn tokenizer_path(&self) -> Result<PathBuf, ManifestError> {
-        Ok(self
-            .dir
-            .join(&self.require_tiny("a tiny tokenizer")?.tokenizer))
+    /// Checks that the family has a capability `feature` needs.
+    pub fn require(
+        &self,
+        feature: &str,
+        has: impl Fn(Capabilities) -> bool,
+    ) -> Result<(), ManifestError> {
+        if has(self.family.capabilities()) {
+            Ok(())
+        } else {
+            Err(self.unsupported(feature, has))
+        }
+    }
+
+    /// What a reload without a checkpoint reads again (the family's weights file or
+    /// directory).
+    pub fn weights_path(&self) -> PathBuf {
+        self.section.weights_path(&self.dir)
     }
 
     /// Resolves `name`: a `*.toml` path as given, else `<models_dir>/<name>/manifest.toml`,
@@ -420,11 +343,26 @@ impl Manifest {
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
+}
 
-    /// The tiny family's flow schedule.
-    pub fn schedule(&self) -> FlowSchedule {
-        FlowSchedule {
-            shift: self.sampling.shift,
-        }
+impl PartialEq for Manifest {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+            && self.description == other.description
+            && self.family.name() == other.family.name()
+            && *self.section == *other.section
+            && self.sampling == other.sampling
+            && self.serving == other.serving
+            && self.teacher == other.teacher
+            && self.dir == other.dir
+    }
+}
+
+/// Written through the family (a manifest is read with [`Manifest::from_toml`]).
+impl Serialize for Manifest {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.to_table()
+            .map_err(serde::ser::Error::custom)?
+            .serialize(serializer)
     }
 }

@@ -3,6 +3,8 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 
 use super::*;
+use crate::families::sd::{SdModel, SdSource, WeightDtype};
+use crate::families::tiny::{TinyModel, TinySource};
 use crate::pipeline::BatchSpec;
 
 fn repo() -> &'static Path {
@@ -57,10 +59,10 @@ fn shipped_tiny_manifests_load_and_write_back_unchanged() {
     for name in ["tiny-shapes", "tiny-shapes-teacher"] {
         let path = repo().join("models").join(name).join("manifest.toml");
         let m = Manifest::from_file(&path).unwrap();
-        assert_eq!(m.family(), Family::Tiny);
-        let tiny = m.tiny().unwrap();
+        assert_eq!(m.family().name(), "tiny");
+        let tiny = m.section::<TinySource>().unwrap();
         assert_eq!(m.weights_path(), path.parent().unwrap().join(&tiny.weights));
-        assert!(m.tokenizer_path().unwrap().ends_with("tokenizer.json"));
+        assert!(tiny.tokenizer_path(&m.dir).ends_with("tokenizer.json"));
         let original: toml::Table =
             toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let mut written: toml::Table = toml::from_str(&toml::to_string(&m).unwrap()).unwrap();
@@ -87,16 +89,17 @@ fn sd_fixture_manifests_parse_and_round_trip() {
     ] {
         let m = Manifest::find(&fixtures(), name).unwrap();
         assert_eq!(m.name, name);
-        assert_eq!(m.family(), Family::Sd);
+        assert_eq!(m.family().name(), "sd");
         assert_eq!(m.sampling.sampler, sampler);
         assert_eq!(m.weights_path(), fixtures().join(name));
-        let err = m.require_tiny("fewstep distill").unwrap_err().to_string();
+        let err = TinySource::of(&m, "fewstep distill")
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains(name) && err.contains("sd family") && err.contains("fewstep distill"),
             "{err}"
         );
-        assert!(m.tokenizer_path().is_err());
-        let mut back: Manifest = toml::from_str(&toml::to_string(&m).unwrap()).unwrap();
+        let mut back = Manifest::from_toml(&toml::to_string(&m).unwrap()).unwrap();
         back.dir = m.dir.clone();
         assert_eq!(back, m);
     }
@@ -105,7 +108,7 @@ fn sd_fixture_manifests_parse_and_round_trip() {
 #[test]
 fn shipped_sd_manifests_parse_and_are_not_served_by_default() {
     let list = Manifest::list(&repo().join("models")).unwrap();
-    let sd: Vec<&Manifest> = list.iter().filter(|m| m.family() == Family::Sd).collect();
+    let sd: Vec<&Manifest> = list.iter().filter(|m| m.family().name() == "sd").collect();
     let names: Vec<&str> = sd.iter().map(|m| m.name.as_str()).collect();
     for want in ["sd-turbo", "sdxl-turbo", "sdxl-dmd2-4step", "sd15-dmd2"] {
         assert!(names.contains(&want), "{want} in {names:?}");
@@ -115,9 +118,7 @@ fn shipped_sd_manifests_parse_and_are_not_served_by_default() {
     }
     let dmd2 = sd.iter().find(|m| m.name == "sdxl-dmd2-4step").unwrap();
     assert_eq!(dmd2.sampling.timesteps, Some(vec![999, 749, 499, 249]));
-    let ModelSource::Sd(src) = &dmd2.source else {
-        unreachable!()
-    };
+    let src = dmd2.section::<SdSource>().unwrap();
     assert!(src.unet_file.is_some() && src.dir_env.is_some());
     // Every tiny manifest is still listed.
     assert!(list.iter().any(|m| m.name == "tiny-shapes-teacher"));
@@ -144,7 +145,7 @@ fn family_keys_do_not_mix_and_sd_limits_are_checked() {
     let cases = [
         (
             sd_text("", "").replace("family = \"sd\"", "family = \"sd\"\nweights = \"w\""),
-            "belong to family \"tiny\"",
+            "`weights` belongs to family \"tiny\"",
         ),
         (
             sd_text("", "").replace("family = \"sd\"", "family = \"tiny\""),
@@ -222,7 +223,8 @@ fn image_spec(width: usize, height: usize) -> BatchSpec {
 fn an_sd_manifest_loads_and_generates() {
     let m = Manifest::find(&fixtures(), "sdxl-tiny").unwrap();
     let loaded = LoadedModel::load(&m, &Device::Cpu).unwrap();
-    assert!(loaded.trained && loaded.tiny().is_none());
+    assert!(loaded.trained && loaded.family_model::<TinyModel>().is_none());
+    assert!(loaded.family_model::<SdModel>().is_some());
     assert_eq!(loaded.version.len(), 16);
     let out = loaded.generate(&image_spec(64, 32), 4, 1.0).unwrap();
     assert_eq!(out.outputs[0][0].dimensions(), (64, 32));

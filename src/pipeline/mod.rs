@@ -1,10 +1,15 @@
-//! The family-agnostic generation contract: noise schedules, per-request host noise and the
-//! samplers (few-step student, multi-step teacher with CFG), written against [`Denoiser`].
+//! The family-agnostic generation contract: noise schedules, per-request host noise, the
+//! samplers (few-step student, multi-step teacher with CFG) written against [`Denoiser`], and
+//! the encode -> sample -> decode path every family's [`Generator`] runs through.
 
+pub mod frames;
+pub mod generate;
 pub mod noise;
 pub mod sampler;
 pub mod schedule;
 
+pub use frames::{from_frames, to_frames};
+pub use generate::{generate, Generator, ServedModel};
 pub use noise::RowNoise;
 pub use sampler::{
     sample, sample_observed, sample_with_noise, Sampled, SamplerKind, SamplerParams, StepObserver,

@@ -32,7 +32,7 @@ use crate::families::sd::clip_image::ClipImageProcessor;
 use crate::families::sd::clip_vision::{ClipVisionConfig, ClipVisionModel};
 use crate::families::sd::layout::{read_json, ComponentFiles, LoadError, TRANSFORMERS_WEIGHTS};
 use crate::families::sd::tokenizer::{ClipTokenizer, TokenizeError};
-use crate::families::tiny::to_frames;
+use crate::pipeline::to_frames;
 
 const NAME: &str = "clip";
 /// transformers' `CLIPConfig` default `projection_dim`.

@@ -8,7 +8,7 @@ use nalgebra::{DMatrix, DVector};
 use serde::Serialize;
 
 use super::{Reward, RewardError};
-use crate::families::tiny::to_frames;
+use crate::pipeline::to_frames;
 use crate::store::RatedOutput;
 use crate::world;
 
@@ -47,7 +47,7 @@ fn featurize(
     prompt: &str,
     frames: &[image::RgbImage],
 ) -> Result<Vec<f64>, RewardError> {
-    let x = crate::families::tiny::from_frames(frames, &candle_core::Device::Cpu)?;
+    let x = crate::pipeline::from_frames(frames, &candle_core::Device::Cpu)?;
     let s = base.score(&[prompt.to_string()], &x.unsqueeze(0)?)?[0] as f64;
     Ok(std::iter::once(s)
         .chain(world::features(frames).into_iter().map(f64::from))
@@ -201,11 +201,11 @@ mod tests {
         assert_eq!((report.used.as_str(), report.rows), ("logged", 40));
         assert!(report.train_r2.unwrap() > 0.5, "{report:?}");
         let dev = candle_core::Device::Cpu;
-        let big = crate::families::tiny::from_frames(
+        let big = crate::pipeline::from_frames(
             &world::render(&world::parse("a large red circle")?, &mut rng),
             &dev,
         )?;
-        let small = crate::families::tiny::from_frames(
+        let small = crate::pipeline::from_frames(
             &world::render(&world::parse("a small red circle")?, &mut rng),
             &dev,
         )?;

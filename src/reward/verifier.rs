@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use super::{Reward, RewardError};
-use crate::families::tiny::to_frames;
+use crate::pipeline::to_frames;
 use crate::world::{self, SceneSpec};
 
 pub struct VerifierReward;
@@ -52,7 +52,7 @@ impl Reward for VerifierReward {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::families::tiny::from_frames;
+    use crate::pipeline::from_frames;
     use rand::SeedableRng;
 
     #[test]

@@ -12,7 +12,8 @@ use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
 use super::{named_vars, tensors_of, AdamW, AdamWConfig, Checkpoint, Ema};
-use crate::families::tiny::{from_frames, TinyConfig, TinyModel, TinyTokenizer};
+use crate::families::tiny::{TinyConfig, TinyModel, TinyTokenizer};
+use crate::pipeline::from_frames;
 use crate::pipeline::FlowSchedule;
 use crate::world::{self, Split};
 
@@ -466,7 +467,7 @@ fn save(
         &meta,
         &[("param.", &params), ("ema.", &ema.shadow), ("opt.", &state)],
     )?;
-    let identity = crate::manifest::identity::ModelIdentity::tiny_teacher(&config.architecture);
+    let identity = crate::families::tiny::teacher_identity(&config.architecture);
     super::checkpoint::save_weights_atomic(&ema.shadow, &identity, &paths.weights())?;
     Ok(())
 }

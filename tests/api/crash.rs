@@ -71,7 +71,7 @@ fn a_distill_killed_after_its_first_checkpoint_resumes_bit_identical() {
         out.join(exported.file_name().unwrap()).join(
             fewstep::manifest::Manifest::from_file(&exported.join("manifest.toml"))
                 .unwrap()
-                .tiny()
+                .section::<fewstep::families::tiny::TinySource>()
                 .unwrap()
                 .weights
                 .clone(),

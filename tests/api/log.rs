@@ -2,6 +2,7 @@
 //! `POSTGRES_TEST_URL` names a server, as in CI) on PostgreSQL.
 
 use super::*;
+use fewstep::families::tiny::{flow_schedule, TinyModel, TinySource, TinyTokenizer};
 use fewstep::store::{FeedbackRecord, GenerationRecord, Store, StoredOutput};
 
 /// Runs one statement on the server of `POSTGRES_TEST_URL` (its maintenance database,
@@ -305,11 +306,10 @@ pub fn random_weights(path: &std::path::Path, seed: u64) {
         candle_core::DType::F32,
         &candle_core::Device::Cpu,
     );
-    let tok =
-        fewstep::families::tiny::TinyTokenizer::from_file(&manifest.tokenizer_path().unwrap())
-            .unwrap();
-    let arch = &manifest.tiny().unwrap().architecture;
-    fewstep::families::tiny::TinyModel::new(vb, arch, tok, manifest.schedule()).unwrap();
+    let tiny = manifest.section::<TinySource>().unwrap();
+    let tok = TinyTokenizer::from_file(&tiny.tokenizer_path(&manifest.dir)).unwrap();
+    let schedule = flow_schedule(&manifest.sampling);
+    TinyModel::new(vb, &tiny.architecture, tok, schedule).unwrap();
     map.save(path).unwrap();
 }
 

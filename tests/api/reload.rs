@@ -1,7 +1,6 @@
 //! The admin reload against hostile or mistaken paths and another model's weights.
 
 use super::*;
-use fewstep::manifest::identity::ModelIdentity;
 
 /// A models directory with copies of the committed student and teacher.
 fn committed_models(tag: &str) -> std::path::PathBuf {
@@ -56,7 +55,8 @@ async fn a_students_reload_refuses_the_teachers_weights_and_unsafe_paths() {
     .unwrap();
     let manifest =
         fewstep::manifest::Manifest::from_file(&teacher_dir.join("manifest.toml")).unwrap();
-    let identity = ModelIdentity::tiny_teacher(&manifest.tiny().unwrap().architecture);
+    let tiny = manifest.section::<fewstep::families::tiny::TinySource>();
+    let identity = fewstep::families::tiny::teacher_identity(&tiny.unwrap().architecture);
     let teacher_file = teacher_dir.join("trained.safetensors");
     fewstep::train::checkpoint::save_weights_atomic(&tensors, &identity, &teacher_file).unwrap();
 

@@ -8,19 +8,15 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::config::{DistillConfig, Method};
 use super::family::DistillFamily;
 use super::prompts::PromptSource;
-use super::sd::{read_unet_weights, SdFamily};
-use super::tiny::TinyFamily;
 use super::trainer::{Distiller, IterStats};
 use crate::eval::{EvalOptions, EvalReport};
-use crate::families::tiny::{TinyModel, TinyTokenizer};
-use crate::manifest::{Family, LoadedModel, Manifest, ModelSource};
+use crate::manifest::{LoadedModel, Manifest};
 use crate::pipeline::SamplerKind;
 
 /// What to distill and where.
@@ -203,11 +199,6 @@ fn block_on<T>(fut: impl std::future::Future<Output = anyhow::Result<T>>) -> any
         .block_on(fut)
 }
 
-fn load_tensors(path: &Path, device: &Device) -> anyhow::Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, device)
-        .with_context(|| format!("loading weights {}", path.display()))
-}
-
 /// The name a first student gets: `tiny-shapes-teacher` -> `tiny-shapes`.
 fn student_name(model: &Manifest) -> String {
     match (&model.teacher, model.name.strip_suffix("-teacher")) {
@@ -218,7 +209,8 @@ fn student_name(model: &Manifest) -> String {
 }
 
 /// The manifest of an exported student: the teacher's architecture and serving limits, the
-/// few-step sampler without CFG, and a pointer back to the teacher.
+/// few-step sampler without CFG, and a pointer back to the teacher (the family names its
+/// files when it writes them).
 fn student_manifest(teacher: &Manifest, name: String, cfg: &DistillConfig) -> Manifest {
     let n = cfg.student_steps;
     let mut m = teacher.clone();
@@ -231,10 +223,6 @@ fn student_manifest(teacher: &Manifest, name: String, cfg: &DistillConfig) -> Ma
         },
         teacher.name
     );
-    if let ModelSource::Tiny(t) = &mut m.source {
-        t.weights = PathBuf::from("student.safetensors");
-        t.tokenizer = PathBuf::from("tokenizer.json");
-    }
     m.sampling.sampler = SamplerKind::Student;
     m.sampling.default_steps = n;
     m.sampling.allowed_steps = (1..=n).collect();
@@ -336,7 +324,7 @@ pub struct RunOutput {
 pub fn run(
     opts: &RunOptions,
     device: &Device,
-    progress: impl FnMut(&IterStats, u64),
+    mut progress: impl FnMut(&IterStats, u64),
 ) -> anyhow::Result<RunOutput> {
     let mut config = opts.config.clone();
     config.validate()?;
@@ -348,7 +336,7 @@ pub fn run(
     };
     anyhow::ensure!(
         model.family() == teacher_manifest.family(),
-        "{} is a {:?} model and its teacher {} a {:?} model",
+        "{} is a {} model and its teacher {} a {} model",
         model.name,
         model.family(),
         teacher_manifest.name,
@@ -379,70 +367,78 @@ pub fn run(
         );
     }
     let run = Run {
-        opts,
-        config,
-        model: &model,
-        teacher: &teacher_manifest,
-        checkpoint,
+        settings: Settings {
+            opts,
+            config,
+            model: &model,
+            teacher: &teacher_manifest,
+            checkpoint,
+            device,
+        },
+        reward,
+        prompts,
     };
+    teacher_manifest.family().distill(run, &mut progress)
+}
 
-    match teacher_manifest.family() {
-        Family::Tiny => {
-            let teacher_tiny = teacher_manifest.require_tiny("fewstep distill")?;
-            // The teacher's file is read once: its tensors build the frozen teacher, the
-            // critic and (for a first distillation) the student.
-            let teacher_tensors = load_tensors(&teacher_manifest.weights_path(), device)?;
-            let teacher = TinyModel::new(
-                VarBuilder::from_tensors(teacher_tensors.clone(), DType::F32, device),
-                &teacher_tiny.architecture,
-                TinyTokenizer::from_file(&teacher_manifest.tokenizer_path()?)?,
-                teacher_manifest.schedule(),
-            )?;
-            let student_init = if model.teacher.is_some() {
-                // The student trains as a copy of the teacher's network.
-                let student_arch = &model.require_tiny("fewstep distill")?.architecture;
-                anyhow::ensure!(
-                    student_arch == &teacher_tiny.architecture,
-                    "{} has another architecture than its teacher {}; distill a new student \
-                     from the teacher instead",
-                    model.name,
-                    teacher_manifest.name,
-                );
-                load_tensors(&model.weights_path(), device)?
-            } else {
-                teacher_tensors.clone()
-            };
-            let family = TinyFamily::new(teacher, teacher_tensors);
-            let d = run.train(family, &student_init, reward, prompts, progress)?;
-            let weights = d.student_weights()?;
-            let (student_dir, manifest) = run.export_tiny(&weights)?;
-            run.finish(student_dir, manifest, device)
-        }
-        Family::Sd => {
-            let family = SdFamily::from_manifest(&teacher_manifest, device)?;
-            let student_init = if model.teacher.is_some() {
-                read_unet_weights(&model.weights_path(), device)?
-            } else {
-                family.teacher_weights().clone()
-            };
-            let d = run.train(family, &student_init, reward, prompts, progress)?;
-            let weights = d.student_weights()?;
-            let (student_dir, manifest) = run.export_sd(&weights)?;
-            run.finish(student_dir, manifest, device)
-        }
+/// A distillation about to start, handed to the teacher's family (`Family::distill`), which
+/// builds its [`DistillFamily`] and calls [`Run::distill`].
+pub struct Run<'a> {
+    settings: Settings<'a>,
+    reward: Box<dyn crate::reward::Reward>,
+    prompts: PromptSource,
+}
+
+impl Run<'_> {
+    /// The model the student's teacher is (what the family builds its frozen teacher from).
+    pub fn teacher(&self) -> &Manifest {
+        self.settings.teacher
+    }
+
+    pub fn device(&self) -> &Device {
+        self.settings.device
+    }
+
+    /// Trains a student of `family`'s teacher, writes it as a model directory, publishes and
+    /// evaluates it.
+    pub fn distill<F: DistillFamily>(
+        self,
+        family: F,
+        progress: &mut dyn FnMut(&IterStats, u64),
+    ) -> anyhow::Result<RunOutput> {
+        let Run {
+            settings: run,
+            reward,
+            prompts,
+        } = self;
+        // A served student continues from its own weights; a first one from the teacher's.
+        let student_init = if run.model.teacher.is_some() {
+            family.student_weights(run.model, run.teacher)?
+        } else {
+            family.teacher_weights().clone()
+        };
+        let d = run.train(family, &student_init, reward, prompts, progress)?;
+        let weights = d.student_weights()?;
+        let manifest = run.student_manifest();
+        let student_dir = run.opts.out.join(&manifest.name);
+        let manifest = d
+            .family()
+            .write_student(manifest, run.teacher, &student_dir, &weights)?;
+        run.finish(student_dir, manifest)
     }
 }
 
-/// One run's settings, shared by the families' training and export.
-struct Run<'a> {
+/// One run's settings.
+struct Settings<'a> {
     opts: &'a RunOptions,
     config: DistillConfig,
     model: &'a Manifest,
     teacher: &'a Manifest,
     checkpoint: PathBuf,
+    device: &'a Device,
 }
 
-impl Run<'_> {
+impl Settings<'_> {
     /// Builds the players, resumes, and runs the iterations with log, plots and checkpoints.
     fn train<F: DistillFamily>(
         &self,
@@ -450,7 +446,7 @@ impl Run<'_> {
         student_init: &HashMap<String, Tensor>,
         reward: Box<dyn crate::reward::Reward>,
         prompts: PromptSource,
-        mut progress: impl FnMut(&IterStats, u64),
+        progress: &mut dyn FnMut(&IterStats, u64),
     ) -> anyhow::Result<Distiller<F>> {
         let (config, dir) = (&self.config, &self.opts.out);
         let mut d = Distiller::new(config.clone(), family, student_init, reward, prompts)?;
@@ -502,59 +498,8 @@ impl Run<'_> {
         student_manifest(self.teacher, student_name(self.model), &self.config)
     }
 
-    /// A tiny student: its full weights file, the teacher's tokenizer and the manifest.
-    fn export_tiny(
-        &self,
-        weights: &HashMap<String, Tensor>,
-    ) -> anyhow::Result<(PathBuf, Manifest)> {
-        let mut manifest = self.student_manifest();
-        let files = manifest.require_tiny("fewstep distill")?.clone();
-        let student_dir = self.opts.out.join(&manifest.name);
-        let identity = student_identity(&manifest, weights);
-        crate::train::checkpoint::save_weights_atomic(
-            weights,
-            &identity,
-            &student_dir.join(&files.weights),
-        )?;
-        std::fs::copy(
-            self.teacher.tokenizer_path()?,
-            student_dir.join(&files.tokenizer),
-        )?;
-        manifest.dir = student_dir.clone();
-        Ok((student_dir, manifest))
-    }
-
-    /// An SD student: its UNet as one safetensors file beside a manifest that points at the
-    /// teacher's diffusers directory for everything else.
-    fn export_sd(&self, weights: &HashMap<String, Tensor>) -> anyhow::Result<(PathBuf, Manifest)> {
-        let mut manifest = self.student_manifest();
-        let student_dir = self.opts.out.join(&manifest.name);
-        let ModelSource::Sd(sd) = &mut manifest.source else {
-            anyhow::bail!("{} is not a Stable Diffusion manifest", manifest.name);
-        };
-        let teacher_dir = sd.model_dir(&self.teacher.dir);
-        sd.dir = std::fs::canonicalize(&teacher_dir)
-            .with_context(|| format!("resolving {}", teacher_dir.display()))?;
-        sd.dir_env = None;
-        sd.unet_file = Some(PathBuf::from(SD_STUDENT_UNET));
-        sd.unet_file_env = None;
-        let identity = student_identity(&manifest, weights);
-        crate::train::checkpoint::save_weights_atomic(
-            weights,
-            &identity,
-            &student_dir.join(SD_STUDENT_UNET),
-        )?;
-        manifest.dir = student_dir.clone();
-        Ok((student_dir, manifest))
-    }
-
     /// Writes the manifest, publishes the student to a running server and evaluates it.
-    fn finish(
-        &self,
-        student_dir: PathBuf,
-        manifest: Manifest,
-        device: &Device,
-    ) -> anyhow::Result<RunOutput> {
+    fn finish(&self, student_dir: PathBuf, manifest: Manifest) -> anyhow::Result<RunOutput> {
         crate::util::write_atomic(
             &student_dir.join("manifest.toml"),
             toml::to_string(&manifest)?.as_bytes(),
@@ -563,23 +508,23 @@ impl Run<'_> {
         if let Some(p) = &self.opts.publish {
             publish(p, &manifest)?;
         }
-        let report = match (&self.opts.eval, manifest.family()) {
-            (Some(eval), Family::Tiny) => {
-                let student = LoadedModel::load(&manifest, device)?;
+        let report = match &self.opts.eval {
+            Some(eval) if manifest.family().capabilities().shapes_world => {
+                let student = LoadedModel::load(&manifest, self.device)?;
                 let eval = EvalOptions {
                     out_dir: Some(self.opts.out.join("eval")),
                     ..eval.clone()
                 };
                 Some(crate::eval::evaluate(&student, &eval)?)
             }
-            (Some(_), family) => {
+            Some(_) => {
                 tracing::info!(
-                    ?family,
-                    "the ShapesWorld eval is for the tiny family; skipped"
+                    family = %manifest.family(),
+                    "the ShapesWorld eval is not for this family; skipped"
                 );
                 None
             }
-            (None, _) => None,
+            None => None,
         };
         Ok(RunOutput {
             student_dir,
@@ -588,20 +533,6 @@ impl Run<'_> {
         })
     }
 }
-
-/// The identity an exported student's weights carry: its manifest names the teacher.
-fn student_identity(
-    manifest: &Manifest,
-    weights: &HashMap<String, Tensor>,
-) -> crate::manifest::identity::ModelIdentity {
-    crate::manifest::identity::ModelIdentity::of_manifest(
-        manifest,
-        weights.iter().map(|(n, t)| (n, t.dims())),
-    )
-}
-
-/// The file name of an exported SD student's UNet.
-const SD_STUDENT_UNET: &str = "unet.safetensors";
 
 #[cfg(test)]
 mod tests;

@@ -2,8 +2,8 @@
 //! resume, and serve the student; and what a tiny run refuses.
 
 use super::*;
-use crate::manifest::FamilyModel;
-use crate::pipeline::{BatchSpec, SamplerParams};
+use crate::families::sd::{read_unet_weights, SdModel};
+use crate::pipeline::{BatchSpec, Generator, SamplerParams};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd")
@@ -42,7 +42,7 @@ fn temp_dir(tag: &str) -> PathBuf {
 
 /// Generates one image with a loaded SD student at its default steps.
 fn generate(student: &LoadedModel) -> anyhow::Result<image::RgbImage> {
-    let FamilyModel::Sd(model) = &student.model else {
+    let Some(model) = student.family_model::<SdModel>() else {
         anyhow::bail!("not an SD model");
     };
     let m = &student.manifest;

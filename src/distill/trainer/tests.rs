@@ -2,7 +2,7 @@
 use super::*;
 use crate::distill::config::AmdConfig;
 use crate::distill::family::DistillFamily;
-use crate::distill::tiny::TinyFamily;
+use crate::families::tiny::TinyFamily;
 use crate::families::tiny::{DenoiserKind, TinyConfig, TinyModel, TinyTokenizer};
 use crate::pipeline::FlowSchedule;
 use crate::reward::VerifierReward;
@@ -309,7 +309,7 @@ mod sd {
     //! The same loop on the tiny random SD1.5 and SDXL fixtures.
 
     use super::*;
-    use crate::distill::sd::SdFamily;
+    use crate::families::sd::SdFamily;
     use crate::manifest::Manifest;
 
     fn sd_family(name: &str) -> SdFamily {

@@ -5,9 +5,13 @@
 pub mod clip;
 pub mod clip_image;
 pub mod clip_vision;
+pub mod distill;
+mod family;
 pub mod layers;
 pub mod layout;
-pub mod pipeline;
+mod load;
+pub mod manifest;
+pub mod model;
 pub mod schedule;
 pub mod tokenizer;
 pub mod unet;
@@ -16,6 +20,9 @@ pub mod vae;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use pipeline::{SdCond, SdModel, SdOptions, SdText};
+pub use distill::{read_unet_weights, SdFamily};
+pub use family::Sd;
+pub use manifest::{SdSource, WeightDtype};
+pub use model::{SdCond, SdModel, SdOptions, SdText};
 pub use schedule::DdpmSchedule;
 pub use unet::{AddedCond, UNet, UNetConfig, UNetError};

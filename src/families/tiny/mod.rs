@@ -4,27 +4,29 @@
 
 pub mod cond;
 pub mod config;
+pub mod distill;
 pub mod dit;
+mod family;
+mod load;
+pub mod manifest;
 pub mod text;
 pub mod tokenizer;
 pub mod unet;
 
-use std::time::Instant;
-
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use image::RgbImage;
 
 pub use config::{DenoiserKind, Prediction, TinyConfig};
+pub use distill::TinyFamily;
 pub use dit::Dit;
+pub use family::Tiny;
+pub use manifest::{flow_schedule, teacher_identity, TinySource};
 pub use text::{TextCond, TextEncoder};
 pub use tokenizer::TinyTokenizer;
 pub use unet::UNet;
 
-use crate::pipeline::{
-    sample_observed, BatchResult, BatchSpec, Denoiser, FlowSchedule, RowNoise, SamplerParams,
-    StepObserver, Unobserved,
-};
+use crate::pipeline::{to_frames, BatchSpec, Denoiser, FlowSchedule, Generator};
 
 /// Below this time an x0 prediction's velocity `(x_t - x0) / t` divides by this instead, so
 /// the velocity (and the loss) stays bounded next to the clean end.
@@ -153,58 +155,42 @@ impl TinyModel {
         let t = crate::pipeline::schedule::row_scale(t, x)?;
         x - v.broadcast_mul(&t)?
     }
+}
 
-    /// Runs a whole batch: encode, sample, decode to 8-bit frames.
-    pub fn generate(&self, spec: &BatchSpec, params: SamplerParams) -> Result<BatchResult> {
-        self.generate_observed(spec, params, &mut Unobserved)
+impl Generator for TinyModel {
+    type Schedule = FlowSchedule;
+
+    fn schedule(&self) -> &FlowSchedule {
+        &self.schedule
     }
 
-    /// [`Self::generate`] under an observer that sees each step and may drop rows; the
-    /// outputs are those of the rows still live at the end.
-    pub fn generate_observed(
-        &self,
-        spec: &BatchSpec,
-        params: SamplerParams,
-        observer: &mut dyn StepObserver,
-    ) -> Result<BatchResult> {
-        let start = Instant::now();
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn sample_shape(&self, spec: &BatchSpec) -> Result<Vec<usize>> {
+        Ok(vec![
+            spec.frames,
+            self.cfg.channels,
+            spec.height,
+            spec.width,
+        ])
+    }
+
+    fn condition_batch(&self, spec: &BatchSpec, cfg: bool) -> Result<TinyCond> {
         let prompts: Vec<&str> = spec.prompts.iter().map(String::as_str).collect();
         let cond = self.encode(&prompts)?;
-        let uncond = if params.guidance > 1.0 {
+        let uncond = if cfg {
             let neg: Vec<&str> = spec.negative_prompts.iter().map(String::as_str).collect();
             Some(self.encode(&neg)?)
         } else {
             None
         };
-        let text_s = start.elapsed().as_secs_f64();
+        Ok(TinyCond { cond, uncond })
+    }
 
-        let start = Instant::now();
-        let mut rows: Vec<RowNoise> = spec.seeds.iter().map(|&s| RowNoise::new(s)).collect();
-        let shape = [spec.frames, self.cfg.channels, spec.height, spec.width];
-        let cond = TinyCond { cond, uncond };
-        let sampled = sample_observed(
-            self,
-            &self.schedule,
-            params,
-            &cond,
-            &mut rows,
-            &shape,
-            &self.device,
-            observer,
-        )?;
-        let denoise_s = start.elapsed().as_secs_f64();
-
-        let start = Instant::now();
-        let outputs = match &sampled.x {
-            Some(x0) => to_frames(x0)?,
-            None => Vec::new(),
-        };
-        Ok(BatchResult {
-            outputs,
-            text_s,
-            denoise_s,
-            decode_s: start.elapsed().as_secs_f64(),
-        })
+    fn frames(&self, x0: &Tensor) -> Result<Vec<Vec<RgbImage>>> {
+        to_frames(x0)
     }
 }
 
@@ -246,53 +232,10 @@ impl Denoiser for TinyModel {
     }
 }
 
-/// `[B, F, 3, H, W]` in `[-1, 1]` -> per row, `F` RGB frames.
-pub fn to_frames(x: &Tensor) -> Result<Vec<Vec<RgbImage>>> {
-    let (b, f, c, h, w) = x.dims5()?;
-    if c != 3 {
-        candle_core::bail!("expected 3 channels, got {c}");
-    }
-    let px = ((x.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?
-        .round()?
-        .permute((0, 1, 3, 4, 2))?
-        .contiguous()?
-        .to_dtype(DType::U8)?
-        .flatten_all()?
-        .to_vec1::<u8>()?;
-    let frame = h * w * 3;
-    Ok((0..b)
-        .map(|i| {
-            (0..f)
-                .map(|j| {
-                    let off = (i * f + j) * frame;
-                    RgbImage::from_raw(w as u32, h as u32, px[off..off + frame].to_vec())
-                        .expect("buffer has exactly one frame")
-                })
-                .collect()
-        })
-        .collect())
-}
-
-/// Frames (`[-1, 1]` scaled) of one sample as a `[F, 3, H, W]` tensor: the inverse of
-/// [`to_frames`], used to build training batches from the world's renders.
-pub fn from_frames(frames: &[RgbImage], device: &Device) -> Result<Tensor> {
-    let (w, h) = frames[0].dimensions();
-    let (w, h) = (w as usize, h as usize);
-    let mut data = Vec::with_capacity(frames.len() * 3 * h * w);
-    for fr in frames {
-        let raw = fr.as_raw();
-        for c in 0..3 {
-            for i in 0..h * w {
-                data.push(raw[i * 3 + c] as f32 / 127.5 - 1.0);
-            }
-        }
-    }
-    Tensor::from_vec(data, (frames.len(), 3, h, w), device)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
     use candle_nn::VarMap;
 
     /// An x0-predicting net is the same body read differently: `x_t - t v` gives back exactly

@@ -2,13 +2,20 @@
 //! `x_t - t v` and the critic's loss is the flow-matching loss on the student's samples.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
+use anyhow::Context;
 use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
 use rand_chacha::ChaCha8Rng;
 
-use super::family::{check_init, var_map_from, DistillFamily, GanSupport, Trainable};
-use super::{gan, math};
-use crate::families::tiny::{TextCond, TinyModel, TinyNet};
+use super::manifest::{flow_schedule, TinySource};
+use super::{TextCond, TinyModel, TinyNet, TinyTokenizer};
+use crate::distill::family::{
+    check_init, save_student, var_map_from, DistillFamily, GanSupport, Trainable,
+};
+use crate::distill::{gan, math};
+use crate::manifest::Manifest;
 use crate::nn::LoraConfig;
 use crate::pipeline::NoiseSchedule;
 use crate::train::named_vars;
@@ -29,6 +36,20 @@ impl TinyFamily {
     /// `tensors` are the weights `model` was built from.
     pub fn new(model: TinyModel, tensors: HashMap<String, Tensor>) -> Self {
         Self { model, tensors }
+    }
+
+    /// The frozen teacher a manifest describes. Its file is read once: its tensors build the
+    /// teacher, the critic and (for a first distillation) the student.
+    pub fn from_manifest(teacher: &Manifest, device: &Device) -> anyhow::Result<Self> {
+        let tiny = TinySource::of(teacher, "fewstep distill")?;
+        let tensors = load_tensors(&teacher.weights_path(), device)?;
+        let model = TinyModel::new(
+            VarBuilder::from_tensors(tensors.clone(), DType::F32, device),
+            &tiny.architecture,
+            TinyTokenizer::from_file(&tiny.tokenizer_path(&teacher.dir))?,
+            flow_schedule(&teacher.sampling),
+        )?;
+        Ok(Self::new(model, tensors))
     }
 
     /// Whether a weight belongs to the denoiser (what distillation trains).
@@ -124,6 +145,43 @@ impl DistillFamily for TinyFamily {
         &self.tensors
     }
 
+    fn student_weights(
+        &self,
+        student: &Manifest,
+        teacher: &Manifest,
+    ) -> anyhow::Result<HashMap<String, Tensor>> {
+        // The student trains as a copy of the teacher's network.
+        let student_arch = &TinySource::of(student, "fewstep distill")?.architecture;
+        anyhow::ensure!(
+            student_arch == &TinySource::of(teacher, "fewstep distill")?.architecture,
+            "{} has another architecture than its teacher {}; distill a new student \
+             from the teacher instead",
+            student.name,
+            teacher.name,
+        );
+        load_tensors(&student.weights_path(), self.device())
+    }
+
+    /// The full weights file (the teacher's text encoder included) and the teacher's
+    /// tokenizer beside the manifest.
+    fn write_student(
+        &self,
+        manifest: Manifest,
+        teacher: &Manifest,
+        dir: &Path,
+        weights: &HashMap<String, Tensor>,
+    ) -> anyhow::Result<Manifest> {
+        let files = TinySource {
+            weights: PathBuf::from("student.safetensors"),
+            tokenizer: PathBuf::from("tokenizer.json"),
+            ..TinySource::of(&manifest, "fewstep distill")?.clone()
+        };
+        let manifest = save_student(manifest, files.clone(), dir, &files.weights, weights)?;
+        let tokenizer = TinySource::of(teacher, "fewstep distill")?.tokenizer_path(&teacher.dir);
+        std::fs::copy(tokenizer, dir.join(&files.tokenizer))?;
+        Ok(manifest)
+    }
+
     fn export(
         &self,
         _init: &HashMap<String, Tensor>,
@@ -159,4 +217,9 @@ impl GanSupport<TinyNet, TinyTexts> for TinyFamily {
     ) -> anyhow::Result<Tensor> {
         gan::real_batch(prompts, frames, rng, self.device())
     }
+}
+
+fn load_tensors(path: &Path, device: &Device) -> anyhow::Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, device)
+        .with_context(|| format!("loading weights {}", path.display()))
 }

@@ -1,5 +1,5 @@
 //! A whole Stable Diffusion model (tokenizers, text encoders, UNet, VAE, noise schedule) as
-//! one [`Denoiser`]: prompts -> conditioning -> the family-agnostic samplers of
+//! one [`Generator`]: prompts -> conditioning -> the family-agnostic samplers of
 //! `crate::pipeline` -> VAE decode -> RGB frames.
 //!
 //! Conditioning per variant, as diffusers' pipelines build it: SD1.x/SD2.x take the text
@@ -8,7 +8,6 @@
 //! `time_ids = [H, W, 0, 0, H, W]` (output size in pixels, no crop).
 
 use std::path::Path;
-use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -20,10 +19,7 @@ use super::tokenizer::ClipTokenizer;
 use super::unet::{AddedCond, UNet, UNetConfig};
 use super::vae::AutoencoderKl;
 use crate::pipeline::schedule::row_scale;
-use crate::pipeline::{
-    sample_observed, BatchResult, BatchSpec, Denoiser, RowNoise, SamplerParams, StepObserver,
-    Unobserved,
-};
+use crate::pipeline::{to_frames, BatchSpec, Denoiser, Generator};
 
 /// How to load a model directory.
 #[derive(Debug, Clone, PartialEq)]
@@ -518,68 +514,41 @@ impl SdModel {
         }
         Tensor::cat(&parts, 0)
     }
+}
 
-    /// Runs a whole batch: encode, sample (noise from each row's seed), decode to RGB frames.
-    pub fn generate(&self, spec: &BatchSpec, params: SamplerParams) -> Result<BatchResult> {
-        self.generate_observed(spec, params, &mut Unobserved)
+impl Generator for SdModel {
+    type Schedule = DdpmSchedule;
+
+    fn schedule(&self) -> &DdpmSchedule {
+        &self.schedule
     }
 
-    /// [`Self::generate`] under an observer that sees each step and may drop rows.
-    pub fn generate_observed(
-        &self,
-        spec: &BatchSpec,
-        params: SamplerParams,
-        observer: &mut dyn StepObserver,
-    ) -> Result<BatchResult> {
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn sample_shape(&self, spec: &BatchSpec) -> Result<Vec<usize>> {
         if spec.frames != 1 {
             candle_core::bail!("Stable Diffusion models make images: frames must be 1");
         }
-        let shape = self.latent_shape(spec.width, spec.height)?;
-        let start = Instant::now();
+        Ok(self.latent_shape(spec.width, spec.height)?.to_vec())
+    }
+
+    fn condition_batch(&self, spec: &BatchSpec, cfg: bool) -> Result<SdCond> {
         let prompts: Vec<&str> = spec.prompts.iter().map(String::as_str).collect();
         let negatives: Vec<&str> = spec.negative_prompts.iter().map(String::as_str).collect();
-        let cfg = params.guidance > 1.0;
-        let cond = self.condition(
+        self.condition(
             &prompts,
             cfg.then_some(negatives.as_slice()),
             spec.width,
             spec.height,
-        )?;
-        let text_s = start.elapsed().as_secs_f64();
-
-        let start = Instant::now();
-        let mut rows: Vec<RowNoise> = spec.seeds.iter().map(|&s| RowNoise::new(s)).collect();
-        let sampled = sample_observed(
-            self,
-            &self.schedule,
-            params,
-            &cond,
-            &mut rows,
-            &shape,
-            &self.device,
-            observer,
-        )?;
-        let denoise_s = start.elapsed().as_secs_f64();
-
-        let start = Instant::now();
-        let outputs = match &sampled.x {
-            Some(x0) => self.frames(x0)?,
-            None => Vec::new(),
-        };
-        Ok(BatchResult {
-            outputs,
-            text_s,
-            denoise_s,
-            decode_s: start.elapsed().as_secs_f64(),
-        })
+        )
     }
-}
 
-impl SdModel {
     /// Latents `[B, C, h, w]` decoded to one RGB frame per row.
-    pub fn frames(&self, x0: &Tensor) -> Result<Vec<Vec<image::RgbImage>>> {
+    fn frames(&self, x0: &Tensor) -> Result<Vec<Vec<image::RgbImage>>> {
         let images = self.decode(x0)?;
-        crate::families::tiny::to_frames(&images.unsqueeze(1)?)
+        to_frames(&images.unsqueeze(1)?)
     }
 }
 

@@ -1,10 +1,15 @@
-//! The `[sd]` table of a Stable Diffusion manifest: where the diffusers directory (and an
+//! The `[sd]` table of a Stable Diffusion manifest (the sd family's part of it): where the diffusers directory (and an
 //! optional single UNet file) is, and the precision to run it in.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
+
+use crate::families::Section;
+use crate::manifest::identity::shapes_hash;
+use crate::manifest::{Manifest, Sampling, Serving};
+use crate::pipeline::SamplerKind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -80,5 +85,72 @@ impl SdSource {
 
     pub fn vae_dtype(&self) -> WeightDtype {
         self.vae_dtype.unwrap_or(self.dtype)
+    }
+
+    pub const KEYS: &'static [&'static str] = &["sd"];
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        #[derive(Deserialize)]
+        struct Keys {
+            sd: Option<SdSource>,
+        }
+        let keys: Keys = toml::from_str(text).map_err(|e| e.to_string())?;
+        keys.sd
+            .ok_or_else(|| "family \"sd\" needs an [sd] table with `dir`".into())
+    }
+
+    /// The sd part of `manifest`.
+    pub fn of(manifest: &Manifest) -> anyhow::Result<&Self> {
+        manifest
+            .section::<Self>()
+            .ok_or_else(|| anyhow::anyhow!("{} is not a Stable Diffusion manifest", manifest.name))
+    }
+}
+
+impl Section for SdSource {
+    fn to_toml(&self) -> Result<Vec<(&'static str, toml::Value)>, toml::ser::Error> {
+        Ok(vec![("sd", toml::Value::try_from(self)?)])
+    }
+
+    /// What can be checked without the model directory; sizes against the model's grid are
+    /// checked when it loads.
+    fn validate(&self, s: &Sampling, serving: &Serving) -> Result<(), String> {
+        if serving.frames != [1] {
+            return Err("serving.frames must be [1]: sd models make images".into());
+        }
+        if s.shift != 1.0 {
+            return Err("sampling.shift applies to the tiny family's flow schedule only".into());
+        }
+        if serving.sizes.iter().any(|&[w, h]| w == 0 || h == 0) {
+            return Err("serving.sizes must be positive".into());
+        }
+        if let Some(list) = &s.timesteps {
+            if s.sampler == SamplerKind::Euler {
+                return Err("sampling.timesteps is for the student and ancestral samplers".into());
+            }
+            if list.is_empty() || list.windows(2).any(|w| w[0] <= w[1]) {
+                return Err(format!(
+                    "sampling.timesteps {list:?} must be strictly descending"
+                ));
+            }
+            if !s.allowed_steps.contains(&list.len()) {
+                return Err(format!(
+                    "sampling.timesteps lists {} steps, which allowed_steps {:?} does not allow",
+                    list.len(),
+                    s.allowed_steps
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The single UNet file when there is one, else the diffusers directory.
+    fn weights_path(&self, dir: &Path) -> PathBuf {
+        self.unet_file(dir).unwrap_or_else(|| self.model_dir(dir))
+    }
+
+    /// The config lives outside the weights file: the UNet's tensor names and shapes.
+    fn architecture(&self, tensors: &[(&String, &[usize])]) -> String {
+        shapes_hash(tensors.iter().copied())
     }
 }

@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::*;
 use crate::families::sd::testing::{assert_close, fixture, Fixture};
-use crate::pipeline::{sample_with_noise, NoiseSchedule, SamplerKind};
+use crate::pipeline::{sample_with_noise, Generator, NoiseSchedule, SamplerKind, SamplerParams};
 
 const ALL: [&str; 3] = ["sd15-tiny", "sd2-tiny", "sdxl-tiny"];
 

@@ -3,20 +3,24 @@
 //! the critic learns with the scheduler's own parametrisation (epsilon, v or sample).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
-use super::family::{check_init, var_map_from, DistillFamily, Trainable};
-use super::math;
-use crate::families::sd::layout::PredictionType;
-use crate::families::sd::{SdCond, SdModel, UNet};
-use crate::manifest::{FamilyModel, LoadedModel, Manifest, ModelSource};
+use super::layout::PredictionType;
+use super::manifest::SdSource;
+use super::{SdCond, SdModel, UNet};
+use crate::distill::family::{check_init, save_student, var_map_from, DistillFamily, Trainable};
+use crate::distill::math;
+use crate::manifest::{LoadedModel, Manifest};
 use crate::nn::LoraConfig;
 use crate::pipeline::NoiseSchedule;
 use crate::train::named_vars;
+
+/// The file name of an exported student's UNet.
+pub const STUDENT_UNET: &str = "unet.safetensors";
 
 /// The frozen SD teacher, its UNet's weights, and the resolution samples are drawn at.
 pub struct SdFamily {
@@ -70,10 +74,9 @@ impl SdFamily {
 
     /// The frozen teacher a manifest describes, sampling at its first serving size.
     pub fn from_manifest(manifest: &Manifest, device: &Device) -> anyhow::Result<Self> {
-        let ModelSource::Sd(sd) = &manifest.source else {
-            anyhow::bail!("{} is not a Stable Diffusion manifest", manifest.name);
-        };
-        let FamilyModel::Sd(model) = LoadedModel::load(manifest, device)?.model else {
+        let sd = SdSource::of(manifest)?;
+        let loaded = LoadedModel::load(manifest, device)?;
+        let Some(model) = loaded.family_model::<SdModel>() else {
             anyhow::bail!("{} did not load as a Stable Diffusion model", manifest.name);
         };
         let unet = sd
@@ -83,7 +86,7 @@ impl SdFamily {
         let &[width, height] = manifest.serving.sizes.first().ok_or_else(|| {
             anyhow::anyhow!("{} lists no serving sizes to distill at", manifest.name)
         })?;
-        Self::new(*model, weights, width, height)
+        Self::new(model.clone(), weights, width, height)
     }
 
     fn output(&self, net: &UNet, x: &Tensor, t: &[f32], cond: &SdCond) -> Result<Tensor> {
@@ -205,6 +208,33 @@ impl DistillFamily for SdFamily {
 
     fn teacher_weights(&self) -> &HashMap<String, Tensor> {
         &self.unet_weights
+    }
+
+    fn student_weights(
+        &self,
+        student: &Manifest,
+        _teacher: &Manifest,
+    ) -> anyhow::Result<HashMap<String, Tensor>> {
+        read_unet_weights(&student.weights_path(), self.device())
+    }
+
+    /// The UNet as one safetensors file beside a manifest that points at the teacher's
+    /// diffusers directory for everything else.
+    fn write_student(
+        &self,
+        manifest: Manifest,
+        teacher: &Manifest,
+        dir: &Path,
+        weights: &HashMap<String, Tensor>,
+    ) -> anyhow::Result<Manifest> {
+        let mut sd = SdSource::of(&manifest)?.clone();
+        let teacher_dir = sd.model_dir(&teacher.dir);
+        sd.dir = std::fs::canonicalize(&teacher_dir)
+            .with_context(|| format!("resolving {}", teacher_dir.display()))?;
+        sd.dir_env = None;
+        sd.unet_file = Some(PathBuf::from(STUDENT_UNET));
+        sd.unet_file_env = None;
+        save_student(manifest, sd, dir, Path::new(STUDENT_UNET), weights)
     }
 
     fn export(
