@@ -6,6 +6,9 @@ diffusers layout under ``tests/fixtures/wan/wan-tiny/transformer/`` and writes, 
 ``wan-tiny.reference.safetensors`` (fixed inputs and the reference outputs) and
 ``wan-tiny.reference.json`` (config, versions, what each tensor is). The Rust test
 (``src/families/wan/tests.rs``) loads the directory with fewstep's own code and compares.
+It also writes ``flow-match.reference.json``: the timesteps, sigmas and Euler steps of
+``FlowMatchEulerDiscreteScheduler`` at Wan's shifts (``src/families/wan/scheduler.rs``
+compares); ``--scheduler-only`` writes or checks just that file.
 
 Wan needs diffusers >= 0.33, whose Stable Diffusion pipelines no longer run on the Debian
 torch 1.13 that make_fixtures.py uses; so this script runs on its own overlay of pins
@@ -62,7 +65,7 @@ def torch_1_13_shims() -> None:
 
 torch_1_13_shims()
 import diffusers  # noqa: E402
-from diffusers import WanTransformer3DModel  # noqa: E402
+from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 OUT_DIR = REPO / "tests" / "fixtures" / "wan"
@@ -214,6 +217,75 @@ def generate() -> None:
     print(f"{NAME}: wrote {model_dir.relative_to(REPO)} and its reference ({len(tensors)} tensors); stds {stds}")
 
 
+# The flow-matching schedule: diffusers' FlowMatchEulerDiscreteScheduler with Wan's shifts
+# (3.0 for 480p, 5.0 for 720p) at a student's and a teacher's step count.
+SCHEDULER_NAME = "flow-match"
+SCHEDULER_CASES = [(shift, steps) for shift in (3.0, 5.0) for steps in (4, 50)]
+# The Euler chain: a fixed [2, 3] sample and one fixed "velocity" per step of the 4-step
+# shift-3.0 schedule, stepped by the scheduler itself.
+EULER_CASE = (3.0, 4)
+EULER_SAMPLE = [[0.5, -1.25, 2.0], [-0.75, 0.125, 1.5]]
+EULER_VELOCITY = [[0.3, -0.7, 1.1], [-1.6, 0.45, 0.05]]
+
+
+def scheduler_reference() -> dict:
+    """Timesteps and sigmas of `set_timesteps` for each case (f32 values, written as the
+    exact decimal of each), and the samples of a 4-step Euler chain."""
+    cases = []
+    for shift, steps in SCHEDULER_CASES:
+        s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        s.set_timesteps(steps)
+        cases.append(
+            dict(shift=shift, steps=steps, timesteps=s.timesteps.tolist(), sigmas=s.sigmas.tolist())
+        )
+    shift, steps = EULER_CASE
+    s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    s.set_timesteps(steps)
+    x = torch.tensor(EULER_SAMPLE, dtype=torch.float32)
+    samples = []
+    for k, t in enumerate(s.timesteps):
+        # A different velocity each step (rolled), so a step that reuses the last one shows.
+        v = torch.tensor(EULER_VELOCITY, dtype=torch.float32).roll(k, dims=1)
+        x = s.step(v, t, x).prev_sample
+        samples.append(x.tolist())
+    euler = dict(
+        shift=shift,
+        steps=steps,
+        sample=EULER_SAMPLE,
+        velocity=EULER_VELOCITY,
+        velocity_rule="step k uses velocity rolled by k along the last axis (torch.roll(v, k, 1))",
+        samples=samples,
+    )
+    return dict(
+        scheduler="FlowMatchEulerDiscreteScheduler",
+        generator="tools/parity/wan_fixture.py",
+        num_train_timesteps=1000,
+        versions=versions(),
+        cases=cases,
+        euler=euler,
+    )
+
+
+def scheduler_path() -> Path:
+    return OUT_DIR / f"{SCHEDULER_NAME}.reference.json"
+
+
+def generate_scheduler() -> None:
+    scheduler_path().write_text(json.dumps(scheduler_reference(), indent=1) + "\n")
+    print(f"{SCHEDULER_NAME}: wrote {scheduler_path().relative_to(REPO)}")
+
+
+def check_scheduler() -> bool:
+    stored = json.loads(scheduler_path().read_text())
+    fresh = json.loads(json.dumps(scheduler_reference()))
+    stored.pop("versions"), fresh.pop("versions")
+    if stored != fresh:
+        print(f"{SCHEDULER_NAME}: the stored schedule differs from diffusers'")
+        return False
+    print(f"{SCHEDULER_NAME}: identical")
+    return True
+
+
 def check() -> bool:
     ref = safetensors.torch.load_file(str(OUT_DIR / f"{NAME}.reference.safetensors"))
     # from_pretrained needs `accelerate` for Wan's `_keep_in_fp32_modules`; the saved config
@@ -235,6 +307,7 @@ def check() -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="reload the saved fixture and verify it")
+    ap.add_argument("--scheduler-only", action="store_true", help="only the flow-matching schedule fixture")
     args = ap.parse_args()
     major, minor = (int(v) for v in diffusers.__version__.split(".")[:2])
     if (major, minor) < (0, 33):
@@ -244,11 +317,16 @@ def main() -> None:
         )
     torch.set_num_threads(1)
     if args.check:
-        if not check():
+        ok = check_scheduler()
+        if not args.scheduler_only:
+            ok = check() and ok
+        if not ok:
             raise SystemExit(1)
         return
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    generate()
+    generate_scheduler()
+    if not args.scheduler_only:
+        generate()
 
 
 if __name__ == "__main__":

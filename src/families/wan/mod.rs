@@ -1,13 +1,16 @@
 //! Wan2.1 text-to-video (`Wan-AI/Wan2.1-T2V-*-Diffusers`), loaded from a directory in the
-//! diffusers layout. So far: the video transformer (`transformer/`). One implementation
+//! diffusers layout. So far: the video transformer (`transformer/`) and the flow-matching
+//! schedule with its teacher and student steps (`scheduler`). One implementation
 //! serves and trains, so every layer is built from ops with a backward (see `crate::nn`).
 
 mod block;
 pub mod config;
 pub mod rope;
+pub mod scheduler;
 pub mod transformer;
 
 pub use config::WanTransformerConfig;
+pub use scheduler::{FlowMatchSchedule, FlowScheduleError, FlowSchedulerConfig};
 pub use transformer::WanTransformer;
 
 /// Errors of reading a Wan component's config or weights.
@@ -22,6 +25,8 @@ pub enum WanError {
          diffusion_pytorch_model.safetensors (or its sharded index)"
     )]
     MissingWeights { path: String },
+    #[error(transparent)]
+    Schedule(#[from] FlowScheduleError),
     #[error("cannot load Wan weights {path}: {source}")]
     Weights {
         path: String,
