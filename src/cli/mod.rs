@@ -311,15 +311,22 @@ pub struct PlotArgs {
     pub fields: Vec<String>,
 }
 
+/// Writes `text` to stdout; a reader that closed the pipe early (`fewstep openapi | head`) ends
+/// the command quietly instead of panicking as `println!` does.
+fn print_piped(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{text}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     init_tracing();
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Generate(args) => generate(args),
-        Command::Openapi => {
-            println!("{}", crate::api::openapi::spec_json());
-            Ok(())
-        }
+        Command::Openapi => print_piped(&crate::api::openapi::spec_json()),
         Command::Models(args) => models(args),
         Command::TrainTeacher(args) => train_teacher(args),
         Command::Distill(args) => distill(args),
