@@ -96,6 +96,9 @@ async fn a_full_queue_is_openais_rate_limit_error() {
     cfg.queue_capacity = 1;
     let s = Arc::new(start(cfg).await);
     let busy = keep_worker_busy(&s);
+    // Let the busy request take the worker first; a video sent before it would take the one
+    // queue slot and the busy request itself would get the 429.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let mut limited = None;
     for _ in 0..20 {
         let r = s
