@@ -27,9 +27,7 @@ COPY models ./models
 RUN mkdir -p /srv/data && chown fewstep /srv/data
 VOLUME /srv/data
 USER fewstep
-# Two glibc malloc arenas (glibc serves the C libraries; the Rust heap is mimalloc): in a
-# 10-minute soak RSS grew 4% with 2 against 34% with glibc's default (load-tests/README.md).
-ENV FEWSTEP_ADDR=0.0.0.0:8080 FEWSTEP_DEVICE=cuda RUST_LOG=info MALLOC_ARENA_MAX=2
+ENV FEWSTEP_ADDR=0.0.0.0:8080 FEWSTEP_DEVICE=cuda RUST_LOG=info
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=3s CMD ["/bin/sh", "-c", "exec 3<>/dev/tcp/127.0.0.1/8080"]
 ENTRYPOINT ["fewstep", "serve"]
