@@ -33,14 +33,7 @@ pub fn random(
         .values()
         .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
         .sum();
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-    let model = TinyModel::new(
-        vb,
-        &tiny.architecture,
-        tokenizer,
-        flow_schedule(&manifest.sampling),
-    )
-    .map_err(werr)?;
+    let model = model_of(manifest, tiny, tokenizer, tensors, device).map_err(werr)?;
     Ok(LoadedModel {
         manifest: manifest.clone(),
         version: format!("random-{seed}"),
@@ -106,14 +99,8 @@ pub fn load_file(
         .map(|(n, v)| Ok((n, v.load(device)?)))
         .collect::<candle_core::Result<HashMap<String, Tensor>>>()
         .map_err(|e| werr(e.to_string()))?;
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-    let model = TinyModel::new(
-        vb,
-        &tiny.architecture,
-        tokenizer,
-        flow_schedule(&manifest.sampling),
-    )
-    .map_err(|e| werr(e.to_string()))?;
+    let model =
+        model_of(manifest, tiny, tokenizer, tensors, device).map_err(|e| werr(e.to_string()))?;
     Ok(LoadedModel {
         manifest: manifest.clone(),
         version,
@@ -121,6 +108,23 @@ pub fn load_file(
         model: Arc::new(model),
         weights_bytes: mmap.len() as u64,
     })
+}
+
+/// The servable model over `tensors` (plain tensors, checked by the caller).
+fn model_of(
+    manifest: &Manifest,
+    tiny: &TinySource,
+    tokenizer: TinyTokenizer,
+    tensors: HashMap<String, Tensor>,
+    device: &Device,
+) -> candle_core::Result<TinyModel> {
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    TinyModel::new(
+        vb,
+        &tiny.architecture,
+        tokenizer,
+        flow_schedule(&manifest.sampling),
+    )
 }
 
 /// Fresh random tensors of a tiny model, by name (deterministic from `seed`). Plain
