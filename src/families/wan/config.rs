@@ -88,17 +88,26 @@ fn default_rope_len() -> usize {
     1024
 }
 
+/// Reads a component's `config.json` and checks it with `validate`; every error names the
+/// file.
+pub(crate) fn read_config<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    validate: impl Fn(&T) -> Result<(), WanError>,
+) -> Result<T, WanError> {
+    let err = |message: String| WanError::Config {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let cfg: T = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+    validate(&cfg).map_err(|e| err(e.to_string()))?;
+    Ok(cfg)
+}
+
 impl WanTransformerConfig {
     /// Reads and checks `transformer/config.json`.
     pub fn from_file(path: &Path) -> Result<Self, WanError> {
-        let err = |message: String| WanError::Config {
-            path: path.display().to_string(),
-            message,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
-        cfg.validate().map_err(|e| err(e.to_string()))?;
-        Ok(cfg)
+        read_config(path, Self::validate)
     }
 
     /// The model width, `heads * head_dim`.

@@ -1,16 +1,19 @@
 //! Wan2.1 text-to-video (`Wan-AI/Wan2.1-T2V-*-Diffusers`), loaded from a directory in the
-//! diffusers layout. So far: the video transformer (`transformer/`) and the flow-matching
-//! schedule with its teacher and student steps (`scheduler`). One implementation
+//! diffusers layout. So far: the video transformer (`transformer/`), the umT5 text path
+//! (`tokenizer/`, `text_encoder/`, with a prompt cache) and the flow-matching schedule with
+//! its teacher and student steps (`scheduler`). One implementation
 //! serves and trains, so every layer is built from ops with a backward (see `crate::nn`).
 
 mod block;
 pub mod config;
 pub mod rope;
 pub mod scheduler;
+pub mod text;
 pub mod transformer;
 
 pub use config::WanTransformerConfig;
 pub use scheduler::{FlowMatchSchedule, FlowScheduleError, FlowSchedulerConfig};
+pub use text::{Umt5Encoder, WanTextEncoder};
 pub use transformer::WanTransformer;
 
 /// Errors of reading a Wan component's config or weights.
@@ -27,6 +30,12 @@ pub enum WanError {
     MissingWeights { path: String },
     #[error(transparent)]
     Schedule(#[from] FlowScheduleError),
+    #[error("cannot load the Wan tokenizer {path}: {message}")]
+    Tokenizer { path: String, message: String },
+    #[error("cannot tokenize {prompt:?}: {message}")]
+    Tokenize { prompt: String, message: String },
+    #[error("Wan: {0}")]
+    Compute(#[from] candle_core::Error),
     #[error("cannot load Wan weights {path}: {source}")]
     Weights {
         path: String,
