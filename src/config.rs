@@ -73,6 +73,10 @@ pub struct ServerConfig {
     /// overlapped other jobs (a lone closed-loop client then runs at once); `false` always
     /// waits.
     pub adaptive_wait: bool,
+    /// `fewstep serve` returns memory pages to the OS once they stayed free this long, so
+    /// that RSS follows the working set rather than the highest peak so far; -1 keeps every
+    /// freed page (a little faster, RSS = the largest burst ever served).
+    pub return_free_memory_ms: i64,
     /// When a canary is promoted or rolled back by itself (`[rollout]`).
     pub rollout: crate::rollout::RolloutPolicy,
 }
@@ -108,6 +112,7 @@ impl Default for ServerConfig {
             key_burst: 10,
             key_max_in_flight: 0,
             adaptive_wait: true,
+            return_free_memory_ms: 1000,
             rollout: crate::rollout::RolloutPolicy::default(),
         }
     }

@@ -1,6 +1,7 @@
 //! fewstep: an inference server for few-step distilled diffusion models, with the training
 //! side (teacher training, DMD2 / Adaptive Matching Distillation) built on the same model code.
 
+pub mod alloc;
 pub mod api;
 pub mod bench;
 pub mod cli;

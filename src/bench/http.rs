@@ -246,6 +246,80 @@ pub async fn sync_vs_async(
     }
 }
 
+/// The server's throughput with freed memory pages kept against returned to the OS after
+/// `delay_ms` (`crate::alloc`), and the process's RSS after each side's rounds once the
+/// server sat idle past the delay.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeepVsReturn {
+    pub concurrency: usize,
+    pub delay_ms: u64,
+    pub keep: HttpRow,
+    pub returned: HttpRow,
+    /// Median RSS (MB) after idling, per side; `None` off Linux.
+    pub rss_keep_mb: Option<f64>,
+    pub rss_returned_mb: Option<f64>,
+}
+
+/// Runs `rounds` alternating loads with each policy (after one warm-up) and leaves pages
+/// kept, the benchmark's default. The RSS is read after an idle pause longer than the delay
+/// and one more request: mimalloc returns pages when a thread next allocates or frees, and an
+/// idle server does neither.
+pub async fn keep_vs_return(
+    base_url: &str,
+    body: Value,
+    concurrency: usize,
+    requests: usize,
+    max_time: Duration,
+    rounds: usize,
+    delay_ms: u64,
+) -> KeepVsReturn {
+    use crate::alloc::{set_freed_pages, FreedPages};
+    let load = |c, n| http_load(base_url, body.clone(), Mode::Sync, c, n, max_time);
+    let idle = Duration::from_millis(delay_ms + 200);
+    let side = |policy| {
+        set_freed_pages(policy);
+        async {
+            let row = load(concurrency, requests).await;
+            tokio::time::sleep(idle).await;
+            load(1, 1).await;
+            (row, rss_mb())
+        }
+    };
+    let policies = [FreedPages::Keep, FreedPages::ReturnAfterMs(delay_ms)];
+    for p in policies {
+        side(p).await;
+    }
+    let (mut keep, mut ret) = (Vec::new(), Vec::new());
+    for _ in 0..rounds.max(1) {
+        keep.push(side(policies[0]).await);
+        ret.push(side(policies[1]).await);
+    }
+    set_freed_pages(FreedPages::Keep);
+    let median_rss = |v: &[(HttpRow, Option<f64>)]| {
+        let mut r: Vec<f64> = v.iter().filter_map(|x| x.1).collect();
+        r.sort_by(f64::total_cmp);
+        r.get(r.len() / 2).copied()
+    };
+    let (rss_keep_mb, rss_returned_mb) = (median_rss(&keep), median_rss(&ret));
+    KeepVsReturn {
+        concurrency,
+        delay_ms,
+        keep: median_round(keep.into_iter().map(|x| x.0).collect()),
+        returned: median_round(ret.into_iter().map(|x| x.0).collect()),
+        rss_keep_mb,
+        rss_returned_mb,
+    }
+}
+
+/// This process's resident set in MB (Linux `/proc/self/statm`).
+fn rss_mb() -> Option<f64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: f64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf reads a constant of the running system.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page as f64 / 1e6)
+}
+
 /// The round with the median throughput.
 fn median_round(mut rows: Vec<HttpRow>) -> HttpRow {
     rows.sort_by(|a, b| a.images_per_s.total_cmp(&b.images_per_s));

@@ -48,6 +48,10 @@ pub struct BenchArgs {
     /// taking all traffic, a canary taking half) in alternating rounds; 0 skips it.
     #[arg(long, default_value_t = 0)]
     pub canary_overhead: usize,
+    /// With --http: freed memory kept against returned to the OS after `serve`'s default
+    /// delay, at this concurrency, in alternating rounds (throughput and idle RSS); 0 skips it.
+    #[arg(long, default_value_t = 0)]
+    pub keep_vs_return: usize,
     #[arg(long, default_value_t = 60)]
     pub max_seconds: u64,
     /// Compare end-to-end generation speed of these models (comma-separated; each with its
@@ -267,7 +271,8 @@ fn bench_unet(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
 
 fn bench_http(args: &BenchArgs, manifest: &crate::manifest::Manifest) -> anyhow::Result<()> {
     use crate::bench::http::{
-        canary_overhead, distinct_weights_copy, engine_throughput, fixed_vs_adaptive, sync_vs_async,
+        canary_overhead, distinct_weights_copy, engine_throughput, fixed_vs_adaptive,
+        keep_vs_return, sync_vs_async,
     };
     /// Alternating rounds of each side in the sync/async comparison.
     const ROUNDS: usize = 3;
@@ -307,7 +312,7 @@ fn bench_http(args: &BenchArgs, manifest: &crate::manifest::Manifest) -> anyhow:
     let rt = runtime()?;
     let body = serde_json::json!({"prompt": "a small red circle on the left", "steps": steps, "guidance": guidance});
     let max_time = std::time::Duration::from_secs(args.max_seconds);
-    let (http_rows, versus, canary) = rt.block_on(async {
+    let (http_rows, versus, canary, memory) = rt.block_on(async {
         let handle = crate::server::spawn(config, std::future::pending()).await?;
         let base = format!("http://{}", handle.addr);
         let mut rows = Vec::new();
@@ -363,8 +368,25 @@ fn bench_http(args: &BenchArgs, manifest: &crate::manifest::Manifest) -> anyhow:
         } else {
             None
         };
+        let memory = if args.keep_vs_return > 0 {
+            let delay = ServerConfig::default().return_free_memory_ms.max(0) as u64;
+            Some(
+                keep_vs_return(
+                    &base,
+                    body.clone(),
+                    args.keep_vs_return,
+                    args.requests,
+                    max_time,
+                    ROUNDS,
+                    delay,
+                )
+                .await,
+            )
+        } else {
+            None
+        };
         handle.shutdown().await?;
-        anyhow::Ok((rows, versus, canary))
+        anyhow::Ok((rows, versus, canary, memory))
     })?;
     println!(
         "HTTP, batching wait fixed ({} ms) vs adaptive (median of {ROUNDS} alternating rounds)",
@@ -441,6 +463,32 @@ fn bench_http(args: &BenchArgs, manifest: &crate::manifest::Manifest) -> anyhow:
         }
     } else if args.canary_overhead > 0 {
         println!("\ncanary overhead skipped: the model's weights are not one safetensors file");
+    }
+    if let Some(m) = memory {
+        println!(
+            "\nfreed memory kept vs returned after {} ms, concurrency {} (median of {ROUNDS} alternating rounds each)",
+            m.delay_ms, m.concurrency
+        );
+        println!("freed pages  requests  errors  images/s  p50 ms  p99 ms  RSS after idle (MB)");
+        let mb = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+        for (name, r, rss) in [
+            ("kept", &m.keep, m.rss_keep_mb),
+            ("returned", &m.returned, m.rss_returned_mb),
+        ] {
+            println!(
+                "{name:<11}  {:>8}  {:>6}  {:>8.1}  {:>6.0}  {:>6.0}  {}",
+                r.requests,
+                r.errors,
+                r.images_per_s,
+                r.p50_ms,
+                r.p99_ms,
+                mb(rss)
+            );
+        }
+        println!(
+            "returned/kept throughput {:.3}",
+            m.returned.images_per_s / m.keep.images_per_s
+        );
     }
     Ok(())
 }

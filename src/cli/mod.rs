@@ -489,6 +489,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         extra.insert("api_keys".into(), serde_json::json!(k));
     }
     let config = server_config(&args.server, serde_json::Value::Object(extra))?;
+    crate::alloc::set_freed_pages(crate::alloc::FreedPages::from_ms(
+        config.return_free_memory_ms,
+    ));
     runtime()?.block_on(async move {
         let handle = crate::server::spawn(config, crate::server::termination_signal()).await?;
         handle.wait().await
