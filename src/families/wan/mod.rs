@@ -1,17 +1,20 @@
 //! Wan2.1 text-to-video (`Wan-AI/Wan2.1-T2V-*-Diffusers`), loaded from a directory in the
-//! diffusers layout. So far: the video transformer (`transformer/`) and the flow-matching
-//! schedule with its teacher and student steps (`scheduler`). One implementation
-//! serves and trains, so every layer is built from ops with a backward (see `crate::nn`).
+//! diffusers layout. So far: the video transformer (`transformer/`), the video VAE (`vae/`,
+//! [`WanVae`]) and the flow-matching schedule with its teacher and student steps
+//! (`scheduler`). One implementation serves and trains, so every layer is built from ops with
+//! a backward (see `crate::nn`).
 
 mod block;
 pub mod config;
 pub mod rope;
 pub mod scheduler;
 pub mod transformer;
+pub mod vae;
 
 pub use config::WanTransformerConfig;
 pub use scheduler::{FlowMatchSchedule, FlowScheduleError, FlowSchedulerConfig};
 pub use transformer::WanTransformer;
+pub use vae::{WanPosterior, WanVae, WanVaeConfig, WanVaeError};
 
 /// Errors of reading a Wan component's config or weights.
 #[derive(Debug, thiserror::Error)]
