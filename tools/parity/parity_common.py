@@ -1,6 +1,7 @@
 """Helpers shared by the parity fixture scripts (make_fixtures.py, openclip_fixture.py,
-wan_fixture.py): random weights, the reference JSON's tensor tables, and the --check
-comparison. Imports torch only, so a script on another diffusers version can use it."""
+wan_fixture.py, wan_vae_fixture.py): random weights, the reference JSON's tensor tables, and
+the --check comparison. Imports torch only, so a script on another diffusers version (or
+another torch) can use it."""
 
 from __future__ import annotations
 

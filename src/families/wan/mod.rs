@@ -1,8 +1,9 @@
 //! Wan2.1 text-to-video (`Wan-AI/Wan2.1-T2V-*-Diffusers`), loaded from a directory in the
 //! diffusers layout. So far: the video transformer (`transformer/`), the umT5 text path
-//! (`tokenizer/`, `text_encoder/`, with a prompt cache) and the flow-matching schedule with
-//! its teacher and student steps (`scheduler`). One implementation
-//! serves and trains, so every layer is built from ops with a backward (see `crate::nn`).
+//! (`tokenizer/`, `text_encoder/`, with a prompt cache), the video VAE (`vae/`, [`WanVae`])
+//! and the flow-matching schedule with its teacher and student steps (`scheduler`). The
+//! transformer serves and trains from one implementation, so its layers are built from ops
+//! with a backward (see `crate::nn`); the text encoder is frozen.
 
 mod block;
 pub mod config;
@@ -10,11 +11,13 @@ pub mod rope;
 pub mod scheduler;
 pub mod text;
 pub mod transformer;
+pub mod vae;
 
 pub use config::WanTransformerConfig;
 pub use scheduler::{FlowMatchSchedule, FlowScheduleError, FlowSchedulerConfig};
 pub use text::{Umt5Encoder, WanTextEncoder};
 pub use transformer::WanTransformer;
+pub use vae::{WanPosterior, WanVae, WanVaeConfig, WanVaeError};
 
 /// Errors of reading a Wan component's config or weights.
 #[derive(Debug, thiserror::Error)]
