@@ -3,7 +3,7 @@
 ``UMT5EncoderModel``, driven the way diffusers' ``WanPipeline._get_t5_prompt_embeds`` drives
 them (issue 17, step 3).
 
-Writes, under ``tests/fixtures/wan/wan-tiny/``:
+Writes, under ``tests/fixtures/wan/wan-tiny-t2v/``:
 - ``tokenizer/``: a tiny sentencepiece unigram model (trained here on a fixed corpus, with
   sentencepiece's ``nmt_nfkc`` normalisation, as umT5's) turned into transformers'
   ``T5Tokenizer`` and saved with ``save_pretrained`` (``tokenizer.json`` is what fewstep reads);
@@ -55,7 +55,7 @@ from parity_common import compare_outputs, randomize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 OUT_DIR = REPO / "tests" / "fixtures" / "wan"
-MODEL_DIR = OUT_DIR / "wan-tiny"
+MODEL_DIR = OUT_DIR / "wan-tiny-t2v"
 NAME = "umt5-tiny"
 SEED = 601
 STD_RANGE = (0.1, 5.0)
@@ -227,7 +227,7 @@ def generate() -> None:
     safetensors.torch.save_file({k: v.contiguous() for k, v in r.items()}, str(OUT_DIR / f"{NAME}.reference.safetensors"))
     meta = {
         "model": NAME,
-        "directories": ["wan-tiny/tokenizer", "wan-tiny/text_encoder"],
+        "directories": ["wan-tiny-t2v/tokenizer", "wan-tiny-t2v/text_encoder"],
         "generator": "tools/parity/umt5_fixture.py",
         "mirrors": "Wan2.1's text path: umT5 tokenizer + UMT5EncoderModel (google/umt5-xxl), scaled down; "
         "diffusers' WanPipeline._get_t5_prompt_embeds",

@@ -192,7 +192,7 @@ def generate() -> None:
     model = build()
     x = make_inputs()
     model_dir = OUT_DIR / NAME
-    # Only the transformer: wan-tiny/vae/ is wan_vae_fixture.py's (torch 2, another diffusers).
+    # Only the transformer (the pipeline components live in wan-tiny-t2v/, written by other scripts).
     if (model_dir / "transformer").exists():
         shutil.rmtree(model_dir / "transformer")
     # Saved in f32 before compute_reference casts the model to f64.

@@ -2,7 +2,7 @@
 """Parity fixture for the Wan2.1 video VAE (``AutoencoderKLWan``).
 
 Builds a tiny random-weight ``AutoencoderKLWan`` with diffusers, saves it in the diffusers
-layout under ``tests/fixtures/wan/wan-tiny/vae/`` (beside the transformer of ``wan-tiny``) and
+layout under ``tests/fixtures/wan/wan-tiny-t2v/vae/`` (the pipeline directory, with the text path) and
 writes ``wan-tiny-vae.reference.safetensors`` (fixed inputs and the reference outputs) and
 ``wan-tiny-vae.reference.json`` (config, versions, what each tensor is). The Rust tests
 (``src/families/wan/vae/tests.rs``) load the directory with fewstep's own code and compare.
@@ -45,7 +45,7 @@ from diffusers import AutoencoderKLWan  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 OUT_DIR = REPO / "tests" / "fixtures" / "wan"
 NAME = "wan-tiny-vae"
-MODEL_DIR = OUT_DIR / "wan-tiny" / "vae"
+MODEL_DIR = OUT_DIR / "wan-tiny-t2v" / "vae"
 SEEDS = dict(weights=601, stats=602, inputs=6001)
 STD_RANGE = (0.1, 5.0)
 Z_DIM = 4

@@ -7,6 +7,7 @@
 
 mod block;
 pub mod config;
+pub mod model;
 pub mod rope;
 pub mod scheduler;
 pub mod text;
@@ -14,6 +15,7 @@ pub mod transformer;
 pub mod vae;
 
 pub use config::WanTransformerConfig;
+pub use model::{WanCond, WanModel, WanOptions};
 pub use scheduler::{FlowMatchSchedule, FlowScheduleError, FlowSchedulerConfig};
 pub use text::{Umt5Encoder, WanTextEncoder};
 pub use transformer::WanTransformer;

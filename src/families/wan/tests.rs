@@ -189,3 +189,107 @@ fn bad_configs_inputs_and_weights_give_clear_errors() -> Result<()> {
     std::fs::remove_dir_all(&scratch)?;
     Ok(())
 }
+
+/// `wan-tiny-t2v`: a whole generation against diffusers' `WanPipeline` (written by
+/// `tools/parity/wan_pipeline_fixture.py`): prompts and negative prompts through umT5, 4 Euler
+/// steps with CFG from the stored noise, then the VAE.
+#[test]
+fn wan_tiny_t2v_generation_matches_the_diffusers_pipeline() {
+    use crate::pipeline::{sample_with_noise, Generator, SamplerKind, SamplerParams};
+    let root = fixture_root();
+    let reference = root.join("wan-tiny-t2v.reference.safetensors");
+    assert!(
+        reference.is_file(),
+        "run tools/parity/wan_pipeline_fixture.py"
+    );
+    let r = candle_core::safetensors::load(&reference, &Device::Cpu).unwrap();
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("wan-tiny-t2v.reference.json")).unwrap(),
+    )
+    .unwrap();
+    let call = &json["call"];
+    let strings = |k: &str| -> Vec<String> {
+        call[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect()
+    };
+    let num = |k: &str| call[k].as_f64().unwrap();
+    let opts = WanOptions {
+        dtype: DType::F32,
+        vae_dtype: DType::F32,
+        text_max_len: num("max_sequence_length") as usize,
+        prompt_cache: 8,
+        student_timesteps: None,
+    };
+    let model = WanModel::load(&root.join("wan-tiny-t2v"), None, &opts, &Device::Cpu).unwrap();
+    let prompts = strings("prompts");
+    let spec = crate::pipeline::BatchSpec {
+        seeds: vec![0; prompts.len()],
+        prompts,
+        negative_prompts: strings("negative_prompts"),
+        frames: num("num_frames") as usize,
+        width: num("width") as usize,
+        height: num("height") as usize,
+    };
+    let latents = &r["pipeline.latents"];
+    assert_eq!(
+        model.sample_shape(&spec).unwrap(),
+        latents.dims()[1..].to_vec()
+    );
+    let cond = model.condition_batch(&spec, true).unwrap();
+    let params = SamplerParams {
+        kind: SamplerKind::Euler,
+        steps: num("num_inference_steps") as usize,
+        guidance: num("guidance_scale") as f32,
+    };
+    let fin = sample_with_noise(&model, model.schedule(), params, &cond, || {
+        Ok(latents.clone())
+    })
+    .unwrap();
+    assert_close(
+        "wan-tiny-t2v final latents",
+        &fin,
+        &r["pipeline.final_latents"],
+    );
+    let video = model.decode(&fin).unwrap();
+    assert_close("wan-tiny-t2v video", &video, &r["pipeline.video"]);
+    // And through the engine's path: frames of the requested count and size.
+    let frames = model.frames(&fin).unwrap();
+    assert_eq!(frames.len(), 2);
+    assert_eq!(frames[0].len(), spec.frames);
+    assert_eq!(
+        frames[0][0].dimensions(),
+        (spec.width as u32, spec.height as u32)
+    );
+}
+
+#[test]
+fn wan_sizes_and_frame_counts_off_the_grid_are_refused() {
+    let opts = WanOptions {
+        dtype: DType::F32,
+        vae_dtype: DType::F32,
+        text_max_len: 16,
+        prompt_cache: 0,
+        student_timesteps: None,
+    };
+    let model = WanModel::load(
+        &fixture_root().join("wan-tiny-t2v"),
+        None,
+        &opts,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(model.size_multiple(), 16);
+    assert_eq!(model.latent_shape(9, 32, 16).unwrap(), [4, 3, 2, 4]);
+    for frames in [0, 2, 4, 8] {
+        let e = model.latent_shape(frames, 32, 32).unwrap_err().to_string();
+        assert_mentions(&e, &["4k+1", &frames.to_string()]);
+    }
+    for (w, h) in [(24, 32), (32, 0), (40, 48)] {
+        let e = model.latent_shape(5, w, h).unwrap_err().to_string();
+        assert_mentions(&e, &["multiples of 16", &format!("{w}x{h}")]);
+    }
+}

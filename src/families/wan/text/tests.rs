@@ -31,7 +31,7 @@ fn reference() -> (std::collections::HashMap<String, Tensor>, Value) {
 }
 
 fn load(max_len: usize, cache: usize) -> WanTextEncoder {
-    let dir = root().join("wan-tiny");
+    let dir = root().join("wan-tiny-t2v");
     WanTextEncoder::load(
         &dir.join("tokenizer"),
         &dir.join("text_encoder"),
@@ -215,8 +215,8 @@ fn bad_configs_and_ids_get_clear_errors() {
     .to_string();
     assert_mentions(&err, &["no-such-model", "tokenizer"]);
     let err = WanTextEncoder::load(
-        &root().join("wan-tiny/tokenizer"),
-        &root().join("wan-tiny/text_encoder"),
+        &root().join("wan-tiny-t2v/tokenizer"),
+        &root().join("wan-tiny-t2v/text_encoder"),
         DType::F32,
         &Device::Cpu,
         1,
@@ -232,7 +232,7 @@ fn bf16_keeps_wo_and_the_residual_in_f32_and_stays_near_f32() {
     let (_, json) = reference();
     let prompts = prompts(&json);
     let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-    let dir = root().join("wan-tiny");
+    let dir = root().join("wan-tiny-t2v");
     let half = WanTextEncoder::load(
         &dir.join("tokenizer"),
         &dir.join("text_encoder"),

@@ -1,4 +1,4 @@
-//! Wan VAE tests: parity with diffusers' `AutoencoderKLWan` on `tests/fixtures/wan/wan-tiny/vae`
+//! Wan VAE tests: parity with diffusers' `AutoencoderKLWan` on `tests/fixtures/wan/wan-tiny-t2v/vae`
 //! (written by `tools/parity/wan_vae_fixture.py`), causality of the chunked passes, and
 //! clear errors.
 
@@ -22,7 +22,7 @@ fn fixture_root() -> PathBuf {
 /// The VAE directory and the reference tensors. Panics when absent: a parity test must not
 /// pass vacuously.
 fn fixture() -> (PathBuf, HashMap<String, Tensor>) {
-    let dir = fixture_root().join("wan-tiny/vae");
+    let dir = fixture_root().join("wan-tiny-t2v/vae");
     let reference = fixture_root().join(format!("{NAME}.reference.safetensors"));
     assert!(
         dir.is_dir() && reference.is_file(),
