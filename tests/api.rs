@@ -675,6 +675,9 @@ mod log;
 #[path = "api/sd.rs"]
 mod sd;
 
+#[path = "api/wan.rs"]
+mod wan;
+
 #[path = "api/jobs.rs"]
 mod jobs;
 

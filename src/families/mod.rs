@@ -10,7 +10,7 @@ pub mod wan;
 pub use contract::{Capabilities, Family, Section};
 
 /// Every family a manifest may name.
-pub static FAMILIES: &[&dyn Family] = &[&tiny::Tiny, &sd::Sd];
+pub static FAMILIES: &[&dyn Family] = &[&tiny::Tiny, &sd::Sd, &wan::Wan];
 
 /// The family a manifest's `family` value names.
 pub fn find(name: &str) -> Option<&'static dyn Family> {

@@ -27,8 +27,9 @@ pub struct VideoCreateRequest {
     pub prompt: String,
     #[serde(default)]
     pub model: Option<String>,
-    /// Whole seconds, as a string; frames = seconds x `video_fps` must be one of the model's
-    /// frame counts. The model's shortest video when absent.
+    /// Whole seconds, as a string: the model's frame count of `seconds x video_fps` frames,
+    /// or of one more (a 4k+1 grid counts both ends: 81 frames at 16 fps are 5 s). The
+    /// model's shortest video when absent.
     #[serde(default)]
     #[schema(example = "1")]
     pub seconds: Option<String>,
@@ -115,8 +116,8 @@ fn video(v: &JobView, fps: u32) -> Video {
         }),
         prompt: v.request.prompt.clone(),
         remixed_from_video_id: None,
-        seconds: if frames.is_multiple_of(fps) {
-            (frames / fps).to_string()
+        seconds: if let Some(n) = whole_seconds(frames as usize, fps) {
+            n.to_string()
         } else {
             format!("{:.3}", frames as f64 / fps as f64)
         },
@@ -171,25 +172,39 @@ async fn read_request(state: &AppState, req: Request) -> Result<VideoCreateReque
         .map_err(|e| OpenAiError::invalid("body", "invalid_body", format!("invalid form: {e}")))
 }
 
-/// Frames for `seconds` at `fps`, which must be one of the model's video lengths.
+/// The whole seconds a clip of `frames` lasts at `fps`: `n fps` frames, or `n fps + 1` (the
+/// `4k+1` grids of video VAEs: Wan's 81 frames at 16 fps are its 5 s, both ends included).
+fn whole_seconds(frames: usize, fps: u32) -> Option<usize> {
+    let fps = fps as usize;
+    if frames.is_multiple_of(fps) {
+        Some(frames / fps)
+    } else if frames > fps && (frames - 1).is_multiple_of(fps) {
+        Some((frames - 1) / fps)
+    } else {
+        None
+    }
+}
+
+/// Frames for `seconds` at `fps`: the model's video length that lasts that many seconds.
 fn frames_for(seconds: Option<&str>, allowed: &[usize], fps: u32) -> Result<u32, OpenAiError> {
     let videos: Vec<usize> = allowed.iter().copied().filter(|&f| f > 1).collect();
     let choices: Vec<String> = videos
         .iter()
-        .filter(|&&f| f.is_multiple_of(fps as usize))
-        .map(|f| (f / fps as usize).to_string())
+        .filter_map(|&f| whole_seconds(f, fps))
+        .map(|n| n.to_string())
         .collect();
     let Some(s) = seconds else {
         return videos.first().map(|&f| f as u32).ok_or_else(|| {
             OpenAiError::invalid("model", "invalid_model", "this model makes no videos")
         });
     };
-    let frames = s
-        .trim()
-        .parse::<u32>()
-        .ok()
-        .and_then(|n| n.checked_mul(fps))
-        .filter(|&f| videos.contains(&(f as usize)));
+    let frames = s.trim().parse::<usize>().ok().and_then(|n| {
+        videos
+            .iter()
+            .copied()
+            .find(|&f| n > 0 && whole_seconds(f, fps) == Some(n))
+            .map(|f| f as u32)
+    });
     frames.ok_or_else(|| {
         OpenAiError::invalid(
             "seconds",

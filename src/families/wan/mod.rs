@@ -7,6 +7,9 @@
 
 mod block;
 pub mod config;
+mod family;
+mod load;
+pub mod manifest;
 pub mod model;
 pub mod rope;
 pub mod scheduler;
@@ -15,6 +18,7 @@ pub mod transformer;
 pub mod vae;
 
 pub use config::WanTransformerConfig;
+pub use family::Wan;
 pub use model::{WanCond, WanModel, WanOptions};
 pub use scheduler::{FlowMatchSchedule, FlowScheduleError, FlowSchedulerConfig};
 pub use text::{Umt5Encoder, WanTextEncoder};
