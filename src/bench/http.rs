@@ -41,10 +41,12 @@ pub struct HttpRow {
     pub mean_batch: f64,
 }
 
-/// Images/s of `model.generate` at batch `batch` (median of `reps` after a warm-up).
+/// Outputs/s of `model.generate` at batch `batch`, each of `frames` frames (1: images),
+/// median of `reps` after a warm-up.
 pub fn engine_throughput(
     model: &LoadedModel,
     batch: usize,
+    frames: usize,
     steps: usize,
     guidance: f32,
     reps: usize,
@@ -54,7 +56,7 @@ pub fn engine_throughput(
         prompts: vec!["a small red circle on the left".into(); batch],
         negative_prompts: vec![String::new(); batch],
         seeds: (0..batch as u64).collect(),
-        frames: 1,
+        frames,
         width: w,
         height: h,
     };

@@ -299,18 +299,23 @@ fn bench_http(args: &BenchArgs, manifest: &crate::manifest::Manifest) -> anyhow:
         }
     );
     let mut engine_rows = Vec::new();
-    println!("bare engine: batch  images/s  batch ms");
+    println!(
+        "bare engine ({} frame(s) per output): batch  outputs/s  batch ms",
+        args.frames
+    );
     for &b in &args.batches {
-        let r = engine_throughput(&model, b, steps, guidance, args.reps)?;
+        let r = engine_throughput(&model, b, args.frames, steps, guidance, args.reps)?;
         println!(
-            "             {:>5}  {:>8.1}  {:>8.1}",
+            "{:>39}  {:>9.2}  {:>8.1}",
             r.batch, r.images_per_s, r.batch_ms
         );
         engine_rows.push(r);
     }
     drop(model);
     let rt = runtime()?;
-    let body = serde_json::json!({"prompt": "a small red circle on the left", "steps": steps, "guidance": guidance});
+    let [w, h] = manifest.serving.sizes[0];
+    let body = serde_json::json!({"prompt": "a small red circle on the left", "steps": steps,
+        "guidance": guidance, "num_frames": args.frames, "width": w, "height": h});
     let max_time = std::time::Duration::from_secs(args.max_seconds);
     let (http_rows, versus, canary, memory) = rt.block_on(async {
         let handle = crate::server::spawn(config, std::future::pending()).await?;
