@@ -38,6 +38,8 @@ pub enum FlowScheduleError {
     StudentTimestep { timestep: f64, train_steps: usize },
     #[error("student timesteps must be strictly decreasing, got {0:?}")]
     StudentOrder(Vec<f64>),
+    #[error("scheduler option `{0}` changes the sigmas and is not supported")]
+    Option(&'static str),
 }
 
 /// The parts of diffusers' `scheduler/scheduler_config.json` the schedule needs. Wan ships a
@@ -51,6 +53,19 @@ pub struct FlowSchedulerConfig {
     pub flow_shift: Option<f64>,
     #[serde(default)]
     pub shift: Option<f64>,
+    /// Options that would change the sigmas; refused when set rather than ignored.
+    #[serde(default)]
+    pub use_dynamic_shifting: bool,
+    #[serde(default)]
+    pub use_karras_sigmas: bool,
+    #[serde(default)]
+    pub use_exponential_sigmas: bool,
+    #[serde(default)]
+    pub use_beta_sigmas: bool,
+    #[serde(default)]
+    pub invert_sigmas: bool,
+    #[serde(default)]
+    pub shift_terminal: Option<f64>,
 }
 
 fn default_train_steps() -> usize {
@@ -90,6 +105,18 @@ impl FlowMatchSchedule {
     }
 
     pub fn from_config(cfg: &FlowSchedulerConfig) -> Result<Self, FlowScheduleError> {
+        for (name, set) in [
+            ("use_dynamic_shifting", cfg.use_dynamic_shifting),
+            ("use_karras_sigmas", cfg.use_karras_sigmas),
+            ("use_exponential_sigmas", cfg.use_exponential_sigmas),
+            ("use_beta_sigmas", cfg.use_beta_sigmas),
+            ("invert_sigmas", cfg.invert_sigmas),
+            ("shift_terminal", cfg.shift_terminal.is_some()),
+        ] {
+            if set {
+                return Err(FlowScheduleError::Option(name));
+            }
+        }
         Self::new(cfg.effective_shift(), cfg.num_train_timesteps)
     }
 
@@ -441,5 +468,17 @@ mod tests {
         assert_eq!((s.shift(), s.train_steps()), (5.0, 1000));
         let bare: FlowSchedulerConfig = serde_json::from_str("{}").unwrap();
         assert_eq!(bare.effective_shift(), 1.0);
+        // Options that change the sigmas are refused by name, not ignored.
+        for key in ["use_dynamic_shifting", "use_karras_sigmas", "invert_sigmas"] {
+            let cfg: FlowSchedulerConfig =
+                serde_json::from_str(&format!(r#"{{"shift": 3.0, "{key}": true}}"#)).unwrap();
+            let e = FlowMatchSchedule::from_config(&cfg)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{e}");
+        }
+        let cfg: FlowSchedulerConfig =
+            serde_json::from_str(r#"{"shift": 3.0, "shift_terminal": 0.1}"#).unwrap();
+        assert!(FlowMatchSchedule::from_config(&cfg).is_err());
     }
 }
