@@ -238,6 +238,21 @@ def overload(args):
         server.stop()
 
 
+def rss_trend(samples):
+    """Growth of RSS over `samples` ((t, rss, ...) tuples) as the least-squares line's rise
+    across their span, relative to their mean. The server returns freed pages, so RSS moves
+    around its working set by several MB between samples; the peak against one sample
+    measures that movement, the line measures growth."""
+    if len(samples) < 2:
+        return float("nan")
+    n = len(samples)
+    mt = sum(s[0] for s in samples) / n
+    mr = sum(s[1] for s in samples) / n
+    var = sum((s[0] - mt) ** 2 for s in samples)
+    slope = sum((s[0] - mt) * (s[1] - mr) for s in samples) / var
+    return slope * (samples[-1][0] - samples[0][0]) / mr
+
+
 def soak(args):
     server = Server(args.binary, args.queue_capacity, 30)
     try:
@@ -252,7 +267,8 @@ def soak(args):
         statuses = count_statuses(results)
         after_first_minute = [s for s in samples if s[0] >= 60]
         base = after_first_minute[0][1] if after_first_minute else float("nan")
-        growth = (max(s[1] for s in after_first_minute) - base) / base if after_first_minute else float("nan")
+        peak = (max(s[1] for s in after_first_minute) - base) / base if after_first_minute else float("nan")
+        growth = rss_trend(after_first_minute)
         if args.png:
             plot(samples, args.png)
         out = {
@@ -263,6 +279,7 @@ def soak(args):
             "sent": len(results),
             "statuses": statuses,
             "rss_growth_after_first_minute": round(growth, 4),
+            "rss_peak_over_minute_one": round(peak, 4),
             "samples": [(t, round(r, 1), round(p, 3)) for t, r, p in samples],
         }
         return out, growth < 0.05 and set(statuses) == {"200"}
