@@ -45,6 +45,8 @@ pub enum WanError {
     Tokenize { prompt: String, message: String },
     #[error("Wan: {0}")]
     Compute(#[from] candle_core::Error),
+    #[error(transparent)]
+    Vae(#[from] WanVaeError),
     #[error("cannot load Wan weights {path}: {source}")]
     Weights {
         path: String,

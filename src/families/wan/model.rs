@@ -67,8 +67,7 @@ impl WanModel {
             opts.text_max_len,
             opts.prompt_cache,
         )?;
-        let vae = WanVae::load(&root.join("vae"), opts.vae_dtype, device)
-            .map_err(|e| WanError::Unsupported(e.to_string()))?;
+        let vae = WanVae::load(&root.join("vae"), opts.vae_dtype, device)?;
         let scfg: FlowSchedulerConfig = super::config::read_config(
             &root.join("scheduler").join("scheduler_config.json"),
             |_| Ok(()),

@@ -293,3 +293,28 @@ fn wan_sizes_and_frame_counts_off_the_grid_are_refused() {
         assert_mentions(&e, &["multiples of 16", &format!("{w}x{h}")]);
     }
 }
+
+#[test]
+fn a_wan_directory_missing_a_component_names_it() {
+    let opts = WanOptions {
+        dtype: DType::F32,
+        vae_dtype: DType::F32,
+        text_max_len: 16,
+        prompt_cache: 0,
+        student_timesteps: None,
+    };
+    let dir = std::env::temp_dir().join(format!("fewstep-wan-missing-{}", std::process::id()));
+    let src = fixture_root().join("wan-tiny-t2v");
+    for part in ["transformer", "text_encoder", "tokenizer", "scheduler"] {
+        let to = dir.join(part);
+        std::fs::create_dir_all(&to).unwrap();
+        for f in std::fs::read_dir(src.join(part)).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let e = WanModel::load(&dir, None, &opts, &Device::Cpu).unwrap_err();
+    assert!(matches!(e, WanError::Vae(_)), "{e:?}");
+    assert_mentions(&e.to_string(), &["vae"]);
+    std::fs::remove_dir_all(&dir).ok();
+}
