@@ -9,6 +9,9 @@
             10 s and plotted to a PNG (matplotlib; install it into a virtualenv);
   sigterm   open-loop load at capacity, SIGTERM after 5 s: requests sent before the signal
             are answered (200, or 503 `draining` at the drain deadline), never cut.
+  slowclients  closed-loop requests with and without 200 idle connections held open, in
+            alternating rounds: p99 unchanged within noise, the idle ones closed by the
+            server at its header timeout.
 
     python3 load-tests/limits.py --binary target/release/fewstep overload
     python3 load-tests/limits.py --binary target/release/fewstep soak --png load-tests/soak.png
@@ -328,18 +331,89 @@ def sigterm(args):
     return out, not cut and len(answered) == len(before) and code == 0
 
 
+def slowclients(args):
+    """p99 of closed-loop requests with and without 200 idle connections held open (each one
+    re-opened as soon as the server closes it at its header timeout), in alternating rounds
+    of `args.seconds / 6` seconds; the idle connections must be closed by the server."""
+    server = Server(args.binary, args.queue_capacity, 30)
+    idle, closed = [], [0]
+    stop = threading.Event()
+
+    def hold():
+        # Keep 200 idle connections open; count those the server closes.
+        while not stop.is_set():
+            while len(idle) < 200:
+                idle.append(socket.create_connection(("127.0.0.1", server.port)))
+            for c in list(idle):
+                c.setblocking(False)
+                try:
+                    if c.recv(1) == b"":
+                        idle.remove(c)
+                        c.close()
+                        closed[0] += 1
+                except BlockingIOError:
+                    pass
+            time.sleep(0.2)
+
+    def round_p99(seconds):
+        lat, end = [], time.monotonic() + seconds
+        while time.monotonic() < end:
+            status, t, _, _ = one_request(server.url)
+            if status == 200:
+                lat.append(t)
+        return percentile(sorted(lat), 0.99), len(lat)
+
+    try:
+        per_round = max(args.seconds // 6, 5)
+        round_p99(per_round)  # warm-up
+        quiet, loaded = [], []
+        holder = None
+        for _ in range(3):
+            quiet.append(round_p99(per_round))
+            stop.clear()
+            holder = threading.Thread(target=hold, daemon=True)
+            holder.start()
+            time.sleep(1)
+            loaded.append(round_p99(per_round))
+            stop.set()
+            holder.join()
+            for c in idle:
+                c.close()
+            idle.clear()
+        q = sorted(x[0] for x in quiet)[1]
+        l = sorted(x[0] for x in loaded)[1]
+        out = {
+            "scenario": "slowclients",
+            "round_seconds": per_round,
+            "p99_s_without_idle": [round(x[0], 4) for x in quiet],
+            "p99_s_with_200_idle": [round(x[0], 4) for x in loaded],
+            "requests_per_round": [x[1] for x in quiet + loaded],
+            "median_p99_ratio_with_over_without": round(l / q, 3),
+            "idle_connections_closed_by_server": closed[0],
+        }
+        # "Unchanged within noise": the medians within the rounds' own spread, or 20%.
+        spread = max(x[0] for x in quiet) / min(x[0] for x in quiet)
+        return out, l / q <= max(1.2, spread) and closed[0] >= 200
+    finally:
+        stop.set()
+        server.stop()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--binary", required=True)
     p.add_argument("--queue-capacity", type=int, default=32)
     p.add_argument("--seconds", type=int, default=None)
     p.add_argument("--png", default=None)
-    p.add_argument("scenario", choices=["overload", "soak", "sigterm"])
+    p.add_argument("scenario", choices=["overload", "soak", "sigterm", "slowclients"])
     args = p.parse_args()
     if args.seconds is None:
-        args.seconds = {"overload": 60, "soak": 600, "sigterm": 10}[args.scenario]
+        args.seconds = {"overload": 60, "soak": 600, "sigterm": 10, "slowclients": 120}[
+            args.scenario
+        ]
     args.seconds = min(args.seconds, 900)
-    out, ok = {"overload": overload, "soak": soak, "sigterm": sigterm}[args.scenario](args)
+    scenarios = {"overload": overload, "soak": soak, "sigterm": sigterm, "slowclients": slowclients}
+    out, ok = scenarios[args.scenario](args)
     out["ok"] = ok
     print(json.dumps(out, indent=1))
     sys.exit(0 if ok else 1)
