@@ -79,6 +79,33 @@ pub struct Sampling {
     pub timesteps: Option<Vec<usize>>,
 }
 
+impl Sampling {
+    /// A student's own `timesteps` list: only for the student and ancestral samplers,
+    /// strictly descending, and of a length `allowed_steps` allows (families whose schedules
+    /// take such a list call this from their `Section::validate`).
+    pub fn check_student_timesteps(&self) -> Result<(), String> {
+        let Some(list) = &self.timesteps else {
+            return Ok(());
+        };
+        if self.sampler == SamplerKind::Euler {
+            return Err("sampling.timesteps is for the student and ancestral samplers".into());
+        }
+        if list.is_empty() || list.windows(2).any(|w| w[0] <= w[1]) {
+            return Err(format!(
+                "sampling.timesteps {list:?} must be strictly descending"
+            ));
+        }
+        if !self.allowed_steps.contains(&list.len()) {
+            return Err(format!(
+                "sampling.timesteps lists {} steps, which allowed_steps {:?} does not allow",
+                list.len(),
+                self.allowed_steps
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn one() -> f32 {
     1.0
 }

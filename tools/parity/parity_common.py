@@ -89,3 +89,21 @@ def describe_in(table: dict[str, str], name: str) -> str:
         if key == name or (key.endswith(".K") and name.rsplit(".", 1)[0] == key[:-2]):
             return text
     raise KeyError(name)
+
+
+def wan_transformer_extra(model: torch.nn.Module) -> dict[str, tuple[float, float]]:
+    """`randomize`'s `extra` for a `WanTransformer3DModel`: the Conv3d patch embedding
+    N(0, 1/fan_in) and its bias N(0, 0.1^2), the RMS q/k norm weights N(1, 0.25^2) and the
+    modulation tables N(0, 0.5^2), wider than diffusers' init so that every shift, scale and
+    gate matters."""
+    extra = {}
+    for name, p in model.named_parameters():
+        if name == "patch_embedding.weight":
+            extra[name] = (0.0, 1.0 / math.sqrt(p[0].numel()))
+        elif name == "patch_embedding.bias":
+            extra[name] = (0.0, 0.1)
+        elif name.endswith(("norm_q.weight", "norm_k.weight")):
+            extra[name] = (1.0, 0.25)
+        elif name.endswith("scale_shift_table"):
+            extra[name] = (0.0, 0.5)
+    return extra

@@ -40,7 +40,7 @@ import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from parity_common import compare_outputs, describe_in, randomize, tensor_tables  # noqa: E402
+from parity_common import compare_outputs, describe_in, randomize, tensor_tables, wan_transformer_extra  # noqa: E402
 
 
 def torch_1_13_shims() -> None:
@@ -115,27 +115,10 @@ def is_input(name: str) -> bool:
     return name in ("transformer.latents", "transformer.text") or name.startswith("transformer.timesteps.")
 
 
-def bare_params(model: torch.nn.Module) -> dict[str, tuple[float, float]]:
-    """Parameters of modules `randomize` does not know: the Conv3d patch embedding, the
-    RMS q/k norms and the modulation tables (drawn wider than diffusers' init so that every
-    shift, scale and gate matters)."""
-    extra = {}
-    for name, p in model.named_parameters():
-        if name == "patch_embedding.weight":
-            extra[name] = (0.0, 1.0 / math.sqrt(p[0].numel()))
-        elif name == "patch_embedding.bias":
-            extra[name] = (0.0, 0.1)
-        elif name.endswith(("norm_q.weight", "norm_k.weight")):
-            extra[name] = (1.0, 0.25)
-        elif name.endswith("scale_shift_table"):
-            extra[name] = (0.0, 0.5)
-    return extra
-
-
 def build() -> WanTransformer3DModel:
     torch.manual_seed(0)
     model = WanTransformer3DModel(**CONFIG)
-    randomize(model, SEEDS["weights"], extra=bare_params(model))
+    randomize(model, SEEDS["weights"], extra=wan_transformer_extra(model))
     return model.eval()
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -47,7 +46,7 @@ from diffusers import (  # noqa: E402
 )
 from transformers import T5Tokenizer, UMT5EncoderModel  # noqa: E402
 
-from parity_common import compare_outputs, randomize  # noqa: E402
+from parity_common import compare_outputs, randomize, wan_transformer_extra  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 OUT_DIR = REPO / "tests" / "fixtures" / "wan"
@@ -99,17 +98,7 @@ MODEL_INDEX = {
 def build_transformer() -> WanTransformer3DModel:
     torch.manual_seed(0)
     model = WanTransformer3DModel(**TRANSFORMER)
-    extra = {}
-    for name, p in model.named_parameters():
-        if name == "patch_embedding.weight":
-            extra[name] = (0.0, 1.0 / math.sqrt(p[0].numel()))
-        elif name == "patch_embedding.bias":
-            extra[name] = (0.0, 0.1)
-        elif name.endswith(("norm_q.weight", "norm_k.weight")):
-            extra[name] = (1.0, 0.25)
-        elif name.endswith("scale_shift_table"):
-            extra[name] = (0.0, 0.5)
-    randomize(model, SEEDS["weights"], extra=extra)
+    randomize(model, SEEDS["weights"], extra=wan_transformer_extra(model))
     return model.eval()
 
 

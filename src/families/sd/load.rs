@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 
 use super::layout::SdLayout;
 use super::manifest::SdSource;
@@ -23,10 +23,8 @@ pub fn load_dir(
         message,
     };
     let (dtype, vae_dtype) = (sd.dtype, sd.vae_dtype());
-    if device.is_cpu() && (dtype.dtype() != DType::F32 || vae_dtype.dtype() != DType::F32) {
-        return Err(model_err(format!(
-            "dtype {dtype} (vae {vae_dtype}) is for CUDA devices; use dtype = \"f32\" on the CPU"
-        )));
+    if let Some(why) = crate::families::sd::manifest::device_refuses(dtype, vae_dtype, device) {
+        return Err(model_err(why));
     }
     let sd_err = |error: super::layout::LoadError| ManifestError::Load {
         name: name.clone(),

@@ -9,7 +9,6 @@ use serde::{Deserialize, Serialize};
 use crate::families::Section;
 use crate::manifest::identity::shapes_hash;
 use crate::manifest::{Manifest, Sampling, Serving};
-use crate::pipeline::SamplerKind;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -28,6 +27,18 @@ impl WeightDtype {
             WeightDtype::Bf16 => DType::BF16,
         }
     }
+}
+
+/// Why `dtype` (model) and `vae` cannot run on `device`: the CPU runs f32 only (candle has
+/// no bf16 convolution there, and half precision would only be slower).
+pub(crate) fn device_refuses(
+    dtype: WeightDtype,
+    vae: WeightDtype,
+    device: &candle_core::Device,
+) -> Option<String> {
+    (device.is_cpu() && (dtype.dtype() != DType::F32 || vae.dtype() != DType::F32)).then(|| {
+        format!("dtype {dtype} (vae {vae}) is for CUDA devices; use dtype = \"f32\" on the CPU")
+    })
 }
 
 impl std::fmt::Display for WeightDtype {
@@ -66,7 +77,7 @@ pub struct SdSource {
 }
 
 /// The value of environment variable `name`, if set and not empty.
-fn env_path(name: &Option<String>) -> Option<PathBuf> {
+pub(crate) fn env_path(name: &Option<String>) -> Option<PathBuf> {
     let value = std::env::var_os(name.as_ref()?)?;
     (!value.is_empty()).then(|| PathBuf::from(value))
 }
@@ -124,24 +135,7 @@ impl Section for SdSource {
         if serving.sizes.iter().any(|&[w, h]| w == 0 || h == 0) {
             return Err("serving.sizes must be positive".into());
         }
-        if let Some(list) = &s.timesteps {
-            if s.sampler == SamplerKind::Euler {
-                return Err("sampling.timesteps is for the student and ancestral samplers".into());
-            }
-            if list.is_empty() || list.windows(2).any(|w| w[0] <= w[1]) {
-                return Err(format!(
-                    "sampling.timesteps {list:?} must be strictly descending"
-                ));
-            }
-            if !s.allowed_steps.contains(&list.len()) {
-                return Err(format!(
-                    "sampling.timesteps lists {} steps, which allowed_steps {:?} does not allow",
-                    list.len(),
-                    s.allowed_steps
-                ));
-            }
-        }
-        Ok(())
+        s.check_student_timesteps()
     }
 
     /// The single UNet file when there is one, else the diffusers directory.

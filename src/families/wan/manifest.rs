@@ -5,11 +5,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::families::sd::manifest::WeightDtype;
+use crate::families::sd::manifest::{env_path, WeightDtype};
 use crate::families::Section;
 use crate::manifest::identity::shapes_hash;
 use crate::manifest::{Manifest, Sampling, Serving};
-use crate::pipeline::SamplerKind;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,11 +44,6 @@ fn default_text_max_len() -> usize {
 }
 fn default_prompt_cache() -> usize {
     super::text::DEFAULT_CACHE_PROMPTS
-}
-
-fn env_path(name: &Option<String>) -> Option<PathBuf> {
-    let value = std::env::var_os(name.as_ref()?)?;
-    (!value.is_empty()).then(|| PathBuf::from(value))
 }
 
 impl WanSource {
@@ -112,19 +106,7 @@ impl Section for WanSource {
                 self.text_max_len
             ));
         }
-        if let Some(list) = &s.timesteps {
-            if s.sampler == SamplerKind::Euler {
-                return Err("sampling.timesteps is for the student and ancestral samplers".into());
-            }
-            if !s.allowed_steps.contains(&list.len()) {
-                return Err(format!(
-                    "sampling.timesteps lists {} steps, which allowed_steps {:?} does not allow",
-                    list.len(),
-                    s.allowed_steps
-                ));
-            }
-        }
-        Ok(())
+        s.check_student_timesteps()
     }
 
     fn weights_path(&self, dir: &Path) -> PathBuf {

@@ -124,11 +124,16 @@ impl WanTextEncoder {
 
     /// The token ids of `prompt` after [`clean_prompt`], end-of-sequence included.
     pub fn token_ids(&self, prompt: &str) -> Result<Vec<u32>, WanError> {
+        self.ids_of_clean(&clean_prompt(prompt))
+    }
+
+    /// The ids of an already cleaned prompt.
+    fn ids_of_clean(&self, cleaned: &str) -> Result<Vec<u32>, WanError> {
         let enc = self
             .tokenizer
-            .encode(clean_prompt(prompt), true)
+            .encode(cleaned, true)
             .map_err(|e| WanError::Tokenize {
-                prompt: prompt.to_string(),
+                prompt: cleaned.to_string(),
                 message: e.to_string(),
             })?;
         Ok(enc.get_ids().to_vec())
@@ -176,7 +181,7 @@ impl WanTextEncoder {
             c.misses += 1;
             metrics::counter!("fewstep_prompt_cache_total", "result" => "miss").increment(1);
         }
-        let ids = self.token_ids(prompt)?;
+        let ids = self.ids_of_clean(&key)?;
         let len = ids.len();
         let ids = Tensor::from_vec(ids, (1, len), self.encoder.device())?;
         let states = self.encoder.forward(&ids)?.squeeze(0)?;
