@@ -70,7 +70,8 @@ pub struct DistillConfig {
     pub guidance: Option<f32>,
     /// Two-time-scale update rule: the student steps every `generator_every`-th iteration.
     pub generator_every: u64,
-    /// Range of the generator's re-noising time `tau` (fractions of the schedule).
+    /// Range of the generator's re-noising time `tau` (fractions of the schedule, before its
+    /// warp: a flow shift such as Wan's moves them toward noise).
     pub tau_min: f32,
     pub tau_max: f32,
     pub student_optim: AdamWConfig,
@@ -81,7 +82,8 @@ pub struct DistillConfig {
     /// DMD2's optional GAN term on the critic (off by default; needs renderable prompts).
     pub gan: GanConfig,
     /// Train LoRA adapters (`[lora] rank = 64`, optional `alpha`, default `rank`) on the
-    /// student's and the critic's frozen UNets instead of every weight (sd family only).
+    /// student's and the critic's frozen denoisers instead of every weight (the sd family's
+    /// UNets; the wan family's attention and feed-forward layers). Not for the tiny family.
     pub lora: Option<crate::nn::LoraConfig>,
     /// Reward proxy: `verifier` for the built-in world, or `clip` (a CLIP score, e.g.
     /// PickScore; families with RGB image outputs) with `reward_path`.

@@ -5,13 +5,14 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use candle_nn::VarMap;
+use candle_nn::{VarBuilder, VarMap};
 
 use crate::families::Section;
 use crate::manifest::identity::ModelIdentity;
 use crate::manifest::Manifest;
 use crate::nn::LoraConfig;
 use crate::pipeline::NoiseSchedule;
+use crate::train::named_vars;
 
 /// A trainable copy of a family's denoiser (the student or the critic) and its variables,
 /// sorted by name.
@@ -97,13 +98,19 @@ pub trait DistillFamily {
     ) -> anyhow::Result<Manifest>;
 
     /// The servable weights of a student that started from `init` and whose variables now
-    /// hold `tensors` (by variable name; LoRA adapters are merged into their weights).
+    /// hold `tensors` (by variable name): the variables themselves, or with `lora` the
+    /// adapters merged into their weights.
     fn export(
         &self,
         init: &HashMap<String, Tensor>,
         tensors: &HashMap<String, Tensor>,
         lora: Option<&LoraConfig>,
-    ) -> anyhow::Result<HashMap<String, Tensor>>;
+    ) -> anyhow::Result<HashMap<String, Tensor>> {
+        match lora.filter(|l| l.enabled()) {
+            None => Ok(tensors.clone()),
+            Some(lora) => Ok(crate::nn::lora::merge(init, tensors, lora)?),
+        }
+    }
 
     /// The GAN term's support: the feature width of [`Self::denoising_loss`]'s features and
     /// real samples for prompts (`None` when the family has no real data to compare with).
@@ -143,6 +150,41 @@ pub fn save_student(
     crate::train::checkpoint::save_weights_atomic(weights, &identity, &dir.join(file))?;
     manifest.dir = dir.to_path_buf();
     Ok(manifest)
+}
+
+/// A trainable denoiser that `build` makes from `init` (the family's weight names): every
+/// weight a variable, or with `lora` the weights frozen as plain tensors and the adapters
+/// that `attach` puts on them (drawn from `seed`; it returns how many layers it adapted) the
+/// only variables. What [`DistillFamily::trainable`] does for a family with LoRA targets.
+pub fn trainable_from<N>(
+    init: &HashMap<String, Tensor>,
+    seed: u64,
+    lora: Option<&LoraConfig>,
+    device: &Device,
+    build: impl Fn(VarBuilder) -> Result<N>,
+    attach: impl FnOnce(&mut N, VarBuilder, &LoraConfig) -> Result<usize>,
+) -> anyhow::Result<Trainable<N>> {
+    let Some(lora) = lora.filter(|l| l.enabled()) else {
+        let map = var_map_from(init, |_| true, device)?;
+        let net = build(crate::nn::seeded_var_builder(
+            &map,
+            seed,
+            DType::F32,
+            device,
+        ))?;
+        let vars = named_vars(&map);
+        check_init(init, &vars, |_| true)?;
+        return Ok(Trainable { net, vars });
+    };
+    let mut net = build(VarBuilder::from_tensors(init.clone(), DType::F32, device))?;
+    let map = VarMap::new();
+    let vb = crate::nn::seeded_var_builder(&map, seed, DType::F32, device);
+    let layers = attach(&mut net, vb, lora)?;
+    anyhow::ensure!(layers > 0, "this denoiser has no layer that LoRA adapts");
+    Ok(Trainable {
+        net,
+        vars: named_vars(&map),
+    })
 }
 
 /// A var map whose variables start as `init` (as f32 on `device`), so that building a model

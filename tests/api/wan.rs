@@ -97,3 +97,106 @@ async fn a_wan_manifest_serves_mp4_on_its_4k_plus_1_frame_grid_and_refuses_other
     s.handle.shutdown().await.unwrap();
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Runs `fewstep distill` with `args` (a tiny LoRA AMD run of 2 iterations: a 1-frame clip,
+/// then a 5-frame video, scored by the tiny CLIP fixture).
+fn distill_wan(models: &Path, out: &Path, model: &str, args: &[&str]) {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let conf = out.with_extension("toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "iterations = 2\nprompts = 1\ngroup_size = 2\nvideo_every = 2\nvideo_prompts = 1\n\
+             generator_every = 1\nlog_every = 1\nreward = \"clip\"\nreward_path = {:?}\n\
+             [lora]\nrank = 4\n",
+            fixtures.join("sd/clip-tiny").display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fewstep"))
+        .args(["distill", "--model", model, "--student-steps", "2"])
+        .arg("--models-dir")
+        .arg(models)
+        .arg("--config")
+        .arg(&conf)
+        .arg("--out")
+        .arg(out)
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Wan's refinement loop: distill a LoRA student of the tiny teacher, serve it, continue it,
+/// and hot-swap the continuation into the running server, which then answers with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_distilled_wan_student_serves_and_a_continued_one_hot_swaps_in() {
+    let dir = std::env::temp_dir().join(format!("fewstep-test-wan-loop-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let models = dir.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/wan");
+    let mut teacher: toml::Table =
+        toml::from_str(&std::fs::read_to_string(fixtures.join("wan-tiny-teacher.toml")).unwrap())
+            .unwrap();
+    let abs = fixtures.join("wan-tiny-t2v").display().to_string();
+    set(&mut teacher, "wan", "dir", abs);
+    std::fs::write(
+        models.join("wan-tiny-teacher.toml"),
+        toml::to_string(&teacher).unwrap(),
+    )
+    .unwrap();
+    // The first student lands in the models directory (`models/wan-tiny/`).
+    let first = tokio::task::spawn_blocking({
+        let models = models.clone();
+        move || distill_wan(&models, &models, "wan-tiny-teacher", &[])
+    });
+    first.await.unwrap();
+
+    let mut cfg = config(&models);
+    cfg.allow_random_weights = false;
+    cfg.models = vec!["wan-tiny".into()];
+    cfg.admin_token = Some("sesame".into());
+    cfg.reload_dirs = vec![dir.join("run")];
+    let s = start(cfg).await;
+    let clip = |seed: u64| {
+        json!({"model": "wan-tiny", "prompt": "a red cat walks", "num_frames": 5, "width": 32,
+               "height": 32, "seed": seed, "output_format": "mp4"})
+    };
+    let v0: Value = s.generate(clip(1)).await.json().await.unwrap();
+    assert_eq!(v0["steps"], 2, "the student's own step count");
+    let before = v0["model_version"].as_str().unwrap().to_string();
+
+    let second = tokio::task::spawn_blocking({
+        let (models, run, base) = (models.clone(), dir.join("run"), s.base.clone());
+        move || {
+            distill_wan(
+                &models,
+                &run,
+                "wan-tiny",
+                &["--publish", &base, "--admin-token", "sesame"],
+            )
+        }
+    });
+    second.await.unwrap();
+    let v1: Value = s.generate(clip(1)).await.json().await.unwrap();
+    let after = v1["model_version"].as_str().unwrap();
+    assert_ne!(after, before, "the continued student serves");
+    let frames = fewstep::media::decode(
+        &decode_b64(v1["outputs"][0]["data"].as_str().unwrap()),
+        "video/mp4",
+    )
+    .unwrap();
+    assert_eq!(frames.len(), 5);
+    assert_ne!(
+        v1["outputs"][0]["data"], v0["outputs"][0]["data"],
+        "the same seed draws another clip"
+    );
+    s.handle.shutdown().await.unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -165,7 +165,8 @@ fn an_sdxl_lora_student_trains_adapters_and_exports_merged_weights() -> anyhow::
     tiny.config.reward_path = None;
     let err = run(&tiny, &Device::Cpu, |_, _| {}).err().expect("refused");
     assert!(
-        err.to_string().contains("LoRA is for the sd family"),
+        err.to_string()
+            .contains("LoRA is for the sd and wan families"),
         "{err}"
     );
     assert!(!tiny.out.exists(), "a refused run leaves nothing behind");
@@ -219,5 +220,120 @@ fn a_tiny_student_of_another_architecture_than_its_teacher_is_refused() -> anyho
     );
     assert!(!opts.out.exists(), "a refused run leaves nothing behind");
     std::fs::remove_dir_all(models).ok();
+    Ok(())
+}
+
+/// Generates one clip of `frames` frames at 32x32 with a loaded Wan model's own sampler.
+fn generate_wan(model: &LoadedModel, frames: usize) -> anyhow::Result<Vec<image::RgbImage>> {
+    let m = &model.manifest;
+    let spec = BatchSpec {
+        prompts: vec!["a red cat walks on the beach".into()],
+        negative_prompts: vec![String::new()],
+        seeds: vec![5],
+        frames,
+        width: 32,
+        height: 32,
+    };
+    let params = SamplerParams {
+        kind: m.sampling.sampler,
+        steps: m.sampling.default_steps,
+        guidance: m.sampling.default_guidance,
+    };
+    let Some(wan) = model.family_model::<crate::families::wan::WanModel>() else {
+        anyhow::bail!("not a Wan model");
+    };
+    Ok(wan.generate(&spec, params)?.outputs.remove(0))
+}
+
+#[test]
+fn a_wan_lora_student_distills_exports_serves_reloads_and_continues() -> anyhow::Result<()> {
+    use crate::families::wan::manifest::WanSource;
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/wan");
+    // A models directory: the teacher (pointing at the fixture) and, once trained, its student.
+    let models = temp_dir("wan-models");
+    std::fs::create_dir_all(&models)?;
+    let mut m: toml::Table = toml::from_str(&std::fs::read_to_string(
+        fixtures.join("wan-tiny-teacher.toml"),
+    )?)?;
+    let wan = m.get_mut("wan").and_then(|w| w.as_table_mut()).unwrap();
+    let dir = fixtures.join("wan-tiny-t2v").display().to_string();
+    wan.insert("dir".into(), dir.into());
+    std::fs::write(models.join("wan-tiny-teacher.toml"), toml::to_string(&m)?)?;
+
+    let mut opts = RunOptions {
+        models_dir: models.clone(),
+        model: "wan-tiny-teacher".into(),
+        out: models.clone(),
+        ..options("unused", &models, Some(crate::nn::LoraConfig::new(4)))
+    };
+    opts.config.video_every = 2;
+    opts.config.video_prompts = 1;
+    let mut seen = Vec::new();
+    let out = run(&opts, &Device::Cpu, |s, _| {
+        seen.push((s.iteration, s.video))
+    })?;
+    assert_eq!(seen, vec![(1, false), (2, true)], "a clip, then a video");
+    assert!(out.report.is_none(), "the ShapesWorld eval is not for Wan");
+
+    // The student: one transformer file beside a manifest that names the teacher's directory.
+    let m = &out.manifest;
+    assert_eq!(m.name, "wan-tiny");
+    assert_eq!(m.teacher.as_deref(), Some("wan-tiny-teacher"));
+    assert_eq!(m.sampling.sampler, SamplerKind::Student);
+    assert_eq!(m.sampling.default_steps, 2);
+    assert_eq!(m.sampling.default_guidance, 1.0);
+    let wan = WanSource::of(m).unwrap();
+    assert_eq!(
+        wan.transformer_file.as_deref(),
+        Some(Path::new("transformer.safetensors"))
+    );
+    // LoRA merged into the exported weights: adapted layers moved, the rest is the teacher's.
+    let teacher_tf = read_unet_weights(&fixtures.join("wan-tiny-t2v/transformer"), &Device::Cpu)?;
+    let student_tf = read_unet_weights(&m.weights_path(), &Device::Cpu)?;
+    assert_eq!(student_tf.len(), teacher_tf.len());
+    let same = |n: &str| -> anyhow::Result<bool> {
+        let a = student_tf[n].flatten_all()?.to_vec1::<f32>()?;
+        let b = teacher_tf[n].flatten_all()?.to_vec1::<f32>()?;
+        Ok(a == b)
+    };
+    assert!(same("patch_embedding.weight")?);
+    for adapted in ["blocks.0.attn1.to_q.weight", "blocks.1.ffn.net.2.weight"] {
+        assert!(!same(adapted)?, "{adapted} carries the merged adapter");
+    }
+
+    // It serves a 5-frame clip, unlike the teacher run as a 2-step student, and a reload of
+    // its file (what the server's hot swap loads) is the same model.
+    let student = LoadedModel::load(m, &Device::Cpu)?;
+    let clip = generate_wan(&student, 5)?;
+    assert_eq!(clip.len(), 5);
+    assert_eq!(clip[0].dimensions(), (32, 32));
+    let teacher = Manifest::find(&models, "wan-tiny-teacher")?;
+    let mut as_student = teacher.clone();
+    as_student.sampling = m.sampling.clone();
+    let plain = generate_wan(&LoadedModel::load(&as_student, &Device::Cpu)?, 5)?;
+    assert_ne!(clip[0].as_raw(), plain[0].as_raw());
+    let reloaded = LoadedModel::load_weights(&teacher, &m.weights_path(), &Device::Cpu)?;
+    assert_eq!(reloaded.version, student.version);
+
+    // The served student continues from its own weights against its teacher.
+    let more = RunOptions {
+        model: "wan-tiny".into(),
+        out: temp_dir("wan-continue"),
+        ..opts.clone()
+    };
+    let next = run(&more, &Device::Cpu, |_, _| {})?;
+    assert_eq!(next.manifest.name, "wan-tiny");
+    assert_eq!(next.manifest.teacher.as_deref(), Some("wan-tiny-teacher"));
+    let next_tf = read_unet_weights(&next.manifest.weights_path(), &Device::Cpu)?;
+    assert_ne!(
+        next_tf["blocks.0.attn1.to_q.weight"]
+            .flatten_all()?
+            .to_vec1::<f32>()?,
+        student_tf["blocks.0.attn1.to_q.weight"]
+            .flatten_all()?
+            .to_vec1::<f32>()?
+    );
+    std::fs::remove_dir_all(models).ok();
+    std::fs::remove_dir_all(&more.out).ok();
     Ok(())
 }

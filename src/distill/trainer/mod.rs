@@ -288,8 +288,11 @@ impl<F: DistillFamily> Distiller<F> {
             None
         };
 
-        // Critic: the family's own denoising loss on the student's samples.
-        let tau: Vec<f32> = (0..b).map(|_| rng.random::<f32>()).collect();
+        // Critic: the family's own denoising loss on the student's samples, at times drawn
+        // as the teacher was trained (through the schedule's warp: Wan's flow shift; the
+        // identity for tiny and sd).
+        let schedule = self.family.schedule();
+        let tau: Vec<f32> = (0..b).map(|_| schedule.warp(rng.random::<f32>())).collect();
         let noise = randn(&mut rng, &shape, &dev)?;
         let gan_on = self.gan_head.is_some();
         let (per_sample, fake_features) =
@@ -351,11 +354,11 @@ impl<F: DistillFamily> Distiller<F> {
     ) -> anyhow::Result<GeneratorStats> {
         let cfg = &self.config;
         let b = x.dim(0)?;
+        let schedule = self.family.schedule();
         let tau: Vec<f32> = (0..b)
-            .map(|_| rng.random_range(cfg.tau_min..cfg.tau_max))
+            .map(|_| schedule.warp(rng.random_range(cfg.tau_min..cfg.tau_max)))
             .collect();
         let noise = randn(rng, x.dims(), x.device())?;
-        let schedule = self.family.schedule();
         let x_tau = schedule.add_noise(x_sg, &noise, &tau)?;
         // Real teacher, conditional and unconditional in one pass; critic conditional.
         let (xc, xu) = self.family.teacher_x0(&x_tau, &tau, cond)?;

@@ -7,17 +7,16 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarBuilder;
 
 use super::layout::PredictionType;
 use super::manifest::SdSource;
 use super::{SdCond, SdModel, UNet};
-use crate::distill::family::{check_init, save_student, var_map_from, DistillFamily, Trainable};
+use crate::distill::family::{save_student, trainable_from, DistillFamily, Trainable};
 use crate::distill::math;
 use crate::manifest::{LoadedModel, Manifest};
 use crate::nn::LoraConfig;
 use crate::pipeline::NoiseSchedule;
-use crate::train::named_vars;
 
 /// The file name of an exported student's UNet.
 pub const STUDENT_UNET: &str = "unet.safetensors";
@@ -183,27 +182,9 @@ impl DistillFamily for SdFamily {
         seed: u64,
         lora: Option<&LoraConfig>,
     ) -> anyhow::Result<Trainable<UNet>> {
-        let dev = self.device();
         let cfg = self.model.unet().config();
-        let Some(lora) = lora.filter(|l| l.enabled()) else {
-            let map = var_map_from(init, |_| true, dev)?;
-            let vb = crate::nn::seeded_var_builder(&map, seed, DType::F32, dev);
-            let net = UNet::new(vb, cfg)?;
-            let vars = named_vars(&map);
-            check_init(init, &vars, |_| true)?;
-            return Ok(Trainable { net, vars });
-        };
-        // The weights stay plain tensors; only the adapters are variables.
-        let base = VarBuilder::from_tensors(init.clone(), DType::F32, dev);
-        let mut net = UNet::new(base, cfg)?;
-        let map = VarMap::new();
-        let vb = crate::nn::seeded_var_builder(&map, seed, DType::F32, dev);
-        let layers = net.attach_lora(vb, lora)?;
-        anyhow::ensure!(layers > 0, "this UNet has no layer that LoRA adapts");
-        Ok(Trainable {
-            net,
-            vars: named_vars(&map),
-        })
+        let build = |vb: VarBuilder| UNet::new(vb, cfg);
+        trainable_from(init, seed, lora, self.device(), build, UNet::attach_lora)
     }
 
     fn teacher_weights(&self) -> &HashMap<String, Tensor> {
@@ -235,17 +216,5 @@ impl DistillFamily for SdFamily {
         sd.unet_file = Some(PathBuf::from(STUDENT_UNET));
         sd.unet_file_env = None;
         save_student(manifest, sd, dir, Path::new(STUDENT_UNET), weights)
-    }
-
-    fn export(
-        &self,
-        init: &HashMap<String, Tensor>,
-        tensors: &HashMap<String, Tensor>,
-        lora: Option<&LoraConfig>,
-    ) -> anyhow::Result<HashMap<String, Tensor>> {
-        match lora.filter(|l| l.enabled()) {
-            None => Ok(tensors.clone()),
-            Some(lora) => Ok(crate::nn::lora::merge(init, tensors, lora)?),
-        }
     }
 }

@@ -130,7 +130,7 @@ impl DistillFamily for TinyFamily {
     ) -> anyhow::Result<Trainable<TinyNet>> {
         anyhow::ensure!(
             lora.is_none_or(|l| !l.enabled()),
-            "LoRA is for the sd family; the tiny denoiser trains every weight (remove [lora])"
+            "LoRA is for the sd and wan families; the tiny denoiser trains every weight (remove [lora])"
         );
         let dev = self.device();
         let map = var_map_from(init, self.is_denoiser(), dev)?;

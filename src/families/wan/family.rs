@@ -4,6 +4,7 @@ use std::path::Path;
 
 use candle_core::Device;
 
+use super::distill::WanFamily;
 use super::load::load_dir;
 use super::manifest::WanSource;
 use crate::distill::run::{Run, RunOutput};
@@ -57,16 +58,12 @@ impl Family for Wan {
         }
     }
 
-    /// Not built yet: the step 5 (DMD2/AMD on the transformer with LoRA and a video
-    /// reward). Says so rather than failing later.
     fn distill(
         &self,
         run: Run<'_>,
-        _progress: &mut dyn FnMut(&IterStats, u64),
+        progress: &mut dyn FnMut(&IterStats, u64),
     ) -> anyhow::Result<RunOutput> {
-        anyhow::bail!(
-            "distilling a Wan model ({}) is not supported yet; Wan models can be served",
-            run.teacher().name
-        )
+        let teacher = WanFamily::from_manifest(run.teacher(), run.device())?;
+        run.distill(teacher, progress)
     }
 }

@@ -21,21 +21,7 @@ pub fn load_dir(
         name: name.clone(),
         message,
     };
-    let (dtype, vae_dtype) = (wan.dtype, wan.vae_dtype());
-    if let Some(why) = crate::families::sd::manifest::device_refuses(dtype, vae_dtype, device) {
-        return Err(model_err(why));
-    }
-    let opts = WanOptions {
-        dtype: dtype.dtype(),
-        vae_dtype: vae_dtype.dtype(),
-        text_max_len: wan.text_max_len,
-        prompt_cache: wan.prompt_cache,
-        student_timesteps: manifest
-            .sampling
-            .timesteps
-            .as_ref()
-            .map(|l| l.iter().map(|&t| t as f64).collect()),
-    };
+    let opts = options(manifest, wan, device)?;
     let model =
         WanModel::load(root, transformer_file, &opts, device).map_err(|e| ManifestError::Load {
             name: name.clone(),
@@ -57,6 +43,33 @@ pub fn load_dir(
         trained: true,
         model: Arc::new(model),
         weights_bytes,
+    })
+}
+
+/// How the manifest's `[wan]` table and sampling say to load the directory, or why this
+/// device cannot run its precision.
+pub fn options(
+    manifest: &Manifest,
+    wan: &WanSource,
+    device: &Device,
+) -> Result<WanOptions, ManifestError> {
+    let (dtype, vae_dtype) = (wan.dtype, wan.vae_dtype());
+    if let Some(message) = crate::families::sd::manifest::device_refuses(dtype, vae_dtype, device) {
+        return Err(ManifestError::Model {
+            name: manifest.name.clone(),
+            message,
+        });
+    }
+    Ok(WanOptions {
+        dtype: dtype.dtype(),
+        vae_dtype: vae_dtype.dtype(),
+        text_max_len: wan.text_max_len,
+        prompt_cache: wan.prompt_cache,
+        student_timesteps: manifest
+            .sampling
+            .timesteps
+            .as_ref()
+            .map(|l| l.iter().map(|&t| t as f64).collect()),
     })
 }
 

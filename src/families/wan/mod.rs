@@ -1,12 +1,14 @@
 //! Wan2.1 text-to-video (`Wan-AI/Wan2.1-T2V-*-Diffusers`), loaded from a directory in the
-//! diffusers layout. So far: the video transformer (`transformer/`), the umT5 text path
+//! diffusers layout: the video transformer (`transformer/`), the umT5 text path
 //! (`tokenizer/`, `text_encoder/`, with a prompt cache), the video VAE (`vae/`, [`WanVae`])
-//! and the flow-matching schedule with its teacher and student steps (`scheduler`). The
-//! transformer serves and trains from one implementation, so its layers are built from ops
-//! with a backward (see `crate::nn`); the text encoder is frozen.
+//! and the flow-matching schedule with its teacher and student steps (`scheduler`), served
+//! (`model`) and distilled with DMD2/AMD (`distill`). The transformer serves and trains from
+//! one implementation, so its layers are built from ops with a backward (see `crate::nn`);
+//! the text encoder and the VAE are frozen.
 
 mod block;
 pub mod config;
+pub mod distill;
 mod family;
 mod load;
 pub mod manifest;
@@ -18,6 +20,7 @@ pub mod transformer;
 pub mod vae;
 
 pub use config::WanTransformerConfig;
+pub use distill::WanFamily;
 pub use family::Wan;
 pub use model::{WanCond, WanModel, WanOptions};
 pub use scheduler::{FlowMatchSchedule, FlowScheduleError, FlowSchedulerConfig};

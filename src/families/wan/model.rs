@@ -140,12 +140,45 @@ impl WanModel {
 
     /// The transformer's velocity for latents `x` `[B, z, F, h, w]` at per-row sigmas.
     fn velocity(&self, x: &Tensor, sigmas: &[f32], text: &Tensor) -> Result<Tensor> {
+        self.velocity_with(&self.transformer, self.dtype, x, sigmas, text)
+    }
+
+    /// [`Self::velocity`] of another transformer of this model's config (a trainable
+    /// student or critic) that computes in `dtype`; the result has `x`'s dtype.
+    pub fn velocity_with(
+        &self,
+        net: &WanTransformer,
+        dtype: DType,
+        x: &Tensor,
+        sigmas: &[f32],
+        text: &Tensor,
+    ) -> Result<Tensor> {
         let t = self.schedule.train_steps() as f32;
         let timesteps: Vec<f32> = sigmas.iter().map(|s| s * t).collect();
         let timesteps = Tensor::new(timesteps, &self.device)?;
-        self.transformer
-            .forward(&x.to_dtype(self.dtype)?, &timesteps, text)?
+        net.forward(&x.to_dtype(dtype)?, &timesteps, &text.to_dtype(dtype)?)?
             .to_dtype(x.dtype())
+    }
+
+    /// The frozen transformer's conditional and unconditional x0 of `x` at per-row sigmas,
+    /// both branches in one pass (the negatives stand in for the prompts).
+    pub fn x0_cond_uncond(
+        &self,
+        x: &Tensor,
+        sigmas: &[f32],
+        cond: &Tensor,
+        uncond: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let b = x.dim(0)?;
+        let xx = Tensor::cat(&[x, x], 0)?;
+        let ss = [sigmas, sigmas].concat();
+        let v = self.velocity(&xx, &ss, &Tensor::cat(&[cond, uncond], 0)?)?;
+        let x0 = (&xx - v.broadcast_mul(&row_scale(&ss, &v)?)?)?;
+        Ok((x0.narrow(0, 0, b)?, x0.narrow(0, b, b)?))
+    }
+
+    pub fn transformer(&self) -> &WanTransformer {
+        &self.transformer
     }
 }
 

@@ -250,6 +250,18 @@ impl WanTransformer {
             .reshape((b, c, gf * pt, gh * ph, gw * pw))
     }
 
+    /// Attaches LoRA adapters (variables from `vb`, under each layer's state-dict path) to
+    /// every layer [`Self::visit_linears`] visits; returns how many.
+    pub fn attach_lora(&mut self, vb: VarBuilder, cfg: &crate::nn::LoraConfig) -> Result<usize> {
+        let mut count = 0;
+        self.visit_linears(&mut |path, linear| {
+            linear.attach_lora(vb.pp(path), cfg)?;
+            count += 1;
+            Ok(())
+        })?;
+        Ok(count)
+    }
+
     /// Visits every block's attention and feed-forward layers with their state-dict paths
     /// (`blocks.{i}.attn1.to_q`, ..., `blocks.{i}.ffn.net.2`).
     pub fn visit_linears(&mut self, f: &mut VisitLinear) -> Result<()> {
