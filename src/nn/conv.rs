@@ -1,4 +1,5 @@
-//! A 3x3 "same" convolution as one GEMM over an im2col matrix.
+//! A 3x3 "same" convolution as one GEMM over an im2col matrix, and the im2col matrix of a
+//! video convolution ([`FrameKernel`], [`frames_im2col`]; the Wan VAE's causal conv3d).
 //!
 //! candle 0.11's CPU conv2d is correct but its backward (a naive transposed convolution) made
 //! a training step with two small 32x32 convs 3x slower than the whole DiT. Here im2col is one
@@ -8,6 +9,8 @@
 //! Images can be channels-first (`[N, C, H, W]`, what conv2d takes) or channels-last
 //! (`[N, H, W, C]`). The GEMM's output rows are pixels, so channels-last needs no transpose,
 //! and its pixels are already the tokens of the layer norms and attention around the conv.
+
+use std::ops::Range;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -137,6 +140,169 @@ fn im2col(x: &Tensor, layout: Channels) -> Result<Tensor> {
     } else {
         im2col_composed(x, layout)
     }
+}
+
+/// A `(kt, k, k)` convolution kernel over videos `[B, T, C, H, W]`: consecutive output frames
+/// start `t_stride` input frames apart, the spatial sides step `stride` pixels and are
+/// zero-padded by `pad` on each side. No temporal padding (callers put the past frames in).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameKernel {
+    pub kt: usize,
+    pub k: usize,
+    pub t_stride: usize,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl FrameKernel {
+    /// `(frames, height, width)` of the output for an input of `(t, h, w)`; `None` when the
+    /// kernel does not fit.
+    pub fn out_dims(self, t: usize, h: usize, w: usize) -> Option<(usize, usize, usize)> {
+        let FrameKernel {
+            kt,
+            k,
+            t_stride,
+            stride,
+            pad,
+        } = self;
+        if t < kt || h + 2 * pad < k || w + 2 * pad < k || t_stride == 0 || stride == 0 {
+            return None;
+        }
+        Some((
+            (t - kt) / t_stride + 1,
+            (h + 2 * pad - k) / stride + 1,
+            (w + 2 * pad - k) / stride + 1,
+        ))
+    }
+
+    /// Rows of the im2col matrix: `C * kt * k * k`.
+    pub fn taps(self, c: usize) -> usize {
+        c * self.kt * self.k * self.k
+    }
+
+    /// Walks the im2col matrix of output frames `frames` (of the `B * T'` frames of all
+    /// videos, in order) row by row in memory order, calling `f(Some(input index), len)`
+    /// for a run of `len` entries that read input pixels `stride` apart and `f(None, len)`
+    /// for `len` entries of zero padding.
+    fn for_each_segment(
+        self,
+        (b, t, c, h, w): Dims5,
+        frames: Range<usize>,
+        mut f: impl FnMut(Option<usize>, usize),
+    ) {
+        let FrameKernel {
+            kt,
+            k,
+            t_stride,
+            stride,
+            pad,
+        } = self;
+        let Some((t_out, ho, wo)) = self.out_dims(t, h, w) else {
+            return;
+        };
+        debug_assert!(frames.end <= b * t_out);
+        for ci in 0..c {
+            for j in 0..kt {
+                for ky in 0..k {
+                    for kx in 0..k {
+                        // Output columns whose input column `xo * stride + kx - pad` is inside.
+                        let x0 = pad.saturating_sub(kx).div_ceil(stride).min(wo);
+                        let x1 = (w + pad).saturating_sub(kx).div_ceil(stride).clamp(x0, wo);
+                        for n in frames.clone() {
+                            let (bi, i) = (n / t_out, n % t_out);
+                            let plane = ((bi * t + i * t_stride + j) * c + ci) * h * w;
+                            for yo in 0..ho {
+                                let yi = (yo * stride + ky).checked_sub(pad).filter(|&y| y < h);
+                                match yi {
+                                    Some(yi) if x1 > x0 => {
+                                        if x0 > 0 {
+                                            f(None, x0);
+                                        }
+                                        f(Some(plane + yi * w + x0 * stride + kx - pad), x1 - x0);
+                                        if x1 < wo {
+                                            f(None, wo - x1);
+                                        }
+                                    }
+                                    _ => f(None, wo),
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `(b, t, c, h, w)` of a video tensor.
+type Dims5 = (usize, usize, usize, usize, usize);
+
+/// Videos `[B, T, C, H, W]` -> `[C * kt * k * k, frames * H' * W']` for a range of the
+/// `B * T'` output frames: a column per output pixel holding its zero-padded neighbourhood,
+/// rows ordered (channel, frame tap, ky, kx) like a conv3d weight `[out, C, kt, k, k]`
+/// flattened, so that `weight [out, K] x cols` is the convolution of those frames. Rows are
+/// the long side: the matrix is written in order, in runs along image rows.
+struct Im2ColFrames {
+    kernel: FrameKernel,
+    frames: Range<usize>,
+}
+
+impl CustomOp1 for Im2ColFrames {
+    fn name(&self) -> &'static str {
+        "fewstep-im2col-frames"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = l.shape().dims5()?;
+        let (b, t, c, h, w) = dims;
+        let Some((t_out, ho, wo)) = self.kernel.out_dims(t, h, w) else {
+            candle_core::bail!("{}: kernel {:?} over {:?}", self.name(), self.kernel, dims);
+        };
+        if self.frames.start > self.frames.end || self.frames.end > b * t_out {
+            candle_core::bail!("{}: frames {:?} of {}", self.name(), self.frames, b * t_out);
+        }
+        let x = super::fused::slice(s, l, self.name())?;
+        let rows = self.kernel.taps(c);
+        let cols = self.frames.len() * ho * wo;
+        let step = self.kernel.stride;
+        // Every entry is written once, in order: no zero-filled buffer first.
+        let mut out = Vec::with_capacity(rows * cols);
+        self.kernel
+            .for_each_segment(dims, self.frames.clone(), |src, len| match src {
+                None => out.resize(out.len() + len, 0f32),
+                Some(src) if step == 1 => out.extend_from_slice(&x[src..src + len]),
+                Some(src) => out.extend((0..len).map(|i| x[src + i * step])),
+            });
+        debug_assert_eq!(out.len(), rows * cols);
+        Ok((CpuStorage::F32(out), Shape::from((rows, cols))))
+    }
+
+    /// col2im: every input pixel sums the gradients of the matrix entries that read it.
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dims = arg.dims5()?;
+        let step = self.kernel.stride;
+        let dx = super::fused::with_data(grad, |g| {
+            let mut dx = vec![0f32; arg.elem_count()];
+            let mut at = 0;
+            self.kernel
+                .for_each_segment(dims, self.frames.clone(), |src, len| {
+                    if let Some(src) = src {
+                        for (i, g) in g[at..at + len].iter().enumerate() {
+                            dx[src + i * step] += g;
+                        }
+                    }
+                    at += len;
+                });
+            dx
+        })?;
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// The im2col matrix of output frames `frames` of videos `x` `[B, T, C, H, W]` for `kernel`
+/// (see [`Im2ColFrames`]); CPU f32 only, with a col2im backward.
+pub fn frames_im2col(x: &Tensor, kernel: FrameKernel, frames: Range<usize>) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Im2ColFrames { kernel, frames })
 }
 
 #[derive(Debug, Clone)]

@@ -6,7 +6,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::causal_conv::{last_frames, wide, CausalConv3d, FrameCache};
-use crate::families::sd::layers::{upsample_nearest, Conv2d, PointwiseConv};
+use crate::families::sd::layers::{upsample_nearest, PointwiseConv};
 use crate::nn::attention::sdpa;
 
 /// `F.normalize`'s floor on the norm.
@@ -171,8 +171,8 @@ pub(super) enum Mode {
 #[derive(Debug, Clone)]
 pub(super) struct Resample {
     mode: Mode,
-    /// `resample.1`, the conv after the upsampling or padding.
-    conv: Conv2d,
+    /// `resample.1`, the 2D conv after the upsampling or padding, run on every frame.
+    conv: CausalConv3d,
     /// `time_conv`, kernel `(3, 1, 1)`.
     time_conv: Option<CausalConv3d>,
 }
@@ -183,8 +183,13 @@ impl Resample {
         // Upsampling halves the channels in the spatial conv, after the temporal one made
         // two frames' worth; downsampling keeps them.
         let (conv, time_out) = match mode {
-            Mode::Up2d | Mode::Up3d => (Conv2d::new(conv_vb, dim, dim / 2, 3, 1, 1)?, 2 * dim),
-            Mode::Down2d | Mode::Down3d => (Conv2d::new(conv_vb, dim, dim, 3, 2, 0)?, dim),
+            Mode::Up2d | Mode::Up3d => {
+                let conv = CausalConv3d::spatial(conv_vb, dim, dim / 2, 3, 1, 1)?;
+                (conv, 2 * dim)
+            }
+            Mode::Down2d | Mode::Down3d => {
+                (CausalConv3d::spatial(conv_vb, dim, dim, 3, 2, 0)?, dim)
+            }
         };
         let time_conv = match mode {
             Mode::Up3d | Mode::Down3d => Some(CausalConv3d::new(
@@ -221,14 +226,16 @@ impl Resample {
             _ => x.clone(),
         };
         let (b, t, c, h, w) = x.dims5()?;
-        let flat = x.reshape((b * t, c, h, w))?;
         let y = match self.mode {
-            Mode::Up2d | Mode::Up3d => upsample_nearest(&flat, 2 * h, 2 * w)?,
-            Mode::Down2d | Mode::Down3d => flat.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?,
+            Mode::Up2d | Mode::Up3d => upsample_nearest(
+                &x.reshape((b * t, c, h, w))?,
+                2 * h,
+                2 * w,
+            )?
+            .reshape((b, t, c, 2 * h, 2 * w))?,
+            Mode::Down2d | Mode::Down3d => x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(4, 0, 1)?,
         };
-        let y = self.conv.forward(&y)?;
-        let (_, c, h, w) = y.dims4()?;
-        let y = y.reshape((b, t, c, h, w))?;
+        let y = self.conv.valid(&y, 1)?;
         match (self.mode, &self.time_conv) {
             (Mode::Down3d, Some(time_conv)) => {
                 let slot = cache.next_slot();
