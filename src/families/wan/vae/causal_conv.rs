@@ -8,10 +8,11 @@
 //! candle 0.11 has no conv3d. On the CPU in f32 a `(kt, k, k)` kernel is an im2col of the
 //! output frames of all videos, every temporal tap stacked on the rows (`nn::conv`'s
 //! [`FrameKernel`]), and a GEMM: one per cache-sized group of frames, not one per frame and
-//! tap as candle's conv2d does, so a batch costs no more calls than one video. Elsewhere, or when that matrix would be too large (see
-//! [`MAX_IM2COL_BYTES`]), it is the sum over its `kt` temporal taps of one conv2d each, run
-//! on all output frames at once (the frames shifted by the tap, flattened into the batch):
-//! conv2d's own kernels (cuDNN on CUDA), with an im2col buffer of a conv2d's size.
+//! tap as candle's conv2d does, so a batch costs no more calls than one video. Elsewhere, or
+//! when that matrix would be too large (see [`MAX_IM2COL_BYTES`]), it is the sum over its `kt`
+//! temporal taps of one conv2d each, run on all output frames at once (the frames shifted by
+//! the tap, flattened into the batch): conv2d's own kernels (cuDNN on CUDA), with an im2col
+//! buffer of a conv2d's size.
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
