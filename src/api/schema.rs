@@ -164,7 +164,8 @@ pub struct ModelInfo {
     pub kinds: Vec<String>,
     pub sizes: Vec<Size>,
     pub frames: Vec<u32>,
-    /// `student` (few-step, re-noising) or `euler` (multi-step teacher).
+    /// `student` (few-step, re-noising), `ancestral` (Turbo models), or a multi-step
+    /// teacher's `euler` or `unipc`.
     pub sampler: String,
     pub default_steps: u32,
     pub allowed_steps: Vec<u32>,

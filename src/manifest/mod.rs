@@ -87,7 +87,7 @@ impl Sampling {
         let Some(list) = &self.timesteps else {
             return Ok(());
         };
-        if self.sampler == SamplerKind::Euler {
+        if matches!(self.sampler, SamplerKind::Euler | SamplerKind::UniPc) {
             return Err("sampling.timesteps is for the student and ancestral samplers".into());
         }
         if list.is_empty() || list.windows(2).any(|w| w[0] <= w[1]) {

@@ -120,8 +120,10 @@ fn shipped_sd_manifests_parse_and_are_not_served_by_default() {
     assert_eq!(dmd2.sampling.timesteps, Some(vec![999, 749, 499, 249]));
     let src = dmd2.section::<SdSource>().unwrap();
     assert!(src.unet_file.is_some() && src.dir_env.is_some());
-    // Every tiny manifest is still listed.
+    // Every tiny manifest is still listed, and the Wan teacher samples with UniPC.
     assert!(list.iter().any(|m| m.name == "tiny-shapes-teacher"));
+    let wan = list.iter().find(|m| m.name == "wan2.1-t2v-1.3b").unwrap();
+    assert_eq!(wan.sampling.sampler, crate::pipeline::SamplerKind::UniPc);
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! The family-agnostic generation contract: noise schedules, per-request host noise, the
-//! samplers (few-step student, multi-step teacher with CFG) written against [`Denoiser`], and
+//! samplers (few-step student, multi-step teacher with CFG: Euler or UniPC) written against [`Denoiser`], and
 //! the encode -> sample -> decode path every family's [`Generator`] runs through.
 
 pub mod frames;
@@ -7,6 +7,7 @@ pub mod generate;
 pub mod noise;
 pub mod sampler;
 pub mod schedule;
+pub mod unipc;
 
 pub use frames::{from_frames, to_frames};
 pub use generate::{generate, Generator, ServedModel};
@@ -29,6 +30,20 @@ pub trait Denoiser {
     /// pure noise). `guidance > 1` applies classifier-free guidance.
     fn predict_x0(&self, x: &Tensor, t: &[f32], cond: &Self::Cond, guidance: f32)
         -> Result<Tensor>;
+
+    /// [`Self::predict_x0`] with the network evaluated at times `net_t` while the clean
+    /// sample is formed at `t` (diffusers' UniPC feeds a flow model integer timesteps but
+    /// steps with the exact sigmas). Families whose network time is `t` itself keep this.
+    fn predict_x0_at(
+        &self,
+        x: &Tensor,
+        t: &[f32],
+        _net_t: &[f32],
+        cond: &Self::Cond,
+        guidance: f32,
+    ) -> Result<Tensor> {
+        self.predict_x0(x, t, cond, guidance)
+    }
 
     /// The conditioning of the rows at positions `idx` (a `u32` index tensor), for a batch
     /// that some rows left between steps.

@@ -1,11 +1,12 @@
 //! Samplers over any [`Denoiser`]: the few-step student sampler of AMD.md section 2, the
-//! ancestral sampler of SD-Turbo / SDXL-Turbo, and a multi-step deterministic (Euler/DDIM)
-//! teacher sampler with CFG.
+//! ancestral sampler of SD-Turbo / SDXL-Turbo, and multi-step deterministic teacher samplers
+//! with CFG (Euler/DDIM, and UniPC).
 
 use candle_core::{Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::noise::{batch_noise_of, RowNoise};
+use super::unipc::UniPc;
 use super::{Denoiser, NoiseSchedule};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,6 +20,10 @@ pub enum SamplerKind {
     /// with trailing spacing, which SD-Turbo and SDXL-Turbo ship): part of the predicted noise
     /// is kept and part is fresh, see [`NoiseSchedule::ancestral_step`].
     Ancestral,
+    /// The UniPC multistep solver (diffusers' `UniPCMultistepScheduler` with its defaults,
+    /// which Wan2.1 ships), see [`super::unipc`]: deterministic like Euler, second order.
+    #[serde(rename = "unipc")]
+    UniPc,
 }
 
 /// What to run: the sampler, its number of network evaluations, the CFG scale.
@@ -158,7 +163,12 @@ fn run<M: Denoiser, S: NoiseSchedule>(
     } = params;
     let times = match kind {
         SamplerKind::Euler => schedule.euler_times(steps),
+        SamplerKind::UniPc => schedule.unipc_times(steps),
         _ => schedule.student_times(steps),
+    };
+    let mut unipc = match kind {
+        SamplerKind::UniPc => Some(UniPc::new(schedule.unipc_order(), times.clone())?),
+        _ => None,
     };
     let mut x = noise(live)?;
     let mut x0 = x.clone();
@@ -171,6 +181,9 @@ fn run<M: Denoiser, S: NoiseSchedule>(
             }
             x = x.index_select(&idx, 0)?;
             x0 = x0.index_select(&idx, 0)?;
+            if let Some(u) = unipc.as_mut() {
+                u.select_rows(&idx)?;
+            }
             if i < steps {
                 narrowed = Some(model.select_rows(narrowed.as_ref().unwrap_or(cond), &idx)?);
             }
@@ -183,9 +196,20 @@ fn run<M: Denoiser, S: NoiseSchedule>(
         let t = times[i];
         // Sampling never needs a graph; detaching keeps a trainable model's steps from
         // chaining every forward pass into one.
-        x0 = model.predict_x0(&x, &vec![t; b], c, guidance)?.detach();
+        x0 = match &mut unipc {
+            Some(_) => {
+                let net_t = schedule.unipc_network_time(t);
+                model.predict_x0_at(&x, &vec![t; b], &vec![net_t; b], c, guidance)?
+            }
+            None => model.predict_x0(&x, &vec![t; b], c, guidance)?,
+        }
+        .detach();
         match kind {
             SamplerKind::Euler => x = schedule.step(&x, &x0, t, times[i + 1])?.detach(),
+            SamplerKind::UniPc => {
+                let solver = unipc.as_mut().expect("built for UniPC");
+                x = solver.step(schedule, i, &x, &x0)?.detach();
+            }
             _ => {
                 if let Some(&next) = times.get(i + 1) {
                     let n = noise(live)?;
@@ -198,7 +222,7 @@ fn run<M: Denoiser, S: NoiseSchedule>(
         }
     }
     Ok(Some(match kind {
-        SamplerKind::Euler => x,
+        SamplerKind::Euler | SamplerKind::UniPc => x,
         _ => x0,
     }))
 }
@@ -269,6 +293,7 @@ mod tests {
             SamplerKind::Student,
             SamplerKind::Euler,
             SamplerKind::Ancestral,
+            SamplerKind::UniPc,
         ] {
             let params = SamplerParams {
                 kind,

@@ -26,6 +26,29 @@ pub trait NoiseSchedule {
             .collect()
     }
 
+    /// Times for `n` UniPC steps: `n + 1` points from 1 to 0 (the Euler grid, its first point
+    /// moved just below 1 where the signal vanishes there, so that the log-SNR is finite).
+    fn unipc_times(&self, n: usize) -> Vec<f32> {
+        let mut times = self.euler_times(n);
+        if let Some(first) = times.first_mut() {
+            if self.alpha_sigma(*first).0 <= 0.0 {
+                *first -= 1e-6;
+            }
+        }
+        times
+    }
+
+    /// The time the network is evaluated at for the UniPC time `t` (the schedule's own
+    /// rounding of it, if any); the sampler still uses `t` itself.
+    fn unipc_network_time(&self, t: f32) -> f32 {
+        t
+    }
+
+    /// The UniPC solver's order.
+    fn unipc_order(&self) -> usize {
+        2
+    }
+
     /// `alpha(t) x0 + sigma(t) noise` with one `t` per batch row.
     fn add_noise(&self, x0: &Tensor, noise: &Tensor, t: &[f32]) -> Result<Tensor> {
         let (a, s): (Vec<f32>, Vec<f32>) = t.iter().map(|&t| self.alpha_sigma(t)).unzip();

@@ -106,7 +106,7 @@ def latent_shape() -> tuple[int, ...]:
     return (len(PROMPTS), 4, (FRAMES - 1) // 4 + 1, HEIGHT // 8, WIDTH // 8)
 
 
-def run(pipe: WanPipeline, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+def run(pipe: WanPipeline, latents: torch.Tensor, steps: int = STEPS) -> dict[str, torch.Tensor]:
     """The pipeline to its final latents, then the VAE as the pipeline decodes them."""
     with torch.no_grad():
         final = pipe(
@@ -115,7 +115,7 @@ def run(pipe: WanPipeline, latents: torch.Tensor) -> dict[str, torch.Tensor]:
             height=HEIGHT,
             width=WIDTH,
             num_frames=FRAMES,
-            num_inference_steps=STEPS,
+            num_inference_steps=steps,
             guidance_scale=GUIDANCE,
             latents=latents.clone(),
             max_sequence_length=MAX_LEN,

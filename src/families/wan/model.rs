@@ -177,6 +177,30 @@ impl WanModel {
         Ok((x0.narrow(0, 0, b)?, x0.narrow(0, b, b)?))
     }
 
+    /// The velocity at per-row sigmas `t`, guided by the negatives when `guidance > 1`
+    /// (`v_u + g (v_c - v_u)`, both halves in one batch).
+    fn guided_velocity(
+        &self,
+        x: &Tensor,
+        t: &[f32],
+        cond: &WanCond,
+        guidance: f32,
+    ) -> Result<Tensor> {
+        match (&cond.uncond, guidance > 1.0) {
+            (Some(uncond), true) => {
+                let b = x.dim(0)?;
+                let both = self.velocity(
+                    &Tensor::cat(&[x, x], 0)?,
+                    &[t, t].concat(),
+                    &Tensor::cat(&[uncond, &cond.cond], 0)?,
+                )?;
+                let (vu, vc) = (both.narrow(0, 0, b)?, both.narrow(0, b, b)?);
+                &vu + ((vc - &vu)? * guidance as f64)?
+            }
+            _ => self.velocity(x, t, &cond.cond),
+        }
+    }
+
     pub fn transformer(&self) -> &WanTransformer {
         &self.transformer
     }
@@ -188,20 +212,20 @@ impl Denoiser for WanModel {
     /// `t` are sigmas. With `guidance > 1` the negative prompts' velocity is moved away
     /// from, `v_u + g (v_c - v_u)` as `WanPipeline` does, both halves in one batch.
     fn predict_x0(&self, x: &Tensor, t: &[f32], cond: &WanCond, guidance: f32) -> Result<Tensor> {
-        let v = match (&cond.uncond, guidance > 1.0) {
-            (Some(uncond), true) => {
-                let b = x.dim(0)?;
-                let both = self.velocity(
-                    &Tensor::cat(&[x, x], 0)?,
-                    &[t, t].concat(),
-                    &Tensor::cat(&[uncond, &cond.cond], 0)?,
-                )?;
-                let (vu, vc) = (both.narrow(0, 0, b)?, both.narrow(0, b, b)?);
-                (&vu + ((vc - &vu)? * guidance as f64)?)?
-            }
-            _ => self.velocity(x, t, &cond.cond)?,
-        };
-        // x0 = x - sigma v, one sigma per row.
+        self.predict_x0_at(x, t, t, cond, guidance)
+    }
+
+    /// The network sees `net_t` (whole timesteps, as diffusers' UniPC gives them), the x0
+    /// is formed at the exact sigmas `t`.
+    fn predict_x0_at(
+        &self,
+        x: &Tensor,
+        t: &[f32],
+        net_t: &[f32],
+        cond: &WanCond,
+        guidance: f32,
+    ) -> Result<Tensor> {
+        let v = self.guided_velocity(x, net_t, cond, guidance)?;
         x - v.broadcast_mul(&row_scale(t, &v)?)?
     }
 

@@ -14,9 +14,12 @@
 //!   `x0 = x - sigma v` and re-noise it to the next sigma with fresh noise
 //!   ([`student_step`]); [`euler_step`] over the same sigmas is the deterministic variant.
 //!
-//! Through [`NoiseSchedule`] (schedule time = sigma) the generic samplers run both: their
-//! `Euler` kind walks [`FlowMatchSchedule::teacher_sigmas`] and their `Student` kind the
-//! student sigmas, with the network's velocity turned into x0 by [`x0_from_velocity`].
+//! The teacher may also run diffusers' default for Wan, `UniPCMultistepScheduler`
+//! ([`FlowMatchSchedule::unipc_sigmas`], see `crate::pipeline::unipc`).
+//!
+//! Through [`NoiseSchedule`] (schedule time = sigma) the generic samplers run all three: their
+//! `Euler` kind walks [`FlowMatchSchedule::teacher_sigmas`], `UniPc` the UniPC sigmas and their
+//! `Student` kind the student sigmas, with the network's velocity turned into x0 by [`x0_from_velocity`].
 
 use candle_core::{Result as TensorResult, Tensor};
 use serde::Deserialize;
@@ -40,6 +43,8 @@ pub enum FlowScheduleError {
     StudentOrder(Vec<f64>),
     #[error("scheduler option `{0}` changes the sigmas and is not supported")]
     Option(&'static str),
+    #[error("UniPC option `{0}` is not supported (only diffusers' defaults, which Wan uses)")]
+    UniPcOption(&'static str),
 }
 
 /// The parts of diffusers' `scheduler/scheduler_config.json` the schedule needs. Wan ships a
@@ -66,6 +71,33 @@ pub struct FlowSchedulerConfig {
     pub invert_sigmas: bool,
     #[serde(default)]
     pub shift_terminal: Option<f64>,
+    /// UniPC's settings (`UniPCMultistepScheduler`, what Wan ships); only the defaults, which
+    /// Wan uses, are supported.
+    #[serde(default = "default_solver_order")]
+    pub solver_order: usize,
+    #[serde(default = "default_true")]
+    pub predict_x0: bool,
+    #[serde(default = "default_solver_type")]
+    pub solver_type: String,
+    #[serde(default = "default_true")]
+    pub lower_order_final: bool,
+    #[serde(default)]
+    pub disable_corrector: Vec<usize>,
+    #[serde(default = "default_final_sigmas")]
+    pub final_sigmas_type: String,
+}
+
+fn default_solver_order() -> usize {
+    2
+}
+fn default_true() -> bool {
+    true
+}
+fn default_solver_type() -> String {
+    "bh2".into()
+}
+fn default_final_sigmas() -> String {
+    "zero".into()
 }
 
 fn default_train_steps() -> usize {
@@ -87,6 +119,8 @@ pub struct FlowMatchSchedule {
     /// Used by [`NoiseSchedule::student_times`] when a request asks for exactly this many
     /// steps; other step counts use evenly spaced timesteps.
     student_timesteps: Option<Vec<f64>>,
+    /// The UniPC sampler's order (the scheduler config's `solver_order`).
+    solver_order: usize,
 }
 
 impl FlowMatchSchedule {
@@ -101,6 +135,7 @@ impl FlowMatchSchedule {
             shift,
             train_steps: num_train_timesteps,
             student_timesteps: None,
+            solver_order: 2,
         })
     }
 
@@ -117,7 +152,21 @@ impl FlowMatchSchedule {
                 return Err(FlowScheduleError::Option(name));
             }
         }
-        Self::new(cfg.effective_shift(), cfg.num_train_timesteps)
+        for (name, set) in [
+            ("solver_order", !(1..=3).contains(&cfg.solver_order)),
+            ("predict_x0", !cfg.predict_x0),
+            ("solver_type", cfg.solver_type != "bh2"),
+            ("lower_order_final", !cfg.lower_order_final),
+            ("disable_corrector", !cfg.disable_corrector.is_empty()),
+            ("final_sigmas_type", cfg.final_sigmas_type != "zero"),
+        ] {
+            if set {
+                return Err(FlowScheduleError::UniPcOption(name));
+            }
+        }
+        let mut schedule = Self::new(cfg.effective_shift(), cfg.num_train_timesteps)?;
+        schedule.solver_order = cfg.solver_order;
+        Ok(schedule)
     }
 
     /// Sets the student's own timestep list (e.g. `[1000, 750, 500, 250]`), checked as
@@ -169,6 +218,25 @@ impl FlowMatchSchedule {
                 self.shifted(u)
             })
             .collect();
+        sigmas.push(0.0);
+        Ok(sigmas)
+    }
+
+    /// The UniPC sampler's `steps + 1` sigmas, as `UniPCMultistepScheduler::set_timesteps`
+    /// makes them with `use_flow_sigmas`: `steps` points evenly spaced from 1 down to `1 / T`
+    /// (exclusive of the last), shifted, the first moved 1e-6 below 1 (its log-SNR would be
+    /// infinite), then a final 0.
+    pub fn unipc_sigmas(&self, steps: usize) -> Result<Vec<f64>, FlowScheduleError> {
+        if steps == 0 {
+            return Err(FlowScheduleError::NoSteps);
+        }
+        let lo = 1.0 / self.train_steps as f64;
+        let mut sigmas: Vec<f64> = (0..steps)
+            .map(|i| self.shifted(1.0 + (lo - 1.0) * i as f64 / steps as f64))
+            .collect();
+        if (sigmas[0] - 1.0).abs() < 1e-6 {
+            sigmas[0] -= 1e-6;
+        }
         sigmas.push(0.0);
         Ok(sigmas)
     }
@@ -226,6 +294,25 @@ impl NoiseSchedule for FlowMatchSchedule {
             .into_iter()
             .map(|s| s as f32)
             .collect()
+    }
+
+    /// [`Self::unipc_sigmas`], in f32 as diffusers keeps them.
+    fn unipc_times(&self, n: usize) -> Vec<f32> {
+        self.unipc_sigmas(n)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| s as f32)
+            .collect()
+    }
+
+    /// diffusers' UniPC hands the network `int64(sigma * T)`, a whole timestep.
+    fn unipc_network_time(&self, t: f32) -> f32 {
+        let steps = self.train_steps as f64;
+        ((t as f64 * steps).floor() / steps) as f32
+    }
+
+    fn unipc_order(&self) -> usize {
+        self.solver_order
     }
 }
 

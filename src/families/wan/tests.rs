@@ -190,12 +190,19 @@ fn bad_configs_inputs_and_weights_give_clear_errors() -> Result<()> {
     Ok(())
 }
 
-/// `wan-tiny-t2v`: a whole generation against diffusers' `WanPipeline` (written by
-/// `tools/parity/wan_pipeline_fixture.py`): prompts and negative prompts through umT5, 4 Euler
-/// steps with CFG from the stored noise, then the VAE.
-#[test]
-fn wan_tiny_t2v_generation_matches_the_diffusers_pipeline() {
-    use crate::pipeline::{sample_with_noise, Generator, SamplerKind, SamplerParams};
+/// The tiny pipeline of `wan-tiny-t2v.reference.json`'s call: the model, the batch, its
+/// conditioning (with the negatives), the stored initial latents and the call's settings.
+struct PipelineCase {
+    model: WanModel,
+    spec: crate::pipeline::BatchSpec,
+    cond: WanCond,
+    latents: Tensor,
+    reference: HashMap<String, Tensor>,
+    call: serde_json::Value,
+}
+
+fn pipeline_case() -> PipelineCase {
+    use crate::pipeline::Generator;
     let root = fixture_root();
     let reference = root.join("wan-tiny-t2v.reference.safetensors");
     assert!(
@@ -207,7 +214,7 @@ fn wan_tiny_t2v_generation_matches_the_diffusers_pipeline() {
         &std::fs::read_to_string(root.join("wan-tiny-t2v.reference.json")).unwrap(),
     )
     .unwrap();
-    let call = &json["call"];
+    let call = json["call"].clone();
     let strings = |k: &str| -> Vec<String> {
         call[k]
             .as_array()
@@ -234,16 +241,40 @@ fn wan_tiny_t2v_generation_matches_the_diffusers_pipeline() {
         width: num("width") as usize,
         height: num("height") as usize,
     };
-    let latents = &r["pipeline.latents"];
+    let latents = r["pipeline.latents"].clone();
     assert_eq!(
         model.sample_shape(&spec).unwrap(),
         latents.dims()[1..].to_vec()
     );
     let cond = model.condition_batch(&spec, true).unwrap();
+    PipelineCase {
+        model,
+        spec,
+        cond,
+        latents,
+        reference: r,
+        call,
+    }
+}
+
+/// `wan-tiny-t2v`: a whole generation against diffusers' `WanPipeline` (written by
+/// `tools/parity/wan_pipeline_fixture.py`): prompts and negative prompts through umT5, 4 Euler
+/// steps with CFG from the stored noise, then the VAE.
+#[test]
+fn wan_tiny_t2v_generation_matches_the_diffusers_pipeline() {
+    use crate::pipeline::{sample_with_noise, Generator, SamplerKind, SamplerParams};
+    let PipelineCase {
+        model,
+        spec,
+        cond,
+        latents,
+        reference: r,
+        call,
+    } = pipeline_case();
     let params = SamplerParams {
         kind: SamplerKind::Euler,
-        steps: num("num_inference_steps") as usize,
-        guidance: num("guidance_scale") as f32,
+        steps: call["num_inference_steps"].as_u64().unwrap() as usize,
+        guidance: call["guidance_scale"].as_f64().unwrap() as f32,
     };
     let fin = sample_with_noise(&model, model.schedule(), params, &cond, || {
         Ok(latents.clone())
@@ -264,6 +295,61 @@ fn wan_tiny_t2v_generation_matches_the_diffusers_pipeline() {
         frames[0][0].dimensions(),
         (spec.width as u32, spec.height as u32)
     );
+}
+
+/// The same pipeline sampled by `UniPCMultistepScheduler` with Wan2.1's own scheduler config
+/// (`tools/parity/wan_unipc_fixture.py`): 6 steps with CFG 5 at solver orders 2 (Wan's) and 3.
+/// The sigmas, the network's whole timesteps and the final latents match.
+#[test]
+fn wan_unipc_sampling_matches_the_diffusers_scheduler_at_orders_2_and_3() {
+    use crate::pipeline::{sample_with_noise, NoiseSchedule, SamplerKind, SamplerParams};
+    let case = pipeline_case();
+    let root = fixture_root();
+    let r = candle_core::safetensors::load(
+        root.join("wan-tiny-t2v-unipc.reference.safetensors"),
+        &Device::Cpu,
+    )
+    .expect("run tools/parity/wan_unipc_fixture.py");
+    let config = std::fs::read_to_string(root.join("wan-unipc-scheduler.json")).unwrap();
+    let steps = 6;
+    for order in [2, 3] {
+        let mut cfg: FlowSchedulerConfig = serde_json::from_str(&config).unwrap();
+        assert_eq!(cfg.solver_order, 2, "Wan ships order 2");
+        cfg.solver_order = order;
+        let schedule = FlowMatchSchedule::from_config(&cfg).unwrap();
+        let sigmas = schedule.unipc_times(steps);
+        let close = |got: &[f32], key: &str, tol: f32| {
+            let want = r[key].to_vec1::<f32>().unwrap();
+            assert_eq!(got.len(), want.len(), "{key}");
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| (g - w).abs())
+                .fold(0.0, f32::max);
+            assert!(worst <= tol, "{key}: {got:?} against {want:?}");
+        };
+        close(&sigmas, &format!("order{order}.sigmas"), 1e-7);
+        let net: Vec<f32> = sigmas[..steps]
+            .iter()
+            .map(|&s| schedule.unipc_network_time(s) * 1000.0)
+            .collect();
+        close(&net, &format!("order{order}.timesteps"), 1e-3);
+
+        let params = SamplerParams {
+            kind: SamplerKind::UniPc,
+            steps,
+            guidance: case.call["guidance_scale"].as_f64().unwrap() as f32,
+        };
+        let fin = sample_with_noise(&case.model, &schedule, params, &case.cond, || {
+            Ok(case.latents.clone())
+        })
+        .unwrap();
+        assert_close(
+            &format!("wan-tiny-t2v UniPC order {order}"),
+            &fin,
+            &r[&format!("order{order}.final_latents")],
+        );
+    }
 }
 
 #[test]
