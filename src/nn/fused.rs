@@ -4,7 +4,9 @@
 //! Composed from candle ops, each of these is several full passes with an allocation apiece,
 //! and the backward of every broadcast reduces its gradient with candle's strided `sum_keepdim`,
 //! which a `perf` profile of `train-teacher` put at 17-19% of a training step. Here the forward
-//! is one pass per row and the backward's reductions run along contiguous rows.
+//! is one pass per row and the backward's reductions run along contiguous rows. Outputs are
+//! written once, row by row, into vectors that were never zeroed (a `vec![0; n]` output costs
+//! a memset pass of its own).
 //!
 //! Every op falls back to the composed candle ops off the CPU, for dtypes other than f32, and
 //! when [`set_fused`] turned the kernels off on the calling thread (what `fewstep bench` does
@@ -13,6 +15,8 @@
 use std::cell::Cell;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::fastmath;
 
 thread_local! {
     static FUSED: Cell<bool> = const { Cell::new(true) };
@@ -62,8 +66,8 @@ fn from_vec(v: Vec<f32>, like: &Tensor) -> Result<Tensor> {
 /// Per-row mean and reciprocal standard deviation of `x` viewed as `[rows, d]`.
 fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
     let d = row.len() as f32;
-    let mean = row.iter().sum::<f32>() / d;
-    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
+    let mean = fastmath::sum(row) / d;
+    let var = fastmath::sum_sq_dev(row, mean) / d;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -96,15 +100,18 @@ impl CustomOp3 for LayerNormModulate {
         if shift.len() != b * d || scale.len() != b * d {
             candle_core::bail!("{}: shift and scale must be [B, D]", self.name());
         }
-        let mut out = vec![0f32; x.len()];
-        for (r, (xr, or)) in x.chunks(d).zip(out.chunks_mut(d)).enumerate() {
+        let mut out = Vec::with_capacity(x.len());
+        for (r, xr) in x.chunks(d).enumerate() {
             let bi = r / t;
             let (mean, rstd) = row_stats(xr, self.eps);
             let sh = &shift[bi * d..(bi + 1) * d];
             let sc = &scale[bi * d..(bi + 1) * d];
-            for j in 0..d {
-                or[j] = (xr[j] - mean) * rstd * (1.0 + sc[j]) + sh[j];
-            }
+            out.extend(
+                xr.iter()
+                    .zip(sc)
+                    .zip(sh)
+                    .map(|((&v, &c), &s)| (v - mean) * rstd * (1.0 + c) + s),
+            );
         }
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -121,31 +128,28 @@ impl CustomOp3 for LayerNormModulate {
         let (dx, dshift, dscale) = with_data(x, |x| {
             with_data(scale, |sc| {
                 with_data(grad, |g| {
-                    let mut dx = vec![0f32; x.len()];
+                    let mut dx = Vec::with_capacity(x.len());
                     let mut dshift = vec![0f32; sc.len()];
                     let mut dscale = vec![0f32; sc.len()];
                     let mut gh = vec![0f32; d];
                     let mut xhat = vec![0f32; d];
-                    for (r, ((xr, gr), dxr)) in x
-                        .chunks(d)
-                        .zip(g.chunks(d))
-                        .zip(dx.chunks_mut(d))
-                        .enumerate()
-                    {
+                    for (r, (xr, gr)) in x.chunks(d).zip(g.chunks(d)).enumerate() {
                         let bi = r / t;
                         let (mean, rstd) = row_stats(xr, self.eps);
                         let scr = &sc[bi * d..(bi + 1) * d];
-                        let (mut m1, mut m2) = (0f32, 0f32);
-                        for j in 0..d {
-                            xhat[j] = (xr[j] - mean) * rstd;
-                            gh[j] = gr[j] * (1.0 + scr[j]);
-                            m1 += gh[j];
-                            m2 += gh[j] * xhat[j];
+                        for (((xh, h), (&xv, &gv)), &c) in
+                            xhat.iter_mut().zip(&mut gh).zip(xr.iter().zip(gr)).zip(scr)
+                        {
+                            *xh = (xv - mean) * rstd;
+                            *h = gv * (1.0 + c);
                         }
-                        let (m1, m2) = (m1 / d as f32, m2 / d as f32);
-                        for j in 0..d {
-                            dxr[j] = rstd * (gh[j] - m1 - xhat[j] * m2);
-                        }
+                        let m1 = fastmath::sum(&gh) / d as f32;
+                        let m2 = fastmath::dot(&gh, &xhat) / d as f32;
+                        dx.extend(
+                            gh.iter()
+                                .zip(&xhat)
+                                .map(|(&h, &xh)| rstd * (h - m1 - xh * m2)),
+                        );
                         let ds = &mut dshift[bi * d..(bi + 1) * d];
                         for j in 0..d {
                             ds[j] += gr[j];
@@ -206,12 +210,10 @@ impl CustomOp1 for LayerNorm {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l, self.name())?;
         let d = l.dims().last().copied().unwrap_or(1).max(1);
-        let mut out = vec![0f32; x.len()];
-        for (xr, or) in x.chunks(d).zip(out.chunks_mut(d)) {
+        let mut out = Vec::with_capacity(x.len());
+        for xr in x.chunks(d) {
             let (mean, rstd) = row_stats(xr, self.eps);
-            for (o, v) in or.iter_mut().zip(xr) {
-                *o = (v - mean) * rstd;
-            }
+            out.extend(xr.iter().map(|v| (v - mean) * rstd));
         }
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
@@ -222,19 +224,16 @@ impl CustomOp1 for LayerNorm {
         let dx = with_data(x, |x| {
             with_data(res, |y| {
                 with_data(grad, |g| {
-                    let mut dx = vec![0f32; x.len()];
-                    for (((xr, yr), gr), dxr) in x
-                        .chunks(d)
-                        .zip(y.chunks(d))
-                        .zip(g.chunks(d))
-                        .zip(dx.chunks_mut(d))
-                    {
+                    let mut dx = Vec::with_capacity(x.len());
+                    for ((xr, yr), gr) in x.chunks(d).zip(y.chunks(d)).zip(g.chunks(d)) {
                         let (_, rstd) = row_stats(xr, self.eps);
-                        let m1 = gr.iter().sum::<f32>() / d as f32;
-                        let m2 = gr.iter().zip(yr).map(|(a, b)| a * b).sum::<f32>() / d as f32;
-                        for j in 0..d {
-                            dxr[j] = rstd * (gr[j] - m1 - yr[j] * m2);
-                        }
+                        let m1 = fastmath::sum(gr) / d as f32;
+                        let m2 = fastmath::dot(gr, yr) / d as f32;
+                        dx.extend(
+                            gr.iter()
+                                .zip(yr)
+                                .map(|(&gv, &yv)| rstd * (gv - m1 - yv * m2)),
+                        );
                     }
                     dx
                 })
@@ -264,19 +263,11 @@ impl CustomOp1 for Silu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l, self.name())?;
-        let mut out = vec![0f32; x.len()];
-        super::fastmath::silu(x, &mut out);
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        Ok((CpuStorage::F32(fastmath::silu(x)), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let dx = with_data(x, |x| {
-            with_data(grad, |g| {
-                let mut dx = vec![0f32; x.len()];
-                super::fastmath::silu_backward(x, g, &mut dx);
-                dx
-            })
-        })??;
+        let dx = with_data(x, |x| with_data(grad, |g| fastmath::silu_backward(x, g)))??;
         Ok(Some(from_vec(dx, x)?))
     }
 }
@@ -316,17 +307,10 @@ impl CustomOp3 for GatedResidual {
         if gate.len() != b * d || y.len() != x.len() {
             candle_core::bail!("{}: gate must be [B, D] and y like x", self.name());
         }
-        let mut out = vec![0f32; x.len()];
-        for (r, ((xr, yr), or)) in x
-            .chunks(d)
-            .zip(y.chunks(d))
-            .zip(out.chunks_mut(d))
-            .enumerate()
-        {
+        let mut out = Vec::with_capacity(x.len());
+        for (r, (xr, yr)) in x.chunks(d).zip(y.chunks(d)).enumerate() {
             let g = &gate[(r / t) * d..(r / t + 1) * d];
-            for j in 0..d {
-                or[j] = xr[j] + g[j] * yr[j];
-            }
+            out.extend(xr.iter().zip(g).zip(yr).map(|((&a, &b), &c)| a + b * c));
         }
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -344,19 +328,14 @@ impl CustomOp3 for GatedResidual {
             with_data(y, |yv| {
                 with_data(grad, |g| {
                     let mut dgate = vec![0f32; gate.len()];
-                    let mut dy = vec![0f32; g.len()];
-                    for (r, ((gr, yr), dyr)) in g
-                        .chunks(d)
-                        .zip(yv.chunks(d))
-                        .zip(dy.chunks_mut(d))
-                        .enumerate()
-                    {
+                    let mut dy = Vec::with_capacity(g.len());
+                    for (r, (gr, yr)) in g.chunks(d).zip(yv.chunks(d)).enumerate() {
                         let bi = r / t;
                         let gt = &gate[bi * d..(bi + 1) * d];
+                        dy.extend(gr.iter().zip(gt).map(|(&a, &b)| a * b));
                         let dg = &mut dgate[bi * d..(bi + 1) * d];
-                        for j in 0..d {
-                            dyr[j] = gr[j] * gt[j];
-                            dg[j] += gr[j] * yr[j];
+                        for ((s, &a), &b) in dg.iter_mut().zip(gr).zip(yr) {
+                            *s += a * b;
                         }
                     }
                     (dgate, dy)

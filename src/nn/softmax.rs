@@ -3,6 +3,8 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 
+use super::fastmath;
+
 struct SoftmaxLastDim;
 
 impl CustomOp1 for SoftmaxLastDim {
@@ -13,22 +15,27 @@ impl CustomOp1 for SoftmaxLastDim {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = super::fused::slice(storage, layout, self.name())?;
         let n = layout.dims().last().copied().unwrap_or(1).max(1);
-        let mut out = vec![0f32; x.len()];
-        for (row, o) in x.chunks(n).zip(out.chunks_mut(n)) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            o.copy_from_slice(row);
-            super::fastmath::exp_sub_inplace(o, max);
-            let sum: f32 = o.iter().sum();
-            let inv = 1.0 / sum;
-            o.iter_mut().for_each(|y| *y *= inv);
-        }
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
+        Ok((
+            CpuStorage::F32(fastmath::softmax_rows(x, n)),
+            layout.shape().clone(),
+        ))
     }
 
-    /// `dx = y * (dy - sum(dy * y))` over the last dimension.
+    /// `dx = y * (dy - sum(dy * y))` over the last dimension, one pass per row (as composed
+    /// candle ops it was four passes, three of them allocating).
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let dot = (grad_res * res)?.sum_keepdim(D::Minus1)?;
-        Ok(Some((res * grad_res.broadcast_sub(&dot)?)?))
+        let n = res.dims().last().copied().unwrap_or(1).max(1);
+        let dx = super::fused::with_data(res, |y| {
+            super::fused::with_data(grad_res, |g| {
+                let mut dx = Vec::with_capacity(y.len());
+                for (yr, gr) in y.chunks(n).zip(g.chunks(n)) {
+                    let dot = fastmath::dot(yr, gr);
+                    dx.extend(yr.iter().zip(gr).map(|(&yv, &gv)| yv * (gv - dot)));
+                }
+                dx
+            })
+        })??;
+        Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))
     }
 }
 
