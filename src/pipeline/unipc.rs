@@ -142,7 +142,8 @@ impl UniPc {
         self.update(schedule, &c, t, s0, last, m0, Some(res?))
     }
 
-    /// `sigma_t / sigma_s0 x - alpha_t (e^-h - 1) m0 - alpha_t B(h) res`.
+    /// `sigma_t / sigma_s0 x - alpha_t (e^-h - 1) m0 - alpha_t B(h) res`, where `bh2`'s
+    /// `B(h)` is that same `e^-h - 1`.
     #[allow(clippy::too_many_arguments)]
     fn update(
         &self,
@@ -159,7 +160,7 @@ impl UniPc {
         let (alpha_t, ratio) = (alpha_t as f64, sigma_t as f64 / sigma_s0 as f64);
         let base = ((x * ratio)? - (m0 * (alpha_t * c.h_phi_1))?)?;
         match res {
-            Some(res) => base - (res * (alpha_t * c.b_h))?,
+            Some(res) => base - (res * (alpha_t * c.h_phi_1))?,
             None => Ok(base),
         }
     }
@@ -185,10 +186,8 @@ fn weighted_differences(
 
 /// The scalars of one UniP or UniC update (diffusers' `multistep_uni_*_bh_update`).
 struct Coefficients<'a> {
-    /// `e^{-h} - 1` (`h_phi_1` with `hh = -h`).
+    /// `e^{-h} - 1` (`h_phi_1` with `hh = -h`), which is also `bh2`'s `B(h)`.
     h_phi_1: f64,
-    /// `B(h)` of `bh2`: `e^{-h} - 1`.
-    b_h: f64,
     /// `R[p][k] = r_k^p` for `p < order`, the last `r` being 1.
     r: Vec<Vec<f64>>,
     b: Vec<f64>,
@@ -213,24 +212,18 @@ impl<'a> Coefficients<'a> {
         let mut rks: Vec<f64> = d1s.iter().map(|&(r, _)| r).collect();
         rks.push(1.0);
         let hh = -h;
+        // bh2: B(h) = e^{-h} - 1 = h_phi_1.
         let h_phi_1 = hh.exp_m1();
-        let b_h = hh.exp_m1();
         let mut h_phi_k = h_phi_1 / hh - 1.0;
         let mut factorial = 1.0;
         let (mut r, mut b) = (Vec::new(), Vec::new());
         for p in 1..=order {
             r.push(rks.iter().map(|rk| rk.powi(p as i32 - 1)).collect());
-            b.push(h_phi_k * factorial / b_h);
+            b.push(h_phi_k * factorial / h_phi_1);
             factorial *= (p + 1) as f64;
             h_phi_k = h_phi_k / hh - 1.0 / factorial;
         }
-        Self {
-            h_phi_1,
-            b_h,
-            r,
-            b,
-            d1s,
-        }
+        Self { h_phi_1, r, b, d1s }
     }
 }
 

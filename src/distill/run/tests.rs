@@ -2,8 +2,8 @@
 //! resume, and serve the student; and what a tiny run refuses.
 
 use super::*;
-use crate::families::sd::{read_unet_weights, SdModel};
-use crate::pipeline::{BatchSpec, Generator, SamplerParams};
+use crate::families::sd::read_unet_weights;
+use crate::pipeline::BatchSpec;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd")
@@ -40,27 +40,31 @@ fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
-/// Generates one image with a loaded SD student at its default steps.
-fn generate(student: &LoadedModel) -> anyhow::Result<image::RgbImage> {
-    let Some(model) = student.family_model::<SdModel>() else {
-        anyhow::bail!("not an SD model");
-    };
-    let m = &student.manifest;
+/// One output (its frames) of a loaded model at its default steps and guidance, 32x32.
+fn generate(
+    model: &LoadedModel,
+    prompt: &str,
+    seed: u64,
+    frames: usize,
+) -> anyhow::Result<Vec<image::RgbImage>> {
     let spec = BatchSpec {
-        prompts: vec!["a red circle".into()],
+        prompts: vec![prompt.into()],
         negative_prompts: vec![String::new()],
-        seeds: vec![7],
-        frames: 1,
+        seeds: vec![seed],
+        frames,
         width: 32,
         height: 32,
     };
-    let params = SamplerParams {
-        kind: m.sampling.sampler,
-        steps: m.sampling.default_steps,
-        guidance: m.sampling.default_guidance,
-    };
-    let mut out = model.generate(&spec, params)?.outputs;
-    Ok(out.remove(0).remove(0))
+    let sampling = &model.manifest.sampling;
+    let mut out = model
+        .generate(&spec, sampling.default_steps, sampling.default_guidance)?
+        .outputs;
+    Ok(out.remove(0))
+}
+
+/// One 32x32 image of a loaded SD model.
+fn generate_image(model: &LoadedModel) -> anyhow::Result<image::RgbImage> {
+    Ok(generate(model, "a red circle", 7, 1)?.remove(0))
 }
 
 #[test]
@@ -104,7 +108,10 @@ fn an_sd15_student_distills_exports_resumes_and_serves() -> anyhow::Result<()> {
     let mut as_student = teacher.clone();
     as_student.sampling = m.sampling.clone();
     let teacher_as_student = LoadedModel::load(&as_student, &Device::Cpu)?;
-    let (a, b) = (generate(&student)?, generate(&teacher_as_student)?);
+    let (a, b) = (
+        generate_image(&student)?,
+        generate_image(&teacher_as_student)?,
+    );
     assert_eq!(a.dimensions(), (32, 32));
     assert_ne!(a.as_raw(), b.as_raw());
 
@@ -151,7 +158,7 @@ fn an_sdxl_lora_student_trains_adapters_and_exports_merged_weights() -> anyhow::
     assert!(same("conv_in.weight")?);
     let q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight";
     assert!(!same(q)?, "{q} carries the merged adapter");
-    generate(&LoadedModel::load(&out.manifest, &Device::Cpu)?)?;
+    generate_image(&LoadedModel::load(&out.manifest, &Device::Cpu)?)?;
 
     // LoRA is refused for the tiny family, with a clear error, before anything is written.
     let tiny = RunOptions {
@@ -223,27 +230,7 @@ fn a_tiny_student_of_another_architecture_than_its_teacher_is_refused() -> anyho
     Ok(())
 }
 
-/// Generates one clip of `frames` frames at 32x32 with a loaded Wan model's own sampler.
-fn generate_wan(model: &LoadedModel, frames: usize) -> anyhow::Result<Vec<image::RgbImage>> {
-    let m = &model.manifest;
-    let spec = BatchSpec {
-        prompts: vec!["a red cat walks on the beach".into()],
-        negative_prompts: vec![String::new()],
-        seeds: vec![5],
-        frames,
-        width: 32,
-        height: 32,
-    };
-    let params = SamplerParams {
-        kind: m.sampling.sampler,
-        steps: m.sampling.default_steps,
-        guidance: m.sampling.default_guidance,
-    };
-    let Some(wan) = model.family_model::<crate::families::wan::WanModel>() else {
-        anyhow::bail!("not a Wan model");
-    };
-    Ok(wan.generate(&spec, params)?.outputs.remove(0))
-}
+const WAN_PROMPT: &str = "a red cat walks on the beach";
 
 #[test]
 fn a_wan_lora_student_distills_exports_serves_reloads_and_continues() -> anyhow::Result<()> {
@@ -304,13 +291,18 @@ fn a_wan_lora_student_distills_exports_serves_reloads_and_continues() -> anyhow:
     // It serves a 5-frame clip, unlike the teacher run as a 2-step student, and a reload of
     // its file (what the server's hot swap loads) is the same model.
     let student = LoadedModel::load(m, &Device::Cpu)?;
-    let clip = generate_wan(&student, 5)?;
+    let clip = generate(&student, WAN_PROMPT, 5, 5)?;
     assert_eq!(clip.len(), 5);
     assert_eq!(clip[0].dimensions(), (32, 32));
     let teacher = Manifest::find(&models, "wan-tiny-teacher")?;
     let mut as_student = teacher.clone();
     as_student.sampling = m.sampling.clone();
-    let plain = generate_wan(&LoadedModel::load(&as_student, &Device::Cpu)?, 5)?;
+    let plain = generate(
+        &LoadedModel::load(&as_student, &Device::Cpu)?,
+        WAN_PROMPT,
+        5,
+        5,
+    )?;
     assert_ne!(clip[0].as_raw(), plain[0].as_raw());
     let reloaded = LoadedModel::load_weights(&teacher, &m.weights_path(), &Device::Cpu)?;
     assert_eq!(reloaded.version, student.version);

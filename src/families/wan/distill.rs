@@ -14,13 +14,13 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::manifest::WanSource;
+use super::scheduler::x0_from_velocity_rows;
 use super::{WanCond, WanModel, WanTransformer};
 use crate::distill::family::{save_student, trainable_from, DistillFamily, Trainable};
 use crate::distill::math;
 use crate::families::sd::read_unet_weights;
 use crate::manifest::Manifest;
 use crate::nn::LoraConfig;
-use crate::pipeline::schedule::row_scale;
 use crate::pipeline::NoiseSchedule;
 
 /// The file name of an exported student's transformer.
@@ -97,7 +97,7 @@ impl WanFamily {
     /// `x - sigma v` of a trainable transformer (f32), conditional on the prompts.
     fn net_x0(&self, net: &WanTransformer, x: &Tensor, t: &[f32], text: &Tensor) -> Result<Tensor> {
         let v = self.model.velocity_with(net, DType::F32, x, t, text)?;
-        x - v.broadcast_mul(&row_scale(t, &v)?)?
+        x0_from_velocity_rows(x, &v, t)
     }
 }
 

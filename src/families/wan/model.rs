@@ -7,11 +7,11 @@ use std::path::Path;
 use candle_core::{DType, Device, Result, Tensor};
 use image::RgbImage;
 
+use super::scheduler::x0_from_velocity_rows;
 use super::{
     FlowMatchSchedule, FlowSchedulerConfig, WanError, WanTextEncoder, WanTransformer,
     WanTransformerConfig, WanVae,
 };
-use crate::pipeline::schedule::row_scale;
 use crate::pipeline::{to_frames, BatchSpec, Denoiser, Generator};
 
 /// How to load a Wan directory.
@@ -173,7 +173,7 @@ impl WanModel {
         let xx = Tensor::cat(&[x, x], 0)?;
         let ss = [sigmas, sigmas].concat();
         let v = self.velocity(&xx, &ss, &Tensor::cat(&[cond, uncond], 0)?)?;
-        let x0 = (&xx - v.broadcast_mul(&row_scale(&ss, &v)?)?)?;
+        let x0 = x0_from_velocity_rows(&xx, &v, &ss)?;
         Ok((x0.narrow(0, 0, b)?, x0.narrow(0, b, b)?))
     }
 
@@ -226,7 +226,7 @@ impl Denoiser for WanModel {
         guidance: f32,
     ) -> Result<Tensor> {
         let v = self.guided_velocity(x, net_t, cond, guidance)?;
-        x - v.broadcast_mul(&row_scale(t, &v)?)?
+        x0_from_velocity_rows(x, &v, t)
     }
 
     fn select_rows(&self, cond: &WanCond, idx: &Tensor) -> Result<WanCond> {

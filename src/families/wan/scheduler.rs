@@ -321,6 +321,11 @@ pub fn x0_from_velocity(x: &Tensor, v: &Tensor, sigma: f64) -> TensorResult<Tens
     x - (v * sigma)?
 }
 
+/// [`x0_from_velocity`] with one sigma per batch row.
+pub fn x0_from_velocity_rows(x: &Tensor, v: &Tensor, sigmas: &[f32]) -> TensorResult<Tensor> {
+    x - v.broadcast_mul(&crate::pipeline::schedule::row_scale(sigmas, v)?)?
+}
+
 /// One deterministic Euler step of the flow ODE, `x + (sigma_next - sigma) v`: diffusers'
 /// `FlowMatchEulerDiscreteScheduler::step`.
 pub fn euler_step(x: &Tensor, v: &Tensor, sigma: f64, sigma_next: f64) -> TensorResult<Tensor> {
