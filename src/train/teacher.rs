@@ -32,6 +32,11 @@ pub struct TeacherConfig {
     /// Simple scenes (one large object on black) mixed into the image batches early on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub curriculum: Option<Curriculum>,
+    /// Relative weights of circle, square, triangle and cross for every object of every
+    /// training scene, images and videos (uniform when absent). The curriculum's own weights
+    /// still set the simple scenes' mix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape_weights: Option<[f64; 4]>,
     pub ema_decay: f64,
     pub seed: u64,
     pub checkpoint_every: u64,
@@ -86,6 +91,7 @@ impl Default for TeacherConfig {
             cfg_dropout: 0.1,
             loss_weighting: LossWeighting::Velocity,
             curriculum: None,
+            shape_weights: None,
             ema_decay: 0.999,
             seed: 0,
             checkpoint_every: 100,
@@ -146,14 +152,9 @@ impl TeacherConfig {
         if self.image_batch == 0 {
             return Err("image_batch must be at least 1".into());
         }
+        check_shape_weights("shape_weights", self.shape_weights)?;
         if let Some(c) = &self.curriculum {
-            if let Some(w) = c.shape_weights {
-                if w.iter().any(|x| !x.is_finite() || *x < 0.0) || w.iter().sum::<f64>() <= 0.0 {
-                    return Err(format!(
-                        "curriculum: shape_weights must be finite, >= 0 and not all 0 (got {w:?})"
-                    ));
-                }
-            }
+            check_shape_weights("curriculum: shape_weights", c.shape_weights)?;
             if !(0.0..=1.0).contains(&c.share) || c.hold > c.until {
                 return Err(format!(
                     "curriculum: share must be in [0, 1] and hold <= until (got share {}, hold {}, until {})",
@@ -162,6 +163,17 @@ impl TeacherConfig {
             }
         }
         Ok(())
+    }
+}
+
+fn check_shape_weights(name: &str, w: Option<[f64; 4]>) -> std::result::Result<(), String> {
+    match w {
+        Some(w) if w.iter().any(|x| !x.is_finite() || *x < 0.0) || w.iter().sum::<f64>() <= 0.0 => {
+            Err(format!(
+                "{name} must be finite, >= 0 and not all 0 (got {w:?})"
+            ))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -189,24 +201,34 @@ pub struct WorldBatch {
     pub prompts: Vec<String>,
 }
 
-/// Renders `n` training scenes of `frames` frames (1 or `world::VIDEO_FRAMES`); for images, a
-/// `simple_share` of them are simple scenes ([`world::sample_simple_spec`]).
+/// What a training batch draws from the world; the default is the grammar's own mix.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SceneMix<'a> {
+    /// The share of image scenes that are simple scenes ([`world::sample_simple_spec`]).
+    pub simple_share: f64,
+    /// The shape weights of the simple scenes.
+    pub simple_shapes: Option<&'a [f64; 4]>,
+    /// The shape weights of every other scene ([`world::sample_spec_weighted`]).
+    pub shapes: Option<&'a [f64; 4]>,
+}
+
+/// Renders `n` training scenes of `frames` frames (1 or `world::VIDEO_FRAMES`) drawn as `mix`
+/// says (simple scenes only among images).
 pub fn world_batch(
     rng: &mut ChaCha8Rng,
     n: usize,
     video: bool,
-    simple_share: f64,
-    shape_weights: Option<&[f64; 4]>,
+    mix: SceneMix,
     cfg_dropout: f64,
     device: &Device,
 ) -> Result<WorldBatch> {
     let mut xs = Vec::with_capacity(n);
     let mut prompts = Vec::with_capacity(n);
     for _ in 0..n {
-        let spec = if !video && simple_share > 0.0 && rng.random::<f64>() < simple_share {
-            world::sample_simple_spec(rng, Split::Train, shape_weights)
+        let spec = if !video && mix.simple_share > 0.0 && rng.random::<f64>() < mix.simple_share {
+            world::sample_simple_spec(rng, Split::Train, mix.simple_shapes)
         } else {
-            world::sample_spec(rng, Split::Train, video)
+            world::sample_spec_weighted(rng, Split::Train, video, mix.shapes)
         };
         let frames = world::render(&spec, rng);
         xs.push(from_frames(&frames, device)?);
@@ -336,15 +358,19 @@ pub fn train_teacher(
         let mut rng =
             ChaCha8Rng::seed_from_u64(config.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let simple = config.curriculum.map_or(0.0, |c| c.share_at(step));
+        let mix = SceneMix {
+            simple_share: simple,
+            simple_shapes: config
+                .curriculum
+                .as_ref()
+                .and_then(|c| c.shape_weights.as_ref()),
+            shapes: config.shape_weights.as_ref(),
+        };
         let ib = world_batch(
             &mut rng,
             config.image_batch,
             false,
-            simple,
-            config
-                .curriculum
-                .as_ref()
-                .and_then(|c| c.shape_weights.as_ref()),
+            mix,
             config.cfg_dropout,
             device,
         )?;
@@ -354,8 +380,10 @@ pub fn train_teacher(
                 &mut rng,
                 config.video_batch,
                 true,
-                0.0,
-                None,
+                SceneMix {
+                    simple_share: 0.0,
+                    ..mix
+                },
                 config.cfg_dropout,
                 device,
             )?;
@@ -663,6 +691,14 @@ mod tests {
                 ..c
             });
             assert!(cfg.validate().unwrap_err().contains("shape_weights"));
+            let scene_wide = TeacherConfig {
+                shape_weights: Some(bad),
+                ..TeacherConfig::default()
+            };
+            assert!(scene_wide
+                .validate()
+                .unwrap_err()
+                .starts_with("shape_weights"));
         }
     }
 
@@ -670,7 +706,12 @@ mod tests {
     fn shape_weights_tilt_the_simple_scenes() {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let w = [1.0, 0.0, 1.0, 2.0];
-        let b = world_batch(&mut rng, 400, false, 1.0, Some(&w), 0.0, &Device::Cpu).unwrap();
+        let mix = SceneMix {
+            simple_share: 1.0,
+            simple_shapes: Some(&w),
+            shapes: None,
+        };
+        let b = world_batch(&mut rng, 400, false, mix, 0.0, &Device::Cpu).unwrap();
         let mut counts = [0usize; 4];
         for p in &b.prompts {
             let shape = world::parse(p).unwrap().objects[0].shape;
@@ -691,9 +732,44 @@ mod tests {
     }
 
     #[test]
+    fn scene_shape_weights_tilt_every_object_of_images_and_videos() {
+        // Squares weighted out, crosses 3x: no square in any scene, crosses the most common.
+        let w = [1.0, 0.0, 1.0, 3.0];
+        let mix = SceneMix {
+            shapes: Some(&w),
+            ..Default::default()
+        };
+        for video in [false, true] {
+            let mut rng = ChaCha8Rng::seed_from_u64(11);
+            let b = world_batch(&mut rng, 150, video, mix, 0.0, &Device::Cpu).unwrap();
+            let mut counts = [0usize; 4];
+            let mut two = 0;
+            for p in &b.prompts {
+                let spec = world::parse(p).unwrap();
+                two += usize::from(spec.objects.len() == 2);
+                for o in &spec.objects {
+                    let i = world::Shape::all().iter().position(|s| *s == o.shape);
+                    counts[i.unwrap()] += 1;
+                }
+            }
+            assert_eq!(counts[1], 0, "video {video}: {counts:?}");
+            assert!(
+                counts[3] > counts[0] + counts[2],
+                "video {video}: {counts:?}"
+            );
+            // Still the grammar's scenes, not simple ones: two-object scenes remain.
+            assert!(two > 30, "video {video}: {two} two-object scenes");
+        }
+    }
+
+    #[test]
     fn simple_share_draws_single_large_objects_on_black() {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
-        let all = world_batch(&mut rng, 64, false, 1.0, None, 0.0, &Device::Cpu).unwrap();
+        let mix = SceneMix {
+            simple_share: 1.0,
+            ..Default::default()
+        };
+        let all = world_batch(&mut rng, 64, false, mix, 0.0, &Device::Cpu).unwrap();
         for p in &all.prompts {
             let spec = world::parse(p).unwrap();
             assert_eq!(spec.objects.len(), 1, "{p}");
@@ -706,8 +782,7 @@ mod tests {
             &mut ChaCha8Rng::seed_from_u64(4),
             8,
             false,
-            0.0,
-            None,
+            SceneMix::default(),
             0.1,
             &Device::Cpu,
         )

@@ -218,8 +218,22 @@ fn min_gap(objects: &[Placed], frames: usize) -> f32 {
 /// one with probability 0.85 (at least one). Only specs that can be laid
 /// out without crowding are returned.
 pub fn sample_spec(rng: &mut impl Rng, split: Split, video: bool) -> SceneSpec {
+    sample_spec_weighted(rng, split, video, None)
+}
+
+/// [`sample_spec`] with every object's shape drawn with `shape_weights` (circle, square,
+/// triangle, cross; `None` is uniform and gives exactly `sample_spec`'s draws).
+///
+/// Why: a teacher sees each prompt's own scenes either way, so tilting the shape mix only moves
+/// training effort towards the shapes it draws worst; the eval keeps the uniform mix.
+pub fn sample_spec_weighted(
+    rng: &mut impl Rng,
+    split: Split,
+    video: bool,
+    shape_weights: Option<&[f64; 4]>,
+) -> SceneSpec {
     for _ in 0..10_000 {
-        let spec = sample_any(rng, video);
+        let spec = sample_any(rng, video, shape_weights);
         if split_of(&spec) == split && layout(&spec, rng, FEASIBILITY_TRIES).min_gap >= GAP {
             return spec;
         }
@@ -252,7 +266,7 @@ pub fn sample_simple_spec(
     shape_weights: Option<&[f64; 4]>,
 ) -> SceneSpec {
     loop {
-        let mut o = random_object(rng, 0.0, 0.5);
+        let mut o = random_object(rng, 0.0, 0.5, None);
         o.size = Some(SizeClass::Large);
         if let Some(w) = shape_weights {
             o.shape = pick_weighted(rng, Shape::all(), w);
@@ -268,9 +282,17 @@ pub fn sample_simple_spec(
     }
 }
 
-fn random_object(rng: &mut impl Rng, p_size: f64, p_position: f64) -> ObjectSpec {
+fn random_object(
+    rng: &mut impl Rng,
+    p_size: f64,
+    p_position: f64,
+    shape_weights: Option<&[f64; 4]>,
+) -> ObjectSpec {
     ObjectSpec {
-        shape: pick(rng, Shape::all()),
+        shape: match shape_weights {
+            Some(w) => pick_weighted(rng, Shape::all(), w),
+            None => pick(rng, Shape::all()),
+        },
         color: pick(rng, Color::all()),
         size: rng.random_bool(p_size).then(|| pick(rng, SizeClass::all())),
         position: rng
@@ -280,20 +302,20 @@ fn random_object(rng: &mut impl Rng, p_size: f64, p_position: f64) -> ObjectSpec
     }
 }
 
-fn sample_any(rng: &mut impl Rng, video: bool) -> SceneSpec {
+fn sample_any(rng: &mut impl Rng, video: bool, shape_weights: Option<&[f64; 4]>) -> SceneSpec {
     let background = rng.random_bool(0.5).then(|| pick(rng, Background::all()));
     let kind: f32 = rng.random();
     let mut objects = if kind < 0.45 {
-        let mut o = random_object(rng, 0.5, 0.5);
+        let mut o = random_object(rng, 0.5, 0.5, shape_weights);
         if video {
             o.motion = Some(pick(rng, Motion::all()));
         }
         vec![o]
     } else if kind < 0.8 {
-        let mut a = random_object(rng, 0.35, 0.0);
-        let mut b = random_object(rng, 0.35, 0.0);
+        let mut a = random_object(rng, 0.35, 0.0, shape_weights);
+        let mut b = random_object(rng, 0.35, 0.0, shape_weights);
         while (a.shape, a.color) == (b.shape, b.color) {
-            b = random_object(rng, 0.35, 0.0);
+            b = random_object(rng, 0.35, 0.0, shape_weights);
         }
         let layout: f32 = rng.random();
         if layout < 0.3 {
@@ -323,7 +345,7 @@ fn sample_any(rng: &mut impl Rng, video: bool) -> SceneSpec {
         }
         vec![a, b]
     } else {
-        let mut o = random_object(rng, 0.4, 0.0);
+        let mut o = random_object(rng, 0.4, 0.0, shape_weights);
         if video {
             o.motion = Some(pick(rng, Motion::all()));
         }
