@@ -98,7 +98,7 @@ pub struct ModelBenchSetup<'a> {
 
 impl ModelBenchSetup<'_> {
     /// The model in trainable variables, with the weights loaded when given.
-    fn build(&self, device: &Device) -> Result<(VarMap, TinyModel)> {
+    pub(crate) fn build(&self, device: &Device) -> Result<(VarMap, TinyModel)> {
         let mut map = VarMap::new();
         let vb = crate::nn::random_var_builder(&map, 0, DType::F32, device);
         let model = TinyModel::new(
@@ -115,7 +115,12 @@ impl ModelBenchSetup<'_> {
 
     /// `x` and `t` for `b` rows: the first `b` of the inputs, or random latents and evenly
     /// spread times.
-    fn rows(&self, b: usize, frames: usize, device: &Device) -> Result<(Tensor, Vec<f32>)> {
+    pub(crate) fn rows(
+        &self,
+        b: usize,
+        frames: usize,
+        device: &Device,
+    ) -> Result<(Tensor, Vec<f32>)> {
         let (Some(x), Some(t)) = (self.inputs.get("x"), self.inputs.get("t")) else {
             if !self.inputs.is_empty() {
                 candle_core::bail!("inputs: need tensors x and t");

@@ -29,15 +29,7 @@ pub fn softmax(rows: usize, tq: usize, tk: usize, reps: usize, device: &Device) 
         (y * &w)?.sum_all()?.backward()?;
         Ok(())
     };
-    // Interleave the two so machine noise hits both alike.
-    let (mut c, mut f) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        c.push(median_secs(reps, || step(false))?);
-        f.push(median_secs(reps, || step(true))?);
-    }
-    c.sort_by(|a, b| a.total_cmp(b));
-    f.sort_by(|a, b| a.total_cmp(b));
-    let (composed, fused) = (c[1], f[1]);
+    let (composed, fused) = interleaved(reps, || step(false), || step(true))?;
     Ok(OpRow {
         op: "softmax (last dim), fwd + bwd".into(),
         shape: vec![rows, tq, tk],
@@ -45,4 +37,123 @@ pub fn softmax(rows: usize, tq: usize, tk: usize, reps: usize, device: &Device) 
         fused_ms: fused * 1e3,
         speedup: composed / fused,
     })
+}
+
+/// Multi-head attention of `[batch, tq, width]` queries over `tk` keys and values: the fused op
+/// ([`crate::nn::fused_attention::attend`]) against the composition it replaced (split heads,
+/// scores, the one-pass softmax, merge heads). Forward only, or forward + backward.
+pub fn attention(
+    (batch, tq, tk): (usize, usize, usize),
+    (width, heads): (usize, usize),
+    backward: bool,
+    reps: usize,
+    device: &Device,
+) -> Result<OpRow> {
+    use crate::nn::fused_attention::{attend, composed};
+    let var = |t: usize| -> Result<Var> {
+        Var::from_tensor(&Tensor::randn(0f32, 1.0, (batch, t, width), device)?)
+    };
+    let (q, k, v) = (var(tq)?, var(tk)?, var(tk)?);
+    let w = Tensor::randn(0f32, 1.0, (batch, tq, width), device)?;
+    let step = |fused: bool| {
+        let run = if fused { attend } else { composed };
+        let (q, k, v) = if backward {
+            (
+                q.as_tensor().clone(),
+                k.as_tensor().clone(),
+                v.as_tensor().clone(),
+            )
+        } else {
+            (
+                q.as_detached_tensor(),
+                k.as_detached_tensor(),
+                v.as_detached_tensor(),
+            )
+        };
+        let o = run(&q, &k, &v, heads, None)?;
+        if backward {
+            (o * &w)?.sum_all()?.backward()?;
+        }
+        Ok(())
+    };
+    let (composed, fused) = interleaved(reps, || step(false), || step(true))?;
+    Ok(OpRow {
+        op: format!(
+            "attention, {heads} heads, {}",
+            if backward { "fwd + bwd" } else { "fwd" }
+        ),
+        shape: vec![batch, tq, tk, width],
+        composed_ms: composed * 1e3,
+        fused_ms: fused * 1e3,
+        speedup: composed / fused,
+    })
+}
+
+/// The median seconds of `composed` and of `fused` over three interleaved rounds of `reps`
+/// runs each, so that machine noise hits both alike.
+fn interleaved(
+    reps: usize,
+    mut composed: impl FnMut() -> Result<()>,
+    mut fused: impl FnMut() -> Result<()>,
+) -> Result<(f64, f64)> {
+    let (mut c, mut f) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        c.push(median_secs(reps, &mut composed)?);
+        f.push(median_secs(reps, &mut fused)?);
+    }
+    c.sort_by(|a, b| a.total_cmp(b));
+    f.sort_by(|a, b| a.total_cmp(b));
+    Ok((c[1], f[1]))
+}
+
+/// The whole model at `batch` with the fused attention against the composed one, every other
+/// kernel on: a forward, and a training step (forward, backward, AdamW).
+pub fn model_attention(
+    setup: &super::model::ModelBenchSetup,
+    batch: usize,
+    reps: usize,
+    device: &Device,
+) -> Result<[OpRow; 2]> {
+    use crate::nn::fused_attention::set_fused_attention;
+    let (map, model) = setup.build(device)?;
+    let mut opt = crate::train::AdamW::new(
+        crate::train::named_vars(&map),
+        crate::train::AdamWConfig::default(),
+    )?;
+    let (x, t) = setup.rows(batch, 1, device)?;
+    let prompts = vec![super::model::PROMPT; batch];
+    let text = model.encode(&prompts)?;
+    let forward = |fused: bool| {
+        set_fused_attention(fused);
+        let r = model.velocity(&x, &t, &text).map(drop);
+        set_fused_attention(true);
+        r
+    };
+    let (fc, ff) = interleaved(reps, || forward(false), || forward(true))?;
+    let mut train = |fused: bool| {
+        set_fused_attention(fused);
+        let r = (|| {
+            let text = model.encode(&prompts)?;
+            let v = model.velocity(&x, &t, &text)?;
+            opt.backward_step(&(v - &x)?.sqr()?.mean_all()?).map(drop)
+        })();
+        set_fused_attention(true);
+        r
+    };
+    let mut tc = Vec::new();
+    let mut tf = Vec::new();
+    for _ in 0..3 {
+        tc.push(median_secs(reps, || train(false))?);
+        tf.push(median_secs(reps, || train(true))?);
+    }
+    tc.sort_by(|a, b| a.total_cmp(b));
+    tf.sort_by(|a, b| a.total_cmp(b));
+    let row = |what: &str, c: f64, f: f64| OpRow {
+        op: format!("model {what}, attention"),
+        shape: vec![batch],
+        composed_ms: c * 1e3,
+        fused_ms: f * 1e3,
+        speedup: c / f,
+    };
+    Ok([row("forward", fc, ff), row("train step", tc[1], tf[1])])
 }

@@ -164,18 +164,49 @@ pub(super) fn bench(args: BenchArgs) -> anyhow::Result<()> {
         let a = &TinySource::of(&manifest, "fewstep bench --ops")?.architecture;
         let batch = args.batches.iter().copied().max().unwrap_or(32);
         let t = a.tokens_per_frame();
-        let r = crate::bench::ops::softmax(batch * a.heads, t, t, args.reps, &device)?;
+        use crate::bench::ops;
+        let (d, heads, frames) = (a.dim, a.heads, a.max_frames);
+        let tokenizer = crate::families::tiny::TinyTokenizer::from_file(
+            &TinySource::of(&manifest, "fewstep bench --ops")?.tokenizer_path(&manifest.dir),
+        )?;
+        let weights = Some(manifest.weights_path()).filter(|p| p.is_file());
+        let setup = crate::bench::model::ModelBenchSetup {
+            cfg: a,
+            tokenizer: &tokenizer,
+            weights: weights.as_deref(),
+            inputs: &Default::default(),
+        };
+        let mut rows = vec![
+            ops::softmax(batch * heads, t, t, args.reps, &device)?,
+            // The model's spatial self-attention, its temporal attention across a video's
+            // frames, and an SD1.5 UNet's top-level self-attention at 64x64 latents.
+            ops::attention((batch, t, t), (d, heads), false, args.reps, &device)?,
+            ops::attention((batch, t, t), (d, heads), true, args.reps, &device)?,
+            ops::attention(
+                (batch * t, frames, frames),
+                (d, heads),
+                true,
+                args.reps,
+                &device,
+            )?,
+            ops::attention((1, 4096, 4096), (320, 8), false, args.reps.min(3), &device)?,
+        ];
+        for &b in &args.batches {
+            rows.extend(ops::model_attention(&setup, b, args.reps, &device)?);
+        }
         println!(
-            "\nop                               shape          composed ms  fused ms  speedup"
+            "\nop                               shape                 composed ms  fused ms  speedup"
         );
-        println!(
-            "{:<32} {:<14} {:>11.3} {:>9.3} {:>7.2}x",
-            r.op,
-            format!("{:?}", r.shape),
-            r.composed_ms,
-            r.fused_ms,
-            r.speedup
-        );
+        for r in rows {
+            println!(
+                "{:<32} {:<21} {:>11.3} {:>9.3} {:>7.2}x",
+                r.op,
+                format!("{:?}", r.shape),
+                r.composed_ms,
+                r.fused_ms,
+                r.speedup
+            );
+        }
     }
     if !args.compare.is_empty() {
         let models = args

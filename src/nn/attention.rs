@@ -3,6 +3,7 @@
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
+use super::fused_attention::attend;
 use super::Linear;
 
 /// Scaled dot-product attention over `[B*H, Tq, Dh]` x `[B*H, Tk, Dh]`, with an optional
@@ -54,13 +55,11 @@ impl Attention {
 
     /// `x`: `[B, T, D]`; `bias`: additive key bias broadcastable to `[B*H, T, T]`.
     pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let (b, _t, d) = x.dims3()?;
+        let d = x.dim(D::Minus1)?;
         let qkv = self.qkv.forward(x)?;
-        let q = split_heads(&qkv.narrow(D::Minus1, 0, d)?, self.heads)?;
-        let k = split_heads(&qkv.narrow(D::Minus1, d, d)?, self.heads)?;
-        let v = split_heads(&qkv.narrow(D::Minus1, 2 * d, d)?, self.heads)?;
-        let o = sdpa(&q, &k, &v, bias)?;
-        self.out.forward(&merge_heads(&o, b)?)
+        let part = |i: usize| qkv.narrow(D::Minus1, i * d, d);
+        let o = attend(&part(0)?, &part(1)?, &part(2)?, self.heads, bias)?;
+        self.out.forward(&o)
     }
 }
 
@@ -105,12 +104,13 @@ impl CrossAttention {
     /// `x`: `[B, T, D]`, `context`: `[B, L, Dc]`, `bias`: `[B*H, 1, L]` key-padding bias.
     pub fn forward(&self, x: &Tensor, context: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let (b, _t, d) = x.dims3()?;
-        let q = split_heads(&self.q.forward(x)?, self.heads)?;
+        let q = self.q.forward(x)?;
         let kv = self.kv.forward(context)?;
-        let k = split_heads(&kv.narrow(D::Minus1, 0, d)?, self.heads)?;
-        let v = split_heads(&kv.narrow(D::Minus1, d, d)?, self.heads)?;
+        let k = kv.narrow(D::Minus1, 0, d)?;
+        let v = kv.narrow(D::Minus1, d, d)?;
         if CAPTURE.with(|c| c.borrow().is_some()) {
-            let probs = attention_probs(&q, &k, bias)?.detach();
+            let (qh, kh) = (split_heads(&q, self.heads)?, split_heads(&k, self.heads)?);
+            let probs = attention_probs(&qh, &kh, bias)?.detach();
             let (bh, tq, l) = probs.dims3()?;
             let per_row = probs
                 .reshape((b, bh / b, tq, l))?
@@ -122,8 +122,7 @@ impl CrossAttention {
                 }
             });
         }
-        let o = sdpa(&q, &k, &v, bias)?;
-        self.out.forward(&merge_heads(&o, b)?)
+        self.out.forward(&attend(&q, &k, &v, self.heads, bias)?)
     }
 }
 

@@ -77,36 +77,38 @@ fn silu_backward_generic(xs: &[f32], grad: &[f32]) -> Vec<f32> {
     })
 }
 
-/// Softmax of each `n`-wide row of `x`: max, `exp(x - max)`, sum and scale, each row in one
-/// go while it is in L1.
+/// Softmax of each `n`-wide row of `x`, in place: max, `exp(x - max)`, sum and scale, each row
+/// in one go while it is in L1.
 #[inline(always)]
-fn softmax_rows_generic(x: &[f32], n: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(x.len());
-    for row in x.chunks(n) {
-        let start = out.len();
-        out.extend_from_slice(row);
-        let o = &mut out[start..];
-        exp_sub_generic(o, max(row));
-        let inv = 1.0 / sum(o);
-        o.iter_mut().for_each(|y| *y *= inv);
+fn softmax_rows_generic(x: &mut [f32], n: usize) {
+    for row in x.chunks_mut(n) {
+        exp_sub_generic(row, max(row));
+        let inv = 1.0 / sum(row);
+        row.iter_mut().for_each(|y| *y *= inv);
     }
-    out
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn softmax_rows_avx2(x: &[f32], n: usize) -> Vec<f32> {
+fn softmax_rows_avx2(x: &mut [f32], n: usize) {
     softmax_rows_generic(x, n)
 }
 
-/// Softmax over each `n`-wide row of `x` (row-major).
-pub fn softmax_rows(x: &[f32], n: usize) -> Vec<f32> {
+/// Softmax over each `n`-wide row of `x` (row-major), in place.
+pub fn softmax_rows_inplace(x: &mut [f32], n: usize) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above).
         return unsafe { softmax_rows_avx2(x, n) };
     }
     softmax_rows_generic(x, n)
+}
+
+/// Softmax over each `n`-wide row of `x` (row-major).
+pub fn softmax_rows(x: &[f32], n: usize) -> Vec<f32> {
+    let mut out = x.to_vec();
+    softmax_rows_inplace(&mut out, n);
+    out
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -31,7 +31,7 @@ pub fn fused_enabled() -> bool {
     FUSED.with(Cell::get)
 }
 
-fn use_kernel(ts: &[&Tensor]) -> bool {
+pub(crate) fn use_kernel(ts: &[&Tensor]) -> bool {
     fused_enabled()
         && ts
             .iter()
@@ -423,13 +423,8 @@ pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::max_diff;
     use candle_core::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
-            .unwrap()
-    }
 
     fn var(shape: &[usize], std: f32) -> Var {
         Var::from_tensor(&Tensor::randn(0f32, std, shape, &Device::Cpu).unwrap()).unwrap()

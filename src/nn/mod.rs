@@ -10,6 +10,7 @@ pub mod conv;
 pub mod embed;
 pub mod fastmath;
 pub mod fused;
+pub mod fused_attention;
 pub mod init;
 pub mod linear;
 pub mod lora;
@@ -24,3 +25,12 @@ pub use init::{random_var_builder, seeded_var_builder};
 pub use linear::{Linear, VisitLinear};
 pub use lora::{LoraAdapter, LoraConfig, LoraError};
 pub use softmax::softmax_last_dim;
+
+/// The largest absolute difference of two tensors of one shape (tests of ops against their
+/// reference compositions).
+#[cfg(test)]
+pub(crate) fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+        .unwrap()
+}

@@ -12,8 +12,7 @@ use serde::Deserialize;
 
 use super::layers::LayerNorm;
 use super::layout::{read_json, ComponentFiles, LoadError, TRANSFORMERS_WEIGHTS};
-use crate::nn::attention::sdpa;
-use crate::nn::attention::{merge_heads, split_heads};
+use crate::nn::fused_attention::attend;
 use crate::nn::Linear;
 
 /// Masked keys get this bias: `exp` of it is exactly 0 in f32 (it becomes -inf in f16, which
@@ -221,12 +220,8 @@ impl SelfAttention {
     }
 
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.heads;
-        let q = split_heads(&self.q.forward(x)?, h)?;
-        let k = split_heads(&self.k.forward(x)?, h)?;
-        let v = split_heads(&self.v.forward(x)?, h)?;
-        let o = sdpa(&q, &k, &v, mask)?;
-        self.out.forward(&merge_heads(&o, x.dim(0)?)?)
+        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        self.out.forward(&attend(&q, &k, &v, self.heads, mask)?)
     }
 }
 

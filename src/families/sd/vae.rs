@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::layers::{upsample_nearest, Conv2d, GroupNorm};
 use super::layout::{read_json, ComponentFiles, LoadError, DIFFUSERS_WEIGHTS};
-use crate::nn::attention::sdpa;
+use crate::nn::fused_attention::attend;
 use crate::nn::Linear;
 
 /// diffusers builds every VAE norm with this epsilon (`resnet_eps`), whatever the config says.
@@ -198,7 +198,7 @@ impl Module for AttentionBlock {
         let q = self.q.forward(&tokens)?;
         let k = self.k.forward(&tokens)?;
         let v = self.v.forward(&tokens)?;
-        let o = self.out.forward(&sdpa(&q, &k, &v, None)?)?;
+        let o = self.out.forward(&attend(&q, &k, &v, 1, None)?)?;
         let o = o.transpose(1, 2)?.reshape((b, c, h, w))?;
         x + o
     }

@@ -7,6 +7,7 @@ use candle_nn::VarBuilder;
 use super::config::AttnSpec;
 use crate::families::sd::layers::{in_f32, Geglu, GroupNorm, LayerNorm, PointwiseConv};
 use crate::nn::attention::{merge_heads, split_heads};
+use crate::nn::fused_attention::try_attend;
 use crate::nn::{Linear, VisitLinear};
 
 /// Score tensors above this many elements are computed in slices of heads, which bounds
@@ -63,9 +64,18 @@ impl Attention {
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let context = context.unwrap_or(x);
-        let q = split_heads(&self.to_q.forward(x)?, self.heads)?;
-        let k = split_heads(&self.to_k.forward(context)?, self.heads)?;
-        let v = split_heads(&self.to_v.forward(context)?, self.heads)?;
+        let (q, k, v) = (
+            self.to_q.forward(x)?,
+            self.to_k.forward(context)?,
+            self.to_v.forward(context)?,
+        );
+        // f32 on the CPU: one fused op, which bounds its own memory (no slicing needed).
+        if let Some(o) = try_attend(&q, &k, &v, self.heads, None)? {
+            return self.to_out.forward(&o);
+        }
+        let q = split_heads(&q, self.heads)?;
+        let k = split_heads(&k, self.heads)?;
+        let v = split_heads(&v, self.heads)?;
         let (n, tk) = (q.dim(0)?, k.dim(1)?);
         let chunk = (MAX_SCORE_ELEMS / (t * tk).max(1)).clamp(1, n);
         let out = if chunk >= n {

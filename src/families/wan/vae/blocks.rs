@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 
 use super::causal_conv::{last_frames, wide, CausalConv3d, FrameCache};
 use crate::families::sd::layers::{upsample_nearest, PointwiseConv};
-use crate::nn::attention::sdpa;
+use crate::nn::fused_attention::attend;
 
 /// `F.normalize`'s floor on the norm.
 const NORM_EPS: f64 = 1e-12;
@@ -121,8 +121,8 @@ impl AttentionBlock {
             .squeeze(3)?
             .transpose(1, 2)?;
         let qkv = self.to_qkv.forward(&tokens)?;
-        let part = |i: usize| qkv.narrow(2, i * c, c)?.contiguous();
-        let o = sdpa(&part(0)?, &part(1)?, &part(2)?, None)?;
+        let part = |i: usize| qkv.narrow(2, i * c, c);
+        let o = attend(&part(0)?, &part(1)?, &part(2)?, 1, None)?;
         let o = self.proj.forward(&o)?.transpose(1, 2)?;
         x + o.reshape((b, t, c, h, w))?
     }
