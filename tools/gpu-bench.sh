@@ -10,9 +10,15 @@
 #   tools/gpu-bench.sh run [ARGS...]           on the GPU machine, from the repository root with
 #                                              .carry/ and .whl/ beside it; ARGS go to
 #                                              torch_bench.py (--batches, --reps, ...)
+#   tools/gpu-bench.sh run --wan [BUDGET_S] [ARGS...]
+#                                              instead: Wan2.1-T2V-1.3B (random weights), 81
+#                                              frames at 832x480, 4 student steps, bf16, against
+#                                              diffusers (tools/wan_bench.py), all within
+#                                              BUDGET_S seconds (default 420) of wall time
 # The machine needs a CUDA 13 driver, python3 with torch (CUDA), and the CUDA 13 libraries
 # (cuBLAS, cudart, cuRAND) in that python's site-packages (torch's cu13 wheels bring them) or
-# on LD_LIBRARY_PATH. Results go to $OUT (default ./gpu-bench-out): bench.json, fewstep-sdxl.json.
+# on LD_LIBRARY_PATH. Results go to $OUT (default ./gpu-bench-out): bench.json and
+# fewstep-sdxl.json, or for --wan wan-bench.json and fewstep-wan.json; and log.txt.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -43,12 +49,26 @@ run)
   export PYTHONPATH=/tmp/gpu-bench-site${PYTHONPATH:+:$PYTHONPATH}
   # shellcheck source=tools/gpu-env.sh
   source tools/gpu-env.sh
-  PYTHONUNBUFFERED=1 python3 tools/torch_bench.py --device cuda --fewstep "$FEWSTEP_BIN" \
-    --out "$out" "$@" \
-    2>&1 | tee "$out/log.txt"
+  if [ "${1:-}" = "--wan" ]; then
+    shift
+    budget=420
+    if [[ "${1:-}" =~ ^[0-9]+$ ]]; then
+      budget="$1"
+      shift
+    fi
+    # The whole run, weights included, stays inside the budget: wan_bench.py kills fewstep at
+    # what is left and skips the optional phases that would not fit; timeout is the backstop.
+    PYTHONUNBUFFERED=1 timeout --kill-after=20 "$((budget + 60))" python3 tools/wan_bench.py \
+      --device cuda --fewstep "$FEWSTEP_BIN" --out "$out" --budget-s "$budget" "$@" \
+      2>&1 | tee "$out/log.txt"
+  else
+    PYTHONUNBUFFERED=1 python3 tools/torch_bench.py --device cuda --fewstep "$FEWSTEP_BIN" \
+      --out "$out" "$@" \
+      2>&1 | tee "$out/log.txt"
+  fi
   ;;
 *)
-  sed -n '2,16p' "$0"
+  sed -n '2,22p' "$0"
   exit 2
   ;;
 esac

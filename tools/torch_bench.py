@@ -183,14 +183,21 @@ def within(seconds, fn):
         signal.signal(signal.SIGALRM, old)
 
 
-def run_fewstep(args, cmd, label):
-    """fewstep in its own process, its threads pinned like torch's; None when it failed."""
+def run_fewstep(args, cmd, label, timeout=None):
+    """fewstep in its own process, its threads pinned like torch's; None when it failed or
+    ran past `timeout` seconds (then it is killed)."""
     env = dict(os.environ)
     if args.threads:
         env["RAYON_NUM_THREADS"] = env["CANDLE_NUM_THREADS"] = str(args.threads)
     log("running", " ".join(cmd))
     start = time.perf_counter()
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        log(f"fewstep ({label}) killed after {timeout:.0f} s")
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        print(out[-3000:], flush=True)
+        return None
     log(f"fewstep ({label}) exited {run.returncode} after {time.perf_counter() - start:.1f} s")
     print(run.stdout[-3000:], run.stderr[-3000:], flush=True)
     return run if run.returncode == 0 else None

@@ -70,6 +70,16 @@ pub fn process_cpu_secs() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
+/// This process's peak resident set in MiB (Linux `VmHWM`): of its own address space, unlike
+/// `getrusage`'s, which carries over the parent's pages when the process was started by
+/// `vfork` + `exec` (Python's `subprocess` does).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
 /// GFLOP/s of a `[m, k] x [k, n]` f32 matmul.
 pub fn gemm_gflops(m: usize, k: usize, n: usize, reps: usize, device: &Device) -> Result<f64> {
     let a = Tensor::randn(0f32, 1.0, (m, k), device)?;

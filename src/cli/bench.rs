@@ -67,27 +67,52 @@ pub struct BenchArgs {
     /// diffusers.
     #[arg(long, value_name = "DIR")]
     pub unet: Option<PathBuf>,
-    /// With --unet: `cpu`, `cuda` or `cuda:N`.
+    /// Instead of a model, time this diffusers-layout Wan2.1 directory (`transformer/`,
+    /// `vae/`, `scheduler/`; no text encoder: the text states are inputs) through a
+    /// `--steps`-step generation (default 4) of `--frames` frames at `--width`x`--height`,
+    /// then the VAE's decode, at each of `--batches`. `tools/wan_bench.py` runs it against
+    /// diffusers.
+    #[arg(long, value_name = "DIR", conflicts_with = "unet")]
+    pub wan: Option<PathBuf>,
+    /// With --wan: the sampler over the directory's schedule (`student`: the shifted
+    /// `[1000, 750, 500, 250]` for 4 steps, re-noised between steps).
+    #[arg(long, value_enum, default_value_t = crate::pipeline::SamplerKind::Student)]
+    pub sampler: crate::pipeline::SamplerKind,
+    /// With --wan: video width and height (multiples of 16).
+    #[arg(long, default_value_t = 832)]
+    pub width: usize,
+    #[arg(long, default_value_t = 480)]
+    pub height: usize,
+    /// With --wan: the VAE's precision (default --dtype).
+    #[arg(long, value_enum)]
+    pub vae_dtype: Option<crate::families::sd::WeightDtype>,
+    /// With --wan and no --inputs: the prompt tokens of the random text states.
+    #[arg(long, default_value_t = 512)]
+    pub text_len: usize,
+    /// With --unet or --wan: `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// With --unet: the precision of weights and activations.
+    /// With --unet or --wan: the precision of weights and activations.
     #[arg(long, value_enum, default_value_t = crate::families::sd::WeightDtype::F32)]
     pub dtype: crate::families::sd::WeightDtype,
     /// With --unet: latent height and width (128 is a 1024x1024 SDXL image).
     #[arg(long, default_value_t = 64)]
     pub latent_size: usize,
     /// A safetensors file of batch-first inputs; default random. With --unet: `sample`,
-    /// `encoder_hidden_states`, and for SDXL `text_embeds`, `time_ids`; for a tiny model's
+    /// `encoder_hidden_states`, and for SDXL `text_embeds`, `time_ids`; with --wan: `latents`,
+    /// `prompt_embeds`, with CFG `negative_prompt_embeds`, for the student sampler
+    /// `step_noise` `[B, steps - 1, ...]` (see `bench::wan::inputs`); for a tiny model's
     /// denoiser table: `x` `[B, F, C, H, W]` and `t` `[B]` (every row's prompt is
     /// `bench::model::PROMPT`).
     #[arg(long, value_name = "FILE")]
     pub inputs: Option<PathBuf>,
     /// Write outputs of the first batch size here, for a parity check against another
     /// runtime. With --unet: one UNet evaluation (`forward`, at t=999) and the whole denoising
-    /// (`denoised`); for a tiny model: its `velocity`, the training `loss` and its `grad_norm`.
+    /// (`denoised`); with --wan: the last round's final `latents` and decoded `video`; for a
+    /// tiny model: its `velocity`, the training `loss` and its `grad_norm`.
     #[arg(long, value_name = "FILE")]
     pub outputs: Option<PathBuf>,
-    /// Also write the rows (of --unet, or of the denoiser table) as JSON here.
+    /// Also write the rows (of --unet or --wan, or of the denoiser table) as JSON here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
 }
@@ -95,6 +120,9 @@ pub struct BenchArgs {
 pub(super) fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.unet {
         return bench_unet(&args, dir);
+    }
+    if let Some(dir) = &args.wan {
+        return bench_wan(&args, dir);
     }
     let manifest = crate::manifest::Manifest::find(&args.models_dir, &args.model)?;
     let device = candle_core::Device::Cpu;
@@ -296,6 +324,73 @@ fn bench_unet(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
             ),
         ]);
         candle_core::safetensors::save(&out, path)?;
+    }
+    Ok(())
+}
+
+fn bench_wan(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
+    use crate::bench::wan;
+    let device = crate::config::parse_device(&args.device)?;
+    let vae_dtype = args.vae_dtype.unwrap_or(args.dtype);
+    if let Some(message) =
+        crate::families::sd::manifest::device_refuses(args.dtype, vae_dtype, &device)
+    {
+        anyhow::bail!(message);
+    }
+    let spec = wan::WanSpec {
+        sampler: args.sampler,
+        steps: args.steps.unwrap_or(4),
+        guidance: args.guidance.unwrap_or(1.0),
+        frames: args.frames,
+        width: args.width,
+        height: args.height,
+        text_len: args.text_len,
+    };
+    let start = std::time::Instant::now();
+    let parts = wan::WanParts::load(dir, args.dtype.dtype(), vae_dtype.dtype(), &device)?;
+    let load_s = start.elapsed().as_secs_f64();
+    let loaded = crate::bench::unet::load_inputs(args.inputs.as_deref(), &device)?;
+    println!(
+        "Wan {} on {}, {} (VAE {vae_dtype}), {} frames at {}x{}, {} sampler, {} steps, \
+         guidance {}, loaded in {load_s:.1} s; median of {} rounds after a warm-up",
+        dir.display(),
+        args.device,
+        args.dtype,
+        spec.frames,
+        spec.width,
+        spec.height,
+        serde_json::to_value(spec.sampler)?.as_str().unwrap_or("?"),
+        spec.steps,
+        spec.guidance,
+        args.reps.max(1)
+    );
+    println!("batch  total s  transformer s/step  decode s  warm-up s");
+    let mut reports = Vec::new();
+    for (i, &batch) in args.batches.iter().enumerate() {
+        let (report, last) = wan::bench_batch(&parts, &spec, &loaded, batch, args.reps)?;
+        println!(
+            "{:>5}  {:>7.3}  {:>18.3}  {:>8.3}  {:>9.2}",
+            report.batch, report.total_s, report.step_s, report.decode_s, report.warmup_s
+        );
+        if let (0, Some(path)) = (i, &args.outputs) {
+            let out = std::collections::HashMap::from([
+                ("latents".to_string(), last.latents),
+                (
+                    "video".to_string(),
+                    last.video.to_dtype(candle_core::DType::F32)?,
+                ),
+            ]);
+            candle_core::safetensors::save(&out, path)?;
+        }
+        reports.push(report);
+    }
+    if let Some(path) = &args.json {
+        let json = serde_json::json!({
+            "load_s": load_s,
+            "peak_rss_mib": crate::bench::model::peak_rss_mib(),
+            "rows": reports,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
     }
     Ok(())
 }

@@ -10,7 +10,46 @@ use super::Linear;
 /// additive bias broadcastable to `[B*H, Tq, Tk]` (0 for visible keys, a large negative value
 /// for padding). Uses the one-pass softmax with a backward (`super::softmax`).
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    attention_probs(q, k, bias)?.matmul(v)
+    sdpa_in_groups(q, k, v, bias, MAX_SCORES)
+}
+
+/// The most attention scores computed at once. candle's CUDA elementwise kernels count
+/// elements in 32-bit ints, so a larger score tensor would not be computed whole (Wan2.1 at
+/// 81 frames of 832x480 has 12 heads of 32,760^2); above it, [`sdpa`] takes a few heads at a
+/// time, which also bounds attention's memory to this many scores.
+const MAX_SCORES: usize = i32::MAX as usize;
+
+/// [`sdpa`] over groups of `B*H` rows holding at most `max_scores` scores each (at least one
+/// row per group).
+fn sdpa_in_groups(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    max_scores: usize,
+) -> Result<Tensor> {
+    let (rows, tq, _) = q.dims3()?;
+    let per_row = tq * k.dim(1)?;
+    if rows * per_row <= max_scores {
+        return attention_probs(q, k, bias)?.matmul(v);
+    }
+    let group = (max_scores / per_row.max(1)).max(1);
+    let mut out = Vec::with_capacity(rows.div_ceil(group));
+    for start in (0..rows).step_by(group) {
+        let n = group.min(rows - start);
+        // A bias with a row per head is cut with them; a broadcast one is shared.
+        let b = match bias {
+            Some(b) if b.rank() == 3 && b.dim(0)? == rows => Some(b.narrow(0, start, n)?),
+            other => other.cloned(),
+        };
+        let (q, k, v) = (
+            q.narrow(0, start, n)?,
+            k.narrow(0, start, n)?,
+            v.narrow(0, start, n)?,
+        );
+        out.push(attention_probs(&q, &k, b.as_ref())?.matmul(&v)?);
+    }
+    Tensor::cat(&out, 0)
 }
 
 /// `[B, T, H*Dh]` -> `[B*H, T, Dh]`.
@@ -149,4 +188,38 @@ pub fn capture_cross_attention<R>(f: impl FnOnce() -> R) -> (R, Vec<Tensor>) {
     let out = f();
     let captured = CAPTURE.with(|c| std::mem::replace(&mut *c.borrow_mut(), previous));
     (out, captured.unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+
+    use super::*;
+
+    /// Attention a few heads at a time is attention, forward and backward, with a bias per
+    /// head or shared.
+    #[test]
+    fn attention_in_groups_of_heads_is_attention() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Var::randn(0f32, 1.0, (6, 5, 8), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (6, 7, 8), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (6, 7, 8), &dev)?;
+        let per_head = Tensor::randn(0f32, 1.0, (6, 5, 7), &dev)?;
+        let shared = Tensor::randn(0f32, 1.0, (1, 7), &dev)?;
+        for bias in [None, Some(&per_head), Some(&shared)] {
+            let whole = sdpa_in_groups(q.as_tensor(), &k, &v, bias, usize::MAX)?;
+            // 2 heads' scores (70) per group, the last group 2 of 6: and one head at a time.
+            for max in [80, 1] {
+                let parts = sdpa_in_groups(q.as_tensor(), &k, &v, bias, max)?;
+                let diff = (&parts - &whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(diff < 1e-6, "max {max}: {diff}");
+                let g = parts.sum_all()?.backward()?;
+                let gw = whole.sum_all()?.backward()?;
+                let (a, b) = (g.get(&q).unwrap(), gw.get(&q).unwrap());
+                let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(diff < 1e-5, "grad, max {max}: {diff}");
+            }
+        }
+        Ok(())
+    }
 }

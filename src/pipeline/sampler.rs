@@ -9,7 +9,7 @@ use super::noise::{batch_noise_of, RowNoise};
 use super::unipc::UniPc;
 use super::{Denoiser, NoiseSchedule};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum SamplerKind {
     /// Predict x0, re-noise it with fresh noise to the next time, repeat (distilled students).
@@ -23,6 +23,7 @@ pub enum SamplerKind {
     /// The UniPC multistep solver (diffusers' `UniPCMultistepScheduler` with its defaults,
     /// which Wan2.1 ships), see [`super::unipc`]: deterministic like Euler, second order.
     #[serde(rename = "unipc")]
+    #[value(name = "unipc")]
     UniPc,
 }
 

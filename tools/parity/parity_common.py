@@ -10,18 +10,20 @@ import math
 import torch
 
 
-def randomize(model: torch.nn.Module, seed: int, extra: dict | None = None) -> None:
+def randomize(model: torch.nn.Module, seed: int, extra: dict | None = None, device: str = "cpu") -> None:
     """Re-draws every parameter so that nothing is an identity or a zero (norm affine params
     included) while activations stay O(1): weights N(0, 1/fan_in), biases N(0, 0.1^2), norm
     weights N(1, 0.25^2), norm biases N(0, 0.25^2), embeddings N(0, 0.5^2). `extra` maps the
     names of bare parameters (no module type above knows them) to their (mean, std); they are
-    drawn last, in name order, so that models without any draw exactly what they always did."""
-    g = torch.Generator().manual_seed(seed)
+    drawn last, in name order, so that models without any draw exactly what they always did.
+    `device` is where the numbers are drawn (a GPU's generator draws other numbers than the
+    CPU's, fast: tools/wan_bench.py draws its 1.3 B parameters there)."""
+    g = torch.Generator(device=device).manual_seed(seed)
     done: set[int] = set()
 
     def draw(p, mean, std):
         with torch.no_grad():
-            p.copy_(torch.randn(p.shape, generator=g) * std + mean)
+            p.copy_(torch.randn(p.shape, generator=g, device=device) * std + mean)
         done.add(id(p))
 
     for name, m in sorted(model.named_modules(), key=lambda x: x[0]):
@@ -89,6 +91,23 @@ def describe_in(table: dict[str, str], name: str) -> str:
         if key == name or (key.endswith(".K") and name.rsplit(".", 1)[0] == key[:-2]):
             return text
     raise KeyError(name)
+
+
+def wan_vae_extra(model: torch.nn.Module) -> dict[str, tuple[float, float]]:
+    """`randomize`'s `extra` for an `AutoencoderKLWan`: the causal Conv3d layers (weights
+    N(0, 1/fan_in), biases N(0, 0.1^2)) and every RMS norm's gamma, N(1, 0.25^2) so that a norm
+    applied over the wrong axis, without its sqrt(C) scale or without gamma cannot pass."""
+    params = dict(model.named_parameters())
+    extra = {}
+    for name, p in params.items():
+        if name.endswith(".gamma"):
+            extra[name] = (1.0, 0.25)
+        elif p.dim() == 5:
+            extra[name] = (0.0, 1.0 / math.sqrt(p[0].numel()))
+            bias = name.removesuffix("weight") + "bias"
+            if bias in params:
+                extra[bias] = (0.0, 0.1)
+    return extra
 
 
 def wan_transformer_extra(model: torch.nn.Module) -> dict[str, tuple[float, float]]:

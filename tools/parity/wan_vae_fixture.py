@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -37,7 +36,7 @@ import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from parity_common import compare_outputs, describe_in, randomize, tensor_tables  # noqa: E402
+from parity_common import compare_outputs, describe_in, randomize, tensor_tables, wan_vae_extra  # noqa: E402
 
 import diffusers  # noqa: E402
 from diffusers import AutoencoderKLWan  # noqa: E402
@@ -98,28 +97,11 @@ def latent_stats() -> tuple[list[float], list[float]]:
     return [round(v, 4) for v in mean], [round(v, 4) for v in std]
 
 
-def bare_params(model: torch.nn.Module) -> dict[str, tuple[float, float]]:
-    """Parameters `randomize` does not know: the causal Conv3d layers (weights N(0, 1/fan_in),
-    biases N(0, 0.1^2)) and every RMS norm's gamma, N(1, 0.25^2) so that a norm applied over
-    the wrong axis, without its sqrt(C) scale or without gamma cannot pass."""
-    params = dict(model.named_parameters())
-    extra = {}
-    for name, p in params.items():
-        if name.endswith(".gamma"):
-            extra[name] = (1.0, 0.25)
-        elif p.dim() == 5:
-            extra[name] = (0.0, 1.0 / math.sqrt(p[0].numel()))
-            bias = name.removesuffix("weight") + "bias"
-            if bias in params:
-                extra[bias] = (0.0, 0.1)
-    return extra
-
-
 def build() -> AutoencoderKLWan:
     torch.manual_seed(0)
     mean, std = latent_stats()
     model = AutoencoderKLWan(**CONFIG, latents_mean=mean, latents_std=std)
-    randomize(model, SEEDS["weights"], extra=bare_params(model))
+    randomize(model, SEEDS["weights"], extra=wan_vae_extra(model))
     return model.eval()
 
 

@@ -96,7 +96,10 @@ impl WanFamily {
 
     /// `x - sigma v` of a trainable transformer (f32), conditional on the prompts.
     fn net_x0(&self, net: &WanTransformer, x: &Tensor, t: &[f32], text: &Tensor) -> Result<Tensor> {
-        let v = self.model.velocity_with(net, DType::F32, x, t, text)?;
+        let v = self
+            .model
+            .denoiser()
+            .velocity_with(net, DType::F32, x, t, text)?;
         x0_from_velocity_rows(x, &v, t)
     }
 }
@@ -143,7 +146,9 @@ impl DistillFamily for WanFamily {
             .uncond
             .as_ref()
             .ok_or_else(|| candle_core::Error::msg("distillation needs the negatives encoded"))?;
-        self.model.x0_cond_uncond(x, t, &cond.cond, uncond)
+        self.model
+            .denoiser()
+            .x0_cond_uncond(x, t, &cond.cond, uncond)
     }
 
     fn x0(&self, net: &WanTransformer, x: &Tensor, t: &[f32], cond: &WanCond) -> Result<Tensor> {
@@ -167,6 +172,7 @@ impl DistillFamily for WanFamily {
         let x_t = self.schedule().add_noise(x0, noise, t)?;
         let v = self
             .model
+            .denoiser()
             .velocity_with(net, DType::F32, &x_t, t, &cond.cond)?;
         Ok((math::per_sample_mse(&v, &(noise - x0)?)?, None))
     }

@@ -22,7 +22,7 @@ pub mod vae;
 pub use config::WanTransformerConfig;
 pub use distill::WanFamily;
 pub use family::Wan;
-pub use model::{WanCond, WanModel, WanOptions};
+pub use model::{WanCond, WanDenoiser, WanModel, WanOptions};
 pub use scheduler::{FlowMatchSchedule, FlowScheduleError, FlowSchedulerConfig};
 pub use text::{Umt5Encoder, WanTextEncoder};
 pub use transformer::WanTransformer;

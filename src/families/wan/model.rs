@@ -37,11 +37,20 @@ pub struct WanCond {
 
 #[derive(Debug)]
 pub struct WanModel {
-    transformer: WanTransformer,
+    denoiser: WanDenoiser,
     text: WanTextEncoder,
     vae: WanVae,
+}
+
+/// The part of a Wan model the samplers step through: the transformer and the schedule. A
+/// [`WanModel`] adds the text encoder and the VAE; `fewstep bench --wan` runs one alone on
+/// precomputed text states, so that it needs no umT5-XXL.
+#[derive(Debug)]
+pub struct WanDenoiser {
+    transformer: WanTransformer,
     schedule: FlowMatchSchedule,
     device: Device,
+    /// What the transformer computes in.
     dtype: DType,
 }
 
@@ -55,10 +64,7 @@ impl WanModel {
         opts: &WanOptions,
         device: &Device,
     ) -> std::result::Result<Self, WanError> {
-        let tdir = root.join("transformer");
-        let tcfg = WanTransformerConfig::from_file(&tdir.join("config.json"))?;
-        let transformer =
-            WanTransformer::load(transformer_file.unwrap_or(&tdir), &tcfg, opts.dtype, device)?;
+        let denoiser = WanDenoiser::load(root, transformer_file, opts, device)?;
         let text = WanTextEncoder::load(
             &root.join("tokenizer"),
             &root.join("text_encoder"),
@@ -68,6 +74,98 @@ impl WanModel {
             opts.prompt_cache,
         )?;
         let vae = WanVae::load(&root.join("vae"), opts.vae_dtype, device)?;
+        Self::assemble(denoiser, text, vae)
+    }
+
+    /// Checks that the parts fit each other.
+    pub fn assemble(
+        denoiser: WanDenoiser,
+        text: WanTextEncoder,
+        vae: WanVae,
+    ) -> std::result::Result<Self, WanError> {
+        denoiser.check_vae(&vae)?;
+        let t = denoiser.transformer.config();
+        let text_dim = text.encoder().config().d_model;
+        if t.text_dim != text_dim {
+            return Err(WanError::Unsupported(format!(
+                "the transformer's text_dim {} is not the text encoder's d_model {text_dim}",
+                t.text_dim
+            )));
+        }
+        Ok(Self {
+            denoiser,
+            text,
+            vae,
+        })
+    }
+
+    pub fn text_encoder(&self) -> &WanTextEncoder {
+        &self.text
+    }
+
+    pub fn denoiser(&self) -> &WanDenoiser {
+        &self.denoiser
+    }
+
+    pub fn vae(&self) -> &WanVae {
+        &self.vae
+    }
+
+    /// Widths and heights must be multiples of this: the VAE's factor times the patch.
+    pub fn size_multiple(&self) -> usize {
+        size_multiple(&self.denoiser, &self.vae)
+    }
+
+    /// `[z_dim, latent frames, h, w]` for `frames` video frames of `width x height`, or why
+    /// that is off the model's grid.
+    pub fn latent_shape(&self, frames: usize, width: usize, height: usize) -> Result<[usize; 4]> {
+        latent_shape(&self.denoiser, &self.vae, frames, width, height)
+    }
+
+    pub fn transformer(&self) -> &WanTransformer {
+        &self.denoiser.transformer
+    }
+}
+
+/// [`WanModel::size_multiple`] of a denoiser and a VAE.
+pub fn size_multiple(denoiser: &WanDenoiser, vae: &WanVae) -> usize {
+    let p = denoiser.transformer.config().patch();
+    vae.config().spatial_factor() * p.1.max(p.2)
+}
+
+/// [`WanModel::latent_shape`] of a denoiser and a VAE.
+pub fn latent_shape(
+    denoiser: &WanDenoiser,
+    vae: &WanVae,
+    frames: usize,
+    width: usize,
+    height: usize,
+) -> Result<[usize; 4]> {
+    let cfg = vae.config();
+    let Some(lf) = cfg.latent_frames(frames) else {
+        candle_core::bail!("Wan makes 4k+1 frames (1, 5, 9, ..., 81), got {frames}");
+    };
+    let m = size_multiple(denoiser, vae);
+    if width == 0 || height == 0 || !width.is_multiple_of(m) || !height.is_multiple_of(m) {
+        candle_core::bail!("Wan sizes are multiples of {m}, got {width}x{height}");
+    }
+    let f = cfg.spatial_factor();
+    Ok([cfg.z_dim, lf, height / f, width / f])
+}
+
+impl WanDenoiser {
+    /// The transformer (`transformer_file`, else `root/transformer/`) and the schedule
+    /// (`root/scheduler/`, with the options' student timesteps) of a diffusers Wan directory.
+    pub fn load(
+        root: &Path,
+        transformer_file: Option<&Path>,
+        opts: &WanOptions,
+        device: &Device,
+    ) -> std::result::Result<Self, WanError> {
+        let tdir = root.join("transformer");
+        let tcfg = WanTransformerConfig::from_file(&tdir.join("config.json"))?;
+        let transformer =
+            WanTransformer::load(transformer_file.unwrap_or(&tdir), &tcfg, opts.dtype, device)?;
         let scfg: FlowSchedulerConfig = super::config::read_config(
             &root.join("scheduler").join("scheduler_config.json"),
             |_| Ok(()),
@@ -76,19 +174,27 @@ impl WanModel {
         if let Some(list) = &opts.student_timesteps {
             schedule = schedule.with_student_timesteps(list)?;
         }
-        Self::assemble(transformer, text, vae, schedule, device)
+        Ok(Self::new(transformer, schedule, opts.dtype, device))
     }
 
-    /// Checks that the parts fit each other.
-    pub fn assemble(
+    /// `dtype` is what `transformer` computes in (its weights' precision).
+    pub fn new(
         transformer: WanTransformer,
-        text: WanTextEncoder,
-        vae: WanVae,
         schedule: FlowMatchSchedule,
+        dtype: DType,
         device: &Device,
-    ) -> std::result::Result<Self, WanError> {
-        let (t, z) = (transformer.config(), vae.config().z_dim);
-        let text_dim = text.encoder().config().d_model;
+    ) -> Self {
+        Self {
+            transformer,
+            schedule,
+            device: device.clone(),
+            dtype,
+        }
+    }
+
+    /// Whether `vae`'s latents are the ones this transformer takes and makes.
+    pub fn check_vae(&self, vae: &WanVae) -> std::result::Result<(), WanError> {
+        let (t, z) = (self.transformer.config(), vae.config().z_dim);
         if t.in_channels != z || t.out_channels() != z {
             return Err(WanError::Unsupported(format!(
                 "the transformer takes {} and makes {} latent channels, the VAE has {z}",
@@ -96,46 +202,24 @@ impl WanModel {
                 t.out_channels()
             )));
         }
-        if t.text_dim != text_dim {
-            return Err(WanError::Unsupported(format!(
-                "the transformer's text_dim {} is not the text encoder's d_model {text_dim}",
-                t.text_dim
-            )));
-        }
-        let dtype = text.encoder().dtype();
-        Ok(Self {
-            transformer,
-            text,
-            vae,
-            schedule,
-            device: device.clone(),
-            dtype,
-        })
+        Ok(())
     }
 
-    pub fn text_encoder(&self) -> &WanTextEncoder {
-        &self.text
+    pub fn transformer(&self) -> &WanTransformer {
+        &self.transformer
     }
 
-    /// Widths and heights must be multiples of this: the VAE's factor times the patch.
-    pub fn size_multiple(&self) -> usize {
-        let p = self.transformer.config().patch();
-        self.vae.config().spatial_factor() * p.1.max(p.2)
+    pub fn schedule(&self) -> &FlowMatchSchedule {
+        &self.schedule
     }
 
-    /// `[z_dim, latent frames, h, w]` for `frames` video frames of `width x height`, or why
-    /// that is off the model's grid.
-    pub fn latent_shape(&self, frames: usize, width: usize, height: usize) -> Result<[usize; 4]> {
-        let cfg = self.vae.config();
-        let Some(lf) = cfg.latent_frames(frames) else {
-            candle_core::bail!("Wan makes 4k+1 frames (1, 5, 9, ..., 81), got {frames}");
-        };
-        let m = self.size_multiple();
-        if width == 0 || height == 0 || !width.is_multiple_of(m) || !height.is_multiple_of(m) {
-            candle_core::bail!("Wan sizes are multiples of {m}, got {width}x{height}");
-        }
-        let f = cfg.spatial_factor();
-        Ok([cfg.z_dim, lf, height / f, width / f])
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// What the transformer computes in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The transformer's velocity for latents `x` `[B, z, F, h, w]` at per-row sigmas.
@@ -200,13 +284,9 @@ impl WanModel {
             _ => self.velocity(x, t, &cond.cond),
         }
     }
-
-    pub fn transformer(&self) -> &WanTransformer {
-        &self.transformer
-    }
 }
 
-impl Denoiser for WanModel {
+impl Denoiser for WanDenoiser {
     type Cond = WanCond;
 
     /// `t` are sigmas. With `guidance > 1` the negative prompts' velocity is moved away
@@ -241,15 +321,38 @@ impl Denoiser for WanModel {
     }
 }
 
+impl Denoiser for WanModel {
+    type Cond = WanCond;
+
+    fn predict_x0(&self, x: &Tensor, t: &[f32], cond: &WanCond, guidance: f32) -> Result<Tensor> {
+        self.denoiser.predict_x0(x, t, cond, guidance)
+    }
+
+    fn predict_x0_at(
+        &self,
+        x: &Tensor,
+        t: &[f32],
+        net_t: &[f32],
+        cond: &WanCond,
+        guidance: f32,
+    ) -> Result<Tensor> {
+        self.denoiser.predict_x0_at(x, t, net_t, cond, guidance)
+    }
+
+    fn select_rows(&self, cond: &WanCond, idx: &Tensor) -> Result<WanCond> {
+        self.denoiser.select_rows(cond, idx)
+    }
+}
+
 impl Generator for WanModel {
     type Schedule = FlowMatchSchedule;
 
     fn schedule(&self) -> &FlowMatchSchedule {
-        &self.schedule
+        &self.denoiser.schedule
     }
 
     fn device(&self) -> &Device {
-        &self.device
+        &self.denoiser.device
     }
 
     fn sample_shape(&self, spec: &BatchSpec) -> Result<Vec<usize>> {
