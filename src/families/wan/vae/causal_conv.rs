@@ -11,8 +11,9 @@
 //! tap as candle's conv2d does, so a batch costs no more calls than one video. Elsewhere, or
 //! when that matrix would be too large (see [`MAX_IM2COL_BYTES`]), it is the sum over its `kt`
 //! temporal taps of one conv2d each, run on all output frames at once (the frames shifted by
-//! the tap, flattened into the batch): conv2d's own kernels (cuDNN on CUDA), with an im2col
-//! buffer of a conv2d's size.
+//! the tap, flattened into the batch): candle's conv2d (on CUDA an im2col plus a cuBLAS GEMM;
+//! fewstep does not enable candle's `cudnn` feature), with an im2col buffer of a conv2d's
+//! size.
 
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -147,7 +148,7 @@ impl CausalConv3d {
     /// On the CPU in f32 this is one im2col over all frames of all videos and one GEMM: the
     /// tiny VAE's convs are too small for per-frame work to amortise (candle's conv2d runs
     /// a GEMM per frame and per 512 pixels, so its cost grew with the batch). Elsewhere it
-    /// is one conv2d per temporal tap (cuDNN or candle's kernels), summed.
+    /// is one conv2d per temporal tap (candle's conv2d), summed.
     pub fn valid(&self, x: &Tensor, t_stride: usize) -> Result<Tensor> {
         self.valid_within(x, t_stride, MAX_IM2COL_BYTES)
     }
