@@ -185,6 +185,20 @@ pub fn parity_outputs(
     ]))
 }
 
+/// One training step of the benchmark: encode the prompts, predict the velocity of `x` at
+/// `t`, and take an AdamW step on its squared distance to `x`.
+pub(crate) fn train_step(
+    model: &TinyModel,
+    opt: &mut AdamW,
+    prompts: &[&str],
+    x: &Tensor,
+    t: &[f32],
+) -> Result<()> {
+    let text = model.encode(prompts)?;
+    let v = model.velocity(x, t, &text)?;
+    opt.backward_step(&(v - x)?.sqr()?.mean_all()?).map(drop)
+}
+
 pub fn bench_model(
     setup: &ModelBenchSetup,
     batches: &[usize],
@@ -213,13 +227,7 @@ pub fn bench_model(
         };
         let mut train = |fused: bool| {
             crate::nn::fused::set_fused(fused);
-            let r = median_wall_and_cpu(reps, || {
-                let text = model.encode(&prompts)?;
-                let v = model.velocity(&x, &t, &text)?;
-                let loss = (v - &x)?.sqr()?.mean_all()?;
-                opt.backward_step(&loss)?;
-                Ok(())
-            });
+            let r = median_wall_and_cpu(reps, || train_step(&model, &mut opt, &prompts, &x, &t));
             crate::nn::fused::set_fused(true);
             r
         };

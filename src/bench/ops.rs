@@ -29,7 +29,7 @@ pub fn softmax(rows: usize, tq: usize, tk: usize, reps: usize, device: &Device) 
         (y * &w)?.sum_all()?.backward()?;
         Ok(())
     };
-    let (composed, fused) = interleaved(reps, || step(false), || step(true))?;
+    let (composed, fused) = interleaved(reps, step)?;
     Ok(OpRow {
         op: "softmax (last dim), fwd + bwd".into(),
         shape: vec![rows, tq, tk],
@@ -76,7 +76,7 @@ pub fn attention(
         }
         Ok(())
     };
-    let (composed, fused) = interleaved(reps, || step(false), || step(true))?;
+    let (composed, fused) = interleaved(reps, step)?;
     Ok(OpRow {
         op: format!(
             "attention, {heads} heads, {}",
@@ -89,17 +89,13 @@ pub fn attention(
     })
 }
 
-/// The median seconds of `composed` and of `fused` over three interleaved rounds of `reps`
-/// runs each, so that machine noise hits both alike.
-fn interleaved(
-    reps: usize,
-    mut composed: impl FnMut() -> Result<()>,
-    mut fused: impl FnMut() -> Result<()>,
-) -> Result<(f64, f64)> {
+/// The median seconds of `step(false)` (composed) and `step(true)` (fused) over three
+/// interleaved rounds of `reps` runs each, so that machine noise hits both alike.
+fn interleaved(reps: usize, mut step: impl FnMut(bool) -> Result<()>) -> Result<(f64, f64)> {
     let (mut c, mut f) = (Vec::new(), Vec::new());
     for _ in 0..3 {
-        c.push(median_secs(reps, &mut composed)?);
-        f.push(median_secs(reps, &mut fused)?);
+        c.push(median_secs(reps, || step(false))?);
+        f.push(median_secs(reps, || step(true))?);
     }
     c.sort_by(|a, b| a.total_cmp(b));
     f.sort_by(|a, b| a.total_cmp(b));
@@ -123,31 +119,18 @@ pub fn model_attention(
     let (x, t) = setup.rows(batch, 1, device)?;
     let prompts = vec![super::model::PROMPT; batch];
     let text = model.encode(&prompts)?;
-    let forward = |fused: bool| {
+    let (fc, ff) = interleaved(reps, |fused| {
         set_fused_attention(fused);
         let r = model.velocity(&x, &t, &text).map(drop);
         set_fused_attention(true);
         r
-    };
-    let (fc, ff) = interleaved(reps, || forward(false), || forward(true))?;
-    let mut train = |fused: bool| {
+    })?;
+    let (tc, tf) = interleaved(reps, |fused| {
         set_fused_attention(fused);
-        let r = (|| {
-            let text = model.encode(&prompts)?;
-            let v = model.velocity(&x, &t, &text)?;
-            opt.backward_step(&(v - &x)?.sqr()?.mean_all()?).map(drop)
-        })();
+        let r = super::model::train_step(&model, &mut opt, &prompts, &x, &t);
         set_fused_attention(true);
         r
-    };
-    let mut tc = Vec::new();
-    let mut tf = Vec::new();
-    for _ in 0..3 {
-        tc.push(median_secs(reps, || train(false))?);
-        tf.push(median_secs(reps, || train(true))?);
-    }
-    tc.sort_by(|a, b| a.total_cmp(b));
-    tf.sort_by(|a, b| a.total_cmp(b));
+    })?;
     let row = |what: &str, c: f64, f: f64| OpRow {
         op: format!("model {what}, attention"),
         shape: vec![batch],
@@ -155,5 +138,5 @@ pub fn model_attention(
         fused_ms: f * 1e3,
         speedup: c / f,
     };
-    Ok([row("forward", fc, ff), row("train step", tc[1], tf[1])])
+    Ok([row("forward", fc, ff), row("train step", tc, tf)])
 }

@@ -117,6 +117,23 @@ pub struct BenchArgs {
     pub json: Option<PathBuf>,
 }
 
+/// What the tiny model's measurements build on: its source, its tokenizer, and its weights
+/// file if there is one (random weights otherwise).
+fn tiny_parts<'m>(
+    manifest: &'m crate::manifest::Manifest,
+    feature: &str,
+) -> anyhow::Result<(
+    &'m TinySource,
+    crate::families::tiny::TinyTokenizer,
+    Option<PathBuf>,
+)> {
+    let tiny = TinySource::of(manifest, feature)?;
+    let tokenizer =
+        crate::families::tiny::TinyTokenizer::from_file(&tiny.tokenizer_path(&manifest.dir))?;
+    let weights = Some(manifest.weights_path()).filter(|p| p.is_file());
+    Ok((tiny, tokenizer, weights))
+}
+
 pub(super) fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.unet {
         return bench_unet(&args, dir);
@@ -127,13 +144,10 @@ pub(super) fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let manifest = crate::manifest::Manifest::find(&args.models_dir, &args.model)?;
     let device = candle_core::Device::Cpu;
     if !args.skip_denoiser {
-        let tiny = TinySource::of(
+        let (tiny, tokenizer, weights) = tiny_parts(
             &manifest,
             "the denoiser table of fewstep bench (pass --skip-denoiser)",
         )?;
-        let tokenizer =
-            crate::families::tiny::TinyTokenizer::from_file(&tiny.tokenizer_path(&manifest.dir))?;
-        let weights = Some(manifest.weights_path()).filter(|p| p.is_file());
         let loaded = crate::bench::unet::load_inputs(args.inputs.as_deref(), &device)?;
         let setup = crate::bench::model::ModelBenchSetup {
             cfg: &tiny.architecture,
@@ -189,15 +203,12 @@ pub(super) fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.ops {
         // The spatial attention scores of the largest batch: [batch * heads, tokens, tokens].
-        let a = &TinySource::of(&manifest, "fewstep bench --ops")?.architecture;
+        let (tiny, tokenizer, weights) = tiny_parts(&manifest, "fewstep bench --ops")?;
+        let a = &tiny.architecture;
         let batch = args.batches.iter().copied().max().unwrap_or(32);
         let t = a.tokens_per_frame();
         use crate::bench::ops;
         let (d, heads, frames) = (a.dim, a.heads, a.max_frames);
-        let tokenizer = crate::families::tiny::TinyTokenizer::from_file(
-            &TinySource::of(&manifest, "fewstep bench --ops")?.tokenizer_path(&manifest.dir),
-        )?;
-        let weights = Some(manifest.weights_path()).filter(|p| p.is_file());
         let setup = crate::bench::model::ModelBenchSetup {
             cfg: a,
             tokenizer: &tokenizer,

@@ -126,3 +126,20 @@ def wan_transformer_extra(model: torch.nn.Module) -> dict[str, tuple[float, floa
         elif name.endswith("scale_shift_table"):
             extra[name] = (0.0, 0.5)
     return extra
+
+
+def fixture_main(doc: str, generate, check, threads: int | None = 1) -> None:
+    """The command line every single-fixture script shares: write the fixture, or with
+    `--check` recompute it from the saved files and exit 1 if it no longer matches."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="recompute from the saved files; write nothing")
+    args = ap.parse_args()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if args.check:
+        sys.exit(0 if check() else 1)
+    generate()
+

@@ -28,7 +28,6 @@ tokenizer and model and recomputes every output from the stored prompts.
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import os
@@ -51,7 +50,7 @@ import transformers  # noqa: E402
 from sentencepiece import sentencepiece_model_pb2  # noqa: E402
 from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel  # noqa: E402
 
-from parity_common import compare_outputs, randomize  # noqa: E402
+from parity_common import compare_outputs, fixture_main, randomize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 OUT_DIR = REPO / "tests" / "fixtures" / "wan"
@@ -270,12 +269,7 @@ def check() -> bool:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--check", action="store_true", help="recompute from the saved files; write nothing")
-    args = ap.parse_args()
-    if args.check:
-        sys.exit(0 if check() else 1)
-    generate()
+    fixture_main(__doc__, generate, check, threads=None)
 
 
 if __name__ == "__main__":

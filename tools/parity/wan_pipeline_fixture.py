@@ -20,7 +20,6 @@ every output from the stored latents.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -46,7 +45,7 @@ from diffusers import (  # noqa: E402
 )
 from transformers import T5Tokenizer, UMT5EncoderModel  # noqa: E402
 
-from parity_common import compare_outputs, randomize, wan_transformer_extra  # noqa: E402
+from parity_common import compare_outputs, fixture_main, randomize, wan_transformer_extra  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 OUT_DIR = REPO / "tests" / "fixtures" / "wan"
@@ -223,13 +222,7 @@ def check() -> bool:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--check", action="store_true", help="recompute from the saved files; write nothing")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    if args.check:
-        sys.exit(0 if check() else 1)
-    generate()
+    fixture_main(__doc__, generate, check)
 
 
 if __name__ == "__main__":

@@ -16,15 +16,13 @@ Deterministic; ``--check`` recomputes every output and compares (max abs <= 1e-6
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 
 import safetensors.torch
 import torch
 from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
-from parity_common import compare_outputs
+from parity_common import compare_outputs, fixture_main
 from wan_pipeline_fixture import (
     FRAMES,
     GUIDANCE,
@@ -154,13 +152,7 @@ def check() -> bool:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--check", action="store_true", help="recompute from the saved files; write nothing")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    if args.check:
-        sys.exit(0 if check() else 1)
-    generate()
+    fixture_main(__doc__, generate, check)
 
 
 if __name__ == "__main__":
