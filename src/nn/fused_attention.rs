@@ -22,9 +22,10 @@ use super::fastmath;
 /// Scores per block: 64K floats (256 KiB) keeps a block's scores in L2 next to its k and v.
 const BLOCK_SCORES: usize = 1 << 19;
 
-/// Rows of queries per block for `tk` keys.
-fn block_rows(tk: usize) -> usize {
-    (BLOCK_SCORES / tk.max(1)).clamp(64, 512)
+/// Rows of queries per block for `tk` keys, and no more than there are queries (the scratch
+/// is allocated per task: a short sequence must not pay for a long one's block).
+fn block_rows(tq: usize, tk: usize) -> usize {
+    (BLOCK_SCORES / tk.max(1)).clamp(64, 512).min(tq.max(1))
 }
 
 /// Where `[B, T, H*Dh]` rows live in a storage: element `(b, t, c)` is at
@@ -279,7 +280,7 @@ impl CustomOp3 for FusedAttention {
         }
         let mut out = vec![0f32; d.b * d.tq * width];
         let dst = Out(out.as_mut_ptr());
-        let rows = block_rows(d.tk);
+        let rows = block_rows(d.tq, d.tk);
         (0..d.b * d.heads).into_par_iter().for_each_init(
             || vec![0f32; rows * d.tk],
             |p, bh| {
@@ -332,7 +333,7 @@ impl CustomOp3 for FusedAttention {
             Out(dk.as_mut_ptr()),
             Out(dv.as_mut_ptr()),
         );
-        let rows = block_rows(d.tk);
+        let rows = block_rows(d.tq, d.tk);
         let grad_res = grad_res.contiguous()?;
         let (q_shape, k_shape, dev) = (q.shape().clone(), k.shape().clone(), q.device().clone());
         let tensors = [&q, &k, &v, res, &grad_res];
