@@ -37,6 +37,12 @@ pub struct TeacherConfig {
     /// still set the simple scenes' mix.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shape_weights: Option<[f64; 4]>,
+    /// Relative weights of the scene kinds (one object, two distinct objects, "two X") in
+    /// every training scene, images and videos (the world's own 0.45 / 0.35 / 0.2 when
+    /// absent). Two-object scenes are where shapes fail most: the shape word must be bound
+    /// to its own object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scene_kinds: Option<[f64; 3]>,
     pub ema_decay: f64,
     pub seed: u64,
     pub checkpoint_every: u64,
@@ -92,6 +98,7 @@ impl Default for TeacherConfig {
             loss_weighting: LossWeighting::Velocity,
             curriculum: None,
             shape_weights: None,
+            scene_kinds: None,
             ema_decay: 0.999,
             seed: 0,
             checkpoint_every: 100,
@@ -152,9 +159,10 @@ impl TeacherConfig {
         if self.image_batch == 0 {
             return Err("image_batch must be at least 1".into());
         }
-        check_shape_weights("shape_weights", self.shape_weights)?;
+        check_weights("shape_weights", self.shape_weights)?;
+        check_weights("scene_kinds", self.scene_kinds)?;
         if let Some(c) = &self.curriculum {
-            check_shape_weights("curriculum: shape_weights", c.shape_weights)?;
+            check_weights("curriculum: shape_weights", c.shape_weights)?;
             if !(0.0..=1.0).contains(&c.share) || c.hold > c.until {
                 return Err(format!(
                     "curriculum: share must be in [0, 1] and hold <= until (got share {}, hold {}, until {})",
@@ -166,7 +174,10 @@ impl TeacherConfig {
     }
 }
 
-fn check_shape_weights(name: &str, w: Option<[f64; 4]>) -> std::result::Result<(), String> {
+fn check_weights<const N: usize>(
+    name: &str,
+    w: Option<[f64; N]>,
+) -> std::result::Result<(), String> {
     match w {
         Some(w) if w.iter().any(|x| !x.is_finite() || *x < 0.0) || w.iter().sum::<f64>() <= 0.0 => {
             Err(format!(
@@ -208,8 +219,8 @@ pub struct SceneMix<'a> {
     pub simple_share: f64,
     /// The shape weights of the simple scenes.
     pub simple_shapes: Option<&'a [f64; 4]>,
-    /// The shape weights of every other scene ([`world::sample_spec_weighted`]).
-    pub shapes: Option<&'a [f64; 4]>,
+    /// How every other scene is drawn ([`world::sample_spec_weighted`]).
+    pub tilt: world::Tilt,
 }
 
 /// Renders `n` training scenes of `frames` frames (1 or `world::VIDEO_FRAMES`) drawn as `mix`
@@ -228,7 +239,7 @@ pub fn world_batch(
         let spec = if !video && mix.simple_share > 0.0 && rng.random::<f64>() < mix.simple_share {
             world::sample_simple_spec(rng, Split::Train, mix.simple_shapes)
         } else {
-            world::sample_spec_weighted(rng, Split::Train, video, mix.shapes)
+            world::sample_spec_weighted(rng, Split::Train, video, mix.tilt)
         };
         let frames = world::render(&spec, rng);
         xs.push(from_frames(&frames, device)?);
@@ -364,7 +375,10 @@ pub fn train_teacher(
                 .curriculum
                 .as_ref()
                 .and_then(|c| c.shape_weights.as_ref()),
-            shapes: config.shape_weights.as_ref(),
+            tilt: world::Tilt {
+                shapes: config.shape_weights,
+                kinds: config.scene_kinds,
+            },
         };
         let ib = world_batch(
             &mut rng,
@@ -700,6 +714,13 @@ mod tests {
                 .unwrap_err()
                 .starts_with("shape_weights"));
         }
+        for bad in [[0.0; 3], [1.0, -1.0, 1.0], [1.0, f64::INFINITY, 1.0]] {
+            let kinds = TeacherConfig {
+                scene_kinds: Some(bad),
+                ..TeacherConfig::default()
+            };
+            assert!(kinds.validate().unwrap_err().starts_with("scene_kinds"));
+        }
     }
 
     #[test]
@@ -709,7 +730,7 @@ mod tests {
         let mix = SceneMix {
             simple_share: 1.0,
             simple_shapes: Some(&w),
-            shapes: None,
+            tilt: world::Tilt::default(),
         };
         let b = world_batch(&mut rng, 400, false, mix, 0.0, &Device::Cpu).unwrap();
         let mut counts = [0usize; 4];
@@ -736,7 +757,10 @@ mod tests {
         // Squares weighted out, crosses 3x: no square in any scene, crosses the most common.
         let w = [1.0, 0.0, 1.0, 3.0];
         let mix = SceneMix {
-            shapes: Some(&w),
+            tilt: world::Tilt {
+                shapes: Some(w),
+                kinds: None,
+            },
             ..Default::default()
         };
         for video in [false, true] {
@@ -759,6 +783,37 @@ mod tests {
             );
             // Still the grammar's scenes, not simple ones: two-object scenes remain.
             assert!(two > 30, "video {video}: {two} two-object scenes");
+        }
+    }
+
+    #[test]
+    fn scene_kinds_tilt_how_many_objects_every_scene_holds() {
+        let count = |kinds: [f64; 3], video: bool| {
+            let mix = SceneMix {
+                tilt: world::Tilt {
+                    shapes: None,
+                    kinds: Some(kinds),
+                },
+                ..Default::default()
+            };
+            let mut rng = ChaCha8Rng::seed_from_u64(12);
+            let b = world_batch(&mut rng, 120, video, mix, 0.0, &Device::Cpu).unwrap();
+            let mut by_kind = [0usize; 3];
+            for p in &b.prompts {
+                let o = world::parse(p).unwrap().objects;
+                by_kind[match o.len() {
+                    1 => 0,
+                    _ if o[0] != o[1] => 1,
+                    _ => 2,
+                }] += 1;
+            }
+            by_kind
+        };
+        for video in [false, true] {
+            assert_eq!(count([0.0, 1.0, 0.0], video), [0, 120, 0], "video {video}");
+            assert_eq!(count([1.0, 0.0, 0.0], video), [120, 0, 0], "video {video}");
+            let mixed = count([1.0, 6.0, 1.0], video);
+            assert!(mixed[1] > 70 && mixed[0] > 0 && mixed[2] > 0, "{mixed:?}");
         }
     }
 

@@ -77,7 +77,7 @@ use serde::{Deserialize, Serialize};
 pub use grammar::{parse, prompt, vocabulary, ParseError, MAX_PROMPT_WORDS};
 pub use metrics::{diversity, features, frechet_distance};
 pub use render::render;
-pub use scene::{sample_simple_spec, sample_spec, sample_spec_weighted};
+pub use scene::{sample_simple_spec, sample_spec, sample_spec_weighted, Tilt};
 pub use split::split_of;
 pub use verify::{categories, verify, DetectedObject, Verdict};
 

@@ -218,22 +218,45 @@ fn min_gap(objects: &[Placed], frames: usize) -> f32 {
 /// one with probability 0.85 (at least one). Only specs that can be laid
 /// out without crowding are returned.
 pub fn sample_spec(rng: &mut impl Rng, split: Split, video: bool) -> SceneSpec {
-    sample_spec_weighted(rng, split, video, None)
+    sample_spec_weighted(rng, split, video, Tilt::default())
 }
 
-/// [`sample_spec`] with every object's shape drawn with `shape_weights` (circle, square,
-/// triangle, cross; `None` is uniform and gives exactly `sample_spec`'s draws).
+/// How a training mix tilts the world's draws. The default is the world's own mix, and gives
+/// exactly [`sample_spec`]'s draws.
 ///
-/// Why: a teacher sees each prompt's own scenes either way, so tilting the shape mix only moves
-/// training effort towards the shapes it draws worst; the eval keeps the uniform mix.
+/// Why: a teacher sees each prompt's own scenes either way, so a tilt only moves training
+/// effort towards what it draws worst; the eval keeps the world's mix.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Tilt {
+    /// Relative weights of circle, square, triangle and cross for every object.
+    pub shapes: Option<[f64; 4]>,
+    /// Relative weights of the scene kinds: one object, two distinct objects, "two X"
+    /// (the world's own mix is 0.45 / 0.35 / 0.2).
+    pub kinds: Option<[f64; 3]>,
+}
+
+impl Tilt {
+    /// Upper bounds of a uniform draw for "one object" and "two distinct objects".
+    fn kind_thresholds(&self) -> (f32, f32) {
+        match self.kinds {
+            Some([a, b, c]) => {
+                let total = a + b + c;
+                ((a / total) as f32, ((a + b) / total) as f32)
+            }
+            None => (0.45, 0.8),
+        }
+    }
+}
+
+/// [`sample_spec`] with the shapes and scene kinds drawn as `tilt` says.
 pub fn sample_spec_weighted(
     rng: &mut impl Rng,
     split: Split,
     video: bool,
-    shape_weights: Option<&[f64; 4]>,
+    tilt: Tilt,
 ) -> SceneSpec {
     for _ in 0..10_000 {
-        let spec = sample_any(rng, video, shape_weights);
+        let spec = sample_any(rng, video, tilt);
         if split_of(&spec) == split && layout(&spec, rng, FEASIBILITY_TRIES).min_gap >= GAP {
             return spec;
         }
@@ -302,16 +325,18 @@ fn random_object(
     }
 }
 
-fn sample_any(rng: &mut impl Rng, video: bool, shape_weights: Option<&[f64; 4]>) -> SceneSpec {
+fn sample_any(rng: &mut impl Rng, video: bool, tilt: Tilt) -> SceneSpec {
+    let shape_weights = tilt.shapes.as_ref();
+    let (single, distinct) = tilt.kind_thresholds();
     let background = rng.random_bool(0.5).then(|| pick(rng, Background::all()));
     let kind: f32 = rng.random();
-    let mut objects = if kind < 0.45 {
+    let mut objects = if kind < single {
         let mut o = random_object(rng, 0.5, 0.5, shape_weights);
         if video {
             o.motion = Some(pick(rng, Motion::all()));
         }
         vec![o]
-    } else if kind < 0.8 {
+    } else if kind < distinct {
         let mut a = random_object(rng, 0.35, 0.0, shape_weights);
         let mut b = random_object(rng, 0.35, 0.0, shape_weights);
         while (a.shape, a.color) == (b.shape, b.color) {

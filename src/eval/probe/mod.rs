@@ -9,6 +9,8 @@
 //!    colour or position word of the prompt changes, at a few noise levels.
 //! 4. **Attention mass per word**: the share of an object pixel's cross-attention that each
 //!    kind of prompt word gets (averaged over heads, layers and the object's tokens).
+//! 5. **Beside another object** ([`beside`]): each shape in two-object scenes, recognised in
+//!    the clean render, after denoising it from a low and a middle noise level, and from noise.
 //!
 //! Everything is deterministic given the seed, and scored by the world's verifier.
 
@@ -16,6 +18,9 @@ use candle_core::{Result, Tensor};
 use image::RgbImage;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+
+mod beside;
+pub use beside::{BesideHit, BESIDE_T0};
 
 use crate::families::tiny::{TinyCond, TinyModel};
 use crate::nn::attention::capture_cross_attention;
@@ -133,6 +138,9 @@ pub struct ProbeReport {
     pub wrong_shape: Vec<WrongShape>,
     pub sensitivity: Vec<Sensitivity>,
     pub attention: AttentionMass,
+    /// Probe 5 (reports written before it existed have none).
+    #[serde(default)]
+    pub beside: Vec<BesideHit>,
 }
 
 fn euler() -> SamplerKind {
@@ -200,6 +208,25 @@ impl ProbeReport {
              position {:.3} background {:.3} other {:.3}",
             a.bos, a.shape, a.color, a.size, a.position, a.background, a.other
         );
+        if !self.beside.is_empty() {
+            out += &format!(
+                "\nbeside another object, recognised in the clean render / from t0 = {:?} / \
+                 from noise:",
+                BESIDE_T0
+            );
+            for b in &self.beside {
+                let levels: Vec<String> = b.from_render.iter().map(|k| k.to_string()).collect();
+                let [small, large, unstated] = b.from_noise_by_size;
+                out += &format!(
+                    " {} {} / {} / {} of {} (small {small}, large {large}, unstated {unstated});",
+                    b.shape,
+                    b.clean,
+                    levels.join(" / "),
+                    b.from_noise,
+                    b.n
+                );
+            }
+        }
         out
     }
 }
@@ -240,6 +267,7 @@ pub fn probe(model: &TinyModel, opts: &ProbeOptions) -> Result<ProbeReport> {
     let from_noise = from_noise_hits(model, opts)?;
     let wrong_shape = wrong_shape_hits(model, opts, &mut rng)?;
     let (sensitivity, attention) = word_sensitivity(model, opts, &mut rng)?;
+    let beside = beside::beside_hits(model, opts, &mut rng)?;
     Ok(ProbeReport {
         sampler: opts.sampler,
         steps: opts.steps,
@@ -249,6 +277,7 @@ pub fn probe(model: &TinyModel, opts: &ProbeOptions) -> Result<ProbeReport> {
         wrong_shape,
         sensitivity,
         attention,
+        beside,
     })
 }
 
@@ -335,6 +364,30 @@ fn noise_for(seeds: &[u64], model: &TinyModel) -> Result<Tensor> {
     crate::pipeline::noise::batch_noise(&mut rows, &image_shape(model), model.device())
 }
 
+/// Images sampled from the noise of `seeds` with the probe's sampler.
+fn sample_images(
+    model: &TinyModel,
+    opts: &ProbeOptions,
+    cond: &TinyCond,
+    seeds: &[u64],
+) -> Result<Tensor> {
+    let mut rows: Vec<RowNoise> = seeds.iter().map(|&s| RowNoise::new(s)).collect();
+    let params = SamplerParams {
+        kind: opts.sampler,
+        steps: opts.steps,
+        guidance: opts.guidance,
+    };
+    sample(
+        model,
+        &model.schedule,
+        params,
+        cond,
+        &mut rows,
+        &image_shape(model),
+        model.device(),
+    )
+}
+
 fn from_noise_hits(model: &TinyModel, opts: &ProbeOptions) -> Result<Vec<ShapeHit>> {
     let mut out = Vec::new();
     for (k, &shape) in Shape::all().iter().enumerate() {
@@ -351,21 +404,7 @@ fn from_noise_hits(model: &TinyModel, opts: &ProbeOptions) -> Result<Vec<ShapeHi
             let prompts: Vec<String> = chunk.iter().map(world::prompt).collect();
             let cond = conditioning(model, &prompts, opts.guidance)?;
             let seeds = chunk_seeds(opts.seed, k * 1_000_003 + c * CHUNK, chunk.len());
-            let mut rows: Vec<RowNoise> = seeds.iter().map(|&s| RowNoise::new(s)).collect();
-            let params = SamplerParams {
-                kind: opts.sampler,
-                steps: opts.steps,
-                guidance: opts.guidance,
-            };
-            let x0 = sample(
-                model,
-                &model.schedule,
-                params,
-                &cond,
-                &mut rows,
-                &image_shape(model),
-                model.device(),
-            )?;
+            let x0 = sample_images(model, opts, &cond, &seeds)?;
             for (spec, frames) in chunk.iter().zip(to_frames(&x0)?) {
                 let o = spec.objects[0];
                 hit.hits += (drawn_shape(spec, &frames, o.color) == Some(shape)) as usize;
@@ -714,6 +753,13 @@ mod tests {
                 .iter()
                 .all(|w| w.follows_prompt + w.follows_input <= w.n));
             assert_eq!(r.sensitivity.len(), SENSITIVITY_TIMES.len());
+            assert_eq!(r.beside.len(), 4);
+            assert!(r.beside.iter().all(|b| b.n == 3
+                && b.clean <= 3
+                && b.from_noise <= 3
+                && b.from_render.len() == BESIDE_T0.len()
+                && b.from_render.iter().all(|&k| k <= 3)
+                && b.from_noise_by_size.iter().sum::<usize>() == b.from_noise));
             assert!(r.sensitivity.iter().all(|s| s.shape > 0.0 && s.color > 0.0));
             let a = &r.attention;
             let total = a.bos + a.shape + a.color + a.size + a.position + a.background + a.other;
