@@ -340,7 +340,12 @@ impl Conv3x3 {
 impl Module for Conv3x3 {
     /// `[N, C, H, W]` -> `[N, out, H, W]`, zero padding of 1.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, _, h, w) = x.dims4()?;
+        let (n, c, h, w) = x.dims4()?;
+        if super::fused::use_kernel(&[x, &self.weight]) {
+            let weight = self.weight.reshape((self.out_ch, c, 3, 3))?;
+            let y = super::direct_conv::conv3x3(x, &weight)?;
+            return y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?);
+        }
         let cols = im2col(x, Channels::First)?;
         cols.matmul(&self.weight.t()?)?
             .broadcast_add(&self.bias)?

@@ -14,10 +14,10 @@
 //! instead of keeping the score tensor alive between the passes.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::fastmath;
+use super::strided_gemm::{gemm_into, Out};
 
 /// Scores per block: 64K floats (256 KiB) keeps a block's scores in L2 next to its k and v.
 const BLOCK_SCORES: usize = 1 << 19;
@@ -100,63 +100,6 @@ impl Dims {
     fn width(&self) -> usize {
         self.heads * self.dh
     }
-}
-
-/// A raw pointer that parallel tasks share to write disjoint parts of one buffer.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: every task writes only the elements of its own batch-head (its rows, its head's
-// columns), so no two threads touch the same element; the buffer outlives the parallel loop.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// The element `i` elements in. A method, so that closures capture the whole `Out` (and its
-    /// `Send`), not the bare pointer field.
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-
-/// `dst[m x n] (+)= alpha * lhs[m x k] * rhs[k x n]` on one thread, each operand given by its
-/// first element and its row and column strides (in elements).
-///
-/// # Safety
-/// Every element the strides reach must be inside its buffer, and `dst` must not overlap the
-/// others or be written by another thread meanwhile.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_into(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    (dst_rs, dst_cs): (usize, usize),
-    accumulate: bool,
-    lhs: *const f32,
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: *const f32,
-    (rhs_rs, rhs_cs): (usize, usize),
-    alpha: f32,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        dst_cs as isize,
-        dst_rs as isize,
-        accumulate,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        1.0,
-        alpha,
-        false,
-        false,
-        false,
-        Parallelism::None,
-    )
 }
 
 /// The probabilities of queries `r0..r0 + m` of batch-head `(bi, hi)` over every key, into

@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod conv;
+pub mod direct_conv;
 pub mod embed;
 pub mod fastmath;
 pub mod fused;
@@ -16,6 +17,7 @@ pub mod linear;
 pub mod lora;
 pub mod norm;
 pub mod softmax;
+pub(crate) mod strided_gemm;
 
 pub use attention::{Attention, CrossAttention};
 pub use conv::Conv3x3;

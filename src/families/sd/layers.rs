@@ -173,7 +173,11 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        let mut y = if self.weight.dim(3)? == 3 && (self.stride, self.padding) == (1, 1) {
+            crate::nn::direct_conv::conv3x3(x, &self.weight)?
+        } else {
+            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+        };
         if let Some(lora) = &self.lora {
             y = (y + lora.conv_delta(x, self.padding, self.stride)?)?;
         }

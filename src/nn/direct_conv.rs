@@ -1,0 +1,374 @@
+//! A 3x3 convolution with stride 1 and zero padding 1 on `[N, C, H, W]` images, as nine
+//! shifted matrix multiplies over one padded copy of the input, with its backward.
+//!
+//! Why: candle's CPU conv2d builds an im2col matrix nine times the input's size in fresh
+//! memory; the copy and the kernel's zeroing of those pages were a third of an SD1.5 UNet
+//! forward. Here the input is copied once into a zero-padded plane per channel, `[C, H+2, W+2]`.
+//! On that grid the tap `(ky, kx)` of every output pixel `p = y (W+2) + x` is the input element
+//! `p + ky (W+2) + kx`, so each tap is one strided view `[C, H (W+2)]` of the same buffer and the
+//! convolution is `out = sum over taps of W_tap [Co, C] x view_tap`, accumulated in place (the
+//! two columns past each row's end are computed and dropped). The backward runs the same nine
+//! products transposed: the input gradient scatters into a padded buffer, the weight gradient
+//! takes each tap's view as its right operand.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::fused::{slice, use_kernel};
+use super::strided_gemm::{gemm_into_par, Out};
+
+/// `x [N, C, H, W]` convolved with `weight [Co, C, 3, 3]` (stride 1, zero padding 1, no bias):
+/// `[N, Co, H, W]`, the same as `x.conv2d(weight, 1, 1, 1, 1)`.
+///
+/// The op for f32 on the CPU with the kernels on; candle's conv2d otherwise.
+pub fn conv3x3(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let (_, c, _, _) = x.dims4()?;
+    let (_, wc, kh, kw) = weight.dims4()?;
+    if (kh, kw) != (3, 3) || wc != c {
+        candle_core::bail!(
+            "conv3x3: weight {:?} does not fit input {:?}",
+            weight.dims(),
+            x.dims()
+        );
+    }
+    if !use_kernel(&[x, weight]) {
+        return x.conv2d(weight, 1, 1, 1, 1);
+    }
+    x.contiguous()?.apply_op2(&weight.contiguous()?, Conv3x3Op)
+}
+
+/// The sizes of one convolution and of its padded grid.
+#[derive(Debug, Clone, Copy)]
+struct Grid {
+    n: usize,
+    c: usize,
+    co: usize,
+    h: usize,
+    w: usize,
+}
+
+impl Grid {
+    fn new(x: &Shape, weight: &Shape) -> Result<Self> {
+        let (n, c, h, w) = x.dims4()?;
+        let (co, _, _, _) = weight.dims4()?;
+        Ok(Self { n, c, co, h, w })
+    }
+
+    /// Row length of the padded grid.
+    fn wp(&self) -> usize {
+        self.w + 2
+    }
+
+    /// Elements of one padded channel plane.
+    fn plane(&self) -> usize {
+        (self.h + 2) * self.wp()
+    }
+
+    /// Output pixels computed on the padded grid: rows of `W+2`, the last one cut at `W`, so
+    /// no tap reaches past the plane.
+    fn span(&self) -> usize {
+        (self.h - 1) * self.wp() + self.w
+    }
+
+    /// Where tap `k` (row-major over the 3x3 kernel) starts within a plane, and within a
+    /// weight row `[C, 3, 3]`.
+    fn tap(&self, k: usize) -> (usize, usize) {
+        ((k / 3) * self.wp() + k % 3, k)
+    }
+
+    /// Copies channel-planes `[C, H, W]` into the interior of zero-padded `[C, H+2, W+2]`.
+    fn pad(&self, src: &[f32], channels: usize) -> Vec<f32> {
+        let (w, wp, plane) = (self.w, self.wp(), self.plane());
+        let mut out = vec![0f32; channels * plane];
+        for ci in 0..channels {
+            for y in 0..self.h {
+                let s = (ci * self.h + y) * w;
+                let d = ci * plane + (y + 1) * wp + 1;
+                out[d..d + w].copy_from_slice(&src[s..s + w]);
+            }
+        }
+        out
+    }
+
+    /// Lays `[Co, H, W]` on the padded grid's rows, `[Co, H, W+2]`, with zero in the two
+    /// columns past each row (outputs that do not exist get no gradient).
+    fn widen(&self, src: &[f32]) -> Vec<f32> {
+        let (w, wp) = (self.w, self.wp());
+        let mut out = vec![0f32; self.co * self.h * wp];
+        for r in 0..self.co * self.h {
+            out[r * wp..r * wp + w].copy_from_slice(&src[r * w..(r + 1) * w]);
+        }
+        out
+    }
+}
+
+/// Work split: one image per task when there are enough images for the pool, otherwise the
+/// images in turn with gemm's own threads inside each product.
+fn split(n: usize) -> (bool, Parallelism) {
+    let threads = rayon::current_num_threads();
+    if n >= threads || threads == 1 {
+        (true, Parallelism::None)
+    } else {
+        (false, Parallelism::Rayon(threads))
+    }
+}
+
+fn for_images(n: usize, f: impl Fn(usize) + Sync + Send) {
+    if split(n).0 {
+        (0..n).into_par_iter().for_each(f);
+    } else {
+        (0..n).for_each(f);
+    }
+}
+
+struct Conv3x3Op;
+
+impl CustomOp2 for Conv3x3Op {
+    fn name(&self) -> &'static str {
+        "fewstep-conv3x3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, wt) = (slice(sx, lx, self.name())?, slice(sw, lw, self.name())?);
+        let g = Grid::new(lx.shape(), lw.shape())?;
+        let (hw, hwp, span) = (g.h * g.w, g.h * g.wp(), g.span());
+        let par = split(g.n).1;
+        let mut out = vec![0f32; g.n * g.co * hw];
+        let dst = Out(out.as_mut_ptr());
+        for_images(g.n, |ni| {
+            let padded = g.pad(&x[ni * g.c * hw..(ni + 1) * g.c * hw], g.c);
+            let mut acc = vec![0f32; g.co * hwp];
+            for k in 0..9 {
+                let (at, wk) = g.tap(k);
+                // SAFETY: the lhs reaches weight element (Co-1)*9C + (C-1)*9 + 8 < len; the rhs
+                // (C-1)*plane + at + span - 1 < C*plane (`span` stops each tap in its plane);
+                // `acc` is this task's own [Co, H(W+2)] buffer.
+                unsafe {
+                    gemm_into_par(
+                        (g.co, span, g.c),
+                        acc.as_mut_ptr(),
+                        (hwp, 1),
+                        k > 0,
+                        wt.as_ptr().add(wk),
+                        (g.c * 9, 9),
+                        padded.as_ptr().add(at),
+                        (g.plane(), 1),
+                        1.0,
+                        par,
+                    );
+                }
+            }
+            for r in 0..g.co * g.h {
+                let (co, y) = (r / g.h, r % g.h);
+                let d = (ni * g.co + co) * hw + y * g.w;
+                // SAFETY: image `ni` alone writes its [Co, H, W] block of `out`.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(acc.as_ptr().add(r * g.wp()), dst.at(d), g.w);
+                }
+            }
+        });
+        let shape = Shape::from((g.n, g.co, g.h, g.w));
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = grad.apply_op2(weight, InputGrad)?;
+        let dw = x.apply_op2(&grad, WeightGrad)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `(grad [N, Co, H, W], weight) -> dx [N, C, H, W]`.
+struct InputGrad;
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "fewstep-conv3x3-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sg: &CpuStorage,
+        lg: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (gr, wt) = (slice(sg, lg, self.name())?, slice(sw, lw, self.name())?);
+        let (n, _, h, w) = lg.shape().dims4()?;
+        let (co, c, _, _) = lw.shape().dims4()?;
+        let g = Grid { n, c, co, h, w };
+        let (hw, span, plane) = (h * w, g.span(), g.plane());
+        let par = split(n).1;
+        let mut dx = vec![0f32; n * c * hw];
+        let dst = Out(dx.as_mut_ptr());
+        for_images(n, |ni| {
+            let gw = g.widen(&gr[ni * co * hw..(ni + 1) * co * hw]);
+            let mut padded = vec![0f32; c * plane];
+            for k in 0..9 {
+                let (at, wk) = g.tap(k);
+                // SAFETY: dst rows are planes and one tap's view stays inside its plane (see
+                // the forward); within one product no element is written twice.
+                unsafe {
+                    gemm_into_par(
+                        (c, span, co),
+                        padded.as_mut_ptr().add(at),
+                        (plane, 1),
+                        true,
+                        wt.as_ptr().add(wk),
+                        (9, c * 9),
+                        gw.as_ptr(),
+                        (h * g.wp(), 1),
+                        1.0,
+                        par,
+                    );
+                }
+            }
+            for ci in 0..c {
+                for y in 0..h {
+                    let s = ci * plane + (y + 1) * g.wp() + 1;
+                    let d = (ni * c + ci) * hw + y * w;
+                    // SAFETY: image `ni` alone writes its [C, H, W] block of `dx`.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(padded.as_ptr().add(s), dst.at(d), w);
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(dx), Shape::from((n, c, h, w))))
+    }
+}
+
+/// `(x [N, C, H, W], grad [N, Co, H, W]) -> dweight [Co, C, 3, 3]`.
+struct WeightGrad;
+
+impl CustomOp2 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "fewstep-conv3x3-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, gr) = (slice(sx, lx, self.name())?, slice(sg, lg, self.name())?);
+        let (n, c, h, w) = lx.shape().dims4()?;
+        let (_, co, _, _) = lg.shape().dims4()?;
+        let g = Grid { n, c, co, h, w };
+        let (hw, span) = (h * w, g.span());
+        // The images share the one weight gradient, so they run in turn, each product
+        // threaded inside.
+        let par = if rayon::current_num_threads() > 1 {
+            Parallelism::Rayon(rayon::current_num_threads())
+        } else {
+            Parallelism::None
+        };
+        let mut dw = vec![0f32; co * c * 9];
+        for ni in 0..n {
+            let padded = g.pad(&x[ni * c * hw..(ni + 1) * c * hw], c);
+            let gw = g.widen(&gr[ni * co * hw..(ni + 1) * co * hw]);
+            for k in 0..9 {
+                let (at, wk) = g.tap(k);
+                // SAFETY: dst [Co, C] with strides (9C, 9) from tap k stays inside dw; the
+                // rhs is tap k's view read transposed (see the forward).
+                unsafe {
+                    gemm_into_par(
+                        (co, c, span),
+                        dw.as_mut_ptr().add(wk),
+                        (c * 9, 9),
+                        ni > 0,
+                        gw.as_ptr(),
+                        (h * g.wp(), 1),
+                        padded.as_ptr().add(at),
+                        (1, g.plane()),
+                        1.0,
+                        par,
+                    );
+                }
+            }
+        }
+        Ok((CpuStorage::F32(dw), Shape::from((co, c, 3, 3))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::max_diff;
+    use candle_core::{Device, Var};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Output, input gradient and weight gradient equal candle's conv2d and its autograd, on
+    /// odd sizes, one-pixel images and a strided (transposed) input.
+    #[test]
+    fn matches_conv2d_and_its_gradients() {
+        for (n, c, co, h, w) in [
+            (2, 3, 5, 4, 6),
+            (1, 8, 4, 1, 1),
+            (3, 2, 7, 5, 1),
+            (1, 16, 16, 9, 7),
+        ] {
+            let x = Var::from_tensor(&randn(&[n, c, h, w], 1)).unwrap();
+            let wt = Var::from_tensor(&randn(&[co, c, 3, 3], 2)).unwrap();
+            // The op runs, not the conv2d fallback it is compared with.
+            assert!(use_kernel(&[&x, &wt]));
+            let probe = randn(&[n, co, h, w], 3);
+            let ours = conv3x3(&x, &wt).unwrap();
+            let theirs = x.conv2d(&wt, 1, 1, 1, 1).unwrap();
+            assert!(max_diff(&ours, &theirs) < 1e-5, "{:?}", (n, c, co, h, w));
+            let go = (ours * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gt = (theirs * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in [&x, &wt] {
+                let d = max_diff(go.get(v).unwrap(), gt.get(v).unwrap());
+                assert!(d < 1e-4, "{:?}: gradient differs by {d}", (n, c, co, h, w));
+            }
+        }
+        let x = randn(&[2, 5, 6, 3], 4).permute((0, 3, 1, 2)).unwrap();
+        let wt = randn(&[4, 3, 3, 3], 5);
+        let d = max_diff(
+            &conv3x3(&x, &wt).unwrap(),
+            &x.conv2d(&wt, 1, 1, 1, 1).unwrap(),
+        );
+        assert!(d < 1e-5, "{d}");
+    }
+
+    #[test]
+    fn a_kernel_that_does_not_fit_is_an_error() {
+        let x = randn(&[1, 3, 4, 4], 1);
+        assert!(conv3x3(&x, &randn(&[2, 4, 3, 3], 2)).is_err());
+        assert!(conv3x3(&x, &randn(&[2, 3, 5, 5], 2)).is_err());
+    }
+}
