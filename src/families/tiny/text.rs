@@ -89,8 +89,11 @@ impl TextEncoder {
         let blocks = (0..cfg.text_depth)
             .map(|i| {
                 let vb = vb.pp(format!("blocks.{i}"));
+                // Both residual branches start at zero, so a block added to a trained
+                // encoder (a deeper `text_depth` warm-started with `--init-from`) starts as
+                // the identity.
                 Ok(TextBlock {
-                    attn: Attention::new(vb.pp("attn"), d, cfg.heads, false)?,
+                    attn: Attention::new(vb.pp("attn"), d, cfg.heads, true)?,
                     fc1: Linear::new(vb.pp("fc1"), d, 2 * d)?,
                     fc2: Linear::zeros(vb.pp("fc2"), 2 * d, d)?,
                 })
