@@ -71,6 +71,12 @@ pub struct TinyConfig {
     pub text_depth: usize,
     /// Tokens per prompt, including the leading `[BOS]` (longer prompts are truncated).
     pub text_max_len: usize,
+    /// How many preceding tokens are mixed into each token's features after the text
+    /// encoder's blocks (0 = none). With 2, a shape word carries the colour and size words
+    /// before it, so the image tokens of one object can find their own shape word by its
+    /// colour: two-object prompts otherwise swap shapes between the objects.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub text_mix: usize,
     pub vocab_size: usize,
     /// Largest frame count the model accepts (1 = image).
     pub max_frames: usize,
@@ -89,6 +95,10 @@ pub struct TinyConfig {
     pub prediction: Prediction,
 }
 
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
 impl Default for TinyConfig {
     fn default() -> Self {
         Self {
@@ -101,6 +111,7 @@ impl Default for TinyConfig {
             text_dim: 128,
             text_depth: 2,
             text_max_len: crate::world::MAX_PROMPT_WORDS + 1,
+            text_mix: 0,
             vocab_size: 64,
             max_frames: 8,
             image_size: 32,

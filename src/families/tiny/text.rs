@@ -64,6 +64,8 @@ pub struct TextEncoder {
     embed: Embedding,
     pos: Tensor,
     blocks: Vec<TextBlock>,
+    /// `[x_t, x_{t-1}, ..., x_{t-k}] -> D`, added to `x_t` (`text_mix = k`).
+    mix: Option<(Linear, usize)>,
     heads: usize,
 }
 
@@ -99,10 +101,16 @@ impl TextEncoder {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        // Zero-initialised, so it can be added to a trained encoder.
+        let mix = match cfg.text_mix {
+            0 => None,
+            k => Some((Linear::zeros(vb.pp("mix"), (k + 1) * d, d)?, k)),
+        };
         Ok(Self {
             embed: Embedding::new(table, d),
             pos,
             blocks,
+            mix,
             heads: cfg.heads,
         })
     }
@@ -128,6 +136,15 @@ impl TextEncoder {
                 .forward(&silu(&blk.fc1.forward(&layer_norm(&x, 1e-5)?)?)?)?;
             x = (x + h)?;
         }
+        if let Some((mix, k)) = &self.mix {
+            // Token t gets tokens t-1..t-k (zeros before the start); padding is only ever
+            // after a prompt's tokens, so no real token mixes it in.
+            let mut parts = vec![x.clone()];
+            for s in 1..=*k {
+                parts.push(shift_right(&x, s)?);
+            }
+            x = (&x + mix.forward(&Tensor::cat(&parts, 2)?)?)?;
+        }
         let x = layer_norm(&x, 1e-5)?;
         let m = mask.unsqueeze(2)?;
         let pooled = x.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?)?;
@@ -136,5 +153,81 @@ impl TextEncoder {
             key_bias,
             pooled,
         })
+    }
+}
+
+/// `x [B, L, D]` moved `s` tokens later along L, zeros in front.
+fn shift_right(x: &Tensor, s: usize) -> Result<Tensor> {
+    let (b, l, d) = x.dims3()?;
+    let zeros = Tensor::zeros((b, s.min(l), d), x.dtype(), x.device())?;
+    if s >= l {
+        return Ok(zeros);
+    }
+    Tensor::cat(&[&zeros, &x.narrow(1, 0, l - s)?], 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    fn encoder(text_mix: usize, seed: u64) -> (TextEncoder, VarMap) {
+        let cfg = TinyConfig {
+            text_dim: 16,
+            heads: 2,
+            text_depth: 1,
+            text_max_len: 5,
+            text_mix,
+            vocab_size: 10,
+            ..TinyConfig::default()
+        };
+        let map = VarMap::new();
+        let vb = crate::nn::seeded_var_builder(&map, seed, DType::F32, &Device::Cpu);
+        (TextEncoder::new(vb, &cfg).unwrap(), map)
+    }
+
+    fn tokens(encoder: &TextEncoder, rows: &[[u32; 5]]) -> Tensor {
+        let ids: Vec<u32> = rows.iter().flatten().copied().collect();
+        let mask = ids.iter().map(|&i| f32::from(u8::from(i != 0))).collect();
+        let batch = TokenBatch {
+            ids,
+            mask,
+            max_len: 5,
+        };
+        encoder.forward(&batch).unwrap().tokens
+    }
+
+    /// The mix starts as the identity (a warm start keeps the trained encoder's function);
+    /// trained, it carries the word before a token into that token, and never a later one.
+    #[test]
+    fn text_mix_starts_as_identity_and_carries_the_preceding_words() {
+        let (plain, _) = encoder(0, 7);
+        let (mixed, map) = encoder(2, 7);
+        let rows = [[1, 2, 3, 4, 0], [1, 5, 3, 4, 0]];
+        let d = crate::nn::max_diff(&tokens(&plain, &rows), &tokens(&mixed, &rows));
+        assert_eq!(d, 0.0);
+        // Without blocks' attention in the way (its output starts at zero too), only the
+        // mix moves features between tokens: give it weights.
+        for var in map.all_vars() {
+            if var.dims() == [16, 48] {
+                // Not constant: a shift shared by every channel is what the final layer norm
+                // removes.
+                let w = Tensor::randn(0f32, 1.0, (16, 48), &Device::Cpu).unwrap();
+                var.set(&w).unwrap();
+            }
+        }
+        let out = tokens(&mixed, &rows);
+        let row = |r: usize, t: usize| out.get(r).unwrap().get(t).unwrap();
+        // Rows differ only at token 1: tokens 1, 2 and 3 (within two after it) change, token 0
+        // before it does not, and token 4 (padding, three after) does not.
+        assert_eq!(crate::nn::max_diff(&row(0, 0), &row(1, 0)), 0.0);
+        for t in 1..=3 {
+            assert!(
+                crate::nn::max_diff(&row(0, t), &row(1, t)) > 1e-3,
+                "token {t}"
+            );
+        }
+        assert_eq!(crate::nn::max_diff(&row(0, 4), &row(1, 4)), 0.0);
     }
 }
