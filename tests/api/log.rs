@@ -451,6 +451,7 @@ async fn distill_from_the_log_publishes_a_new_version_into_the_running_server() 
         toml::from_str(&std::fs::read_to_string(teacher.join("manifest.toml")).unwrap()).unwrap();
     m.insert("name".into(), "tiny-shapes".into());
     m.insert("teacher".into(), "tiny-shapes-teacher".into());
+    m.insert("architecture".into(), student_architecture());
     set(&mut m, "sampling", "sampler", "student");
     set(&mut m, "sampling", "default_steps", 2);
     set(&mut m, "sampling", "allowed_steps", vec![1, 2]);

@@ -8,9 +8,18 @@ use std::path::{Path, PathBuf};
 use fewstep::config::ServerConfig;
 use fewstep::server::{spawn, ServerHandle};
 
+/// The committed student's `[architecture]`: what its weights, and the weights the reload
+/// tests write, fit (the teacher's may differ, e.g. its `text_mix`).
+pub fn student_architecture() -> toml::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-shapes/manifest.toml");
+    let manifest: toml::Table = toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    manifest["architecture"].clone()
+}
+
 /// A temporary models directory holding `tiny-shapes`, built from the teacher's manifest (the
-/// multi-step sampler with CFG, so the tests reach every parameter) and edited by `edit` (no
-/// weights file, so the server runs seeded random weights).
+/// multi-step sampler with CFG, so the tests reach every parameter) with the student's
+/// architecture, and edited by `edit` (no weights file, so the server runs seeded random
+/// weights).
 pub fn models_dir(tag: &str, edit: impl FnOnce(&mut toml::Table)) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("fewstep-test-{tag}-{}", std::process::id()));
     let model = dir.join("tiny-shapes");
@@ -20,6 +29,7 @@ pub fn models_dir(tag: &str, edit: impl FnOnce(&mut toml::Table)) -> PathBuf {
         toml::from_str(&std::fs::read_to_string(src.join("manifest.toml")).unwrap()).unwrap();
     manifest.insert("name".into(), "tiny-shapes".into());
     manifest.insert("weights".into(), "absent.safetensors".into());
+    manifest.insert("architecture".into(), student_architecture());
     edit(&mut manifest);
     std::fs::write(
         model.join("manifest.toml"),
