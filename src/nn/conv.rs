@@ -1,5 +1,6 @@
 //! A 3x3 "same" convolution as one GEMM over an im2col matrix, and the im2col matrix of a
 //! video convolution ([`FrameKernel`], [`frames_im2col`]; the Wan VAE's causal conv3d).
+//! Channels-first, the f32 CPU path is [`super::direct_conv`], which needs no im2col matrix.
 //!
 //! candle 0.11's CPU conv2d is correct but its backward (a naive transposed convolution) made
 //! a training step with two small 32x32 convs 3x slower than the whole DiT. Here im2col is one

@@ -49,9 +49,17 @@ struct Grid {
 }
 
 impl Grid {
-    fn new(x: &Shape, weight: &Shape) -> Result<Self> {
+    /// From an image `[N, C, H, W]` and the weight `[Co, C, 3, 3]`.
+    fn of_weight(x: &Shape, weight: &Shape) -> Result<Self> {
         let (n, c, h, w) = x.dims4()?;
         let (co, _, _, _) = weight.dims4()?;
+        Ok(Self { n, c, co, h, w })
+    }
+
+    /// From an image `[N, C, H, W]` and the output gradient `[N, Co, H, W]`.
+    fn of_grad(x: &Shape, grad: &Shape) -> Result<Self> {
+        let (n, c, h, w) = x.dims4()?;
+        let (_, co, _, _) = grad.dims4()?;
         Ok(Self { n, c, co, h, w })
     }
 
@@ -77,11 +85,11 @@ impl Grid {
         ((k / 3) * self.wp() + k % 3, k)
     }
 
-    /// Copies channel-planes `[C, H, W]` into the interior of zero-padded `[C, H+2, W+2]`.
-    fn pad(&self, src: &[f32], channels: usize) -> Vec<f32> {
+    /// Copies one image `[C, H, W]` into the interior of zero-padded `[C, H+2, W+2]`.
+    fn pad(&self, src: &[f32]) -> Vec<f32> {
         let (w, wp, plane) = (self.w, self.wp(), self.plane());
-        let mut out = vec![0f32; channels * plane];
-        for ci in 0..channels {
+        let mut out = vec![0f32; self.c * plane];
+        for ci in 0..self.c {
             for y in 0..self.h {
                 let s = (ci * self.h + y) * w;
                 let d = ci * plane + (y + 1) * wp + 1;
@@ -103,22 +111,26 @@ impl Grid {
     }
 }
 
-/// Work split: one image per task when there are enough images for the pool, otherwise the
-/// images in turn with gemm's own threads inside each product.
-fn split(n: usize) -> (bool, Parallelism) {
-    let threads = rayon::current_num_threads();
-    if n >= threads || threads == 1 {
-        (true, Parallelism::None)
-    } else {
-        (false, Parallelism::Rayon(threads))
+/// gemm's own threads for products run one at a time: all of rayon's pool, if it has more than
+/// one thread.
+fn inner_parallelism() -> Parallelism {
+    match rayon::current_num_threads() {
+        1 => Parallelism::None,
+        threads => Parallelism::Rayon(threads),
     }
 }
 
-fn for_images(n: usize, f: impl Fn(usize) + Sync + Send) {
-    if split(n).0 {
-        (0..n).into_par_iter().for_each(f);
+/// Calls `f(image, parallelism of its products)` for each of `n` images: one image per task when
+/// there are enough images for the pool, otherwise the images in turn with gemm's own threads
+/// inside each product.
+fn for_images(n: usize, f: impl Fn(usize, Parallelism) + Sync + Send) {
+    if n >= rayon::current_num_threads() {
+        (0..n)
+            .into_par_iter()
+            .for_each(|ni| f(ni, Parallelism::None));
     } else {
-        (0..n).for_each(f);
+        let par = inner_parallelism();
+        (0..n).for_each(|ni| f(ni, par));
     }
 }
 
@@ -137,13 +149,12 @@ impl CustomOp2 for Conv3x3Op {
         lw: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, wt) = (slice(sx, lx, self.name())?, slice(sw, lw, self.name())?);
-        let g = Grid::new(lx.shape(), lw.shape())?;
+        let g = Grid::of_weight(lx.shape(), lw.shape())?;
         let (hw, hwp, span) = (g.h * g.w, g.h * g.wp(), g.span());
-        let par = split(g.n).1;
         let mut out = vec![0f32; g.n * g.co * hw];
         let dst = Out(out.as_mut_ptr());
-        for_images(g.n, |ni| {
-            let padded = g.pad(&x[ni * g.c * hw..(ni + 1) * g.c * hw], g.c);
+        for_images(g.n, |ni, par| {
+            let padded = g.pad(&x[ni * g.c * hw..(ni + 1) * g.c * hw]);
             let mut acc = vec![0f32; g.co * hwp];
             for k in 0..9 {
                 let (at, wk) = g.tap(k);
@@ -208,14 +219,13 @@ impl CustomOp2 for InputGrad {
         lw: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (gr, wt) = (slice(sg, lg, self.name())?, slice(sw, lw, self.name())?);
-        let (n, _, h, w) = lg.shape().dims4()?;
         let (co, c, _, _) = lw.shape().dims4()?;
+        let (n, _, h, w) = lg.shape().dims4()?;
         let g = Grid { n, c, co, h, w };
         let (hw, span, plane) = (h * w, g.span(), g.plane());
-        let par = split(n).1;
         let mut dx = vec![0f32; n * c * hw];
         let dst = Out(dx.as_mut_ptr());
-        for_images(n, |ni| {
+        for_images(n, |ni, par| {
             let gw = g.widen(&gr[ni * co * hw..(ni + 1) * co * hw]);
             let mut padded = vec![0f32; c * plane];
             for k in 0..9 {
@@ -268,20 +278,15 @@ impl CustomOp2 for WeightGrad {
         lg: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, gr) = (slice(sx, lx, self.name())?, slice(sg, lg, self.name())?);
-        let (n, c, h, w) = lx.shape().dims4()?;
-        let (_, co, _, _) = lg.shape().dims4()?;
-        let g = Grid { n, c, co, h, w };
+        let g = Grid::of_grad(lx.shape(), lg.shape())?;
+        let (n, c, co, h, w) = (g.n, g.c, g.co, g.h, g.w);
         let (hw, span) = (h * w, g.span());
         // The images share the one weight gradient, so they run in turn, each product
         // threaded inside.
-        let par = if rayon::current_num_threads() > 1 {
-            Parallelism::Rayon(rayon::current_num_threads())
-        } else {
-            Parallelism::None
-        };
+        let par = inner_parallelism();
         let mut dw = vec![0f32; co * c * 9];
         for ni in 0..n {
-            let padded = g.pad(&x[ni * c * hw..(ni + 1) * c * hw], c);
+            let padded = g.pad(&x[ni * c * hw..(ni + 1) * c * hw]);
             let gw = g.widen(&gr[ni * co * hw..(ni + 1) * co * hw]);
             for k in 0..9 {
                 let (at, wk) = g.tap(k);

@@ -51,8 +51,8 @@ pub(crate) unsafe fn gemm_into(
     )
 }
 
-/// [`gemm_into`] with the crate's own threading (`Parallelism::Rayon(0)`: all of rayon's
-/// pool) for callers that have only one large product to run.
+/// [`gemm_into`] with the crate's own threading (`Parallelism::Rayon(n)`: n threads of rayon's
+/// pool) for callers that run their products one at a time.
 ///
 /// # Safety
 /// As [`gemm_into`]; `dst` must not be written by any other task meanwhile.

@@ -214,11 +214,11 @@ pub struct WorldBatch {
 
 /// What a training batch draws from the world; the default is the grammar's own mix.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct SceneMix<'a> {
+pub struct SceneMix {
     /// The share of image scenes that are simple scenes ([`world::sample_simple_spec`]).
     pub simple_share: f64,
     /// The shape weights of the simple scenes.
-    pub simple_shapes: Option<&'a [f64; 4]>,
+    pub simple_shapes: Option<[f64; 4]>,
     /// How every other scene is drawn ([`world::sample_spec_weighted`]).
     pub tilt: world::Tilt,
 }
@@ -237,7 +237,7 @@ pub fn world_batch(
     let mut prompts = Vec::with_capacity(n);
     for _ in 0..n {
         let spec = if !video && mix.simple_share > 0.0 && rng.random::<f64>() < mix.simple_share {
-            world::sample_simple_spec(rng, Split::Train, mix.simple_shapes)
+            world::sample_simple_spec(rng, Split::Train, mix.simple_shapes.as_ref())
         } else {
             world::sample_spec_weighted(rng, Split::Train, video, mix.tilt)
         };
@@ -371,10 +371,7 @@ pub fn train_teacher(
         let simple = config.curriculum.map_or(0.0, |c| c.share_at(step));
         let mix = SceneMix {
             simple_share: simple,
-            simple_shapes: config
-                .curriculum
-                .as_ref()
-                .and_then(|c| c.shape_weights.as_ref()),
+            simple_shapes: config.curriculum.and_then(|c| c.shape_weights),
             tilt: world::Tilt {
                 shapes: config.shape_weights,
                 kinds: config.scene_kinds,
@@ -729,7 +726,7 @@ mod tests {
         let w = [1.0, 0.0, 1.0, 2.0];
         let mix = SceneMix {
             simple_share: 1.0,
-            simple_shapes: Some(&w),
+            simple_shapes: Some(w),
             tilt: world::Tilt::default(),
         };
         let b = world_batch(&mut rng, 400, false, mix, 0.0, &Device::Cpu).unwrap();

@@ -158,12 +158,7 @@ impl TextEncoder {
 
 /// `x [B, L, D]` moved `s` tokens later along L, zeros in front.
 fn shift_right(x: &Tensor, s: usize) -> Result<Tensor> {
-    let (b, l, d) = x.dims3()?;
-    let zeros = Tensor::zeros((b, s.min(l), d), x.dtype(), x.device())?;
-    if s >= l {
-        return Ok(zeros);
-    }
-    Tensor::cat(&[&zeros, &x.narrow(1, 0, l - s)?], 1)
+    x.pad_with_zeros(1, s, 0)?.narrow(1, 0, x.dim(1)?)
 }
 
 #[cfg(test)]
