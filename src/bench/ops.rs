@@ -89,6 +89,48 @@ pub fn attention(
     })
 }
 
+/// A linear layer with bias on `[rows, in]` inputs: the fused op
+/// ([`crate::nn::fused_linear::linear_bias`]) against the product followed by the bias add.
+/// Forward only, or forward + backward.
+pub fn linear(
+    (rows, in_dim, out_dim): (usize, usize, usize),
+    backward: bool,
+    reps: usize,
+    device: &Device,
+) -> Result<OpRow> {
+    use crate::nn::fused_linear::{composed, linear_bias};
+    let var = |shape: (usize, usize)| Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, device)?);
+    let (x, w) = (var((rows, in_dim))?, var((out_dim, in_dim))?);
+    let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, out_dim, device)?)?;
+    let g = Tensor::randn(0f32, 1.0, (rows, out_dim), device)?;
+    let step = |fused: bool| {
+        let run = if fused { linear_bias } else { composed };
+        let [x, w, b] = [&x, &w, &b].map(|v| {
+            if backward {
+                v.as_tensor().clone()
+            } else {
+                v.as_detached_tensor()
+            }
+        });
+        let y = run(&x, &w, &b)?;
+        if backward {
+            (y * &g)?.sum_all()?.backward()?;
+        }
+        Ok(())
+    };
+    let (composed, fused) = interleaved(reps, step)?;
+    Ok(OpRow {
+        op: format!(
+            "linear + bias, {}",
+            if backward { "fwd + bwd" } else { "fwd" }
+        ),
+        shape: vec![rows, in_dim, out_dim],
+        composed_ms: composed * 1e3,
+        fused_ms: fused * 1e3,
+        speedup: composed / fused,
+    })
+}
+
 /// The median seconds of `step(false)` (composed) and `step(true)` (fused) over three
 /// interleaved rounds of `reps` runs each, so that machine noise hits both alike.
 fn interleaved(reps: usize, mut step: impl FnMut(bool) -> Result<()>) -> Result<(f64, f64)> {
@@ -102,15 +144,16 @@ fn interleaved(reps: usize, mut step: impl FnMut(bool) -> Result<()>) -> Result<
     Ok((c[1], f[1]))
 }
 
-/// The whole model at `batch` with the fused attention against the composed one, every other
-/// kernel on: a forward, and a training step (forward, backward, AdamW).
-pub fn model_attention(
+/// The whole model at `batch` with one fused op (`what`, switched by `toggle`) against the
+/// composition it replaced, every other kernel on: a forward, and a training step (forward,
+/// backward, AdamW).
+pub fn model_toggle(
     setup: &super::model::ModelBenchSetup,
     batch: usize,
     reps: usize,
     device: &Device,
+    (what, toggle): (&str, fn(bool)),
 ) -> Result<[OpRow; 2]> {
-    use crate::nn::fused_attention::set_fused_attention;
     let (map, model) = setup.build(device)?;
     let mut opt = crate::train::AdamW::new(
         crate::train::named_vars(&map),
@@ -120,19 +163,19 @@ pub fn model_attention(
     let prompts = vec![super::model::PROMPT; batch];
     let text = model.encode(&prompts)?;
     let (fc, ff) = interleaved(reps, |fused| {
-        set_fused_attention(fused);
+        toggle(fused);
         let r = model.velocity(&x, &t, &text).map(drop);
-        set_fused_attention(true);
+        toggle(true);
         r
     })?;
     let (tc, tf) = interleaved(reps, |fused| {
-        set_fused_attention(fused);
+        toggle(fused);
         let r = super::model::train_step(&model, &mut opt, &prompts, &x, &t);
-        set_fused_attention(true);
+        toggle(true);
         r
     })?;
-    let row = |what: &str, c: f64, f: f64| OpRow {
-        op: format!("model {what}, attention"),
+    let row = |step: &str, c: f64, f: f64| OpRow {
+        op: format!("model {step}, {what}"),
         shape: vec![batch],
         composed_ms: c * 1e3,
         fused_ms: f * 1e3,

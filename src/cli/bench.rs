@@ -229,9 +229,23 @@ pub(super) fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 &device,
             )?,
             ops::attention((1, 4096, 4096), (320, 8), false, args.reps.min(3), &device)?,
+            // The model's qkv projection and its MLP's down projection on every token of the
+            // batch, and an SD1.5 top-level projection.
+            ops::linear((batch * t, d, 3 * d), false, args.reps, &device)?,
+            ops::linear((batch * t, d, 3 * d), true, args.reps, &device)?,
+            ops::linear((batch * t, a.mlp_ratio * d, d), true, args.reps, &device)?,
+            ops::linear((4096, 320, 320), false, args.reps.min(3), &device)?,
         ];
         for &b in &args.batches {
-            rows.extend(ops::model_attention(&setup, b, args.reps, &device)?);
+            for toggle in [
+                (
+                    "attention",
+                    crate::nn::fused_attention::set_fused_attention as fn(bool),
+                ),
+                ("linear", crate::nn::fused_linear::set_fused_linear),
+            ] {
+                rows.extend(ops::model_toggle(&setup, b, args.reps, &device, toggle)?);
+            }
         }
         println!(
             "\nop                               shape                 composed ms  fused ms  speedup"

@@ -16,7 +16,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::fused::{slice, use_kernel};
-use super::strided_gemm::{gemm_into_par, Out};
+use super::strided_gemm::{gemm_into_par, inner_parallelism, Out};
 
 /// `x [N, C, H, W]` convolved with `weight [Co, C, 3, 3]` (stride 1, zero padding 1, no bias):
 /// `[N, Co, H, W]`, the same as `x.conv2d(weight, 1, 1, 1, 1)`.
@@ -111,15 +111,6 @@ impl Grid {
     }
 }
 
-/// gemm's own threads for products run one at a time: all of rayon's pool, if it has more than
-/// one thread.
-fn inner_parallelism() -> Parallelism {
-    match rayon::current_num_threads() {
-        1 => Parallelism::None,
-        threads => Parallelism::Rayon(threads),
-    }
-}
-
 /// Calls `f(image, parallelism of its products)` for each of `n` images: one image per task when
 /// there are enough images for the pool, otherwise the images in turn with gemm's own threads
 /// inside each product.
@@ -196,9 +187,11 @@ impl CustomOp2 for Conv3x3Op {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // Detached, so that a gradient never carries the forward graph (the weight's goes
+        // straight to the optimizer's moments).
         let grad = grad.contiguous()?;
-        let dx = grad.apply_op2(weight, InputGrad)?;
-        let dw = x.apply_op2(&grad, WeightGrad)?;
+        let dx = grad.apply_op2(&weight.detach(), InputGrad)?;
+        let dw = x.detach().apply_op2(&grad, WeightGrad)?;
         Ok((Some(dx), Some(dw)))
     }
 }
@@ -357,6 +350,7 @@ mod tests {
                 .backward()
                 .unwrap();
             for v in [&x, &wt] {
+                assert!(!go.get(v).unwrap().track_op(), "the gradient holds a graph");
                 let d = max_diff(go.get(v).unwrap(), gt.get(v).unwrap());
                 assert!(d < 1e-4, "{:?}: gradient differs by {d}", (n, c, co, h, w));
             }

@@ -513,6 +513,7 @@ mod tests {
             let grads = (&o * &g).unwrap().sum_all().unwrap().backward().unwrap();
             let ga = grads.get(a.as_tensor()).unwrap().clone();
             let gc = grads.get(c.as_tensor()).unwrap().clone();
+            assert!(!ga.track_op() && !gc.track_op(), "a gradient holds a graph");
             (o, ga, gc)
         };
         let (o1, ga1, gc1) = run(true);

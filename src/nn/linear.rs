@@ -90,12 +90,12 @@ impl Module for Linear {
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim.max(1);
         let x2 = x.reshape((rows, in_dim))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let mut y = match &self.bias {
+            Some(b) => super::fused_linear::linear_bias(&x2, &self.weight, b)?,
+            None => x2.matmul(&self.weight.t()?)?,
+        };
         if let Some(lora) = &self.lora {
             y = (y + lora.delta(&x2)?)?;
-        }
-        if let Some(b) = &self.bias {
-            y = super::add_bias(&y, b)?;
         }
         let mut out_dims = dims;
         *out_dims.last_mut().expect("rank >= 1") = self.weight.dim(0)?;

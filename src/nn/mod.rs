@@ -12,6 +12,7 @@ pub mod embed;
 pub mod fastmath;
 pub mod fused;
 pub mod fused_attention;
+pub mod fused_linear;
 pub mod init;
 pub mod linear;
 pub mod lora;

@@ -77,6 +77,7 @@ mod tests {
             gb.get(b.as_tensor()).unwrap(),
         );
         assert!(max_diff(ga, gb) < 1e-5, "{}", max_diff(ga, gb));
+        assert!(!ga.track_op(), "the gradient holds a graph");
         assert!(ga.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
         // A transposed (non-contiguous) input works too.
         let t = x.transpose(1, 2)?;

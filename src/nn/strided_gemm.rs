@@ -3,6 +3,15 @@
 
 use gemm::Parallelism;
 
+/// gemm's own threads for products run one at a time: all of rayon's pool, if it has more than
+/// one thread.
+pub(crate) fn inner_parallelism() -> Parallelism {
+    match rayon::current_num_threads() {
+        1 => Parallelism::None,
+        threads => Parallelism::Rayon(threads),
+    }
+}
+
 /// A raw pointer that parallel tasks share to write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
 pub(crate) struct Out(pub(crate) *mut f32);

@@ -139,11 +139,10 @@ impl AdamW {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let g = if scale != 1.0 {
-                (g * scale)?
-            } else {
-                g.clone()
-            };
+            // Detached: a gradient that still carries a graph (an op whose backward computed
+            // it from tracked tensors) would chain every step's graph into the moments.
+            let g = g.detach();
+            let g = if scale != 1.0 { (g * scale)? } else { g };
             let m = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
@@ -209,6 +208,23 @@ mod tests {
         for (g, want) in got.iter().zip([0.9f32, -1.9, 2.9]) {
             assert!((g - want).abs() < 1e-5, "{got:?}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn moments_never_hold_a_graph() -> Result<()> {
+        let dev = Device::Cpu;
+        // `w` is a direct operand of the matmul, so candle's backward gives it `x^T grad`,
+        // a tensor still tracked through `x`.
+        let (x, w) = (
+            Var::new(&[[1.0f32, 2.0], [3.0, 4.0]], &dev)?,
+            Var::new(&[[0.5f32], [-0.5]], &dev)?,
+        );
+        let mut opt = AdamW::new(vec![("w".into(), w.clone())], AdamWConfig::default())?;
+        let grads = x.as_tensor().matmul(w.as_tensor())?.sum_all()?.backward()?;
+        assert!(grads.get(w.as_tensor()).unwrap().track_op());
+        opt.step_with(&grads)?;
+        assert!(!opt.m[0].track_op() && !opt.v[0].track_op());
         Ok(())
     }
 
