@@ -132,6 +132,9 @@ class TextEncoder(nn.Module):
         self.embed = nn.Embedding(cfg["vocab_size"], d)
         self.pos = nn.Parameter(torch.zeros(cfg["text_max_len"], d))
         self.blocks = nn.ModuleList(TextBlock(d, cfg["heads"]) for _ in range(cfg["text_depth"]))
+        # text_mix = k: [x_t, x_{t-1}, ..., x_{t-k}] -> D, added to x_t.
+        self.mix_k = cfg.get("text_mix", 0)
+        self.mix = nn.Linear((self.mix_k + 1) * d, d) if self.mix_k else None
 
     def forward(self, ids, mask):
         l = ids.shape[1]
@@ -140,6 +143,10 @@ class TextEncoder(nn.Module):
         for blk in self.blocks:
             x = x + blk.attn(layer_norm(x, TEXT_EPS), key_bias)
             x = x + blk.fc2(F.silu(blk.fc1(layer_norm(x, TEXT_EPS))))
+        if self.mix is not None:
+            # Token t gets tokens t-1..t-k, zeros before the start (text.rs's shift_right).
+            shifted = [F.pad(x, (0, 0, s, 0))[:, :l] for s in range(1, self.mix_k + 1)]
+            x = x + self.mix(torch.cat([x] + shifted, 2))
         x = layer_norm(x, TEXT_EPS)
         m = mask[:, :, None]
         return x, key_bias, (x * m).sum(1) / m.sum(1)
