@@ -259,10 +259,11 @@ pub struct EvalArgs {
     pub device: String,
     /// Run the quick diagnostics instead of the full eval (minutes, not an hour): the
     /// from-noise shape hit per shape, the wrong-shape-input hit, the velocity change per
-    /// prompt word and the attention mass per word. Writes `probe.json`.
+    /// prompt word, the attention mass per word, shapes beside another object, and (for video
+    /// models) whether motion words are drawn and read. Writes `probe.json`.
     #[arg(long)]
     pub probe: bool,
-    /// Samples per shape for `--probe`.
+    /// Samples per shape for `--probe` (half as many clips per motion word).
     #[arg(long, default_value_t = 24)]
     pub probe_samples: usize,
     /// Noise level the wrong-shape probe starts from.

@@ -79,7 +79,7 @@ pub use metrics::{diversity, features, frechet_distance};
 pub use render::render;
 pub use scene::{sample_simple_spec, sample_spec, sample_spec_weighted, Tilt};
 pub use split::split_of;
-pub use verify::{categories, verify, DetectedObject, Verdict};
+pub use verify::{categories, observed_motions, verify, DetectedObject, Verdict};
 
 /// Side of every square frame, in pixels.
 pub const IMAGE_SIZE: u32 = 32;

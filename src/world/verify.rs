@@ -590,6 +590,64 @@ fn trend(points: &[(f32, f32)], frames: usize) -> f32 {
     }
 }
 
+/// Each object's blob index in each frame, tracked by matching the objects to the blobs frame
+/// by frame, each frame near the object's last centre.
+fn track(objects: &[ObjectSpec], infos: &[FrameInfo]) -> Vec<Vec<Option<usize>>> {
+    let mut tracks: Vec<Vec<Option<usize>>> = vec![Vec::with_capacity(infos.len()); objects.len()];
+    let mut prev = vec![None; objects.len()];
+    for info in infos {
+        let a = assign(objects, &info.blobs, &prev);
+        for (k, slot) in a.into_iter().enumerate() {
+            if let Some(b) = slot {
+                prev[k] = Some(info.blobs[b].center(objects[k].shape));
+            }
+            tracks[k].push(slot);
+        }
+    }
+    tracks
+}
+
+/// The (frame, blob) pairs of one object's track.
+fn matched_blobs<'a>(track: &[Option<usize>], infos: &'a [FrameInfo]) -> Vec<(usize, &'a Blob)> {
+    track
+        .iter()
+        .enumerate()
+        .filter_map(|(f, b)| b.map(|b| (f, &infos[f].blobs[b])))
+        .collect()
+}
+
+/// Displacement over the clip (x, y, in px) and log size change of one tracked object.
+fn motion_trends(matched: &[(usize, &Blob)], shape: Shape, frames: usize) -> (f32, f32, f32) {
+    let series = |value: &dyn Fn(&Blob) -> f32| -> Vec<(f32, f32)> {
+        matched.iter().map(|(f, b)| (*f as f32, value(b))).collect()
+    };
+    let xs = series(&|b| b.center(shape).0);
+    let ys = series(&|b| b.center(shape).1);
+    let rs = series(&|b| b.radius(shape).max(0.1).ln());
+    let n = frames.max(2);
+    (trend(&xs, n), trend(&ys, n), trend(&rs, n))
+}
+
+/// The motion the verifier sees for each object of `spec` in `frames` (`None` when an object
+/// is tracked in fewer than two frames or its path names no motion), by the same tracking and
+/// thresholds as [`verify`]'s motion check.
+pub fn observed_motions(spec: &SceneSpec, frames: &[RgbImage]) -> Vec<Option<Motion>> {
+    let infos: Vec<FrameInfo> = frames.iter().map(analyze).collect();
+    let tracks = track(&spec.objects, &infos);
+    spec.objects
+        .iter()
+        .zip(&tracks)
+        .map(|(o, t)| {
+            let matched = matched_blobs(t, &infos);
+            if matched.len() < 2 {
+                return None;
+            }
+            let (dx, dy, g) = motion_trends(&matched, o.shape, infos.len());
+            classify_motion(dx, dy, g)
+        })
+        .collect()
+}
+
 /// Motion named by a displacement (px over the clip) and log size change.
 fn classify_motion(dx: f32, dy: f32, log_growth: f32) -> Option<Motion> {
     let (ax, ay) = (dx.abs(), dy.abs());
@@ -654,26 +712,11 @@ pub fn verify(spec: &SceneSpec, frames: &[RgbImage]) -> Verdict {
     let objects = &spec.objects;
     let mut failures = Vec::new();
 
-    // Track each object through the frames.
-    let mut tracks: Vec<Vec<Option<usize>>> = vec![Vec::with_capacity(n); objects.len()];
-    let mut prev = vec![None; objects.len()];
-    for info in &infos {
-        let a = assign(objects, &info.blobs, &prev);
-        for (k, slot) in a.into_iter().enumerate() {
-            if let Some(b) = slot {
-                prev[k] = Some(info.blobs[b].center(objects[k].shape));
-            }
-            tracks[k].push(slot);
-        }
-    }
+    let tracks = track(objects, &infos);
 
     let mut object_scores = 0.0;
     for (k, o) in objects.iter().enumerate() {
-        let matched: Vec<(usize, &Blob)> = tracks[k]
-            .iter()
-            .enumerate()
-            .filter_map(|(f, b)| b.map(|b| (f, &infos[f].blobs[b])))
-            .collect();
+        let matched = matched_blobs(&tracks[k], &infos);
         let name = format!("{} {}", o.color, o.shape);
         let coverage = matched.len() as f32 / n as f32;
         let color_term =
@@ -721,23 +764,7 @@ pub fn verify(spec: &SceneSpec, frames: &[RgbImage]) -> Verdict {
             }
         }
         if let Some(motion) = o.motion.filter(|_| n >= 2 || spec.frames > 1) {
-            let xs: Vec<(f32, f32)> = matched
-                .iter()
-                .map(|(f, b)| (*f as f32, b.center(o.shape).0))
-                .collect();
-            let ys: Vec<(f32, f32)> = matched
-                .iter()
-                .map(|(f, b)| (*f as f32, b.center(o.shape).1))
-                .collect();
-            let rs: Vec<(f32, f32)> = matched
-                .iter()
-                .map(|(f, b)| (*f as f32, b.radius(o.shape).max(0.1).ln()))
-                .collect();
-            let (dx, dy, g) = (
-                trend(&xs, n.max(2)),
-                trend(&ys, n.max(2)),
-                trend(&rs, n.max(2)),
-            );
+            let (dx, dy, g) = motion_trends(&matched, o.shape, n);
             let (ex, ey, eg) = expected_motion(motion);
             let fit =
                 gauss(((dx - ex).powi(2) + (dy - ey).powi(2)).sqrt(), 4.0) * gauss(g - eg, 0.25);

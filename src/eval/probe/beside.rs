@@ -11,7 +11,7 @@ use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    chunk_seeds, conditioning, drawn_shape, euler_from, noise_for, sample_images, train_color,
+    chunk_seeds, conditioning, drawn_shape, euler_from, noise_for, sample_from_noise, train_color,
     CHUNK,
 };
 use crate::families::tiny::TinyModel;
@@ -110,7 +110,7 @@ pub(super) fn beside_hits(
                 .map(|f| from_frames(f, model.device()))
                 .collect::<Result<Vec<_>>>()?;
             let x0 = Tensor::stack(&x0s, 0)?;
-            let noise = noise_for(&chunk_seeds(opts.seed, first, chunk.len()), model)?;
+            let noise = noise_for(&chunk_seeds(opts.seed, first, chunk.len()), model, 1)?;
             for (level, &t0) in BESIDE_T0.iter().enumerate() {
                 let steps = ((opts.steps as f32 * t0).round() as usize).max(1);
                 let xt = model
@@ -122,7 +122,7 @@ pub(super) fn beside_hits(
                 }
             }
             let seeds = chunk_seeds(opts.seed, first + 500_000, chunk.len());
-            let sampled = sample_images(model, opts, &cond, &seeds)?;
+            let sampled = sample_from_noise(model, opts, &cond, &seeds, 1)?;
             for (spec, frames) in chunk.iter().zip(to_frames(&sampled)?) {
                 let r = recognised(spec, &frames);
                 hit.from_noise += r;

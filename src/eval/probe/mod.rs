@@ -11,6 +11,8 @@
 //!    kind of prompt word gets (averaged over heads, layers and the object's tokens).
 //! 5. **Beside another object** ([`beside`]): each shape in two-object scenes, recognised in
 //!    the clean render, after denoising it from a low and a middle noise level, and from noise.
+//! 6. **Motion** ([`motion`]): single-object videos per motion word, from noise and from a
+//!    render of the opposite motion: is the motion word drawn, and is it read at all?
 //!
 //! Everything is deterministic given the seed, and scored by the world's verifier.
 
@@ -20,7 +22,9 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 mod beside;
+mod motion;
 pub use beside::{BesideHit, BESIDE_T0};
+pub use motion::{opposite, MotionGain, MotionHit, MOTION_T0};
 
 use crate::families::tiny::{TinyCond, TinyModel};
 use crate::nn::attention::capture_cross_attention;
@@ -105,11 +109,7 @@ pub struct Sensitivity {
 impl Sensitivity {
     /// `x0_loss_wrong_shape / x0_loss - 1`.
     pub fn shape_gain(&self) -> f64 {
-        if self.x0_loss > 0.0 {
-            self.x0_loss_wrong_shape / self.x0_loss - 1.0
-        } else {
-            0.0
-        }
+        loss_gain(self.x0_loss, self.x0_loss_wrong_shape)
     }
 }
 
@@ -141,6 +141,12 @@ pub struct ProbeReport {
     /// Probe 5 (reports written before it existed have none).
     #[serde(default)]
     pub beside: Vec<BesideHit>,
+    /// Probe 6 (empty for reports written before it existed, and for image-only models).
+    #[serde(default)]
+    pub motion: Vec<MotionHit>,
+    /// Probe 6's x0-loss gain of the motion word, per noise level.
+    #[serde(default)]
+    pub motion_gain: Vec<MotionGain>,
 }
 
 fn euler() -> SamplerKind {
@@ -227,7 +233,45 @@ impl ProbeReport {
                 );
             }
         }
+        if !self.motion.is_empty() {
+            out += &format!(
+                "\nmotion, single-object videos: clean render / from noise / from the opposite \
+                 motion at t0 = {MOTION_T0:?} (follows prompt, keeps input):"
+            );
+            for m in &self.motion {
+                let levels: Vec<String> = m
+                    .follows_prompt
+                    .iter()
+                    .zip(&m.follows_input)
+                    .map(|(p, i)| format!("{p}, {i}"))
+                    .collect();
+                out += &format!(
+                    " {} {} / {} / {} of {};",
+                    m.motion,
+                    m.clean,
+                    m.from_noise,
+                    levels.join(" / "),
+                    m.n
+                );
+            }
+            out += &format!(" from-noise motion hit {:.3}", self.motion_hit());
+            out += "\nx0 loss with the true / the opposite motion word (gain):";
+            for g in &self.motion_gain {
+                out += &format!(
+                    " t={}: {:.4} / {:.4} ({:+.1}%);",
+                    g.t,
+                    g.x0_loss,
+                    g.x0_loss_wrong_motion,
+                    100.0 * g.gain()
+                );
+            }
+        }
         out
+    }
+
+    /// Mean from-noise motion hit over the motion words (0 when not probed).
+    pub fn motion_hit(&self) -> f64 {
+        mean(self.motion.iter().map(|m| ratio(m.from_noise, m.n)))
     }
 }
 
@@ -268,6 +312,11 @@ pub fn probe(model: &TinyModel, opts: &ProbeOptions) -> Result<ProbeReport> {
     let wrong_shape = wrong_shape_hits(model, opts, &mut rng)?;
     let (sensitivity, attention) = word_sensitivity(model, opts, &mut rng)?;
     let beside = beside::beside_hits(model, opts, &mut rng)?;
+    let (motion, motion_gain) = if model.cfg.max_frames >= world::VIDEO_FRAMES {
+        motion::motion_hits(model, opts, opts.samples_per_shape.div_ceil(2), &mut rng)?
+    } else {
+        (Vec::new(), Vec::new())
+    };
     Ok(ProbeReport {
         sampler: opts.sampler,
         steps: opts.steps,
@@ -278,6 +327,8 @@ pub fn probe(model: &TinyModel, opts: &ProbeOptions) -> Result<ProbeReport> {
         sensitivity,
         attention,
         beside,
+        motion,
+        motion_gain,
     })
 }
 
@@ -352,24 +403,25 @@ fn chunk_seeds(seed: u64, first: usize, len: usize) -> Vec<u64> {
     (0..len).map(|i| seed ^ (first + i) as u64).collect()
 }
 
-/// One image's `[frames, channels, height, width]`.
-fn image_shape(model: &TinyModel) -> [usize; 4] {
+/// One sample's `[frames, channels, height, width]`.
+fn sample_shape(model: &TinyModel, frames: usize) -> [usize; 4] {
     let s = world::IMAGE_SIZE as usize;
-    [1, model.cfg.channels, s, s]
+    [frames, model.cfg.channels, s, s]
 }
 
-/// Row noise of the given seeds, shaped like `[rows, 1, 3, 32, 32]`.
-fn noise_for(seeds: &[u64], model: &TinyModel) -> Result<Tensor> {
+/// Row noise of the given seeds, shaped like `[rows, frames, 3, 32, 32]`.
+fn noise_for(seeds: &[u64], model: &TinyModel, frames: usize) -> Result<Tensor> {
     let mut rows: Vec<RowNoise> = seeds.iter().map(|&s| RowNoise::new(s)).collect();
-    crate::pipeline::noise::batch_noise(&mut rows, &image_shape(model), model.device())
+    crate::pipeline::noise::batch_noise(&mut rows, &sample_shape(model, frames), model.device())
 }
 
-/// Images sampled from the noise of `seeds` with the probe's sampler.
-fn sample_images(
+/// Samples of `frames` frames drawn from the noise of `seeds` with the probe's sampler.
+fn sample_from_noise(
     model: &TinyModel,
     opts: &ProbeOptions,
     cond: &TinyCond,
     seeds: &[u64],
+    frames: usize,
 ) -> Result<Tensor> {
     let mut rows: Vec<RowNoise> = seeds.iter().map(|&s| RowNoise::new(s)).collect();
     let params = SamplerParams {
@@ -383,9 +435,18 @@ fn sample_images(
         params,
         cond,
         &mut rows,
-        &image_shape(model),
+        &sample_shape(model, frames),
         model.device(),
     )
+}
+
+/// `wrong / base - 1`: how much a wrong word raises a loss (0 when the base loss is 0).
+fn loss_gain(base: f64, wrong: f64) -> f64 {
+    if base > 0.0 {
+        wrong / base - 1.0
+    } else {
+        0.0
+    }
 }
 
 fn from_noise_hits(model: &TinyModel, opts: &ProbeOptions) -> Result<Vec<ShapeHit>> {
@@ -404,7 +465,7 @@ fn from_noise_hits(model: &TinyModel, opts: &ProbeOptions) -> Result<Vec<ShapeHi
             let prompts: Vec<String> = chunk.iter().map(world::prompt).collect();
             let cond = conditioning(model, &prompts, opts.guidance)?;
             let seeds = chunk_seeds(opts.seed, k * 1_000_003 + c * CHUNK, chunk.len());
-            let x0 = sample_images(model, opts, &cond, &seeds)?;
+            let x0 = sample_from_noise(model, opts, &cond, &seeds, 1)?;
             for (spec, frames) in chunk.iter().zip(to_frames(&x0)?) {
                 let o = spec.objects[0];
                 hit.hits += (drawn_shape(spec, &frames, o.color) == Some(shape)) as usize;
@@ -454,7 +515,7 @@ fn wrong_shape_hits(
                 7_000_003 + k * 1_000_003 + c * CHUNK,
                 chunk.len(),
             );
-            let noise = noise_for(&seeds, model)?;
+            let noise = noise_for(&seeds, model, 1)?;
             let xt = model
                 .schedule
                 .add_noise(&x0, &noise, &vec![opts.t0; chunk.len()])?;
@@ -536,7 +597,7 @@ fn word_sensitivity(
         .collect::<Result<Vec<_>>>()?;
     let x0 = Tensor::stack(&x0s, 0)?;
     let seeds = chunk_seeds(opts.seed, 9_000_011, n);
-    let noise = noise_for(&seeds, model)?;
+    let noise = noise_for(&seeds, model, 1)?;
     let prompts =
         |specs: &[SceneSpec]| -> Vec<String> { specs.iter().map(world::prompt).collect() };
     let encode = |specs: &[SceneSpec]| -> Result<crate::families::tiny::TextCond> {
@@ -761,6 +822,20 @@ mod tests {
                 && b.from_render.iter().all(|&k| k <= 3)
                 && b.from_noise_by_size.iter().sum::<usize>() == b.from_noise));
             assert!(r.sensitivity.iter().all(|s| s.shape > 0.0 && s.color > 0.0));
+            // Probe 6: every motion word, 2 clips each (half the samples, rounded up).
+            assert_eq!(r.motion.len(), crate::world::Motion::all().len());
+            assert!(r.motion.iter().all(|m| m.n == 2
+                && m.clean <= 2
+                && m.from_noise <= 2
+                && m.follows_prompt.len() == MOTION_T0.len()
+                && m.follows_prompt
+                    .iter()
+                    .zip(&m.follows_input)
+                    .all(|(p, i)| p + i <= 2)));
+            assert_eq!(r.motion_gain.len(), 2);
+            assert!(r.motion_gain.iter().all(|g| g.x0_loss > 0.0
+                && g.x0_loss_wrong_motion > 0.0
+                && g.x0_loss != g.x0_loss_wrong_motion));
             let a = &r.attention;
             let total = a.bos + a.shape + a.color + a.size + a.position + a.background + a.other;
             assert!(

@@ -50,6 +50,25 @@ impl Prediction {
     }
 }
 
+/// Which tokens the DiT's temporal attention of a video sees.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TemporalAttention {
+    /// The same spatial position in every frame (factorised space-time attention).
+    #[default]
+    Frames,
+    /// Every token of the clip (full space-time attention). A moving object is at another
+    /// position in every frame, so a token can only find where it was by looking beyond its
+    /// own position; with `frames`, the teacher ignored motion words entirely.
+    Clip,
+}
+
+impl TemporalAttention {
+    fn is_frames(&self) -> bool {
+        *self == TemporalAttention::Frames
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TinyConfig {
@@ -93,6 +112,10 @@ pub struct TinyConfig {
     /// What the network outputs (`velocity` when absent).
     #[serde(default, skip_serializing_if = "Prediction::is_velocity")]
     pub prediction: Prediction,
+    /// DiT only: the tokens of a video its temporal attention sees (`frames` when absent).
+    /// The weights are the same either way, so a trained DiT can switch.
+    #[serde(default, skip_serializing_if = "TemporalAttention::is_frames")]
+    pub temporal: TemporalAttention,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -119,6 +142,7 @@ impl Default for TinyConfig {
             denoiser: DenoiserKind::Dit,
             unet_channels: Vec::new(),
             prediction: Prediction::Velocity,
+            temporal: TemporalAttention::Frames,
         }
     }
 }
@@ -164,6 +188,9 @@ impl TinyConfig {
                 if self.refiner > 0 {
                     return Err("architecture: refiner is for the DiT".into());
                 }
+                if !self.temporal.is_frames() {
+                    return Err("architecture: temporal = \"clip\" is for the DiT".into());
+                }
             }
         }
         if !self.image_size.is_multiple_of(self.size_multiple()) {
@@ -198,8 +225,12 @@ impl TinyConfig {
         let pd = (self.patch * self.patch * self.channels) as u64;
         let mlp = (self.mlp_ratio as u64) * d;
         let spatial = 4 * t * d * d + 2 * t * n * d;
+        let seen = match self.temporal {
+            TemporalAttention::Frames => f,
+            TemporalAttention::Clip => f * n,
+        };
         let temporal = if frames > 1 {
-            4 * t * d * d + 2 * t * f * d
+            4 * t * d * d + 2 * t * seen * d
         } else {
             0
         };

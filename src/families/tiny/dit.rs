@@ -2,14 +2,15 @@
 //!
 //! Tokens are `patch x patch` pixel patches of every frame. Each block runs spatial
 //! self-attention within a frame, temporal self-attention across frames at the same spatial
-//! position (skipped for images), cross-attention to the prompt tokens, and an MLP; the
-//! timestep and the pooled prompt modulate the blocks through adaLN-Zero.
+//! position (or, with `temporal = "clip"`, across every token of the clip; skipped for
+//! images), cross-attention to the prompt tokens, and an MLP; the timestep and the pooled
+//! prompt modulate the blocks through adaLN-Zero.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::cond::CondEmbedding;
-use super::config::{TinyConfig, REFINER_FEATURES};
+use super::config::{TemporalAttention, TinyConfig, REFINER_FEATURES};
 use super::text::TextCond;
 use crate::nn::embed::video_pos_embedding;
 use crate::nn::{
@@ -155,11 +156,13 @@ impl Dit {
                 .forward(&hmod.reshape((b * f, n, d))?, None)?
                 .reshape((b, f * n, d))?;
             tok = gated_residual(&tok, &m[2], &hs)?;
-            // Temporal attention across frames at each spatial position.
+            // Temporal attention: across frames at each spatial position, or over the clip.
             if f > 1 {
-                let ht = blk
-                    .temporal
-                    .forward_across_frames(&layer_norm(&tok, EPS)?, f)?;
+                let normed = layer_norm(&tok, EPS)?;
+                let ht = match self.cfg.temporal {
+                    TemporalAttention::Frames => blk.temporal.forward_across_frames(&normed, f)?,
+                    TemporalAttention::Clip => blk.temporal.forward(&normed, None)?,
+                };
                 tok = (tok + ht)?;
             }
             // Cross-attention to the prompt.

@@ -17,7 +17,7 @@ use candle_core::{Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use image::RgbImage;
 
-pub use config::{DenoiserKind, Prediction, TinyConfig};
+pub use config::{DenoiserKind, Prediction, TemporalAttention, TinyConfig};
 pub use distill::TinyFamily;
 pub use dit::Dit;
 pub use family::Tiny;
@@ -275,6 +275,53 @@ mod tests {
             let moved = (v - &body)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(moved > 1e-2, "the velocity is not derived from x0");
         }
+        Ok(())
+    }
+
+    /// `temporal = "clip"` reads from a manifest's `[architecture]` (absent means `frames`),
+    /// leaves images exactly as they were, changes what a video sees with the same weights,
+    /// costs more per video, and is refused for the UNet.
+    #[test]
+    fn clip_temporal_attention_changes_videos_only() -> Result<()> {
+        let dev = Device::Cpu;
+        let tok = TinyTokenizer::from_vocabulary(&crate::world::vocabulary()).unwrap();
+        let frames_cfg = TinyConfig::small_for_tests(tok.vocab_size());
+        let mut table: toml::Table =
+            toml::from_str(&toml::to_string(&frames_cfg).unwrap()).unwrap();
+        assert!(
+            !table.contains_key("temporal"),
+            "the default is not written out"
+        );
+        table.insert("temporal".into(), "clip".into());
+        let clip_cfg: TinyConfig = table.try_into().unwrap();
+        assert_eq!(clip_cfg.temporal, TemporalAttention::Clip);
+        assert!(clip_cfg.macs_per_sample(8) > frames_cfg.macs_per_sample(8));
+        assert_eq!(clip_cfg.macs_per_sample(1), frames_cfg.macs_per_sample(1));
+        let unet = TinyConfig {
+            denoiser: DenoiserKind::Unet,
+            unet_channels: vec![8, 16, 16],
+            ..clip_cfg.clone()
+        };
+        assert!(unet.validate().unwrap_err().contains("temporal"));
+
+        let map = VarMap::new();
+        let vb = crate::nn::random_var_builder(&map, 3, DType::F32, &dev);
+        let by_frames = TinyModel::new(
+            vb.clone(),
+            &frames_cfg,
+            tok.clone(),
+            FlowSchedule::default(),
+        )?;
+        let by_clip = TinyModel::new(vb, &clip_cfg, tok.clone(), FlowSchedule::default())?;
+        let text = by_frames.encode(&["a red circle moving left", "two blue crosses"])?;
+        let max_diff = |frames: usize| -> Result<f32> {
+            let x = Tensor::randn(0f32, 1.0, (2, frames, 3, 32, 32), &dev)?;
+            let a = by_frames.velocity(&x, &[0.4, 0.8], &text)?;
+            let b = by_clip.velocity(&x, &[0.4, 0.8], &text)?;
+            (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+        };
+        assert_eq!(max_diff(1)?, 0.0, "images must not change");
+        assert!(max_diff(4)? > 1e-3, "videos must see the whole clip");
         Ok(())
     }
 }
