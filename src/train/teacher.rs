@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::{named_vars, tensors_of, AdamW, AdamWConfig, Checkpoint, Ema};
 use crate::families::tiny::{TinyConfig, TinyModel, TinyTokenizer};
 use crate::pipeline::from_frames;
-use crate::pipeline::FlowSchedule;
+use crate::pipeline::{FlowSchedule, NoiseSchedule};
 use crate::world::{self, Split};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,6 +43,14 @@ pub struct TeacherConfig {
     /// to its own object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scene_kinds: Option<[f64; 3]>,
+    /// Flow shift of the video rows' noise levels, `t' = s t / (1 + (s - 1) t)` on the
+    /// logit-normal draw (1 = none). Eight frames show one layout eight times, so a video's
+    /// path is visible at noise levels where an image's layout is not; its direction is
+    /// decided above t = 0.9, where the unshifted draw trains 1.4% of the time (SD3's
+    /// resolution-dependent shift, Wan's `sample_shift`). Sample videos with the same shift
+    /// (`video_shift` in the manifest's `[sampling]`).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub video_shift: f32,
     pub ema_decay: f64,
     pub seed: u64,
     pub checkpoint_every: u64,
@@ -99,12 +107,21 @@ impl Default for TeacherConfig {
             curriculum: None,
             shape_weights: None,
             scene_kinds: None,
+            video_shift: 1.0,
             ema_decay: 0.999,
             seed: 0,
             checkpoint_every: 100,
             log_every: 10,
         }
     }
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+fn is_one(x: &f32) -> bool {
+    *x == 1.0
 }
 
 /// The weight of a row's squared velocity error as a function of its noise level `t`.
@@ -256,20 +273,28 @@ pub fn world_batch(
     })
 }
 
-/// Flow-matching loss `mean w(t) |v(x_t, t) - (noise - x0)|^2` with logit-normal `t`.
+/// `n` logit-normal noise levels, flow-shifted by `shift` (1 = none).
+fn draw_times(n: usize, shift: f32, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    let warp = FlowSchedule { shift };
+    (0..n)
+        .map(|_| {
+            let z: f32 = StandardNormal.sample(rng);
+            warp.warp(1.0 / (1.0 + (-z).exp()))
+        })
+        .collect()
+}
+
+/// Flow-matching loss `mean w(t) |v(x_t, t) - (noise - x0)|^2` with logit-normal `t`,
+/// flow-shifted by `shift`.
 pub fn flow_matching_loss(
     model: &TinyModel,
     batch: &WorldBatch,
     weighting: LossWeighting,
+    shift: f32,
     rng: &mut ChaCha8Rng,
 ) -> Result<Tensor> {
     let b = batch.x0.dim(0)?;
-    let t: Vec<f32> = (0..b)
-        .map(|_| {
-            let z: f32 = StandardNormal.sample(rng);
-            1.0 / (1.0 + (-z).exp())
-        })
-        .collect();
+    let t = draw_times(b, shift, rng);
     let n = batch.x0.elem_count();
     let noise: Vec<f32> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
     let noise = Tensor::from_vec(noise, batch.x0.shape(), batch.x0.device())?;
@@ -385,7 +410,7 @@ pub fn train_teacher(
             config.cfg_dropout,
             device,
         )?;
-        let li = flow_matching_loss(&model, &ib, config.loss_weighting, &mut rng)?;
+        let li = flow_matching_loss(&model, &ib, config.loss_weighting, 1.0, &mut rng)?;
         let (loss, lv) = if config.video_batch > 0 {
             let vbt = world_batch(
                 &mut rng,
@@ -398,7 +423,13 @@ pub fn train_teacher(
                 config.cfg_dropout,
                 device,
             )?;
-            let lv = flow_matching_loss(&model, &vbt, config.loss_weighting, &mut rng)?;
+            let lv = flow_matching_loss(
+                &model,
+                &vbt,
+                config.loss_weighting,
+                config.video_shift,
+                &mut rng,
+            )?;
             // Each loss is a mean over its own pixels; weigh them by frames so that a video
             // frame counts as much as an image.
             let ni = config.image_batch as f64;
@@ -881,5 +912,35 @@ mod tests {
             seen += 1;
         }
         assert!(seen >= 6, "found {seen} configs in {}", dir.display());
+    }
+
+    /// The video shift moves the noise levels up as SD3's shift does (median 0.5 -> 0.75 at
+    /// shift 3) and is 1, no shift, in configs written before it existed.
+    #[test]
+    fn video_shift_draws_higher_noise_levels() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let stats = |shift: f32, rng: &mut ChaCha8Rng| {
+            let mut t = draw_times(20_000, shift, rng);
+            t.sort_by(f32::total_cmp);
+            let high = t.iter().filter(|&&x| x > 0.9).count() as f32 / t.len() as f32;
+            (t[t.len() / 2], high)
+        };
+        let (median, high) = stats(1.0, &mut rng);
+        assert!((median - 0.5).abs() < 0.02, "median {median}");
+        assert!(high < 0.03, "{high} above 0.9 unshifted");
+        let (median, high3) = stats(3.0, &mut rng);
+        assert!((median - 0.75).abs() < 0.02, "median {median}");
+        assert!(
+            high3 > 4.0 * high,
+            "{high3} above 0.9 at shift 3, {high} at 1"
+        );
+
+        let json = serde_json::to_value(TeacherConfig::default()).unwrap();
+        assert!(
+            json.get("video_shift").is_none(),
+            "the default is not written out"
+        );
+        let old: TeacherConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(old.video_shift, 1.0);
     }
 }
