@@ -33,7 +33,8 @@ pub trait DistillFamily {
 
     fn device(&self) -> &Device;
 
-    fn schedule(&self) -> &dyn NoiseSchedule;
+    /// The schedule of samples of `frames` frames (a family may give videos their own).
+    fn schedule(&self, frames: usize) -> &dyn NoiseSchedule;
 
     /// Whether the family makes videos (else video iterations are skipped).
     fn makes_video(&self) -> bool;

@@ -72,6 +72,11 @@ pub struct Sampling {
     pub max_guidance: f32,
     #[serde(default = "one")]
     pub shift: f32,
+    /// tiny family: the flow shift of videos (`shift` when absent). A video shows its layout
+    /// once per frame, so its path is decided at higher noise than an image's layout; a
+    /// teacher trained with the teacher config's `video_shift` samples videos with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub video_shift: Option<f32>,
     /// sd family, student and ancestral samplers: the student's own descending timestep list
     /// (e.g. DMD2's `[999, 749, 499, 249]`), used when a request asks for that many steps;
     /// other step counts use trailing spacing (`crate::families::sd::DdpmSchedule`).

@@ -164,6 +164,7 @@ fn family_keys_do_not_mix_and_sd_limits_are_checked() {
             "sd models make images",
         ),
         (sd_text("", "shift = 3.0"), "sampling.shift"),
+        (sd_text("", "video_shift = 3.0"), "sampling.video_shift"),
         (
             sd_text("", "timesteps = [249, 999]"),
             "must be strictly descending",
@@ -188,6 +189,16 @@ fn family_keys_do_not_mix_and_sd_limits_are_checked() {
         .replace("shift = 1.0", "shift = 1.0\ntimesteps = [999]");
     let err = parse("tiny-ts", &teacher).unwrap_err().to_string();
     assert!(err.contains("sd family only"), "{err}");
+    // Its shifts are positive numbers.
+    for bad in [
+        "video_shift = 0.0",
+        "video_shift = -2.0",
+        "video_shift = nan",
+    ] {
+        let text = teacher.replace("\ntimesteps = [999]", &format!("\n{bad}"));
+        let err = parse("tiny-shift", &text).unwrap_err().to_string();
+        assert!(err.contains("must be a positive number"), "{bad}: {err}");
+    }
 }
 
 #[test]

@@ -19,6 +19,11 @@ pub trait Generator: Denoiser {
 
     fn schedule(&self) -> &Self::Schedule;
 
+    /// The schedule `spec`'s batch is sampled with (a family may give videos their own).
+    fn schedule_for(&self, _spec: &BatchSpec) -> &Self::Schedule {
+        self.schedule()
+    }
+
     fn device(&self) -> &Device;
 
     /// The shape of one row's sample for `spec` (checked before any work is done).
@@ -56,7 +61,7 @@ pub fn generate<G: Generator>(
     let mut rows: Vec<RowNoise> = spec.seeds.iter().map(|&s| RowNoise::new(s)).collect();
     let sampled = sample_observed(
         model,
-        model.schedule(),
+        model.schedule_for(spec),
         params,
         &cond,
         &mut rows,

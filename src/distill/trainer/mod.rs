@@ -255,7 +255,7 @@ impl<F: DistillFamily> Distiller<F> {
         let cond = self.family.condition(&refs)?;
 
         // Backward simulation: run the student without a graph to the input of step `sim`.
-        let schedule = self.family.schedule();
+        let schedule = self.family.schedule(frames);
         let times = schedule.student_times(cfg.student_steps);
         let sim = rng.random_range(0..cfg.student_steps);
         let mut z = randn(&mut rng, &shape, &dev)?;
@@ -283,7 +283,7 @@ impl<F: DistillFamily> Distiller<F> {
         let amd = cfg.method == Method::Amd;
 
         let generator = if generator_turn {
-            Some(self.generator_step(&x, &x_sg, &cond, &adv, amd, &mut rng)?)
+            Some(self.generator_step(&x, &x_sg, &cond, &adv, frames, &mut rng)?)
         } else {
             None
         };
@@ -291,7 +291,7 @@ impl<F: DistillFamily> Distiller<F> {
         // Critic: the family's own denoising loss on the student's samples, at times drawn
         // as the teacher was trained (through the schedule's warp: Wan's flow shift; the
         // identity for tiny and sd).
-        let schedule = self.family.schedule();
+        let schedule = self.family.schedule(frames);
         let tau: Vec<f32> = (0..b).map(|_| schedule.warp(rng.random::<f32>())).collect();
         let noise = randn(&mut rng, &shape, &dev)?;
         let gan_on = self.gan_head.is_some();
@@ -311,7 +311,10 @@ impl<F: DistillFamily> Distiller<F> {
             // Real samples of the same prompts, noised to the same times.
             let real = gan.real_batch(&prompts, frames, &mut rng)?;
             let real_noise = randn(&mut rng, &shape, &dev)?;
-            let real_t = self.family.schedule().add_noise(&real, &real_noise, &tau)?;
+            let real_t = self
+                .family
+                .schedule(frames)
+                .add_noise(&real, &real_noise, &tau)?;
             let real_features = gan.features(&self.critic, &real_t, &tau, &cond)?;
             let d = gan::discriminator_loss(&head.forward(&fake)?, &head.forward(&real_features)?)?;
             gan_d_loss = Some(d.to_scalar::<f32>()? as f64);
@@ -349,12 +352,13 @@ impl<F: DistillFamily> Distiller<F> {
         x_sg: &Tensor,
         cond: &F::Cond,
         adv: &[f32],
-        amd: bool,
+        frames: usize,
         rng: &mut ChaCha8Rng,
     ) -> anyhow::Result<GeneratorStats> {
         let cfg = &self.config;
+        let amd = cfg.method == Method::Amd;
         let b = x.dim(0)?;
-        let schedule = self.family.schedule();
+        let schedule = self.family.schedule(frames);
         let tau: Vec<f32> = (0..b)
             .map(|_| schedule.warp(rng.random_range(cfg.tau_min..cfg.tau_max)))
             .collect();

@@ -138,7 +138,7 @@ fn assert_every_variable_learns<F: DistillFamily>(
 
     // Student: the real generator loss.
     let x = f.x0(&d.student, &z, &[1.0, 1.0], &cond)?;
-    let x_tau = f.schedule().add_noise(&x.detach(), &z, &[0.5, 0.7])?;
+    let x_tau = f.schedule(1).add_noise(&x.detach(), &z, &[0.5, 0.7])?;
     let (xc, xu) = f.teacher_x0(&x_tau, &[0.5, 0.7], &cond)?;
     let xf = f.x0(&d.critic, &x_tau, &[0.5, 0.7], &cond)?.detach();
     let p = TeacherPredictions {
@@ -198,7 +198,7 @@ fn every_variable_learns_with(arch: fn(usize) -> TinyConfig) -> anyhow::Result<(
     let model = TinyModel::new(vb, &f.model.cfg, tok, FlowSchedule::default())?;
     let text = model.encode(&prompts)?;
     let n = x.randn_like(0.0, 1.0)?;
-    let x_t = f.schedule().add_noise(&x, &n, &[0.3, 0.9])?;
+    let x_t = f.schedule(1).add_noise(&x, &n, &[0.3, 0.9])?;
     let v = model.velocity(&x_t, &[0.3, 0.9], &text)?;
     let loss = (v - &n)?.sqr()?.mean_all()?;
     assert_all_grads(&named_vars(&map), &loss.backward()?);

@@ -431,7 +431,7 @@ fn sample_from_noise(
     };
     sample(
         model,
-        &model.schedule,
+        model.schedule_for_frames(frames),
         params,
         cond,
         &mut rows,

@@ -109,7 +109,7 @@ impl DistillFamily for SdFamily {
         self.model.device()
     }
 
-    fn schedule(&self) -> &dyn NoiseSchedule {
+    fn schedule(&self, _frames: usize) -> &dyn NoiseSchedule {
         self.model.schedule()
     }
 

@@ -129,8 +129,12 @@ impl Section for SdSource {
         if serving.frames != [1] {
             return Err("serving.frames must be [1]: sd models make images".into());
         }
-        if s.shift != 1.0 {
-            return Err("sampling.shift applies to the tiny family's flow schedule only".into());
+        if s.shift != 1.0 || s.video_shift.is_some() {
+            return Err(
+                "sampling.shift and sampling.video_shift apply to the tiny family's flow \
+                 schedule only"
+                    .into(),
+            );
         }
         if serving.sizes.iter().any(|&[w, h]| w == 0 || h == 0) {
             return Err("serving.sizes must be positive".into());

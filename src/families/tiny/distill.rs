@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use rand_chacha::ChaCha8Rng;
 
-use super::manifest::{flow_schedule, TinySource};
+use super::manifest::{flow_schedule, video_flow_schedule, TinySource};
 use super::{TextCond, TinyModel, TinyNet, TinyTokenizer};
 use crate::distill::family::{
     check_init, save_student, var_map_from, DistillFamily, GanSupport, Trainable,
@@ -48,7 +48,8 @@ impl TinyFamily {
             &tiny.architecture,
             TinyTokenizer::from_file(&tiny.tokenizer_path(&teacher.dir))?,
             flow_schedule(&teacher.sampling),
-        )?;
+        )?
+        .with_video_schedule(video_flow_schedule(&teacher.sampling));
         Ok(Self::new(model, tensors))
     }
 
@@ -67,8 +68,8 @@ impl DistillFamily for TinyFamily {
         self.model.device()
     }
 
-    fn schedule(&self) -> &dyn NoiseSchedule {
-        &self.model.schedule
+    fn schedule(&self, frames: usize) -> &dyn NoiseSchedule {
+        self.model.schedule_for_frames(frames)
     }
 
     fn makes_video(&self) -> bool {

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use safetensors::SafeTensors;
 
-use super::manifest::{flow_schedule, TinySource};
+use super::manifest::{flow_schedule, video_flow_schedule, TinySource};
 use super::{TinyModel, TinyTokenizer};
 use crate::manifest::identity::ModelIdentity;
 use crate::manifest::{check_shapes, LoadedModel, Manifest, ManifestError};
@@ -119,12 +119,13 @@ fn model_of(
     device: &Device,
 ) -> candle_core::Result<TinyModel> {
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-    TinyModel::new(
+    Ok(TinyModel::new(
         vb,
         &tiny.architecture,
         tokenizer,
         flow_schedule(&manifest.sampling),
-    )
+    )?
+    .with_video_schedule(video_flow_schedule(&manifest.sampling)))
 }
 
 /// Fresh random tensors of a tiny model, by name (deterministic from `seed`). Plain
@@ -149,4 +150,43 @@ fn random_tensors(
         .into_iter()
         .map(|(n, v)| (n, v.as_tensor().detach()))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::{BatchSpec, Generator, SamplerKind, SamplerParams};
+
+    /// `sampling.video_shift` reaches the sampler of videos only: with the same weights and
+    /// seeds, images come out identical and videos differ.
+    #[test]
+    fn video_shift_samples_videos_only_with_its_schedule() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let plain = Manifest::find(&dir, "tiny-shapes-teacher").unwrap();
+        let mut shifted = plain.clone();
+        shifted.sampling.video_shift = Some(3.0);
+        let generate = |m: &Manifest, frames: usize| {
+            let loaded = random(m, 7, &Device::Cpu).unwrap();
+            let model = loaded.model.as_any().downcast_ref::<TinyModel>().unwrap();
+            assert_eq!(model.schedule_for_frames(1).shift, m.sampling.shift);
+            let video = m.sampling.video_shift.unwrap_or(m.sampling.shift);
+            assert_eq!(model.schedule_for_frames(8).shift, video);
+            let spec = BatchSpec {
+                prompts: vec!["a red circle moving left".into()],
+                negative_prompts: vec![String::new()],
+                seeds: vec![5],
+                frames,
+                width: 32,
+                height: 32,
+            };
+            let params = SamplerParams {
+                kind: SamplerKind::Euler,
+                steps: 3,
+                guidance: 1.0,
+            };
+            model.generate(&spec, params).unwrap().outputs
+        };
+        assert_eq!(generate(&plain, 1), generate(&shifted, 1));
+        assert_ne!(generate(&plain, 8), generate(&shifted, 8));
+    }
 }

@@ -73,6 +73,14 @@ impl Section for TinySource {
         if sampling.timesteps.is_some() {
             return Err("sampling.timesteps applies to the sd family only".into());
         }
+        for (key, shift) in [
+            ("shift", Some(sampling.shift)),
+            ("video_shift", sampling.video_shift),
+        ] {
+            if let Some(s) = shift.filter(|s| !(s.is_finite() && *s > 0.0)) {
+                return Err(format!("sampling.{key} {s} must be a positive number"));
+            }
+        }
         let a = &self.architecture;
         a.validate()?;
         let m = a.size_multiple();
@@ -99,6 +107,13 @@ impl Section for TinySource {
 pub fn flow_schedule(sampling: &Sampling) -> FlowSchedule {
     FlowSchedule {
         shift: sampling.shift,
+    }
+}
+
+/// The schedule of its videos (`sampling.video_shift`, else `sampling.shift`).
+pub fn video_flow_schedule(sampling: &Sampling) -> FlowSchedule {
+    FlowSchedule {
+        shift: sampling.video_shift.unwrap_or(sampling.shift),
     }
 }
 

@@ -109,7 +109,10 @@ pub struct TinyModel {
     pub tokenizer: TinyTokenizer,
     pub text: TextEncoder,
     pub net: TinyNet,
+    /// The schedule of images, and of videos unless `video_schedule` differs.
     pub schedule: FlowSchedule,
+    /// The schedule of videos (`sampling.video_shift`).
+    pub video_schedule: FlowSchedule,
     device: Device,
 }
 
@@ -127,8 +130,26 @@ impl TinyModel {
             net: TinyNet::new(vb.clone(), cfg)?,
             tokenizer,
             schedule,
+            video_schedule: schedule,
             device: vb.device().clone(),
         })
+    }
+
+    /// The same model sampling videos with `schedule`.
+    pub fn with_video_schedule(self, schedule: FlowSchedule) -> Self {
+        Self {
+            video_schedule: schedule,
+            ..self
+        }
+    }
+
+    /// The schedule samples of `frames` frames are drawn with.
+    pub fn schedule_for_frames(&self, frames: usize) -> &FlowSchedule {
+        if frames > 1 {
+            &self.video_schedule
+        } else {
+            &self.schedule
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -162,6 +183,10 @@ impl Generator for TinyModel {
 
     fn schedule(&self) -> &FlowSchedule {
         &self.schedule
+    }
+
+    fn schedule_for(&self, spec: &BatchSpec) -> &FlowSchedule {
+        self.schedule_for_frames(spec.frames)
     }
 
     fn device(&self) -> &Device {

@@ -112,7 +112,7 @@ impl DistillFamily for WanFamily {
         crate::pipeline::Generator::device(&self.model)
     }
 
-    fn schedule(&self) -> &dyn NoiseSchedule {
+    fn schedule(&self, _frames: usize) -> &dyn NoiseSchedule {
         crate::pipeline::Generator::schedule(&self.model)
     }
 
@@ -169,7 +169,7 @@ impl DistillFamily for WanFamily {
         if features {
             candle_core::bail!("the wan family has no GAN features");
         }
-        let x_t = self.schedule().add_noise(x0, noise, t)?;
+        let x_t = crate::pipeline::Generator::schedule(&self.model).add_noise(x0, noise, t)?;
         let v = self
             .model
             .denoiser()
