@@ -7,15 +7,15 @@
 //! resolution in the denoiser); one kept from the low level but lost from noise is a decision
 //! made wrong at high noise. The two call for different levers.
 
-use candle_core::{Result, Tensor};
+use candle_core::Result;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    chunk_seeds, conditioning, drawn_shape, euler_from, noise_for, sample_from_noise, train_color,
-    CHUNK,
+    chunk_seeds, conditioning, drawn_shape, euler_from, noise_for, sample_from_noise,
+    stack_renders, train_color, CHUNK,
 };
 use crate::families::tiny::TinyModel;
-use crate::pipeline::{from_frames, to_frames, NoiseSchedule};
+use crate::pipeline::{to_frames, NoiseSchedule};
 use crate::world::{self, Color, ObjectSpec, SceneSpec, Shape, SizeClass, Split, WorldRng};
 
 /// Noise levels the clean render is denoised from.
@@ -105,11 +105,7 @@ pub(super) fn beside_hits(
             for (spec, frames) in chunk.iter().zip(&renders) {
                 hit.clean += recognised(spec, frames);
             }
-            let x0s = renders
-                .iter()
-                .map(|f| from_frames(f, model.device()))
-                .collect::<Result<Vec<_>>>()?;
-            let x0 = Tensor::stack(&x0s, 0)?;
+            let x0 = stack_renders(&renders, model)?;
             let noise = noise_for(&chunk_seeds(opts.seed, first, chunk.len()), model, 1)?;
             for (level, &t0) in BESIDE_T0.iter().enumerate() {
                 let steps = ((opts.steps as f32 * t0).round() as usize).max(1);

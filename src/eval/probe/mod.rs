@@ -26,7 +26,7 @@ mod motion;
 pub use beside::{BesideHit, BESIDE_T0};
 pub use motion::{opposite, MotionGain, MotionHit, MOTION_T0};
 
-use crate::families::tiny::{TinyCond, TinyModel};
+use crate::families::tiny::{TextCond, TinyCond, TinyModel};
 use crate::nn::attention::capture_cross_attention;
 use crate::pipeline::{from_frames, to_frames};
 use crate::pipeline::{sample, Denoiser, NoiseSchedule, RowNoise, SamplerKind, SamplerParams};
@@ -440,6 +440,22 @@ fn sample_from_noise(
     )
 }
 
+/// Renders as one batch `[rows, frames, 3, 32, 32]`.
+fn stack_renders(renders: &[Vec<RgbImage>], model: &TinyModel) -> Result<Tensor> {
+    let x0s = renders
+        .iter()
+        .map(|f| from_frames(f, model.device()))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::stack(&x0s, 0)
+}
+
+/// The prompts of `specs`, encoded (without an unconditional branch).
+fn encode_specs(model: &TinyModel, specs: &[SceneSpec]) -> Result<TextCond> {
+    let p: Vec<String> = specs.iter().map(world::prompt).collect();
+    let p: Vec<&str> = p.iter().map(String::as_str).collect();
+    model.encode(&p)
+}
+
 /// `wrong / base - 1`: how much a wrong word raises a loss (0 when the base loss is 0).
 fn loss_gain(base: f64, wrong: f64) -> f64 {
     if base > 0.0 {
@@ -505,11 +521,11 @@ fn wrong_shape_hits(
             follows_input: 0,
         };
         for (c, chunk) in cases.chunks(CHUNK).enumerate() {
-            let x0s = chunk
+            let inputs: Vec<Vec<RgbImage>> = chunk
                 .iter()
-                .map(|(input, _)| from_frames(&world::render(input, rng), model.device()))
-                .collect::<Result<Vec<_>>>()?;
-            let x0 = Tensor::stack(&x0s, 0)?;
+                .map(|(input, _)| world::render(input, rng))
+                .collect();
+            let x0 = stack_renders(&inputs, model)?;
             let seeds = chunk_seeds(
                 opts.seed,
                 7_000_003 + k * 1_000_003 + c * CHUNK,
@@ -591,24 +607,13 @@ fn word_sensitivity(
         variants[2].push(large_on_black(shape, color, Some(other_pos)));
     }
     let renders: Vec<Vec<RgbImage>> = base.iter().map(|s| world::render(s, rng)).collect();
-    let x0s = renders
-        .iter()
-        .map(|f| from_frames(f, model.device()))
-        .collect::<Result<Vec<_>>>()?;
-    let x0 = Tensor::stack(&x0s, 0)?;
+    let x0 = stack_renders(&renders, model)?;
     let seeds = chunk_seeds(opts.seed, 9_000_011, n);
     let noise = noise_for(&seeds, model, 1)?;
-    let prompts =
-        |specs: &[SceneSpec]| -> Vec<String> { specs.iter().map(world::prompt).collect() };
-    let encode = |specs: &[SceneSpec]| -> Result<crate::families::tiny::TextCond> {
-        let p = prompts(specs);
-        let p: Vec<&str> = p.iter().map(String::as_str).collect();
-        model.encode(&p)
-    };
-    let base_text = encode(&base)?;
+    let base_text = encode_specs(model, &base)?;
     let variant_text = variants
         .iter()
-        .map(|v| encode(v))
+        .map(|v| encode_specs(model, v))
         .collect::<Result<Vec<_>>>()?;
 
     let mut sensitivity = Vec::new();

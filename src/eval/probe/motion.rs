@@ -9,17 +9,16 @@
 //! A path is visible at lower noise than an outline, so the wrong-motion runs start higher
 //! than the wrong-shape probe's `t0`.
 
-use candle_core::{Result, Tensor};
+use candle_core::Result;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    chunk_seeds, conditioning, euler_from, noise_for, sample_from_noise, train_color, ProbeOptions,
-    CHUNK,
+    chunk_seeds, conditioning, encode_specs, euler_from, noise_for, sample_from_noise,
+    stack_renders, train_color, ProbeOptions, CHUNK,
 };
-use crate::families::tiny::TextCond;
 use crate::families::tiny::TinyModel;
-use crate::pipeline::{from_frames, to_frames, NoiseSchedule};
+use crate::pipeline::{to_frames, NoiseSchedule};
 use crate::world::{
     self, Background, Motion, ObjectSpec, SceneSpec, Shape, WorldRng, VIDEO_FRAMES,
 };
@@ -40,10 +39,9 @@ pub struct MotionHit {
     pub follows_input: Vec<usize>,
 }
 
-/// Noise levels the opposite-motion renders are denoised from.
+/// Noise levels the opposite-motion renders are denoised from, and the motion word's x0-loss
+/// gain is read at.
 pub const MOTION_T0: [f32; 2] = [0.6, 0.9];
-/// Noise levels of the motion word's x0-loss gain.
-const GAIN_TIMES: [f32; 2] = [0.6, 0.9];
 
 /// The x0 loss of noised clips under their own prompt and under the opposite motion's prompt,
 /// at one noise level, over every clip of the probe.
@@ -110,12 +108,6 @@ fn with_motion(spec: &SceneSpec, motion: Motion) -> SceneSpec {
     }
 }
 
-fn encode(model: &TinyModel, specs: &[SceneSpec]) -> Result<TextCond> {
-    let p: Vec<String> = specs.iter().map(world::prompt).collect();
-    let p: Vec<&str> = p.iter().map(String::as_str).collect();
-    model.encode(&p)
-}
-
 /// Runs probe 6 for every motion, `n` clips each: the hits per motion, and the x0-loss gain of
 /// the motion word over all clips.
 pub(super) fn motion_hits(
@@ -127,7 +119,7 @@ pub(super) fn motion_hits(
     // Videos cost 8 frames each; a quarter of a network call's rows keeps batches alike.
     let chunk_len = (CHUNK / 4).max(1);
     let mut hits = Vec::new();
-    let mut gains: Vec<MotionGain> = GAIN_TIMES
+    let mut gains: Vec<MotionGain> = MOTION_T0
         .iter()
         .map(|&t| MotionGain {
             t,
@@ -164,11 +156,11 @@ pub(super) fn motion_hits(
             }
 
             // The same objects on the opposite path, noised, denoised under the prompt.
-            let x0s = chunk
+            let inputs: Vec<Vec<RgbImage>> = chunk
                 .iter()
-                .map(|s| from_frames(&world::render(&with_motion(s, wrong), rng), model.device()))
-                .collect::<Result<Vec<_>>>()?;
-            let x0 = Tensor::stack(&x0s, 0)?;
+                .map(|s| world::render(&with_motion(s, wrong), rng))
+                .collect();
+            let x0 = stack_renders(&inputs, model)?;
             let noise = noise_for(
                 &chunk_seeds(opts.seed, first + 500_000, chunk.len()),
                 model,
@@ -189,14 +181,10 @@ pub(super) fn motion_hits(
 
             // The motion word's worth: x0 loss of the true renders under the true prompt and
             // under the opposite motion's prompt.
-            let x0s = renders
-                .iter()
-                .map(|f| from_frames(f, model.device()))
-                .collect::<Result<Vec<_>>>()?;
-            let x0 = Tensor::stack(&x0s, 0)?;
+            let x0 = stack_renders(&renders, model)?;
             let texts = [
-                encode(model, chunk)?,
-                encode(
+                encode_specs(model, chunk)?,
+                encode_specs(
                     model,
                     &chunk
                         .iter()
