@@ -61,6 +61,11 @@ pub enum TemporalAttention {
     /// position in every frame, so a token can only find where it was by looking beyond its
     /// own position; with `frames`, the teacher ignored motion words entirely.
     Clip,
+    /// Both, as two branches: the `frames` attention and a second one over the clip whose
+    /// output starts at zero. A teacher trained with `frames` warm-starts into it unchanged
+    /// and keeps its trained temporal weights, which switching them to `clip` disturbed.
+    #[serde(rename = "frames+clip")]
+    FramesAndClip,
 }
 
 impl TemporalAttention {
@@ -189,7 +194,10 @@ impl TinyConfig {
                     return Err("architecture: refiner is for the DiT".into());
                 }
                 if !self.temporal.is_frames() {
-                    return Err("architecture: temporal = \"clip\" is for the DiT".into());
+                    return Err(
+                        "architecture: temporal = \"clip\" or \"frames+clip\" is for the DiT"
+                            .into(),
+                    );
                 }
             }
         }
@@ -225,12 +233,13 @@ impl TinyConfig {
         let pd = (self.patch * self.patch * self.channels) as u64;
         let mlp = (self.mlp_ratio as u64) * d;
         let spatial = 4 * t * d * d + 2 * t * n * d;
-        let seen = match self.temporal {
-            TemporalAttention::Frames => f,
-            TemporalAttention::Clip => f * n,
-        };
+        let branch = |seen: u64| 4 * t * d * d + 2 * t * seen * d;
         let temporal = if frames > 1 {
-            4 * t * d * d + 2 * t * seen * d
+            match self.temporal {
+                TemporalAttention::Frames => branch(f),
+                TemporalAttention::Clip => branch(f * n),
+                TemporalAttention::FramesAndClip => branch(f) + branch(f * n),
+            }
         } else {
             0
         };

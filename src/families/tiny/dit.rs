@@ -2,8 +2,8 @@
 //!
 //! Tokens are `patch x patch` pixel patches of every frame. Each block runs spatial
 //! self-attention within a frame, temporal self-attention across frames at the same spatial
-//! position (or, with `temporal = "clip"`, across every token of the clip; skipped for
-//! images), cross-attention to the prompt tokens, and an MLP; the timestep and the pooled
+//! position (or, with `temporal = "clip"`, across every token of the clip, or both with
+//! `"frames+clip"`; skipped for images), cross-attention to the prompt tokens, and an MLP; the timestep and the pooled
 //! prompt modulate the blocks through adaLN-Zero.
 
 use candle_core::{Module, Result, Tensor};
@@ -25,6 +25,8 @@ struct Block {
     ada: Linear,
     spatial: Attention,
     temporal: Attention,
+    /// The clip-wide branch of `temporal = "frames+clip"`.
+    clip: Option<Attention>,
     cross: CrossAttention,
     fc1: Linear,
     fc2: Linear,
@@ -75,6 +77,12 @@ impl Dit {
                     ada: Linear::zeros(vb.pp("ada"), d, 6 * d)?,
                     spatial: Attention::new(vb.pp("spatial"), d, cfg.heads, false)?,
                     temporal: Attention::new(vb.pp("temporal"), d, cfg.heads, true)?,
+                    clip: match cfg.temporal {
+                        TemporalAttention::FramesAndClip => {
+                            Some(Attention::new(vb.pp("clip"), d, cfg.heads, true)?)
+                        }
+                        _ => None,
+                    },
                     cross: CrossAttention::new(vb.pp("cross"), d, cfg.text_dim, cfg.heads)?,
                     fc1: Linear::new(vb.pp("fc1"), d, cfg.mlp_ratio * d)?,
                     fc2: Linear::new(vb.pp("fc2"), cfg.mlp_ratio * d, d)?,
@@ -160,10 +168,13 @@ impl Dit {
             if f > 1 {
                 let normed = layer_norm(&tok, EPS)?;
                 let ht = match self.cfg.temporal {
-                    TemporalAttention::Frames => blk.temporal.forward_across_frames(&normed, f)?,
                     TemporalAttention::Clip => blk.temporal.forward(&normed, None)?,
+                    _ => blk.temporal.forward_across_frames(&normed, f)?,
                 };
                 tok = (tok + ht)?;
+                if let Some(clip) = &blk.clip {
+                    tok = (&tok + clip.forward(&normed, None)?)?;
+                }
             }
             // Cross-attention to the prompt.
             let hc = blk

@@ -303,6 +303,15 @@ mod tests {
         Ok(())
     }
 
+    /// The largest velocity difference of two models on the same random `frames`-frame input.
+    fn velocity_gap(a: &TinyModel, b: &TinyModel, frames: usize) -> Result<f32> {
+        let text = a.encode(&["a red circle moving left", "two blue crosses"])?;
+        let x = Tensor::randn(0f32, 1.0, (2, frames, 3, 32, 32), &Device::Cpu)?;
+        let va = a.velocity(&x, &[0.4, 0.8], &text)?;
+        let vb = b.velocity(&x, &[0.4, 0.8], &text)?;
+        (va - vb)?.abs()?.max_all()?.to_scalar::<f32>()
+    }
+
     /// `temporal = "clip"` reads from a manifest's `[architecture]` (absent means `frames`),
     /// leaves images exactly as they were, changes what a video sees with the same weights,
     /// costs more per video, and is refused for the UNet.
@@ -338,15 +347,56 @@ mod tests {
             FlowSchedule::default(),
         )?;
         let by_clip = TinyModel::new(vb, &clip_cfg, tok.clone(), FlowSchedule::default())?;
-        let text = by_frames.encode(&["a red circle moving left", "two blue crosses"])?;
-        let max_diff = |frames: usize| -> Result<f32> {
-            let x = Tensor::randn(0f32, 1.0, (2, frames, 3, 32, 32), &dev)?;
-            let a = by_frames.velocity(&x, &[0.4, 0.8], &text)?;
-            let b = by_clip.velocity(&x, &[0.4, 0.8], &text)?;
-            (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
-        };
+        let max_diff = |frames: usize| velocity_gap(&by_frames, &by_clip, frames);
         assert_eq!(max_diff(1)?, 0.0, "images must not change");
         assert!(max_diff(4)? > 1e-3, "videos must see the whole clip");
+        Ok(())
+    }
+
+    /// `temporal = "frames+clip"` adds a clip-wide branch whose output starts at zero: with the
+    /// same trained weights the model is exactly the `frames` model (a warm start changes
+    /// nothing), and once that branch has weights it changes videos only.
+    #[test]
+    fn frames_and_clip_branch_starts_as_the_frames_model() -> Result<()> {
+        let dev = Device::Cpu;
+        let tok = TinyTokenizer::from_vocabulary(&crate::world::vocabulary()).unwrap();
+        let frames_cfg = TinyConfig::small_for_tests(tok.vocab_size());
+        let both_cfg: TinyConfig = toml::from_str(&format!(
+            "{}temporal = \"frames+clip\"\n",
+            toml::to_string(&frames_cfg).unwrap()
+        ))
+        .unwrap();
+        assert_eq!(both_cfg.temporal, TemporalAttention::FramesAndClip);
+        assert!(both_cfg.macs_per_sample(8) > frames_cfg.macs_per_sample(8));
+        assert_eq!(both_cfg.macs_per_sample(1), frames_cfg.macs_per_sample(1));
+
+        let map = VarMap::new();
+        // The `frames` model's weights, non-trivial; then the branch's own (zero-out) init on
+        // the same map, which reuses every shared weight.
+        let vb = crate::nn::random_var_builder(&map, 5, DType::F32, &dev);
+        let by_frames = TinyModel::new(vb, &frames_cfg, tok.clone(), FlowSchedule::default())?;
+        let vb = crate::nn::seeded_var_builder(&map, 5, DType::F32, &dev);
+        let by_both = TinyModel::new(vb, &both_cfg, tok, FlowSchedule::default())?;
+        let max_diff = |frames: usize| velocity_gap(&by_frames, &by_both, frames);
+        assert_eq!(max_diff(4)?, 0.0, "a fresh clip branch adds exactly zero");
+        let outs: Vec<_> = map
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(name, _)| name.contains(".clip.out."))
+            .map(|(_, var)| var.clone())
+            .collect();
+        assert_eq!(
+            outs.len(),
+            2 * frames_cfg.depth,
+            "one weight and bias per block"
+        );
+        for var in outs {
+            var.set(&Tensor::randn(0f32, 0.1, var.shape(), &dev)?)?;
+        }
+        assert_eq!(max_diff(1)?, 0.0, "images must not change");
+        assert!(max_diff(4)? > 1e-3, "videos must see the clip branch");
         Ok(())
     }
 }
