@@ -77,6 +77,7 @@ use serde::{Deserialize, Serialize};
 pub use grammar::{parse, prompt, vocabulary, ParseError, MAX_PROMPT_WORDS};
 pub use metrics::{diversity, features, frechet_distance};
 pub use render::render;
+pub(crate) use scene::frame_time;
 pub use scene::{sample_simple_spec, sample_spec, sample_spec_weighted, Tilt};
 pub use split::split_of;
 pub use verify::{categories, observed_motions, verify, DetectedObject, Verdict};

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 mod beside;
 mod motion;
 pub use beside::{BesideHit, BESIDE_T0};
-pub use motion::{opposite, MotionGain, MotionHit, MOTION_T0};
+pub use motion::{opposite, MeanPath, MotionGain, MotionHit, MOTION_T0};
 
 use crate::families::tiny::{TextCond, TinyCond, TinyModel};
 use crate::nn::attention::capture_cross_attention;
@@ -255,6 +255,16 @@ impl ProbeReport {
                 );
             }
             out += &format!(" from-noise motion hit {:.3}", self.motion_hit());
+            out += "\nmean path along the motion word (px; log spread for growing/shrinking), \
+                    clean render / x0 predicted from pure noise:";
+            for m in &self.motion {
+                out += &format!(
+                    " {} {:.2} / {:.2};",
+                    m.motion,
+                    m.clean_path.along(m.motion),
+                    m.noise_x0_path.along(m.motion)
+                );
+            }
             out += "\nx0 loss with the true / the opposite motion word (gain):";
             for g in &self.motion_gain {
                 out += &format!(
@@ -837,6 +847,11 @@ mod tests {
                     .iter()
                     .zip(&m.follows_input)
                     .all(|(p, i)| p + i <= 2)));
+            // The clean paths travel as told; a random model's mean prediction is some finite
+            // path of its own.
+            assert!(r.motion.iter().all(|m| m.clean_path.along(m.motion) > -0.5
+                && m.noise_x0_path.dx.is_finite()
+                && m.noise_x0_path.log_growth.is_finite()));
             assert_eq!(r.motion_gain.len(), 2);
             assert!(r.motion_gain.iter().all(|g| g.x0_loss > 0.0
                 && g.x0_loss_wrong_motion > 0.0

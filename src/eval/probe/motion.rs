@@ -3,13 +3,16 @@
 //!    in a render of the *opposite* motion noised to each level of [`MOTION_T0`] and denoised
 //!    under the prompt? And how much worse is the x0 prediction of a noised clip when its
 //!    prompt names the opposite motion ([`MotionGain`]): a smooth signal of whether the motion
-//!    word is read at all, long before sampled paths change.
+//!    word is read at all, long before sampled paths change. And the path of the x0 the model
+//!    predicts from pure noise ([`MeanPath`]): the mean of every clip the prompt allows, which
+//!    still moves as the word says (a path's centre is uniform over where it fits, so frame k's
+//!    expected centre is shifted by the word's offset at k) even though it is a blur.
 //!
 //! Why: videos fail the eval mostly on motion (the objects are drawn but do not move as told).
 //! A path is visible at lower noise than an outline, so the wrong-motion runs start higher
 //! than the wrong-shape probe's `t0`.
 
-use candle_core::Result;
+use candle_core::{Result, Tensor};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +40,84 @@ pub struct MotionHit {
     pub follows_prompt: Vec<usize>,
     /// ... the output keeps the input's (opposite) motion, per level.
     pub follows_input: Vec<usize>,
+    /// The clean renders' mean path: what the word asks for, measured as below.
+    #[serde(default)]
+    pub clean_path: MeanPath,
+    /// The mean path of the x0 predicted at t = 1 (pure noise) under the prompt.
+    #[serde(default)]
+    pub noise_x0_path: MeanPath,
+}
+
+/// Where a clip's brightness goes from its first frame to its last: the centroid's
+/// displacement in px and the log ratio of its spread (rms distance from the centroid). It reads
+/// blurs as well as sharp objects, so it shows a word being read in the model's mean prediction
+/// long before sampled clips move.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct MeanPath {
+    pub dx: f64,
+    pub dy: f64,
+    pub log_growth: f64,
+}
+
+impl MeanPath {
+    /// How far the path goes the way `motion` says: px along a translation's direction, the
+    /// log spread ratio for growing (negated for shrinking), and minus the distance travelled
+    /// for staying still (0 at best).
+    pub fn along(&self, motion: Motion) -> f64 {
+        let (ux, uy) = motion.direction();
+        match motion {
+            Motion::Still => -self.dx.hypot(self.dy),
+            Motion::Growing => self.log_growth,
+            Motion::Shrinking => -self.log_growth,
+            _ => self.dx * ux as f64 + self.dy * uy as f64,
+        }
+    }
+
+    /// The mean path of a `[F, C, H, W]` clip in [-1, 1] on a black background: brightness
+    /// above black is the mass.
+    fn of_clip(clip: &Tensor) -> Result<Self> {
+        let (f, _c, h, w) = clip.dims4()?;
+        let mass = ((clip + 1.0)? * 0.5)?.clamp(0f32, 1f32)?.sum(1)?;
+        let mass = mass.flatten_all()?.to_vec1::<f32>()?;
+        let frame = |k: usize| -> (f64, f64, f64) {
+            let m = &mass[k * h * w..(k + 1) * h * w];
+            let total: f64 = m.iter().map(|&v| v as f64).sum::<f64>().max(1e-9);
+            let (mut cx, mut cy) = (0f64, 0f64);
+            for (i, &v) in m.iter().enumerate() {
+                cx += (i % w) as f64 * v as f64;
+                cy += (i / w) as f64 * v as f64;
+            }
+            let (cx, cy) = (cx / total, cy / total);
+            let var: f64 = m
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    let (x, y) = ((i % w) as f64 - cx, (i / w) as f64 - cy);
+                    v as f64 * (x * x + y * y)
+                })
+                .sum::<f64>()
+                / total;
+            (cx, cy, var.sqrt().max(1e-6))
+        };
+        let (first, last) = (frame(0), frame(f - 1));
+        Ok(Self {
+            dx: last.0 - first.0,
+            dy: last.1 - first.1,
+            log_growth: (last.2 / first.2).ln(),
+        })
+    }
+
+    /// The mean path over the clips of a `[B, F, C, H, W]` batch, added to `self` with weight
+    /// 1 / `n`.
+    fn accumulate(&mut self, clips: &Tensor, n: usize) -> Result<()> {
+        for b in 0..clips.dim(0)? {
+            let p = Self::of_clip(&clips.get(b)?)?;
+            self.dx += p.dx / n as f64;
+            self.dy += p.dy / n as f64;
+            self.log_growth += p.log_growth / n as f64;
+        }
+        Ok(())
+    }
 }
 
 /// Noise levels the opposite-motion renders are denoised from, and the motion word's x0-loss
@@ -138,6 +219,8 @@ pub(super) fn motion_hits(
             from_noise: 0,
             follows_prompt: vec![0; levels],
             follows_input: vec![0; levels],
+            clean_path: MeanPath::default(),
+            noise_x0_path: MeanPath::default(),
         };
         let wrong = opposite(motion);
         for (c, chunk) in specs.chunks(chunk_len).enumerate() {
@@ -211,6 +294,12 @@ pub(super) fn motion_hits(
                 g.x0_loss += loss[0];
                 g.x0_loss_wrong_motion += loss[1];
             }
+
+            // The mean paths: of the clean renders, and of the x0 predicted from pure noise.
+            hit.clean_path.accumulate(&x0, n)?;
+            let t1 = vec![1.0; chunk.len()];
+            let v = model.velocity(&noise, &t1, &texts[0])?;
+            hit.noise_x0_path.accumulate(&(&noise - v)?, n)?;
             chunks += 1;
         }
         hits.push(hit);
@@ -252,5 +341,50 @@ mod tests {
             );
             assert!(reversed >= 7, "{m:?}: {reversed}/8 opposite renders read");
         }
+    }
+
+    /// The mean path of clean clips reads each word as the world draws it: a translation
+    /// travels `TRAVEL` (12 px) in its direction, growing doubles the spread (ln 2), staying
+    /// still goes nowhere; and a blur shifted frame by frame reads like the object it blurs.
+    #[test]
+    fn mean_path_reads_what_the_word_asks() -> Result<()> {
+        let mut rng = WorldRng::seed_from_u64(9);
+        let path_of = |spec: &SceneSpec, rng: &mut WorldRng| -> Result<MeanPath> {
+            let frames = world::render(spec, rng);
+            MeanPath::of_clip(&crate::pipeline::from_frames(
+                &frames,
+                &candle_core::Device::Cpu,
+            )?)
+        };
+        for &m in Motion::all() {
+            let p = path_of(&clip(m, 1), &mut rng)?;
+            let along = p.along(m);
+            match m {
+                Motion::Still => assert!(along > -0.5, "{m:?}: {p:?}"),
+                Motion::Growing | Motion::Shrinking => {
+                    assert!((along - 2f64.ln()).abs() < 0.15, "{m:?}: {p:?}")
+                }
+                _ => assert!((along - 12.0).abs() < 1.0, "{m:?}: {p:?}"),
+            }
+            // Off its own axis a translation does not move.
+            let (ux, uy) = m.direction();
+            assert!(
+                (p.dx * uy as f64 - p.dy * ux as f64).abs() < 0.5,
+                "{m:?}: {p:?}"
+            );
+        }
+        // A blurred object: the same path.
+        let spec = clip(Motion::Right, 2);
+        let sharp = crate::pipeline::from_frames(
+            &world::render(&spec, &mut rng),
+            &candle_core::Device::Cpu,
+        )?;
+        let blur = sharp
+            .avg_pool2d_with_stride(3, 1)?
+            .pad_with_same(2, 1, 1)?
+            .pad_with_same(3, 1, 1)?;
+        let along = MeanPath::of_clip(&blur)?.along(Motion::Right);
+        assert!((along - 12.0).abs() < 1.0, "blurred: {along}");
+        Ok(())
     }
 }

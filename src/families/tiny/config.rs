@@ -121,6 +121,13 @@ pub struct TinyConfig {
     /// The weights are the same either way, so a trained DiT can switch.
     #[serde(default, skip_serializing_if = "TemporalAttention::is_frames")]
     pub temporal: TemporalAttention,
+    /// DiT only: each frame of a video is modulated by its own conditioning vector,
+    /// `c + (s - 1/2) W c` at clip time `s` (`W` starts at zero; an image is at `s = 1/2`).
+    /// A motion word moves the object by an amount linear in `s` (growing scales it
+    /// log-linearly), so this lets the prompt shift what each frame draws; with one
+    /// vector for every frame, the mean a model predicts from pure noise did not move at all.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub frame_time: bool,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -148,6 +155,7 @@ impl Default for TinyConfig {
             unet_channels: Vec::new(),
             prediction: Prediction::Velocity,
             temporal: TemporalAttention::Frames,
+            frame_time: false,
         }
     }
 }
@@ -192,6 +200,9 @@ impl TinyConfig {
                 }
                 if self.refiner > 0 {
                     return Err("architecture: refiner is for the DiT".into());
+                }
+                if self.frame_time {
+                    return Err("architecture: frame_time is for the DiT".into());
                 }
                 if !self.temporal.is_frames() {
                     return Err(

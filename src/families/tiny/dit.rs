@@ -64,6 +64,15 @@ pub struct Dit {
     final_ada: Linear,
     patch_out: Linear,
     refiner: Option<Refiner>,
+    /// `W` of `frame_time`: the per-frame conditioning's slope in clip time.
+    frame_time: Option<Linear>,
+}
+
+/// `[B, F*N, D]` as `[rows, F*N*B/rows, D]`: one row per conditioning vector (a sample, or a
+/// frame of one with `frame_time`).
+fn per_cond(x: &Tensor, rows: usize) -> Result<Tensor> {
+    let (b, t, d) = x.dims3()?;
+    x.reshape((rows, b * t / rows, d))
 }
 
 impl Dit {
@@ -101,7 +110,29 @@ impl Dit {
             } else {
                 None
             },
+            frame_time: if cfg.frame_time {
+                Some(Linear::zeros(vb.pp("frame_time"), d, d)?)
+            } else {
+                None
+            },
         })
+    }
+
+    /// The conditioning vectors, `[B, D]`, or `[B*F, D]` (frame-major within a sample) when
+    /// each frame of a video has its own: `c + (s_k - 1/2) W c` at clip time `s_k`.
+    fn frame_conditioning(&self, cond: Tensor, frames: usize) -> Result<Tensor> {
+        let Some(w) = self.frame_time.as_ref().filter(|_| frames > 1) else {
+            return Ok(cond);
+        };
+        let (b, d) = cond.dims2()?;
+        let s: Vec<f32> = (0..frames)
+            .map(|k| crate::world::frame_time(k, frames) - 0.5)
+            .collect();
+        let s = Tensor::from_vec(s, (1, frames, 1), cond.device())?.to_dtype(cond.dtype())?;
+        let slope = w.forward(&cond)?.unsqueeze(1)?.broadcast_mul(&s)?;
+        slope
+            .broadcast_add(&cond.unsqueeze(1)?)?
+            .reshape((b * frames, d))
     }
 
     /// `[B, F, C, H, W]` -> `[B, F*N, C*p*p]`.
@@ -148,7 +179,8 @@ impl Dit {
             .forward(&self.patchify(x)?)?
             .broadcast_add(&pos)?;
 
-        let cond = self.cond.forward(t, text)?;
+        let cond = self.frame_conditioning(self.cond.forward(t, text)?, f)?;
+        let rows = cond.dim(0)?;
         let cross_bias = text.head_bias(self.cfg.heads)?;
 
         let mut mid = None;
@@ -158,12 +190,12 @@ impl Dit {
             }
             let m = blk.ada.forward(&cond)?.chunk(6, 1)?;
             // Spatial attention within each frame.
-            let hmod = layer_norm_modulate(&tok, &m[0], &m[1], EPS)?;
+            let hmod = layer_norm_modulate(&per_cond(&tok, rows)?, &m[0], &m[1], EPS)?;
             let hs = blk
                 .spatial
                 .forward(&hmod.reshape((b * f, n, d))?, None)?
-                .reshape((b, f * n, d))?;
-            tok = gated_residual(&tok, &m[2], &hs)?;
+                .reshape((rows, b * f * n / rows, d))?;
+            tok = gated_residual(&per_cond(&tok, rows)?, &m[2], &hs)?.reshape((b, f * n, d))?;
             // Temporal attention: across frames at each spatial position, or over the clip.
             if f > 1 {
                 let normed = layer_norm(&tok, EPS)?;
@@ -182,13 +214,18 @@ impl Dit {
                 .forward(&layer_norm(&tok, EPS)?, &text.tokens, Some(&cross_bias))?;
             tok = (tok + hc)?;
             // MLP.
-            let hm = layer_norm_modulate(&tok, &m[3], &m[4], EPS)?;
+            let tok_c = per_cond(&tok, rows)?;
+            let hm = layer_norm_modulate(&tok_c, &m[3], &m[4], EPS)?;
             let hm = blk.fc2.forward(&silu(&blk.fc1.forward(&hm)?)?)?;
-            tok = gated_residual(&tok, &m[5], &hm)?;
+            tok = gated_residual(&tok_c, &m[5], &hm)?.reshape((b, f * n, d))?;
         }
 
         let fm = self.final_ada.forward(&cond)?.chunk(2, 1)?;
-        let out = layer_norm_modulate(&tok, &fm[0], &fm[1], EPS)?;
+        let out = layer_norm_modulate(&per_cond(&tok, rows)?, &fm[0], &fm[1], EPS)?.reshape((
+            b,
+            f * n,
+            d,
+        ))?;
         let v = self.unpatchify(&self.patch_out.forward(&out)?, f, h, w)?;
         let v = match &self.refiner {
             Some(r) => {

@@ -312,6 +312,86 @@ mod tests {
         (va - vb)?.abs()?.max_all()?.to_scalar::<f32>()
     }
 
+    /// The tokenizer, the small test config, and that config with one more manifest line (as
+    /// a manifest's `[architecture]` would read it).
+    fn test_config_and(line: &str) -> (TinyTokenizer, TinyConfig, TinyConfig) {
+        let tok = TinyTokenizer::from_vocabulary(&crate::world::vocabulary()).unwrap();
+        let base = TinyConfig::small_for_tests(tok.vocab_size());
+        let toml = format!("{}{line}\n", toml::to_string(&base).unwrap());
+        let with = toml::from_str(&toml).unwrap();
+        (tok, base, with)
+    }
+
+    /// Sets every variable of `map` whose name contains `pattern` to `value(var)`; returns how
+    /// many it set.
+    fn set_vars(
+        map: &VarMap,
+        pattern: &str,
+        value: impl Fn(&candle_core::Var) -> Result<Tensor>,
+    ) -> Result<usize> {
+        let data = map.data().lock().unwrap();
+        let mut n = 0;
+        for (_, var) in data.iter().filter(|(name, _)| name.contains(pattern)) {
+            var.set(&value(var)?)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// `frame_time` starts as the plain model (its slope is zero), and once trained it changes
+    /// each frame by its clip time: with the frames kept apart (temporal attention off), the
+    /// middle frame of three (clip time 1/2) is the plain model's (up to f32 rounding), the
+    /// first and last are not, and images never change.
+    #[test]
+    fn frame_time_conditions_each_frame_by_its_clip_time() -> Result<()> {
+        let dev = Device::Cpu;
+        let (tok, plain_cfg, timed_cfg) = test_config_and("frame_time = true");
+        assert!(timed_cfg.frame_time && !plain_cfg.frame_time);
+        let unet = TinyConfig {
+            denoiser: DenoiserKind::Unet,
+            unet_channels: vec![8, 16, 16],
+            ..timed_cfg.clone()
+        };
+        assert!(unet.validate().unwrap_err().contains("frame_time"));
+
+        let map = VarMap::new();
+        let vb = crate::nn::random_var_builder(&map, 7, DType::F32, &dev);
+        let plain = TinyModel::new(vb, &plain_cfg, tok.clone(), FlowSchedule::default())?;
+        let vb = crate::nn::seeded_var_builder(&map, 7, DType::F32, &dev);
+        let timed = TinyModel::new(vb, &timed_cfg, tok, FlowSchedule::default())?;
+        // Per-frame rows regroup the same sums: equal up to f32 rounding.
+        let init_gap = velocity_gap(&plain, &timed, 4)?;
+        assert!(init_gap < 1e-5, "a zero slope changes nothing: {init_gap}");
+
+        set_vars(&map, ".temporal.out.", |v| v.zeros_like())?;
+        let set = set_vars(&map, "frame_time.", |v| {
+            Tensor::randn(0f32, 0.5, v.shape(), &dev)
+        })?;
+        assert_eq!(set, 2, "one weight and bias");
+        assert_eq!(
+            velocity_gap(&plain, &timed, 1)?,
+            0.0,
+            "images must not change"
+        );
+        let text = plain.encode(&["a red circle moving left", "a blue cross growing"])?;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 3, 32, 32), &dev)?;
+        let a = plain.velocity(&x, &[0.4, 0.8], &text)?;
+        let b = timed.velocity(&x, &[0.4, 0.8], &text)?;
+        let gap = |k: usize| -> Result<f32> {
+            (a.narrow(1, k, 1)? - b.narrow(1, k, 1)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()
+        };
+        assert!(
+            gap(1)? < 1e-5,
+            "clip time 1/2 is the plain conditioning: {}",
+            gap(1)?
+        );
+        assert!(gap(0)? > 1e-3 && gap(2)? > 1e-3, "{} {}", gap(0)?, gap(2)?);
+        Ok(())
+    }
+
     /// `temporal = "clip"` reads from a manifest's `[architecture]` (absent means `frames`),
     /// leaves images exactly as they were, changes what a video sees with the same weights,
     /// costs more per video, and is refused for the UNet.
@@ -359,13 +439,7 @@ mod tests {
     #[test]
     fn frames_and_clip_branch_starts_as_the_frames_model() -> Result<()> {
         let dev = Device::Cpu;
-        let tok = TinyTokenizer::from_vocabulary(&crate::world::vocabulary()).unwrap();
-        let frames_cfg = TinyConfig::small_for_tests(tok.vocab_size());
-        let both_cfg: TinyConfig = toml::from_str(&format!(
-            "{}temporal = \"frames+clip\"\n",
-            toml::to_string(&frames_cfg).unwrap()
-        ))
-        .unwrap();
+        let (tok, frames_cfg, both_cfg) = test_config_and("temporal = \"frames+clip\"");
         assert_eq!(both_cfg.temporal, TemporalAttention::FramesAndClip);
         assert!(both_cfg.macs_per_sample(8) > frames_cfg.macs_per_sample(8));
         assert_eq!(both_cfg.macs_per_sample(1), frames_cfg.macs_per_sample(1));
@@ -379,22 +453,10 @@ mod tests {
         let by_both = TinyModel::new(vb, &both_cfg, tok, FlowSchedule::default())?;
         let max_diff = |frames: usize| velocity_gap(&by_frames, &by_both, frames);
         assert_eq!(max_diff(4)?, 0.0, "a fresh clip branch adds exactly zero");
-        let outs: Vec<_> = map
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(name, _)| name.contains(".clip.out."))
-            .map(|(_, var)| var.clone())
-            .collect();
-        assert_eq!(
-            outs.len(),
-            2 * frames_cfg.depth,
-            "one weight and bias per block"
-        );
-        for var in outs {
-            var.set(&Tensor::randn(0f32, 0.1, var.shape(), &dev)?)?;
-        }
+        let set = set_vars(&map, ".clip.out.", |v| {
+            Tensor::randn(0f32, 0.1, v.shape(), &dev)
+        })?;
+        assert_eq!(set, 2 * frames_cfg.depth, "one weight and bias per block");
         assert_eq!(max_diff(1)?, 0.0, "images must not change");
         assert!(max_diff(4)? > 1e-3, "videos must see the clip branch");
         Ok(())
