@@ -128,6 +128,13 @@ pub struct TinyConfig {
     /// vector for every frame, the mean a model predicts from pure noise did not move at all.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub frame_time: bool,
+    /// DiT only: a video's positions are embedded in coordinates that move with a velocity read
+    /// from the pooled prompt (a zero-initialized linear map): frame `k` at clip time `s` sees
+    /// `position - v (s - 1/2)`. What a model draws at a place in those coordinates moves by
+    /// `v` over the clip, so a motion word needs only its velocity, not a word x frame x place
+    /// function that no run learned (the teacher README, "Session 17").
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub motion_coords: bool,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -156,6 +163,7 @@ impl Default for TinyConfig {
             prediction: Prediction::Velocity,
             temporal: TemporalAttention::Frames,
             frame_time: false,
+            motion_coords: false,
         }
     }
 }
@@ -201,8 +209,8 @@ impl TinyConfig {
                 if self.refiner > 0 {
                     return Err("architecture: refiner is for the DiT".into());
                 }
-                if self.frame_time {
-                    return Err("architecture: frame_time is for the DiT".into());
+                if self.frame_time || self.motion_coords {
+                    return Err("architecture: frame_time and motion_coords are for the DiT".into());
                 }
                 if !self.temporal.is_frames() {
                     return Err(

@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 use super::cond::CondEmbedding;
 use super::config::{TemporalAttention, TinyConfig, REFINER_FEATURES};
 use super::text::TextCond;
-use crate::nn::embed::video_pos_embedding;
+use crate::nn::embed::{moving_pos_embedding, video_pos_embedding};
 use crate::nn::{
     gated_residual, layer_norm, layer_norm_modulate, silu, Attention, Conv3x3, CrossAttention,
     Linear,
@@ -66,6 +66,8 @@ pub struct Dit {
     refiner: Option<Refiner>,
     /// `W` of `frame_time`: the per-frame conditioning's slope in clip time.
     frame_time: Option<Linear>,
+    /// `motion_coords`: the pooled prompt's velocity, `[columns, rows]` of tokens per clip.
+    motion: Option<Linear>,
 }
 
 /// `[B, F*N, D]` as `[rows, F*N*B/rows, D]`: one row per conditioning vector (a sample, or a
@@ -112,6 +114,11 @@ impl Dit {
             },
             frame_time: if cfg.frame_time {
                 Some(Linear::zeros(vb.pp("frame_time"), d, d)?)
+            } else {
+                None
+            },
+            motion: if cfg.motion_coords {
+                Some(Linear::zeros(vb.pp("motion"), cfg.text_dim, 2)?)
             } else {
                 None
             },
@@ -173,7 +180,16 @@ impl Dit {
         let p = self.cfg.patch;
         let n = (h / p) * (w / p);
 
-        let pos = video_pos_embedding(f, h / p, w / p, d, device)?.to_dtype(x.dtype())?;
+        let pos = match self.motion.as_ref().filter(|_| f > 1) {
+            Some(m) => {
+                let s: Vec<f32> = (0..f)
+                    .map(|k| crate::world::frame_time(k, f) - 0.5)
+                    .collect();
+                let vel = m.forward(&text.pooled)?.to_dtype(candle_core::DType::F32)?;
+                moving_pos_embedding(&s, h / p, w / p, d, &vel)?.to_dtype(x.dtype())?
+            }
+            None => video_pos_embedding(f, h / p, w / p, d, device)?.to_dtype(x.dtype())?,
+        };
         let mut tok = self
             .patch_in
             .forward(&self.patchify(x)?)?

@@ -322,6 +322,31 @@ mod tests {
         (tok, base, with)
     }
 
+    /// A model of `base` with random (non-trivial) weights, and one of `with` on the same
+    /// weights plus its own new ones at their true initialization (zero outputs), as a warm
+    /// start would make it. The UNet must refuse `with`'s key (`key` in its error).
+    fn plain_and_variant(
+        base: &TinyConfig,
+        with: &TinyConfig,
+        key: &str,
+        tok: TinyTokenizer,
+        seed: u64,
+    ) -> Result<(VarMap, TinyModel, TinyModel)> {
+        let unet = TinyConfig {
+            denoiser: DenoiserKind::Unet,
+            unet_channels: vec![8, 16, 16],
+            ..with.clone()
+        };
+        assert!(unet.validate().unwrap_err().contains(key));
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let vb = crate::nn::random_var_builder(&map, seed, DType::F32, &dev);
+        let plain = TinyModel::new(vb, base, tok.clone(), FlowSchedule::default())?;
+        let vb = crate::nn::seeded_var_builder(&map, seed, DType::F32, &dev);
+        let variant = TinyModel::new(vb, with, tok, FlowSchedule::default())?;
+        Ok((map, plain, variant))
+    }
+
     /// Sets every variable of `map` whose name contains `pattern` to `value(var)`; returns how
     /// many it set.
     fn set_vars(
@@ -347,18 +372,7 @@ mod tests {
         let dev = Device::Cpu;
         let (tok, plain_cfg, timed_cfg) = test_config_and("frame_time = true");
         assert!(timed_cfg.frame_time && !plain_cfg.frame_time);
-        let unet = TinyConfig {
-            denoiser: DenoiserKind::Unet,
-            unet_channels: vec![8, 16, 16],
-            ..timed_cfg.clone()
-        };
-        assert!(unet.validate().unwrap_err().contains("frame_time"));
-
-        let map = VarMap::new();
-        let vb = crate::nn::random_var_builder(&map, 7, DType::F32, &dev);
-        let plain = TinyModel::new(vb, &plain_cfg, tok.clone(), FlowSchedule::default())?;
-        let vb = crate::nn::seeded_var_builder(&map, 7, DType::F32, &dev);
-        let timed = TinyModel::new(vb, &timed_cfg, tok, FlowSchedule::default())?;
+        let (map, plain, timed) = plain_and_variant(&plain_cfg, &timed_cfg, "frame_time", tok, 7)?;
         // Per-frame rows regroup the same sums: equal up to f32 rounding.
         let init_gap = velocity_gap(&plain, &timed, 4)?;
         assert!(init_gap < 1e-5, "a zero slope changes nothing: {init_gap}");
@@ -389,6 +403,36 @@ mod tests {
             gap(1)?
         );
         assert!(gap(0)? > 1e-3 && gap(2)? > 1e-3, "{} {}", gap(0)?, gap(2)?);
+        Ok(())
+    }
+
+    /// `motion_coords` starts as the plain model (zero velocity), is refused by the UNet, and
+    /// a video's loss sends gradient to the velocity map through the moving positions (what a
+    /// fixed embedding computed on the host could not).
+    #[test]
+    fn motion_coords_start_still_and_learn_a_velocity() -> Result<()> {
+        let dev = Device::Cpu;
+        let (tok, plain_cfg, moving_cfg) = test_config_and("motion_coords = true");
+        let (map, plain, moving) =
+            plain_and_variant(&plain_cfg, &moving_cfg, "motion_coords", tok, 11)?;
+        assert_eq!(
+            velocity_gap(&plain, &moving, 1)?,
+            0.0,
+            "images must not change"
+        );
+        let gap = velocity_gap(&plain, &moving, 4)?;
+        assert!(gap < 1e-5, "zero velocity is the fixed embedding: {gap}");
+
+        let text = moving.encode(&["a red circle moving left", "a blue cross moving up"])?;
+        let x = Tensor::randn(0f32, 1.0, (2, 4, 3, 32, 32), &dev)?;
+        let loss = moving.velocity(&x, &[0.7, 0.9], &text)?.sqr()?.mean_all()?;
+        let grads = loss.backward()?;
+        let data = map.data().lock().unwrap();
+        let w = data.get("dit.motion.weight").expect("the velocity map");
+        let g = grads
+            .get(w.as_tensor())
+            .expect("a gradient for the velocity map");
+        assert!(g.abs()?.max_all()?.to_scalar::<f32>()? > 0.0);
         Ok(())
     }
 
