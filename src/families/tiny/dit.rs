@@ -3,8 +3,10 @@
 //! Tokens are `patch x patch` pixel patches of every frame. Each block runs spatial
 //! self-attention within a frame, temporal self-attention across frames at the same spatial
 //! position (or, with `temporal = "clip"`, across every token of the clip, or both with
-//! `"frames+clip"`; skipped for images), cross-attention to the prompt tokens, and an MLP; the timestep and the pooled
-//! prompt modulate the blocks through adaLN-Zero.
+//! `"frames+clip"`; skipped for images), cross-attention to the prompt tokens, and an MLP; the
+//! timestep and the pooled prompt modulate the blocks through adaLN-Zero. Two video options
+//! tie a frame's computation to its clip time: `frame_time` (a conditioning vector per frame)
+//! and `motion_coords` (positions that move with a velocity read from the prompt).
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -70,6 +72,14 @@ pub struct Dit {
     motion: Option<Linear>,
 }
 
+/// Each frame's clip time minus 1/2 (0 for an image): where a motion is relative to the
+/// middle of its clip.
+fn clip_offsets(frames: usize) -> Vec<f32> {
+    (0..frames)
+        .map(|k| crate::world::frame_time(k, frames) - 0.5)
+        .collect()
+}
+
 /// `[B, F*N, D]` as `[rows, F*N*B/rows, D]`: one row per conditioning vector (a sample, or a
 /// frame of one with `frame_time`).
 fn per_cond(x: &Tensor, rows: usize) -> Result<Tensor> {
@@ -132,10 +142,8 @@ impl Dit {
             return Ok(cond);
         };
         let (b, d) = cond.dims2()?;
-        let s: Vec<f32> = (0..frames)
-            .map(|k| crate::world::frame_time(k, frames) - 0.5)
-            .collect();
-        let s = Tensor::from_vec(s, (1, frames, 1), cond.device())?.to_dtype(cond.dtype())?;
+        let s = Tensor::from_vec(clip_offsets(frames), (1, frames, 1), cond.device())?
+            .to_dtype(cond.dtype())?;
         let slope = w.forward(&cond)?.unsqueeze(1)?.broadcast_mul(&s)?;
         slope
             .broadcast_add(&cond.unsqueeze(1)?)?
@@ -182,11 +190,9 @@ impl Dit {
 
         let pos = match self.motion.as_ref().filter(|_| f > 1) {
             Some(m) => {
-                let s: Vec<f32> = (0..f)
-                    .map(|k| crate::world::frame_time(k, f) - 0.5)
-                    .collect();
                 let vel = m.forward(&text.pooled)?.to_dtype(candle_core::DType::F32)?;
-                moving_pos_embedding(&s, h / p, w / p, d, &vel)?.to_dtype(x.dtype())?
+                moving_pos_embedding(&clip_offsets(f), h / p, w / p, d, &vel)?
+                    .to_dtype(x.dtype())?
             }
             None => video_pos_embedding(f, h / p, w / p, d, device)?.to_dtype(x.dtype())?,
         };
