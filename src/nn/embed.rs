@@ -5,16 +5,23 @@ use candle_core::{Device, Result, Tensor};
 /// Sinusoidal features of `positions` (any real values), `[n, dim]`, half cosines then sines.
 pub fn sincos_1d(positions: &[f32], dim: usize, max_period: f32) -> Vec<f32> {
     let half = dim / 2;
+    let freqs = frequencies(half, max_period);
     let mut out = vec![0f32; positions.len() * dim];
     for (i, &p) in positions.iter().enumerate() {
-        for j in 0..half {
-            let freq = (-(max_period.ln()) * j as f32 / half as f32).exp();
+        for (j, &freq) in freqs.iter().enumerate() {
             let a = p * freq;
             out[i * dim + j] = a.cos();
             out[i * dim + half + j] = a.sin();
         }
     }
     out
+}
+
+/// The `half` frequencies of [`sincos_1d`]: geometric from 1 down towards `1 / max_period`.
+fn frequencies(half: usize, max_period: f32) -> Vec<f32> {
+    (0..half)
+        .map(|j| (-(max_period.ln()) * j as f32 / half as f32).exp())
+        .collect()
 }
 
 /// Timestep embedding of `t` in `[0, 1]` (scaled to 0..1000 like DDPM-style embeddings).
@@ -78,10 +85,7 @@ pub fn moving_pos_embedding(
     let (b, _) = vel.dims2()?;
     let frames = s.len();
     let (quarter, half) = (dim / 4, dim / 2);
-    let freqs: Vec<f32> = (0..quarter / 2)
-        .map(|j| (-(100f32.ln()) * j as f32 / (quarter / 2) as f32).exp())
-        .collect();
-    let freqs = Tensor::from_vec(freqs, (1, 1, quarter / 2), device)?;
+    let freqs = Tensor::from_vec(frequencies(quarter / 2, 100.0), (1, 1, quarter / 2), device)?;
     let s = Tensor::from_vec(s.to_vec(), (1, frames), device)?;
     // One axis: `[B, F*R*C, quarter]` of cos then sin at `grid - v * s`.
     let axis = |grid: Vec<f32>, v: Tensor| -> Result<Tensor> {
