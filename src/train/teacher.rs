@@ -43,6 +43,11 @@ pub struct TeacherConfig {
     /// to its own object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scene_kinds: Option<[f64; 3]>,
+    /// The same for the video rows alone (`scene_kinds` when absent). `motion_coords` gives a
+    /// clip one velocity, which fits single objects and "two X" (one motion) but not two
+    /// distinct objects moving apart, so a run that teaches motion wants more of the former.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub video_scene_kinds: Option<[f64; 3]>,
     /// Flow shift of the video rows' noise levels, `t' = s t / (1 + (s - 1) t)` on the
     /// logit-normal draw (1 = none). Eight frames show one layout eight times, so a video's
     /// path is visible at noise levels where an image's layout is not; its direction is
@@ -107,6 +112,7 @@ impl Default for TeacherConfig {
             curriculum: None,
             shape_weights: None,
             scene_kinds: None,
+            video_scene_kinds: None,
             video_shift: 1.0,
             ema_decay: 0.999,
             seed: 0,
@@ -178,6 +184,7 @@ impl TeacherConfig {
         }
         check_weights("shape_weights", self.shape_weights)?;
         check_weights("scene_kinds", self.scene_kinds)?;
+        check_weights("video_scene_kinds", self.video_scene_kinds)?;
         if let Some(c) = &self.curriculum {
             check_weights("curriculum: shape_weights", c.shape_weights)?;
             if !(0.0..=1.0).contains(&c.share) || c.hold > c.until {
@@ -418,6 +425,10 @@ pub fn train_teacher(
                 true,
                 SceneMix {
                     simple_share: 0.0,
+                    tilt: world::Tilt {
+                        kinds: config.video_scene_kinds.or(config.scene_kinds),
+                        ..mix.tilt
+                    },
                     ..mix
                 },
                 config.cfg_dropout,
@@ -748,6 +759,14 @@ mod tests {
                 ..TeacherConfig::default()
             };
             assert!(kinds.validate().unwrap_err().starts_with("scene_kinds"));
+            let video_kinds = TeacherConfig {
+                video_scene_kinds: Some(bad),
+                ..TeacherConfig::default()
+            };
+            assert!(video_kinds
+                .validate()
+                .unwrap_err()
+                .starts_with("video_scene_kinds"));
         }
     }
 

@@ -22,6 +22,8 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 mod beside;
+#[cfg(test)]
+mod learnability;
 mod motion;
 pub use beside::{BesideHit, BESIDE_T0};
 pub use motion::{opposite, MeanPath, MotionGain, MotionHit, MOTION_T0};
@@ -264,6 +266,13 @@ impl ProbeReport {
                     m.clean_path.along(m.motion),
                     m.noise_x0_path.along(m.motion)
                 );
+            }
+            if self.motion.iter().any(|m| m.coords_velocity.is_some()) {
+                out += "\nmotion_coords velocity (px per clip, x / y):";
+                for m in &self.motion {
+                    let [x, y] = m.coords_velocity.unwrap_or_default();
+                    out += &format!(" {} {x:.2} / {y:.2};", m.motion);
+                }
             }
             out += "\nx0 loss with the true / the opposite motion word (gain):";
             for g in &self.motion_gain {

@@ -46,6 +46,11 @@ pub struct MotionHit {
     /// The mean path of the x0 predicted at t = 1 (pure noise) under the prompt.
     #[serde(default)]
     pub noise_x0_path: MeanPath,
+    /// With `motion_coords`: the mean velocity the prompts give the clip's coordinates, px per
+    /// clip `[x, y]` (a translation's clean path is 12 px). Shows whether the map that reads
+    /// it learns, before the predicted path moves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coords_velocity: Option<[f64; 2]>,
 }
 
 /// Where a clip's brightness goes from its first frame to its last: the centroid's
@@ -75,7 +80,7 @@ impl MeanPath {
 
     /// The mean path of a `[F, C, H, W]` clip in [-1, 1] on a black background: brightness
     /// above black is the mass.
-    fn of_clip(clip: &Tensor) -> Result<Self> {
+    pub(super) fn of_clip(clip: &Tensor) -> Result<Self> {
         let (f, _c, h, w) = clip.dims4()?;
         let mass = ((clip + 1.0)? * 0.5)?.clamp(0f32, 1f32)?.sum(1)?;
         let mass = mass.flatten_all()?.to_vec1::<f32>()?;
@@ -155,7 +160,7 @@ pub fn opposite(m: Motion) -> Motion {
 }
 
 /// "a <colour> <shape> <motion> on a black background": train-split pairs, shapes cycling.
-fn clip(motion: Motion, i: usize) -> SceneSpec {
+pub(super) fn clip(motion: Motion, i: usize) -> SceneSpec {
     let shape = Shape::all()[i % Shape::all().len()];
     SceneSpec {
         objects: vec![ObjectSpec {
@@ -221,6 +226,7 @@ pub(super) fn motion_hits(
             follows_input: vec![0; levels],
             clean_path: MeanPath::default(),
             noise_x0_path: MeanPath::default(),
+            coords_velocity: None,
         };
         let wrong = opposite(motion);
         for (c, chunk) in specs.chunks(chunk_len).enumerate() {
@@ -300,6 +306,12 @@ pub(super) fn motion_hits(
             let t1 = vec![1.0; chunk.len()];
             let v = model.velocity(&noise, &t1, &texts[0])?;
             hit.noise_x0_path.accumulate(&(&noise - v)?, n)?;
+            if let Some(vel) = model.net.clip_velocity(&texts[0], model.cfg.patch)? {
+                let sum = vel.sum(0)?.to_vec1::<f32>()?;
+                let acc = hit.coords_velocity.get_or_insert([0.0; 2]);
+                acc[0] += sum[0] as f64 / n as f64;
+                acc[1] += sum[1] as f64 / n as f64;
+            }
             chunks += 1;
         }
         hits.push(hit);

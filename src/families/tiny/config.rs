@@ -129,7 +129,8 @@ pub struct TinyConfig {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub frame_time: bool,
     /// DiT only: a video's positions are embedded in coordinates that move with a velocity read
-    /// from the pooled prompt (a zero-initialized linear map): frame `k` at clip time `s` sees
+    /// from the prompt's words (one zero-initialised velocity per vocabulary word, summed over
+    /// the prompt; from the pooled prompt it did not learn): frame `k` at clip time `s` sees
     /// `position - v (s - 1/2)`. What a model draws at a place in those coordinates moves by
     /// `v` over the clip, so a motion word needs only its velocity, not a word x frame x place
     /// function that no run learned (the teacher README, "Session 17").

@@ -87,6 +87,18 @@ impl TinyNet {
         Ok((v, feats))
     }
 
+    /// The velocity `motion_coords` reads from each prompt, in px per clip `[B, 2]` (x, y);
+    /// `None` for a denoiser without it.
+    pub fn clip_velocity(&self, text: &TextCond, patch: usize) -> Result<Option<Tensor>> {
+        match &self.body {
+            NetBody::Dit(n) => n
+                .clip_velocity(text)?
+                .map(|v| v.to_dtype(candle_core::DType::F32)? * patch as f64)
+                .transpose(),
+            NetBody::UNet(_) => Ok(None),
+        }
+    }
+
     /// Width of the tokens [`Self::forward_with_features`] returns.
     pub fn feature_dim(&self) -> usize {
         match &self.body {
@@ -228,6 +240,7 @@ impl Denoiser for TinyModel {
                 tokens: c.tokens.index_select(idx, 0)?,
                 key_bias: c.key_bias.index_select(idx, 0)?,
                 pooled: c.pooled.index_select(idx, 0)?,
+                words: c.words.index_select(idx, 0)?,
             })
         };
         Ok(TinyCond {

@@ -21,6 +21,9 @@ pub struct TextCond {
     pub key_bias: Tensor,
     /// `[B, Dt]`
     pub pooled: Tensor,
+    /// `[B, vocab]`: how often each vocabulary word occurs in the prompt (a bag of words).
+    /// A word's own row, untouched by the encoder's mixing: what `motion_coords` reads.
+    pub words: Tensor,
 }
 
 impl TextCond {
@@ -34,6 +37,7 @@ impl TextCond {
             tokens: Tensor::cat(&[&self.tokens, &other.tokens], 0)?,
             key_bias: Tensor::cat(&[&self.key_bias, &other.key_bias], 0)?,
             pooled: Tensor::cat(&[&self.pooled, &other.pooled], 0)?,
+            words: Tensor::cat(&[&self.words, &other.words], 0)?,
         })
     }
 
@@ -67,6 +71,7 @@ pub struct TextEncoder {
     /// `[x_t, x_{t-1}, ..., x_{t-k}] -> D`, added to `x_t` (`text_mix = k`).
     mix: Option<(Linear, usize)>,
     heads: usize,
+    vocab: usize,
 }
 
 impl TextEncoder {
@@ -112,6 +117,7 @@ impl TextEncoder {
             blocks,
             mix,
             heads: cfg.heads,
+            vocab: cfg.vocab_size,
         })
     }
 
@@ -148,10 +154,18 @@ impl TextEncoder {
         let x = layer_norm(&x, 1e-5)?;
         let m = mask.unsqueeze(2)?;
         let pooled = x.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?)?;
+        let mut words = vec![0f32; b * self.vocab];
+        for (i, (&id, &real)) in tokens.ids.iter().zip(&tokens.mask).enumerate() {
+            if real > 0.0 && (id as usize) < self.vocab {
+                words[(i / l) * self.vocab + id as usize] += 1.0;
+            }
+        }
+        let words = Tensor::from_vec(words, (b, self.vocab), device)?.to_dtype(x.dtype())?;
         Ok(TextCond {
             tokens: x,
             key_bias,
             pooled,
+            words,
         })
     }
 }
@@ -191,6 +205,22 @@ mod tests {
             max_len: 5,
         };
         encoder.forward(&batch).unwrap().tokens
+    }
+
+    /// The bag of words counts each real token's id once per occurrence and ignores padding.
+    #[test]
+    fn words_count_the_prompt_tokens_and_not_the_padding() {
+        let (enc, _) = encoder(0, 3);
+        let batch = TokenBatch {
+            ids: vec![1, 4, 4, 2, 0, 1, 3, 0, 0, 0],
+            mask: vec![1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0],
+            max_len: 5,
+        };
+        let words = enc.forward(&batch).unwrap().words.to_vec2::<f32>().unwrap();
+        let mut want = vec![vec![0f32; 10]; 2];
+        (want[0][1], want[0][2], want[0][4]) = (1.0, 1.0, 2.0);
+        (want[1][1], want[1][3]) = (1.0, 1.0);
+        assert_eq!(words, want);
     }
 
     /// The mix starts as the identity (a warm start keeps the trained encoder's function);
