@@ -183,7 +183,8 @@ fn noise_like(x: &Tensor, rng: &mut WorldRng) -> Result<Tensor> {
 
 /// `motion_coords` finds the t = 1 mean of "left" and "right": both words' predicted x0 travel
 /// more than a third of the 12 px their clips do, and the words' own velocities point their
-/// ways.
+/// ways, at more than half of 12 px per clip. (Measured: 5 px at step 300, 6.6-6.9 at 400,
+/// with velocities of -10.9 / +11.7.)
 #[test]
 fn motion_coords_learn_the_mean_path() -> Result<()> {
     let fit = Fit {
@@ -196,13 +197,13 @@ fn motion_coords_learn_the_mean_path() -> Result<()> {
     assert!(last.path.iter().all(|&p| p > 4.0), "{read:?}");
     // The words' own velocities carry it: left goes left and right goes right.
     assert!(
-        last.velocity[0] < -2.0 && last.velocity[1] > 2.0,
+        last.velocity[0] < -6.0 && last.velocity[1] > 6.0,
         "{read:?}"
     );
     Ok(())
 }
 
-const STEPS: u64 = 600;
+const STEPS: u64 = 400;
 
 /// The comparison of the module doc, printed (about 25 minutes on one thread):
 /// `cargo test --release --lib mean_path_learnability_table -- --ignored --nocapture`.
