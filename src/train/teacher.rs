@@ -754,19 +754,25 @@ mod tests {
                 .starts_with("shape_weights"));
         }
         for bad in [[0.0; 3], [1.0, -1.0, 1.0], [1.0, f64::INFINITY, 1.0]] {
-            let kinds = TeacherConfig {
-                scene_kinds: Some(bad),
-                ..TeacherConfig::default()
-            };
-            assert!(kinds.validate().unwrap_err().starts_with("scene_kinds"));
-            let video_kinds = TeacherConfig {
-                video_scene_kinds: Some(bad),
-                ..TeacherConfig::default()
-            };
-            assert!(video_kinds
-                .validate()
-                .unwrap_err()
-                .starts_with("video_scene_kinds"));
+            let kinds = [
+                (
+                    "scene_kinds",
+                    TeacherConfig {
+                        scene_kinds: Some(bad),
+                        ..TeacherConfig::default()
+                    },
+                ),
+                (
+                    "video_scene_kinds",
+                    TeacherConfig {
+                        video_scene_kinds: Some(bad),
+                        ..TeacherConfig::default()
+                    },
+                ),
+            ];
+            for (name, cfg) in kinds {
+                assert!(cfg.validate().unwrap_err().starts_with(name), "{name}");
+            }
         }
     }
 

@@ -17,7 +17,7 @@ use rand_distr::{Distribution, StandardNormal};
 use super::motion::{clip, MeanPath};
 use super::stack_renders;
 use crate::families::tiny::{config::TemporalAttention, TinyConfig, TinyModel, TinyTokenizer};
-use crate::pipeline::FlowSchedule;
+use crate::pipeline::{FlowSchedule, NoiseSchedule};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::world::{self, Motion, SceneSpec, WorldRng};
 
@@ -128,15 +128,13 @@ impl Fit {
             let t: Vec<f32> = (0..8)
                 .map(|_| match self.shift {
                     None => 1.0,
-                    Some(s) => {
+                    Some(shift) => {
                         let z: f32 = StandardNormal.sample(&mut rng);
-                        let t = 1.0 / (1.0 + (-z).exp());
-                        s * t / (1.0 + (s - 1.0) * t)
+                        FlowSchedule { shift }.warp(1.0 / (1.0 + (-z).exp()))
                     }
                 })
                 .collect();
-            let tt = crate::pipeline::schedule::row_scale(&t, &x0)?;
-            let xt = (x0.broadcast_mul(&(1.0 - &tt)?)? + noise.broadcast_mul(&tt)?)?;
+            let xt = model.schedule.add_noise(&x0, &noise, &t)?;
             let text = model.encode(&prompts.iter().map(String::as_str).collect::<Vec<_>>())?;
             let v = model.velocity(&xt, &t, &text)?;
             opt.backward_step(&(v - (&noise - &x0)?)?.sqr()?.mean_all()?)?;

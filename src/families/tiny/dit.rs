@@ -197,10 +197,14 @@ impl Dit {
         let p = self.cfg.patch;
         let n = (h / p) * (w / p);
 
-        let pos = match self.motion.as_ref().filter(|_| f > 1) {
-            Some(m) => {
-                let vel = (m.forward(&text.words)? * VELOCITY_SCALE)?
-                    .to_dtype(candle_core::DType::F32)?;
+        let velocity = if f > 1 {
+            self.clip_velocity(text)?
+        } else {
+            None
+        };
+        let pos = match velocity {
+            Some(vel) => {
+                let vel = vel.to_dtype(candle_core::DType::F32)?;
                 moving_pos_embedding(&clip_offsets(f), h / p, w / p, d, &vel)?
                     .to_dtype(x.dtype())?
             }
