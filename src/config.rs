@@ -70,8 +70,9 @@ pub struct ServerConfig {
     /// Per API key: jobs queued or running at once (0 = no limit).
     pub key_max_in_flight: usize,
     /// Wait a model's `max_wait_ms` for company only when recent arrivals of that shape
-    /// overlapped other jobs (a lone closed-loop client then runs at once); `false` always
-    /// waits.
+    /// overlapped other jobs (a lone closed-loop client then runs at once), and only until
+    /// the queue holds as many rows as recent batches of that shape gathered; `false` always
+    /// waits for `max_batch` rows or `max_wait_ms`.
     pub adaptive_wait: bool,
     /// `fewstep serve` returns memory pages to the OS once they stayed free this long, so
     /// that RSS follows the working set rather than the highest peak so far; -1 keeps every

@@ -55,9 +55,10 @@ pub(super) fn run(
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => w.open = false,
             },
-            Decision::Run(idx) => {
-                let batch = take(&mut w.pending, idx);
+            Decision::Run { jobs, bucket_rows } => {
+                let batch = take(&mut w.pending, jobs);
                 let (key, start) = (batch[0].key.clone(), Instant::now());
+                w.seen.company.ran(&key, bucket_rows);
                 let ready = run_batch(batch, &w.models, &w.canaries, &w.shared)
                     .unwrap_or_else(Instant::now);
                 w.seen.last_batch = Some((key, start, ready));
@@ -92,7 +93,13 @@ impl Worker {
                 let ms = serving(k).map_or(0, |s| s.max_wait_ms);
                 Duration::from_millis(if self.open { ms } else { 0 })
             },
-            |k| !self.shared.adaptive_wait.load(Ordering::Relaxed) || self.seen.company.expected(k),
+            |k| {
+                if self.shared.adaptive_wait.load(Ordering::Relaxed) {
+                    self.seen.company.rows_to_wait_for(k)
+                } else {
+                    None
+                }
+            },
         )
     }
 
