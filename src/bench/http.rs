@@ -36,9 +36,33 @@ pub struct HttpRow {
     pub requests: usize,
     pub errors: usize,
     pub images_per_s: f64,
+    /// Throughput once every client has had its first answer and before the budget runs
+    /// out (see [`steady_rate`]): what the bare engine's batch time is compared with.
+    pub steady_images_per_s: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub mean_batch: f64,
+}
+
+/// Completions per second between the `concurrency`-th completion and the last one of the
+/// last full round (`done`: sorted completion times in seconds from the start).
+///
+/// A closed-loop run has a ramp (the first arrivals find no company and run alone) and a
+/// drain (the last round is partial once the request budget is spent); neither is the
+/// server's steady pace, which is what the bare engine's batch time measures.
+pub fn steady_rate(done: &[f64], concurrency: usize, elapsed: f64) -> f64 {
+    let (n, c) = (done.len(), concurrency.max(1));
+    let rounds = n / c;
+    let overall = n as f64 / elapsed;
+    if rounds < 2 {
+        return overall;
+    }
+    let span = done[rounds * c - 1] - done[c - 1];
+    if span > 0.0 {
+        ((rounds - 1) * c) as f64 / span
+    } else {
+        overall
+    }
 }
 
 /// Outputs/s of `model.generate` at batch `batch`, each of `frames` frames (1: images),
@@ -162,6 +186,7 @@ pub async fn http_load(
         );
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
+            let mut done = Vec::new();
             let mut batches = Vec::new();
             let mut errors = 0;
             let mut seed = c as u64 * 1_000_000;
@@ -177,32 +202,37 @@ pub async fn http_load(
                 match one(&client, &base, &b, mode).await {
                     Some(batch) => {
                         lat.push(t.elapsed().as_secs_f64() * 1e3);
+                        done.push(start.elapsed().as_secs_f64());
                         batches.push(batch);
                     }
                     None => errors += 1,
                 }
             }
-            (lat, batches, errors)
+            (lat, done, batches, errors)
         }));
     }
     let mut lat = Vec::new();
+    let mut done = Vec::new();
     let mut batches = Vec::new();
     let mut errors = 0;
     for t in tasks {
-        if let Ok((l, b, e)) = t.await {
+        if let Ok((l, d, b, e)) = t.await {
             lat.extend(l);
+            done.extend(d);
             batches.extend(b);
             errors += e;
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
     lat.sort_by(|a, b| a.total_cmp(b));
+    done.sort_by(|a, b| a.total_cmp(b));
     HttpRow {
         mode,
         concurrency,
         requests: lat.len(),
         errors,
         images_per_s: lat.len() as f64 / elapsed,
+        steady_images_per_s: steady_rate(&done, concurrency, elapsed),
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
         mean_batch: batches.iter().sum::<f64>() / batches.len().max(1) as f64,
@@ -437,5 +467,16 @@ mod tests {
         assert_eq!(name, "completed");
         assert_eq!(data["result"]["batch_size"], 3);
         assert!(last_event("").is_none());
+    }
+
+    #[test]
+    fn the_steady_rate_leaves_out_the_ramp_and_the_drain() {
+        // Two clients: a slow first round (one ran alone), then a pair every second, then a
+        // lone last request.
+        let done = [0.9, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0];
+        assert_eq!(steady_rate(&done, 2, 4.0), 2.0);
+        // Under two full rounds there is no steady part: the overall rate.
+        assert_eq!(steady_rate(&done[..3], 2, 2.0), 1.5);
+        assert_eq!(steady_rate(&[], 4, 1.0), 0.0);
     }
 }

@@ -549,20 +549,21 @@ fn bench_http(args: &BenchArgs, manifest: &crate::manifest::Manifest) -> anyhow:
         manifest.serving.max_wait_ms
     );
     println!(
-        "concurrency  wait      requests  errors  images/s  p50 ms  p99 ms  mean batch  HTTP/engine at that batch"
+        "concurrency  wait      requests  errors  images/s  steady/s  p50 ms  p99 ms  mean batch  HTTP/engine at that batch (steady)"
     );
     for w in &http_rows {
         let same = engine_rows.iter().find(|e| e.batch == w.concurrency);
         for (name, r) in [("fixed", &w.fixed), ("adaptive", &w.adaptive)] {
             let ratio = same.map_or("-".to_string(), |e| {
-                format!("{:.2}", r.images_per_s / e.images_per_s)
+                format!("{:.2}", r.steady_images_per_s / e.images_per_s)
             });
             println!(
-                "{:>11}  {name:<8}  {:>8}  {:>6}  {:>8.1}  {:>6.0}  {:>6.0}  {:>10.1}  {ratio}",
+                "{:>11}  {name:<8}  {:>8}  {:>6}  {:>8.1}  {:>8.1}  {:>6.0}  {:>6.0}  {:>10.1}  {ratio}",
                 w.concurrency,
                 r.requests,
                 r.errors,
                 r.images_per_s,
+                r.steady_images_per_s,
                 r.p50_ms,
                 r.p99_ms,
                 r.mean_batch
