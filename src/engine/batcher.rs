@@ -1,6 +1,6 @@
 //! Bucketing and batch selection: pure logic over queued jobs, tested without a model.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::Job;
@@ -32,12 +32,8 @@ impl BucketKey {
 pub enum Decision {
     /// Nothing pending.
     Idle,
-    /// Run the jobs at these indices (of the pending list) as one batch; the bucket held
-    /// `bucket_rows` rows when it was chosen.
-    Run {
-        jobs: Vec<usize>,
-        bucket_rows: usize,
-    },
+    /// Run the jobs at these indices (of the pending list) as one batch.
+    Run(Vec<usize>),
     /// The oldest bucket is not full yet: wait at most this long for company.
     Wait(Duration),
 }
@@ -50,14 +46,17 @@ pub enum Decision {
 /// after this one is answered, so waiting for it is pure latency, yet its arrival rate
 /// looks the same as that of a few clients who do overlap. Overlap is what a wait can use.
 ///
-/// Why the group size: eight clients in a closed loop send their next requests together once
-/// their batch is answered. Waiting for a batch of `max_batch` (32) rows that cannot come would
-/// idle the device for the whole `max_wait` on every cycle; waiting for the eight that came
-/// last time starts the batch as soon as they are back.
+/// Why the rows of the last batch: eight clients in a closed loop send their next requests
+/// together once their batch is answered. Waiting for `max_batch` (32) rows that cannot come
+/// would idle the device for the whole `max_wait` on every cycle; waiting for the eight that
+/// were just answered starts the batch as soon as they are back. Jobs that arrived while that
+/// batch ran are a second group, so they add to what is waited for: two groups of 16 merge into
+/// one batch of 32 instead of alternating as two half batches.
 #[derive(Debug, Default)]
 pub struct Company {
     overlap: HashMap<BucketKey, f64>,
-    groups: HashMap<BucketKey, VecDeque<usize>>,
+    /// When the bucket's last batch had its results, and its rows.
+    last: HashMap<BucketKey, (Instant, usize)>,
 }
 
 impl Company {
@@ -65,9 +64,6 @@ impl Company {
     const ALPHA: f64 = 0.25;
     /// Average overlap from which waiting pays: about every other arrival finds another job.
     const WAIT_FROM: f64 = 0.5;
-    /// Batches whose group sizes are remembered: a group that shrinks (a client left) costs
-    /// at most this many full waits before the smaller size is expected.
-    const GROUPS: usize = 8;
 
     /// Records a job of `key` that found `others` jobs of its bucket in the system.
     pub fn arrived(&mut self, key: &BucketKey, others: usize) {
@@ -78,14 +74,9 @@ impl Company {
             .or_insert(x);
     }
 
-    /// Records that a batch of `key` ran while its bucket held `rows` rows (those that did not
-    /// fit included: they were company too).
-    pub fn ran(&mut self, key: &BucketKey, rows: usize) {
-        let g = self.groups.entry(key.clone()).or_default();
-        if g.len() == Self::GROUPS {
-            g.pop_front();
-        }
-        g.push_back(rows);
+    /// Records that a batch of `key` with `rows` rows had its results at `ready`.
+    pub fn finished(&mut self, key: &BucketKey, rows: usize, ready: Instant) {
+        self.last.insert(key.clone(), (ready, rows));
     }
 
     /// True when recent arrivals of `key` overlapped other jobs often enough that waiting
@@ -94,26 +85,34 @@ impl Company {
         self.overlap.get(key).is_some_and(|&m| m >= Self::WAIT_FROM)
     }
 
-    /// How many rows of `key` are worth waiting for: 1 (run at once) when no company is
-    /// expected, the largest recent group when one is, and `None` (up to `max_batch`) for a
-    /// bucket with company but no batch yet. The largest, not the last: a batch cut short by
-    /// `max_wait` must not teach the next ones to run shorter still.
-    pub fn rows_to_wait_for(&self, key: &BucketKey) -> Option<usize> {
+    /// How many rows of `key` are worth waiting for, given the `pending` jobs: 1 (run at once)
+    /// when no company is expected; else the rows of its last batch (their clients may come
+    /// back) plus those of its jobs that were already queued when that batch finished; `None`
+    /// (wait for `max_batch`) for a bucket with company but no batch yet.
+    pub fn rows_to_wait_for(&self, key: &BucketKey, pending: &[Job]) -> Option<usize> {
         if !self.expected(key) {
             return Some(1);
         }
-        self.groups.get(key).and_then(|g| g.iter().copied().max())
+        let &(ready, rows) = self.last.get(key)?;
+        let earlier: usize = pending
+            .iter()
+            .filter(|j| &j.key == key && j.enqueued < ready)
+            .map(Job::rows)
+            .sum();
+        Some(rows + earlier)
     }
 }
 
 /// Picks the bucket of the oldest pending job; runs it when it has `max_batch` rows, or the
 /// rows `company` says are worth waiting for (`None`: `max_batch`), or when its oldest job has
-/// waited `max_wait`; else says how long to wait. Jobs are taken in arrival order while their
+/// waited `max_wait` since it arrived or since the device came free at `idle_since`, whichever
+/// is later (time spent behind a running batch was not spent waiting for company: two groups
+/// of a closed loop that took turns could never merge otherwise); else says how long to wait. Jobs are taken in arrival order while their
 /// rows fit in `max_batch` (a job never exceeds `max_batch` rows: the API validates `n`).
-/// The bucket's rows at the time are returned with the batch, for [`Company::ran`].
 pub fn decide(
     pending: &[Job],
     now: Instant,
+    idle_since: Option<Instant>,
     max_batch: impl Fn(&BucketKey) -> usize,
     max_wait: impl Fn(&BucketKey) -> Duration,
     company: impl Fn(&BucketKey) -> Option<usize>,
@@ -142,14 +141,12 @@ pub fn decide(
         rows += r;
         chosen.push(i);
     }
-    let waited = now.saturating_duration_since(oldest.enqueued);
+    let since = idle_since.map_or(oldest.enqueued, |t| t.max(oldest.enqueued));
+    let waited = now.saturating_duration_since(since);
     let wait = max_wait(key);
     let enough = company(key).map_or(cap, |n| n.clamp(1, cap));
     if bucket_rows >= enough || waited >= wait {
-        Decision::Run {
-            jobs: chosen,
-            bucket_rows,
-        }
+        Decision::Run(chosen)
     } else {
         Decision::Wait(wait - waited)
     }
@@ -170,10 +167,6 @@ mod tests {
             guidance_bits: 1f32.to_bits(),
             canary: false,
         }
-    }
-
-    fn run(jobs: Vec<usize>, bucket_rows: usize) -> Decision {
-        Decision::Run { jobs, bucket_rows }
     }
 
     fn job(k: BucketKey, rows: usize, at: Instant) -> Job {
@@ -201,8 +194,8 @@ mod tests {
             job(key("m", 1), 3, t0 + ms(1)),
             job(key("m", 1), 4, t0 + ms(2)),
         ];
-        let d = decide(&pending, t0 + ms(100), |_| 6, |_| ms(10), |_| None);
-        assert_eq!(d, run(vec![1, 2], 9));
+        let d = decide(&pending, t0 + ms(100), None, |_| 6, |_| ms(10), |_| None);
+        assert_eq!(d, Decision::Run(vec![1, 2]));
     }
 
     #[test]
@@ -211,12 +204,12 @@ mod tests {
         let ms = Duration::from_millis;
         let pending = vec![job(key("m", 1), 1, t0)];
         assert_eq!(
-            decide(&pending, t0 + ms(3), |_| 8, |_| ms(10), |_| None),
+            decide(&pending, t0 + ms(3), None, |_| 8, |_| ms(10), |_| None),
             Decision::Wait(ms(7))
         );
         assert_eq!(
-            decide(&pending, t0 + ms(10), |_| 8, |_| ms(10), |_| None),
-            run(vec![0], 1)
+            decide(&pending, t0 + ms(10), None, |_| 8, |_| ms(10), |_| None),
+            Decision::Run(vec![0])
         );
     }
 
@@ -224,8 +217,15 @@ mod tests {
     fn a_full_bucket_runs_without_waiting() {
         let t0 = Instant::now();
         let pending: Vec<Job> = (0..4).map(|_| job(key("m", 1), 2, t0)).collect();
-        let d = decide(&pending, t0, |_| 8, |_| Duration::from_secs(1), |_| None);
-        assert_eq!(d, run(vec![0, 1, 2, 3], 8));
+        let d = decide(
+            &pending,
+            t0,
+            None,
+            |_| 8,
+            |_| Duration::from_secs(1),
+            |_| None,
+        );
+        assert_eq!(d, Decision::Run(vec![0, 1, 2, 3]));
     }
 
     #[test]
@@ -238,11 +238,12 @@ mod tests {
         let d = decide(
             &pending,
             t0,
+            None,
             |_| 8,
             |_| ms(10),
-            |k| company.rows_to_wait_for(k),
+            |k| company.rows_to_wait_for(k, &pending),
         );
-        assert_eq!(d, run(vec![0], 1));
+        assert_eq!(d, Decision::Run(vec![0]));
         // A closed loop of one client: every job finds the system empty.
         for _ in 0..20 {
             company.arrived(&key("m", 1), 0);
@@ -256,9 +257,10 @@ mod tests {
         let d = decide(
             &pending,
             t0 + ms(3),
+            None,
             |_| 8,
             |_| ms(10),
-            |k| company.rows_to_wait_for(k),
+            |k| company.rows_to_wait_for(k, &pending),
         );
         assert_eq!(d, Decision::Wait(ms(7)));
         // ... per bucket: another bucket has no company of its own.
@@ -271,7 +273,7 @@ mod tests {
     }
 
     #[test]
-    fn a_closed_loop_group_runs_once_it_is_back_without_waiting_for_a_full_batch() {
+    fn a_closed_loop_group_runs_once_it_is_back_and_two_groups_merge() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
         let k = key("m", 1);
@@ -279,53 +281,60 @@ mod tests {
         for _ in 0..8 {
             company.arrived(&k, 4);
         }
-        // Company expected, no batch seen yet: wait for a full batch (32) as before.
-        let eight: Vec<Job> = (0..8).map(|i| job(k.clone(), 1, t0 + ms(i))).collect();
-        let decide_at = |pending: &[Job], at, company: &Company| {
+        let at = |i: u64| t0 + ms(i);
+        let decide_at = |pending: &[Job], now, company: &Company| {
             decide(
                 pending,
-                at,
+                now,
+                company.last.get(&k).map(|l| l.0),
                 |_| 32,
                 |_| ms(10),
-                |k| company.rows_to_wait_for(k),
+                |k| company.rows_to_wait_for(k, pending),
             )
         };
+        // Company expected, no batch seen yet: wait for a full batch (32) as before.
+        let back: Vec<Job> = (0..8).map(|i| job(k.clone(), 1, at(100 + i))).collect();
+        assert_eq!(decide_at(&back, at(108), &company), Decision::Wait(ms(2)));
+        // Eight clients in a closed loop: their batch of 8 finished at 100 ms, so once the
+        // eight are back they run, without waiting for 32...
+        company.finished(&k, 8, at(100));
         assert_eq!(
-            decide_at(&eight, t0 + ms(8), &company),
-            Decision::Wait(ms(2))
-        );
-        // Eight clients in a closed loop: their batch held 8 rows, so the next 8 run at once...
-        company.ran(&k, 8);
-        assert_eq!(
-            decide_at(&eight, t0 + ms(8), &company),
-            run((0..8).collect(), 8)
+            decide_at(&back, at(108), &company),
+            Decision::Run((0..8).collect())
         );
         // ... while 7 of them still wait for the eighth.
         assert_eq!(
-            decide_at(&eight[..7], t0 + ms(8), &company),
+            decide_at(&back[..7], at(108), &company),
             Decision::Wait(ms(2))
         );
-        // A batch cut short by the wait does not lower what the next ones wait for.
-        company.ran(&k, 5);
-        assert_eq!(company.rows_to_wait_for(&k), Some(8));
-        // A client that left for good costs a few full waits, then the group is 7.
-        for _ in 0..Company::GROUPS {
-            company.ran(&k, 7);
-        }
+        // Two groups of 16 in a loop: one ran while the other queued. The queued 16 wait for
+        // the 16 just answered, and the batch is 32, not 16.
+        company.finished(&k, 16, at(100));
+        let mut both: Vec<Job> = (0..16).map(|i| job(k.clone(), 1, at(50 + i))).collect();
+        assert_eq!(decide_at(&both, at(101), &company), Decision::Wait(ms(9)));
+        assert_eq!(decide_at(&both, at(104), &company), Decision::Wait(ms(6)));
+        both.extend((0..16).map(|i| job(k.clone(), 1, at(101 + i / 4))));
         assert_eq!(
-            decide_at(&eight[..7], t0 + ms(8), &company),
-            run((0..7).collect(), 7)
+            decide_at(&both, at(105), &company),
+            Decision::Run((0..32).collect())
         );
-        // Without overlap (one client), nothing is waited for, whatever the groups were.
+        // Without overlap (one client), nothing is waited for, whatever ran before.
         for _ in 0..20 {
             company.arrived(&k, 0);
         }
-        assert_eq!(company.rows_to_wait_for(&k), Some(1));
+        assert_eq!(company.rows_to_wait_for(&k, &back), Some(1));
     }
 
     #[test]
     fn nothing_pending_is_idle() {
-        let d = decide(&[], Instant::now(), |_| 8, |_| Duration::ZERO, |_| None);
+        let d = decide(
+            &[],
+            Instant::now(),
+            None,
+            |_| 8,
+            |_| Duration::ZERO,
+            |_| None,
+        );
         assert_eq!(d, Decision::Idle);
     }
 }

@@ -55,12 +55,13 @@ pub(super) fn run(
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => w.open = false,
             },
-            Decision::Run { jobs, bucket_rows } => {
-                let batch = take(&mut w.pending, jobs);
+            Decision::Run(idx) => {
+                let batch = take(&mut w.pending, idx);
                 let (key, start) = (batch[0].key.clone(), Instant::now());
-                w.seen.company.ran(&key, bucket_rows);
+                let rows = batch.iter().map(Job::rows).sum();
                 let ready = run_batch(batch, &w.models, &w.canaries, &w.shared)
                     .unwrap_or_else(Instant::now);
+                w.seen.company.finished(&key, rows, ready);
                 w.seen.last_batch = Some((key, start, ready));
             }
         }
@@ -87,6 +88,7 @@ impl Worker {
         decide(
             &self.pending,
             Instant::now(),
+            self.seen.last_batch.as_ref().map(|b| b.2),
             |k| serving(k).map_or(1, |s| s.max_batch),
             |k| {
                 // Shutting down, nobody else is coming: run what is there without waiting.
@@ -95,7 +97,7 @@ impl Worker {
             },
             |k| {
                 if self.shared.adaptive_wait.load(Ordering::Relaxed) {
-                    self.seen.company.rows_to_wait_for(k)
+                    self.seen.company.rows_to_wait_for(k, &self.pending)
                 } else {
                     None
                 }
