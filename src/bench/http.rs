@@ -358,19 +358,51 @@ fn median_round(mut rows: Vec<HttpRow>) -> HttpRow {
     rows.swap_remove(rows.len() / 2)
 }
 
+/// The bare engine, measured between HTTP rounds on the blocking pool (the server is idle
+/// then), so that both sides of a ratio see the same load on shared cores.
+pub struct BareEngine {
+    pub model: Arc<LoadedModel>,
+    pub frames: usize,
+    pub steps: usize,
+    pub guidance: f32,
+    pub reps: usize,
+}
+
+impl BareEngine {
+    async fn rate(&self, batch: usize) -> Option<EngineRow> {
+        let (model, frames, steps, guidance, reps) = (
+            self.model.clone(),
+            self.frames,
+            self.steps,
+            self.guidance,
+            self.reps,
+        );
+        tokio::task::spawn_blocking(move || {
+            engine_throughput(&model, batch, frames, steps, guidance, reps).ok()
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+}
+
 /// Synchronous load at one concurrency with the batching wait fixed (always `max_wait_ms`)
-/// and adaptive (only when company is expected), each the median of alternating rounds.
+/// and adaptive (only when company is expected), and the bare engine at a batch of the
+/// concurrency, each the median of alternating rounds.
 #[derive(Debug, Clone, Serialize)]
 pub struct FixedVsAdaptive {
     pub concurrency: usize,
     pub fixed: HttpRow,
     pub adaptive: HttpRow,
+    pub engine: Option<EngineRow>,
 }
 
-/// Runs `rounds` alternating loads with `engine`'s wait fixed, then adaptive (after one
-/// warm-up), and leaves the engine adaptive.
+/// Runs `rounds` alternating loads with `engine`'s wait fixed, then adaptive, then the bare
+/// engine (after one warm-up), and leaves the engine adaptive.
+#[allow(clippy::too_many_arguments)]
 pub async fn fixed_vs_adaptive(
     engine: &crate::engine::Engine,
+    bare: &BareEngine,
     base_url: &str,
     body: Value,
     concurrency: usize,
@@ -380,17 +412,20 @@ pub async fn fixed_vs_adaptive(
 ) -> FixedVsAdaptive {
     let load = |n| http_load(base_url, body.clone(), Mode::Sync, concurrency, n, max_time);
     load(concurrency).await;
-    let (mut fixed, mut adaptive) = (Vec::new(), Vec::new());
+    let (mut fixed, mut adaptive, mut bare_rows) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds.max(1) {
         engine.set_adaptive_wait(false);
         fixed.push(load(requests).await);
         engine.set_adaptive_wait(true);
         adaptive.push(load(requests).await);
+        bare_rows.extend(bare.rate(concurrency).await);
     }
+    bare_rows.sort_by(|a, b| a.images_per_s.total_cmp(&b.images_per_s));
     FixedVsAdaptive {
         concurrency,
         fixed: median_round(fixed),
         adaptive: median_round(adaptive),
+        engine: bare_rows.get(bare_rows.len() / 2).cloned(),
     }
 }
 

@@ -423,7 +423,7 @@ fn bench_wan(args: &BenchArgs, dir: &std::path::Path) -> anyhow::Result<()> {
 fn bench_http(args: &BenchArgs, manifest: &crate::manifest::Manifest) -> anyhow::Result<()> {
     use crate::bench::http::{
         canary_overhead, distinct_weights_copy, engine_throughput, fixed_vs_adaptive,
-        keep_vs_return, sync_vs_async, EngineRow,
+        keep_vs_return, sync_vs_async, BareEngine,
     };
     /// Alternating rounds of each side in the sync/async comparison.
     const ROUNDS: usize = 3;
@@ -449,27 +449,25 @@ fn bench_http(args: &BenchArgs, manifest: &crate::manifest::Manifest) -> anyhow:
             ", UNTRAINED random weights"
         }
     );
-    // The bare engine runs before and after the HTTP rounds and the ratio uses the mean of the
-    // two: the load on shared cores drifts over a run of several minutes.
-    let engine_pass = |model: &crate::manifest::LoadedModel, when: &str| {
+    println!(
+        "bare engine ({} frame(s) per output): batch  outputs/s  batch ms",
+        args.frames
+    );
+    for &b in &args.batches {
+        let r = engine_throughput(&model, b, args.frames, steps, guidance, args.reps)?;
         println!(
-            "bare engine {when} ({} frame(s) per output): batch  outputs/s  batch ms",
-            args.frames
+            "{:>39}  {:>9.2}  {:>8.1}",
+            r.batch, r.images_per_s, r.batch_ms
         );
-        let mut rows = Vec::new();
-        for &b in &args.batches {
-            let r = engine_throughput(model, b, args.frames, steps, guidance, args.reps)?;
-            println!(
-                "{:>39}  {:>9.2}  {:>8.1}",
-                r.batch, r.images_per_s, r.batch_ms
-            );
-            rows.push(r);
-        }
-        anyhow::Ok(rows)
+    }
+    // The same model, kept for the rounds that alternate with HTTP (see `BareEngine`).
+    let bare = BareEngine {
+        model: std::sync::Arc::new(model),
+        frames: args.frames,
+        steps,
+        guidance,
+        reps: args.reps,
     };
-    let before = engine_pass(&model, "before HTTP")?;
-    drop(model);
-    let reload_config = config.clone();
     let rt = runtime()?;
     let [w, h] = manifest.serving.sizes[0];
     let body = serde_json::json!({"prompt": "a small red circle on the left", "steps": steps,
@@ -483,6 +481,7 @@ fn bench_http(args: &BenchArgs, manifest: &crate::manifest::Manifest) -> anyhow:
             rows.push(
                 fixed_vs_adaptive(
                     &handle.engine,
+                    &bare,
                     &base,
                     body.clone(),
                     c,
@@ -551,33 +550,25 @@ fn bench_http(args: &BenchArgs, manifest: &crate::manifest::Manifest) -> anyhow:
         handle.shutdown().await?;
         anyhow::Ok((rows, versus, canary, memory))
     })?;
-    let model = crate::server::load_models(&reload_config, &device)?.remove(0);
-    let after = engine_pass(&model, "after HTTP")?;
-    drop(model);
-    let engine_rows: Vec<EngineRow> = before
-        .iter()
-        .zip(&after)
-        .map(|(a, b)| EngineRow {
-            batch: a.batch,
-            images_per_s: (a.images_per_s + b.images_per_s) / 2.0,
-            batch_ms: (a.batch_ms + b.batch_ms) / 2.0,
-        })
-        .collect();
+    drop(bare);
     println!(
-        "HTTP, batching wait fixed ({} ms) vs adaptive (median of {ROUNDS} alternating rounds)",
+        "HTTP, batching wait fixed ({} ms) vs adaptive, and the bare engine at a batch of the concurrency (median of {ROUNDS} alternating rounds)",
         manifest.serving.max_wait_ms
     );
     println!(
-        "concurrency  wait      requests  errors  images/s  steady/s  p50 ms  p99 ms  mean batch  HTTP (steady) / engine (mean of before and after) at that batch"
+        "concurrency  wait      requests  errors  images/s  steady/s  p50 ms  p99 ms  mean batch  engine/s  HTTP (steady) / engine"
     );
     for w in &http_rows {
-        let same = engine_rows.iter().find(|e| e.batch == w.concurrency);
+        let engine_rate = w.engine.as_ref().map(|e| e.images_per_s);
         for (name, r) in [("fixed", &w.fixed), ("adaptive", &w.adaptive)] {
-            let ratio = same.map_or("-".to_string(), |e| {
-                format!("{:.2}", r.steady_images_per_s / e.images_per_s)
+            let (engine_col, ratio) = engine_rate.map_or(("-".into(), "-".into()), |e| {
+                (
+                    format!("{e:.1}"),
+                    format!("{:.2}", r.steady_images_per_s / e),
+                )
             });
             println!(
-                "{:>11}  {name:<8}  {:>8}  {:>6}  {:>8.1}  {:>8.1}  {:>6.0}  {:>6.0}  {:>10.1}  {ratio}",
+                "{:>11}  {name:<8}  {:>8}  {:>6}  {:>8.1}  {:>8.1}  {:>6.0}  {:>6.0}  {:>10.1}  {engine_col:>8}  {ratio}",
                 w.concurrency,
                 r.requests,
                 r.errors,
