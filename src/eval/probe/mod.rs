@@ -257,7 +257,7 @@ impl ProbeReport {
                 );
             }
             out += &format!(" from-noise motion hit {:.3}", self.motion_hit());
-            out += "\nmean path along the motion word (px; log spread for growing/shrinking), \
+            out += "\nmean path along the motion word (px; log growth of the mass for growing/shrinking), \
                     clean render / x0 predicted from pure noise:";
             for m in &self.motion {
                 out += &format!(

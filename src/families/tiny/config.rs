@@ -136,6 +136,14 @@ pub struct TinyConfig {
     /// function that no run learned (the teacher README, "Session 17").
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub motion_coords: bool,
+    /// DiT only: each frame's conditioning also moves with its clip time by a slope read from
+    /// the prompt's words, `c + (s - 1/2) G w` (one zero-initialised slope per vocabulary word,
+    /// summed over the prompt). `frame_time`'s slope reads the pooled prompt, in which the
+    /// motion words are nearly alike; growing and shrinking have no velocity for
+    /// `motion_coords` to carry, and a per-frame shift of what the network draws is the word x
+    /// time product they need.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub frame_words: bool,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -165,6 +173,7 @@ impl Default for TinyConfig {
             temporal: TemporalAttention::Frames,
             frame_time: false,
             motion_coords: false,
+            frame_words: false,
         }
     }
 }
@@ -210,8 +219,11 @@ impl TinyConfig {
                 if self.refiner > 0 {
                     return Err("architecture: refiner is for the DiT".into());
                 }
-                if self.frame_time || self.motion_coords {
-                    return Err("architecture: frame_time and motion_coords are for the DiT".into());
+                if self.frame_time || self.motion_coords || self.frame_words {
+                    return Err(
+                        "architecture: frame_time, motion_coords and frame_words are for the DiT"
+                            .into(),
+                    );
                 }
                 if !self.temporal.is_frames() {
                     return Err(

@@ -5,8 +5,9 @@
 //! position (or, with `temporal = "clip"`, across every token of the clip, or both with
 //! `"frames+clip"`; skipped for images), cross-attention to the prompt tokens, and an MLP; the
 //! timestep and the pooled prompt modulate the blocks through adaLN-Zero. Two video options
-//! tie a frame's computation to its clip time: `frame_time` (a conditioning vector per frame)
-//! and `motion_coords` (positions that move with a velocity read from the prompt).
+//! tie a frame's computation to its clip time: `frame_time` and `frame_words` (a conditioning
+//! vector per frame, its slope in clip time read from the pooled prompt or from the words) and
+//! `motion_coords` (positions that move with a velocity read from the prompt's words).
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -26,6 +27,10 @@ const EPS: f64 = 1e-6;
 /// learning rate per step, so a translation's 3 tokens per clip would take 7,500 steps of one
 /// sign at lr 4e-4; scaled by 16, about 500 (a per-layer rate in the parametrisation).
 const VELOCITY_SCALE: f64 = 16.0;
+
+/// The output scale of `frame_words`' slope map, for the same reason at the scale of a
+/// conditioning vector (O(1) per dimension).
+const FRAME_WORDS_SCALE: f64 = 4.0;
 
 #[derive(Debug, Clone)]
 struct Block {
@@ -79,6 +84,8 @@ pub struct Dit {
     /// "moving left" and "moving right" pool to nearly the same vector, and 2,000 steps left
     /// both at +0.3 px per clip.
     motion: Option<Linear>,
+    /// `frame_words`: each word's slope of the conditioning in clip time, `[vocab] -> [D]`.
+    frame_words: Option<Linear>,
 }
 
 /// Each frame's clip time minus 1/2 (0 for an image): where a motion is relative to the
@@ -141,20 +148,35 @@ impl Dit {
             } else {
                 None
             },
+            frame_words: if cfg.frame_words {
+                Some(Linear::zeros(vb.pp("frame_words"), cfg.vocab_size, d)?)
+            } else {
+                None
+            },
         })
     }
 
     /// The conditioning vectors, `[B, D]`, or `[B*F, D]` (frame-major within a sample) when
-    /// each frame of a video has its own: `c + (s_k - 1/2) W c` at clip time `s_k`.
-    fn frame_conditioning(&self, cond: Tensor, frames: usize) -> Result<Tensor> {
-        let Some(w) = self.frame_time.as_ref().filter(|_| frames > 1) else {
+    /// each frame of a video has its own: `c + (s_k - 1/2) slope` at clip time `s_k`, where the
+    /// slope is `W c` (`frame_time`) plus the prompt's word slopes (`frame_words`).
+    fn frame_conditioning(&self, cond: Tensor, frames: usize, text: &TextCond) -> Result<Tensor> {
+        if frames < 2 || (self.frame_time.is_none() && self.frame_words.is_none()) {
             return Ok(cond);
-        };
+        }
         let (b, d) = cond.dims2()?;
+        let mut slope = cond.zeros_like()?;
+        if let Some(w) = &self.frame_time {
+            slope = (slope + w.forward(&cond)?)?;
+        }
+        if let Some(g) = &self.frame_words {
+            let words = text.words.to_dtype(cond.dtype())?;
+            slope = (slope + (g.forward(&words)? * FRAME_WORDS_SCALE)?)?;
+        }
         let s = Tensor::from_vec(clip_offsets(frames), (1, frames, 1), cond.device())?
             .to_dtype(cond.dtype())?;
-        let slope = w.forward(&cond)?.unsqueeze(1)?.broadcast_mul(&s)?;
         slope
+            .unsqueeze(1)?
+            .broadcast_mul(&s)?
             .broadcast_add(&cond.unsqueeze(1)?)?
             .reshape((b * frames, d))
     }
@@ -215,7 +237,7 @@ impl Dit {
             .forward(&self.patchify(x)?)?
             .broadcast_add(&pos)?;
 
-        let cond = self.frame_conditioning(self.cond.forward(t, text)?, f)?;
+        let cond = self.frame_conditioning(self.cond.forward(t, text)?, f, text)?;
         let rows = cond.dim(0)?;
         let cross_bias = text.head_bias(self.cfg.heads)?;
 

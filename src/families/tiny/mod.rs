@@ -376,29 +376,39 @@ mod tests {
         Ok(n)
     }
 
-    /// `frame_time` starts as the plain model (its slope is zero), and once trained it changes
-    /// each frame by its clip time: with the frames kept apart (temporal attention off), the
-    /// middle frame of three (clip time 1/2) is the plain model's (up to f32 rounding), the
-    /// first and last are not, and images never change.
+    /// `frame_time` and `frame_words` start as the plain model (their slopes are zero), and
+    /// once trained they change each frame by its clip time: with the frames kept apart
+    /// (temporal attention off), the middle frame of three (clip time 1/2) is the plain
+    /// model's (up to f32 rounding), the first and last are not, and images never change.
     #[test]
-    fn frame_time_conditions_each_frame_by_its_clip_time() -> Result<()> {
+    fn frame_time_and_frame_words_condition_each_frame_by_its_clip_time() -> Result<()> {
+        for (key, seed) in [("frame_time", 7), ("frame_words", 13)] {
+            per_frame_conditioning(key, seed)?;
+        }
+        Ok(())
+    }
+
+    fn per_frame_conditioning(key: &str, seed: u64) -> Result<()> {
         let dev = Device::Cpu;
-        let (tok, plain_cfg, timed_cfg) = test_config_and("frame_time = true");
-        assert!(timed_cfg.frame_time && !plain_cfg.frame_time);
-        let (map, plain, timed) = plain_and_variant(&plain_cfg, &timed_cfg, "frame_time", tok, 7)?;
+        let (tok, plain_cfg, timed_cfg) = test_config_and(&format!("{key} = true"));
+        assert_ne!(plain_cfg, timed_cfg, "{key}");
+        let (map, plain, timed) = plain_and_variant(&plain_cfg, &timed_cfg, key, tok, seed)?;
         // Per-frame rows regroup the same sums: equal up to f32 rounding.
         let init_gap = velocity_gap(&plain, &timed, 4)?;
-        assert!(init_gap < 1e-5, "a zero slope changes nothing: {init_gap}");
+        assert!(
+            init_gap < 1e-5,
+            "{key}: a zero slope changes nothing: {init_gap}"
+        );
 
         set_vars(&map, ".temporal.out.", |v| v.zeros_like())?;
-        let set = set_vars(&map, "frame_time.", |v| {
+        let set = set_vars(&map, &format!("{key}."), |v| {
             Tensor::randn(0f32, 0.5, v.shape(), &dev)
         })?;
-        assert_eq!(set, 2, "one weight and bias");
+        assert_eq!(set, 2, "{key}: one weight and bias");
         assert_eq!(
             velocity_gap(&plain, &timed, 1)?,
             0.0,
-            "images must not change"
+            "{key}: images must not change"
         );
         let text = plain.encode(&["a red circle moving left", "a blue cross growing"])?;
         let x = Tensor::randn(0f32, 1.0, (2, 3, 3, 32, 32), &dev)?;
@@ -412,10 +422,15 @@ mod tests {
         };
         assert!(
             gap(1)? < 1e-5,
-            "clip time 1/2 is the plain conditioning: {}",
+            "{key}: clip time 1/2 is the plain conditioning: {}",
             gap(1)?
         );
-        assert!(gap(0)? > 1e-3 && gap(2)? > 1e-3, "{} {}", gap(0)?, gap(2)?);
+        assert!(
+            gap(0)? > 1e-3 && gap(2)? > 1e-3,
+            "{key}: {} {}",
+            gap(0)?,
+            gap(2)?
+        );
         Ok(())
     }
 
