@@ -71,8 +71,8 @@ pub struct ServerConfig {
     pub key_max_in_flight: usize,
     /// Wait a model's `max_wait_ms` for company only when recent arrivals of that shape
     /// overlapped other jobs (a lone closed-loop client then runs at once), and only until
-    /// the queue holds as many rows as recent batches of that shape gathered; `false` always
-    /// waits for `max_batch` rows or `max_wait_ms`.
+    /// the queue holds the rows of the last batch of that shape plus those queued while it
+    /// ran; `false` always waits for `max_batch` rows or `max_wait_ms`.
     pub adaptive_wait: bool,
     /// `fewstep serve` returns memory pages to the OS once they stayed free this long, so
     /// that RSS follows the working set rather than the highest peak so far; -1 keeps every

@@ -40,7 +40,7 @@ pub enum Decision {
 
 /// Whether a bucket has company coming, and how much: how many of its jobs were already in
 /// the system (queued, or in the batch being run) when each new job arrived, averaged over
-/// recent arrivals; and how many rows its recent batches gathered.
+/// recent arrivals; and the rows of its last batch.
 ///
 /// Why not an arrival rate: with one client in a closed loop the next request only comes
 /// after this one is answered, so waiting for it is pure latency, yet its arrival rate
@@ -107,8 +107,9 @@ impl Company {
 /// rows `company` says are worth waiting for (`None`: `max_batch`), or when its oldest job has
 /// waited `max_wait` since it arrived or since the device came free at `idle_since`, whichever
 /// is later (time spent behind a running batch was not spent waiting for company: two groups
-/// of a closed loop that took turns could never merge otherwise); else says how long to wait. Jobs are taken in arrival order while their
-/// rows fit in `max_batch` (a job never exceeds `max_batch` rows: the API validates `n`).
+/// of a closed loop that took turns could never merge otherwise); else says how long to wait.
+/// Jobs are taken in arrival order while their rows fit in `max_batch` (a job never exceeds
+/// `max_batch` rows: the API validates `n`).
 pub fn decide(
     pending: &[Job],
     now: Instant,

@@ -4,8 +4,8 @@
 //! Handlers never touch device tensors: they submit a [`Job`] and await its reply. The worker
 //! picks the bucket whose oldest job has waited longest (so no bucket starves), waits up to
 //! the model's `max_wait_ms` for company when recent arrivals of that bucket overlapped (a
-//! lone closed-loop client runs at once) and only until the bucket holds as many rows as its
-//! recent batches gathered, and runs up to `max_batch` rows in one pass.
+//! lone closed-loop client runs at once) and only until the bucket holds the rows of its last
+//! batch plus those queued while it ran, and runs up to `max_batch` rows in one pass.
 
 mod batcher;
 mod canary;

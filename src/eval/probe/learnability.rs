@@ -78,8 +78,8 @@ impl Fit {
     }
 
     /// Trains, reading the mean path of the pair's words (px along each word; the log growth
-    /// of the mass for growing and shrinking) every `every` steps, and with `motion_coords` the x velocity
-    /// each word's prompts get (px per clip).
+    /// of the mass for growing and shrinking) every `every` steps, and with `motion_coords`
+    /// the x velocity each word's prompts get (px per clip).
     fn run(&self, every: u64) -> Result<Vec<Read>> {
         let (model, map) = self.model()?;
         let mut opt = AdamW::new(

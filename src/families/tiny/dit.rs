@@ -160,18 +160,25 @@ impl Dit {
     /// each frame of a video has its own: `c + (s_k - 1/2) slope` at clip time `s_k`, where the
     /// slope is `W c` (`frame_time`) plus the prompt's word slopes (`frame_words`).
     fn frame_conditioning(&self, cond: Tensor, frames: usize, text: &TextCond) -> Result<Tensor> {
-        if frames < 2 || (self.frame_time.is_none() && self.frame_words.is_none()) {
+        if frames < 2 {
             return Ok(cond);
         }
+        let from_time = self
+            .frame_time
+            .as_ref()
+            .map(|w| w.forward(&cond))
+            .transpose()?;
+        let from_words = self
+            .frame_words
+            .as_ref()
+            .map(|g| g.forward(&text.words.to_dtype(cond.dtype())?)? * FRAME_WORDS_SCALE)
+            .transpose()?;
+        let slope = match (from_time, from_words) {
+            (Some(a), Some(b)) => (a + b)?,
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => return Ok(cond),
+        };
         let (b, d) = cond.dims2()?;
-        let mut slope = cond.zeros_like()?;
-        if let Some(w) = &self.frame_time {
-            slope = (slope + w.forward(&cond)?)?;
-        }
-        if let Some(g) = &self.frame_words {
-            let words = text.words.to_dtype(cond.dtype())?;
-            slope = (slope + (g.forward(&words)? * FRAME_WORDS_SCALE)?)?;
-        }
         let s = Tensor::from_vec(clip_offsets(frames), (1, frames, 1), cond.device())?
             .to_dtype(cond.dtype())?;
         slope
