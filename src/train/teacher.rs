@@ -52,8 +52,9 @@ pub struct TeacherConfig {
     /// logit-normal draw (1 = none). Eight frames show one layout eight times, so a video's
     /// path is visible at noise levels where an image's layout is not; its direction is
     /// decided above t = 0.9, where the unshifted draw trains 1.4% of the time (SD3's
-    /// resolution-dependent shift, Wan's `sample_shift`). Sample videos with the same shift
-    /// (`video_shift` in the manifest's `[sampling]`).
+    /// resolution-dependent shift, Wan's `sample_shift`). The manifest's `[sampling]
+    /// video_shift` samples with a shift of its own: phase 14 trains at 10 and samples at 3,
+    /// because at 10 the last of 20 Euler steps spans t = 0.34 to 0 and the video FD rose 60%.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub video_shift: f32,
     pub ema_decay: f64,

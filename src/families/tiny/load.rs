@@ -162,7 +162,8 @@ mod tests {
     #[test]
     fn video_shift_samples_videos_only_with_its_schedule() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-        let plain = Manifest::find(&dir, "tiny-shapes-teacher").unwrap();
+        let mut plain = Manifest::find(&dir, "tiny-shapes-teacher").unwrap();
+        plain.sampling.video_shift = None;
         let mut shifted = plain.clone();
         shifted.sampling.video_shift = Some(3.0);
         let generate = |m: &Manifest, frames: usize| {
