@@ -57,6 +57,13 @@ pub struct TeacherConfig {
     /// because at 10 the last of 20 Euler steps spans t = 0.34 to 0 and the video FD rose 60%.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub video_shift: f32,
+    /// Name prefixes of the only parameters that train (all of them when absent); the rest
+    /// keep their warm-start values. With only video-only parts (`dit.frame_words`,
+    /// `dit.motion`, `dit.blocks.N.temporal`), images are unchanged by construction, which a
+    /// run that teaches video words wants: a restart at full learning rate with few images
+    /// per step costs image pass rate (README, "Session 19").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_only: Option<Vec<String>>,
     pub ema_decay: f64,
     pub seed: u64,
     pub checkpoint_every: u64,
@@ -115,6 +122,7 @@ impl Default for TeacherConfig {
             scene_kinds: None,
             video_scene_kinds: None,
             video_shift: 1.0,
+            train_only: None,
             ema_decay: 0.999,
             seed: 0,
             checkpoint_every: 100,
@@ -197,6 +205,28 @@ impl TeacherConfig {
         }
         Ok(())
     }
+}
+
+/// The parameters the optimizer steps: those named by a prefix of `train_only`, or all. A
+/// prefix that names none is an error (a typo would otherwise freeze the whole model).
+fn trained_vars(
+    vars: &[(String, Var)],
+    train_only: Option<&[String]>,
+) -> anyhow::Result<Vec<(String, Var)>> {
+    let Some(prefixes) = train_only else {
+        return Ok(vars.to_vec());
+    };
+    if let Some(p) = prefixes
+        .iter()
+        .find(|p| !vars.iter().any(|(name, _)| name.starts_with(p.as_str())))
+    {
+        anyhow::bail!("train_only: no parameter of this architecture starts with {p:?}");
+    }
+    Ok(vars
+        .iter()
+        .filter(|(name, _)| prefixes.iter().any(|p| name.starts_with(p.as_str())))
+        .cloned()
+        .collect())
 }
 
 fn check_weights<const N: usize>(
@@ -373,7 +403,10 @@ pub fn train_teacher(
         let (loaded, fresh) = warm_start(&vars, path, device)?;
         tracing::info!(loaded, fresh, from = %path.display(), "warm start");
     }
-    let mut opt = AdamW::new(vars.clone(), config.optim.clone())?;
+    let mut opt = AdamW::new(
+        trained_vars(&vars, config.train_only.as_deref())?,
+        config.optim.clone(),
+    )?;
     let mut ema = Ema::new(&vars, config.ema_decay)?;
 
     if resuming {
@@ -644,6 +677,75 @@ mod tests {
             err.contains("dit.patch_in.bias") && err.contains("shape"),
             "{err}"
         );
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    /// `train_only` steps the named parameters and leaves every other one at its warm start;
+    /// a prefix that names nothing is refused before any step.
+    #[test]
+    fn train_only_freezes_every_other_parameter() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let dir = std::env::temp_dir().join(format!("fewstep-train-only-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let init = dir.join("init.safetensors");
+        let tok = TinyTokenizer::from_vocabulary(&world::vocabulary()).unwrap();
+        let arch = TinyConfig {
+            motion_coords: true,
+            ..cfg(tok.vocab_size(), 0)
+        };
+        let map = VarMap::new();
+        TinyModel::new(
+            crate::nn::random_var_builder(&map, 1, DType::F32, &dev),
+            &arch,
+            tok,
+            FlowSchedule::default(),
+        )?;
+        let start = tensors_of(&named_vars(&map));
+        candle_core::safetensors::save(&start, &init)?;
+        let prefixes = ["dit.blocks.0.temporal", "dit.motion"];
+        let mut config = TeacherConfig {
+            architecture: arch,
+            iterations: 2,
+            image_batch: 2,
+            video_batch: 1,
+            ema_decay: 0.0,
+            train_only: Some(prefixes.iter().map(|p| p.to_string()).collect()),
+            ..TeacherConfig::default()
+        };
+        config.optim.warmup_steps = 0;
+        let out = dir.join("run");
+        let weights = train_teacher(&config, &out, false, Some(&init), &dev, |_, _| {})?;
+        let trained = candle_core::safetensors::load(&weights, &dev)?;
+        let mut moved = Vec::new();
+        for (name, t) in &start {
+            let diff = (&trained[name] - t)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            if prefixes.iter().any(|p| name.starts_with(p)) {
+                if diff > 0.0 {
+                    moved.push(name.clone());
+                }
+            } else {
+                assert_eq!(diff, 0.0, "{name} is frozen but moved by {diff}");
+            }
+        }
+        assert!(
+            moved.iter().any(|n| n.starts_with("dit.motion")),
+            "{moved:?}"
+        );
+        assert!(moved.iter().any(|n| n.contains("temporal")), "{moved:?}");
+
+        config.train_only = Some(vec!["dit.no_such_part".into()]);
+        let err = train_teacher(
+            &config,
+            &dir.join("bad"),
+            false,
+            Some(&init),
+            &dev,
+            |_, _| {},
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("dit.no_such_part"), "{err}");
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
