@@ -612,6 +612,23 @@ mod tests {
         TinyModel::new(vb, &c, tok, FlowSchedule::default())
     }
 
+    /// Random weights of `arch` (seed 1), saved to `file`: a "trained" model to warm-start from.
+    fn save_random_weights(
+        arch: &TinyConfig,
+        file: &Path,
+    ) -> anyhow::Result<std::collections::HashMap<String, Tensor>> {
+        let map = VarMap::new();
+        TinyModel::new(
+            crate::nn::random_var_builder(&map, 1, DType::F32, &Device::Cpu),
+            arch,
+            TinyTokenizer::from_vocabulary(&world::vocabulary())?,
+            FlowSchedule::default(),
+        )?;
+        let tensors = tensors_of(&named_vars(&map));
+        candle_core::safetensors::save(&tensors, file)?;
+        Ok(tensors)
+    }
+
     #[test]
     fn a_warm_started_refiner_reproduces_the_trained_dit_then_learns() -> anyhow::Result<()> {
         let dev = Device::Cpu;
@@ -694,15 +711,7 @@ mod tests {
             motion_coords: true,
             ..cfg(tok.vocab_size(), 0)
         };
-        let map = VarMap::new();
-        TinyModel::new(
-            crate::nn::random_var_builder(&map, 1, DType::F32, &dev),
-            &arch,
-            tok,
-            FlowSchedule::default(),
-        )?;
-        let start = tensors_of(&named_vars(&map));
-        candle_core::safetensors::save(&start, &init)?;
+        let start = save_random_weights(&arch, &init)?;
         let prefixes = ["dit.blocks.0.temporal", "dit.motion"];
         let mut config = TeacherConfig {
             architecture: arch,
@@ -761,24 +770,17 @@ mod tests {
             text_max_len: 16,
             ..cfg(tok.vocab_size(), 0)
         };
-        let old_map = VarMap::new();
-        TinyModel::new(
-            crate::nn::random_var_builder(&old_map, 1, DType::F32, &dev),
-            &short,
-            tok.clone(),
-            FlowSchedule::default(),
-        )?;
-        candle_core::safetensors::save(&tensors_of(&named_vars(&old_map)), &file)?;
+        let old = save_random_weights(&short, &file)?;
 
         let map = VarMap::new();
         model(crate::nn::seeded_var_builder(&map, 2, DType::F32, &dev), 0)?;
         let vars = named_vars(&map);
         let (loaded, fresh) = warm_start(&vars, &file, &dev)?;
         assert_eq!((loaded, fresh), (vars.len(), 0));
-        let pos = |m: &VarMap| m.data().lock().unwrap()["text.pos"].as_tensor().clone();
-        let (old, new) = (pos(&old_map), pos(&map));
+        let new = map.data().lock().unwrap()["text.pos"].as_tensor().clone();
+        let old = &old["text.pos"];
         assert_eq!(new.dims(), &[cfg(0, 0).text_max_len, 32]);
-        let same = (new.narrow(0, 0, 16)? - &old)?
+        let same = (new.narrow(0, 0, 16)? - old)?
             .abs()?
             .max_all()?
             .to_scalar::<f32>()?;
@@ -788,14 +790,7 @@ mod tests {
             text_max_len: 40,
             ..cfg(tok.vocab_size(), 0)
         };
-        let big_map = VarMap::new();
-        TinyModel::new(
-            crate::nn::random_var_builder(&big_map, 1, DType::F32, &dev),
-            &longer,
-            tok,
-            FlowSchedule::default(),
-        )?;
-        candle_core::safetensors::save(&tensors_of(&named_vars(&big_map)), &file)?;
+        save_random_weights(&longer, &file)?;
         let err = warm_start(&vars, &file, &dev).unwrap_err().to_string();
         assert!(err.contains("text.pos"), "{err}");
         std::fs::remove_dir_all(&dir)?;
