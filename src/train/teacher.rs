@@ -194,6 +194,9 @@ impl TeacherConfig {
         check_weights("shape_weights", self.shape_weights)?;
         check_weights("scene_kinds", self.scene_kinds)?;
         check_weights("video_scene_kinds", self.video_scene_kinds)?;
+        if self.train_only.as_ref().is_some_and(Vec::is_empty) {
+            return Err("train_only is empty: it would train nothing (leave it out to train every parameter)".into());
+        }
         if let Some(c) = &self.curriculum {
             check_weights("curriculum: shape_weights", c.shape_weights)?;
             if !(0.0..=1.0).contains(&c.share) || c.hold > c.until {
@@ -743,6 +746,8 @@ mod tests {
         );
         assert!(moved.iter().any(|n| n.contains("temporal")), "{moved:?}");
 
+        config.train_only = Some(Vec::new());
+        assert!(config.validate().unwrap_err().contains("train_only"));
         config.train_only = Some(vec!["dit.no_such_part".into()]);
         let err = train_teacher(
             &config,
