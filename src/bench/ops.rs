@@ -131,6 +131,32 @@ pub fn linear(
     })
 }
 
+/// A 3x3 convolution (stride 1, padding 1) of `[n, c, hw, hw]` images to `co` channels, forward:
+/// ours ([`crate::nn::direct_conv::conv3x3`]) against candle's im2col `conv2d`.
+pub fn conv3x3(
+    (n, c, co, hw): (usize, usize, usize, usize),
+    reps: usize,
+    device: &Device,
+) -> Result<OpRow> {
+    let x = Tensor::randn(0f32, 1.0, (n, c, hw, hw), device)?;
+    let w = Tensor::randn(0f32, 0.05, (co, c, 3, 3), device)?;
+    let (composed, fused) = interleaved(reps, |fused| {
+        let y = if fused {
+            crate::nn::direct_conv::conv3x3(&x, &w)
+        } else {
+            x.conv2d(&w, 1, 1, 1, 1)
+        };
+        y.map(drop)
+    })?;
+    Ok(OpRow {
+        op: "conv 3x3, fwd".into(),
+        shape: vec![n, c, co, hw],
+        composed_ms: composed * 1e3,
+        fused_ms: fused * 1e3,
+        speedup: composed / fused,
+    })
+}
+
 /// The median seconds of `step(false)` (composed) and `step(true)` (fused) over three
 /// interleaved rounds of `reps` runs each, so that machine noise hits both alike.
 fn interleaved(reps: usize, mut step: impl FnMut(bool) -> Result<()>) -> Result<(f64, f64)> {

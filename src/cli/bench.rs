@@ -236,6 +236,12 @@ pub(super) fn bench(args: BenchArgs) -> anyhow::Result<()> {
             ops::linear((batch * t, a.mlp_ratio * d, d), true, args.reps, &device)?,
             ops::linear((4096, 320, 320), false, args.reps.min(3), &device)?,
         ];
+        // An SD1.5 UNet's 3x3 convolutions at 64x64 latents, level by level.
+        for (c, hw) in [(320, 64), (640, 32), (1280, 16), (1280, 8)] {
+            for n in [1, 4] {
+                rows.push(ops::conv3x3((n, c, c, hw), args.reps.min(3), &device)?);
+            }
+        }
         for &b in &args.batches {
             for toggle in [
                 (
