@@ -570,6 +570,17 @@ fn aggregate(name: String, members: &[&GroupScore], nfe_per_sample: usize) -> Ro
     let frechet_distance = (generated.len() >= 2)
         .then(|| world::frechet_distance(&generated, &reference))
         .filter(|d| d.is_finite());
+    let frechet_by_block = match frechet_distance {
+        Some(_) => world::frechet_by_block(&generated, &reference)
+            .into_iter()
+            .filter(|(_, d)| d.is_finite())
+            .map(|(block, distance)| report::BlockDistance {
+                block: block.into(),
+                distance,
+            })
+            .collect(),
+        None => Vec::new(),
+    };
     let seconds: f64 = members.iter().map(|m| m.generation_s).sum();
     let made: usize = members.iter().map(|m| m.generated).sum();
     RowReport {
@@ -580,6 +591,7 @@ fn aggregate(name: String, members: &[&GroupScore], nfe_per_sample: usize) -> Ro
         categories,
         soft_score: mean(prompts.iter().map(|p| p.1)),
         frechet_distance,
+        frechet_by_block,
         diversity: mean(members.iter().flat_map(|m| m.diversity.iter().copied())),
         nfe_per_sample,
         samples_per_s: (seconds > 0.0).then(|| made as f64 / seconds),
@@ -716,6 +728,12 @@ mod tests {
         // Three image prompts give a (degenerate but finite) FD; one video prompt gives none.
         assert!(report.rows[0].frechet_distance.is_some());
         assert!(report.rows[2].frechet_distance.is_none());
+        // ... and so do its blocks.
+        assert_eq!(
+            report.rows[0].frechet_by_block.len(),
+            world::FEATURE_BLOCKS.len()
+        );
+        assert!(report.rows[2].frechet_by_block.is_empty());
 
         let json: EvalReport =
             serde_json::from_slice(&std::fs::read(dir.join("report.json")).expect("json"))
@@ -723,6 +741,10 @@ mod tests {
         assert_eq!(json.rows.len(), report.rows.len());
         let md = std::fs::read_to_string(dir.join("report.md")).expect("md");
         assert!(md.contains("| held-out images |"), "{md}");
+        assert!(
+            md.contains("| set | FD | colour | layout | sharpness | motion |"),
+            "{md}"
+        );
         let grid = image::open(dir.join("grid.png")).expect("grid.png decodes");
         assert_eq!((grid.width(), grid.height()), grid_size(6));
         let gif = std::fs::File::open(dir.join("videos.gif")).expect("videos.gif");

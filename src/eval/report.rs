@@ -70,11 +70,22 @@ pub struct RowReport {
     /// Frechet distance of sample features to ground-truth renders of the same specs; only
     /// comparable between reports with the same prompt counts (it is biased at small n).
     pub frechet_distance: Option<f64>,
+    /// The Frechet distance of each feature block alone (`world::FEATURE_BLOCKS`: colour,
+    /// layout, sharpness, motion), which says where the total comes from.
+    #[serde(default)]
+    pub frechet_by_block: Vec<BlockDistance>,
     /// Mean pairwise pixel distance among samples of one prompt, in [0, 1].
     pub diversity: Option<f64>,
     pub nfe_per_sample: usize,
     /// Generated samples per second of generation wall clock (diversity set included).
     pub samples_per_s: Option<f64>,
+}
+
+/// The Frechet distance of one feature block.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BlockDistance {
+    pub block: String,
+    pub distance: f64,
 }
 
 /// One scored sample of a main set.
@@ -160,6 +171,42 @@ impl EvalReport {
         out
     }
 
+    /// The FD of each feature block alone, for the rows that have an FD (empty otherwise).
+    fn block_table(&self) -> String {
+        let Some(first) = self.rows.iter().find(|r| !r.frechet_by_block.is_empty()) else {
+            return String::new();
+        };
+        let blocks: Vec<&str> = first
+            .frechet_by_block
+            .iter()
+            .map(|b| b.block.as_str())
+            .collect();
+        let mut out = String::from(
+            "## FD by feature block\n\nEach block of `world::features` alone: where the FD \
+             comes from (the blocks do not add up to it).\n\n| set | FD |",
+        );
+        for b in &blocks {
+            let _ = write!(out, " {b} |");
+        }
+        out.push_str("\n|---|--:|");
+        out.push_str(&"--:|".repeat(blocks.len()));
+        out.push('\n');
+        for r in self.rows.iter().filter(|r| !r.frechet_by_block.is_empty()) {
+            let _ = write!(out, "| {} | {} |", r.name, number(r.frechet_distance, 3));
+            for b in &blocks {
+                let d = r
+                    .frechet_by_block
+                    .iter()
+                    .find(|x| x.block == *b)
+                    .map(|x| x.distance);
+                let _ = write!(out, " {} |", number(d, 3));
+            }
+            out.push('\n');
+        }
+        out.push('\n');
+        out
+    }
+
     /// `report.md`: the table and the settings it was measured with.
     pub fn markdown(&self) -> String {
         let s = &self.settings;
@@ -167,8 +214,10 @@ impl EvalReport {
         out.push_str(&self.table());
         out.push_str(
             "\nPass rates are GenEval-style (every stated attribute must hold), averaged over \
-             prompts; `-` means no prompt of that kind.\n\n## Settings\n\n",
+             prompts; `-` means no prompt of that kind.\n\n",
         );
+        out.push_str(&self.block_table());
+        out.push_str("## Settings\n\n");
         let trained = if s.trained { "" } else { " (untrained)" };
         let lines = [
             format!("model: `{}`, weights `{}`{trained}", s.model, s.version),

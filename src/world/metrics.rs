@@ -270,6 +270,30 @@ pub fn frechet_distance(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
     (mean_term + trace(&s1) + trace(&s2) - 2.0 * tr_sqrt).max(0.0)
 }
 
+/// The feature blocks that [`frechet_by_block`] measures one at a time (see the module docs):
+/// colours, where they are, how sharp the frames are, and how they change over time.
+pub const FEATURE_BLOCKS: [(&str, std::ops::Range<usize>); 4] = [
+    ("colour", 0..27),
+    ("layout", 27..75),
+    ("sharpness", 75..86),
+    ("motion", 86..91),
+];
+
+/// The Frechet distance of each block of [`FEATURE_BLOCKS`] alone: where a change in the
+/// total comes from. The parts do not add up to the total (it also counts the covariance
+/// between blocks); a block that is constant in both sets (motion, for images) gives about 0.
+pub fn frechet_by_block(a: &[Vec<f32>], b: &[Vec<f32>]) -> Vec<(&'static str, f64)> {
+    let cut = |set: &[Vec<f32>], r: &std::ops::Range<usize>| -> Vec<Vec<f32>> {
+        set.iter()
+            .map(|v| v.get(r.clone()).unwrap_or_default().to_vec())
+            .collect()
+    };
+    FEATURE_BLOCKS
+        .iter()
+        .map(|(name, r)| (*name, frechet_distance(&cut(a, r), &cut(b, r))))
+        .collect()
+}
+
 /// Mean pairwise distance among samples of one prompt: the mean absolute
 /// pixel difference in [0, 1], averaged over frames and over all pairs.
 /// 0 for fewer than two samples.
@@ -387,6 +411,20 @@ mod tests {
         assert!(base < blurred[0] && blurred[0] < blurred[1] && blurred[1] < blurred[2]);
         assert!(base < noisy[0] && noisy[0] < noisy[1] && noisy[1] < noisy[2]);
         assert!(blurred[0] > 5.0 * base && noisy[0] > 5.0 * base);
+        // Blur lives in the sharpness block: it moves that block most, and colour least.
+        let blocks = |set: &[Vec<RgbImage>]| {
+            let fb: Vec<Vec<f32>> = set.iter().map(|f| features(f)).collect();
+            frechet_by_block(&fa, &fb)
+        };
+        let blurred = blocks(&b.iter().map(|f| blur(f, 1.2)).collect::<Vec<_>>());
+        let names: Vec<&str> = blurred.iter().map(|b| b.0).collect();
+        assert_eq!(names, ["colour", "layout", "sharpness", "motion"]);
+        let worst = blurred.iter().max_by(|x, y| x.1.total_cmp(&y.1)).unwrap();
+        assert_eq!(worst.0, "sharpness", "{blurred:?}");
+        assert!(blurred[3].1 < 1e-3, "images have no motion: {blurred:?}");
+        for (block, real) in blocks(&b) {
+            assert!(real < 0.05, "{block}: {real}");
+        }
     }
 
     #[test]

@@ -75,7 +75,7 @@ mod verify;
 use serde::{Deserialize, Serialize};
 
 pub use grammar::{parse, prompt, vocabulary, ParseError, MAX_PROMPT_WORDS};
-pub use metrics::{diversity, features, frechet_distance};
+pub use metrics::{diversity, features, frechet_by_block, frechet_distance, FEATURE_BLOCKS};
 pub use render::render;
 pub(crate) use scene::frame_time;
 pub use scene::{sample_simple_spec, sample_spec, sample_spec_weighted, Tilt};
