@@ -139,15 +139,6 @@ struct Band {
 }
 
 impl Band {
-    fn of(g: Grid) -> Self {
-        Self {
-            images: g.n,
-            c: g.c,
-            h: g.h,
-            w: g.w,
-        }
-    }
-
     fn rows(&self) -> usize {
         self.images * (self.h + 1) + 1
     }
@@ -186,10 +177,10 @@ impl Band {
     }
 }
 
-/// Calls `f(image, parallelism of its products)` for each of `n` images: one image per task when
-/// there are enough images for the pool, otherwise the images in turn with gemm's own threads
-/// inside each product.
-fn for_images(n: usize, f: impl Fn(usize, Parallelism) + Sync + Send) {
+/// Calls `f(task, parallelism of its products)` for each of `n` tasks (images, or groups of
+/// them in the forward): one task per thread when there are enough for the pool, otherwise the
+/// tasks in turn with gemm's own threads inside each product.
+fn for_tasks(n: usize, f: impl Fn(usize, Parallelism) + Sync + Send) {
     if n >= rayon::current_num_threads() {
         (0..n)
             .into_par_iter()
@@ -224,11 +215,13 @@ impl CustomOp2 for Conv3x3Op {
         let per_group = MIN_COLUMNS.div_ceil(hw).clamp(1, g.n);
         let mut out = vec![0f32; g.n * g.co * hw];
         let dst = Out(out.as_mut_ptr());
-        for_images(g.n.div_ceil(per_group), |gi, par| {
+        for_tasks(g.n.div_ceil(per_group), |gi, par| {
             let first = gi * per_group;
             let band = Band {
                 images: per_group.min(g.n - first),
-                ..Band::of(g)
+                c: g.c,
+                h: g.h,
+                w: g.w,
             };
             let copies = band.fill(&x[first * g.c * hw..(first + band.images) * g.c * hw]);
             let (plane, span) = (band.plane(), band.span());
@@ -305,7 +298,7 @@ impl CustomOp2 for InputGrad {
         let (hw, span, plane) = (h * w, g.span(), g.plane());
         let mut dx = vec![0f32; n * c * hw];
         let dst = Out(dx.as_mut_ptr());
-        for_images(n, |ni, par| {
+        for_tasks(n, |ni, par| {
             let gw = g.widen(&gr[ni * co * hw..(ni + 1) * co * hw]);
             let mut padded = vec![0f32; c * plane];
             for k in 0..9 {
