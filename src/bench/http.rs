@@ -42,6 +42,74 @@ pub struct HttpRow {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub mean_batch: f64,
+    /// Where a request's time went, on average (see [`Stages`]).
+    pub stages: Stages,
+}
+
+/// Mean milliseconds per request: the client's round trip, and the parts of it the server
+/// timed itself (`timings` in the answer). What the server did not time (`round_trip_ms -
+/// server_ms`) is HTTP, JSON and the client; what it timed but no stage covers (`server_ms -
+/// queue - device - encoding`) is the hand-offs between the request, the device thread and
+/// the encoder.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Stages {
+    pub round_trip_ms: f64,
+    pub server_ms: f64,
+    pub queue_ms: f64,
+    /// Text encoding, denoising and decoding: the batch's time on the device.
+    pub device_ms: f64,
+    /// This request's share of that time (`device_ms / batch_size`): summed over requests,
+    /// every batch's device time counted once.
+    pub device_share_ms: f64,
+    pub encoding_ms: f64,
+}
+
+impl Stages {
+    /// The server's own timings of one answer (`timings`, `batch_size`), with the client's
+    /// round trip.
+    fn of(answer: &Value, round_trip_ms: f64) -> Option<Self> {
+        let ms = |k: &str| answer["timings"][k].as_f64();
+        let device_ms = ms("text_encoding_ms")? + ms("denoising_ms")? + ms("decoding_ms")?;
+        Some(Self {
+            round_trip_ms,
+            server_ms: ms("total_ms")?,
+            queue_ms: ms("queue_ms")?,
+            device_ms,
+            device_share_ms: device_ms / answer["batch_size"].as_f64()?.max(1.0),
+            encoding_ms: ms("encoding_ms")?,
+        })
+    }
+
+    /// The mean of `all` (zeros when empty).
+    fn mean(all: &[Stages]) -> Self {
+        let n = all.len().max(1) as f64;
+        let sum = |f: fn(&Stages) -> f64| all.iter().map(f).sum::<f64>() / n;
+        Self {
+            round_trip_ms: sum(|s| s.round_trip_ms),
+            server_ms: sum(|s| s.server_ms),
+            queue_ms: sum(|s| s.queue_ms),
+            device_ms: sum(|s| s.device_ms),
+            device_share_ms: sum(|s| s.device_share_ms),
+            encoding_ms: sum(|s| s.encoding_ms),
+        }
+    }
+
+    /// The share of wall time the device was busy at `images_per_s`, from the server's own
+    /// timings of the same requests. Unlike a ratio against the bare engine measured
+    /// between rounds, it does not move when the machine's speed drifts between them.
+    pub fn device_busy(&self, images_per_s: f64) -> f64 {
+        images_per_s * self.device_share_ms / 1e3
+    }
+
+    /// Timed by the server but in no stage: the hand-offs.
+    pub fn handoff_ms(&self) -> f64 {
+        self.server_ms - self.queue_ms - self.device_ms - self.encoding_ms
+    }
+
+    /// Not timed by the server: HTTP, JSON and the client.
+    pub fn outside_ms(&self) -> f64 {
+        self.round_trip_ms - self.server_ms
+    }
 }
 
 /// Completions per second between the `concurrency`-th completion and the last one of the
@@ -123,8 +191,9 @@ fn last_event(text: &str) -> Option<(String, Value)> {
     text.rsplit("\n\n").find_map(parse_event)
 }
 
-/// One generation as `mode` asks for it; the batch size it ran in, `None` on any failure.
-async fn one(client: &reqwest::Client, base_url: &str, body: &Value, mode: Mode) -> Option<f64> {
+/// One generation as `mode` asks for it: its answer (`batch_size`, `timings`, ...), `None`
+/// on any failure.
+async fn one(client: &reqwest::Client, base_url: &str, body: &Value, mode: Mode) -> Option<Value> {
     let url = format!("{base_url}/generate");
     match mode {
         Mode::Sync => {
@@ -132,7 +201,7 @@ async fn one(client: &reqwest::Client, base_url: &str, body: &Value, mode: Mode)
             if !r.status().is_success() {
                 return None;
             }
-            r.json::<Value>().await.ok()?["batch_size"].as_f64()
+            r.json::<Value>().await.ok()
         }
         Mode::Async => {
             let r = client
@@ -155,7 +224,7 @@ async fn one(client: &reqwest::Client, base_url: &str, body: &Value, mode: Mode)
                 .await
                 .ok()?;
             match last_event(&events)? {
-                (name, data) if name == "completed" => data["result"]["batch_size"].as_f64(),
+                (name, mut data) if name == "completed" => Some(data["result"].take()),
                 _ => None,
             }
         }
@@ -188,6 +257,7 @@ pub async fn http_load(
             let mut lat = Vec::new();
             let mut done = Vec::new();
             let mut batches = Vec::new();
+            let mut stages = Vec::new();
             let mut errors = 0;
             let mut seed = c as u64 * 1_000_000;
             loop {
@@ -200,26 +270,30 @@ pub async fn http_load(
                 seed += 1;
                 let t = Instant::now();
                 match one(&client, &base, &b, mode).await {
-                    Some(batch) => {
-                        lat.push(t.elapsed().as_secs_f64() * 1e3);
+                    Some(answer) if answer["batch_size"].is_number() => {
+                        let ms = t.elapsed().as_secs_f64() * 1e3;
+                        lat.push(ms);
                         done.push(start.elapsed().as_secs_f64());
-                        batches.push(batch);
+                        batches.push(answer["batch_size"].as_f64().unwrap_or(0.0));
+                        stages.extend(Stages::of(&answer, ms));
                     }
-                    None => errors += 1,
+                    _ => errors += 1,
                 }
             }
-            (lat, done, batches, errors)
+            (lat, done, batches, stages, errors)
         }));
     }
     let mut lat = Vec::new();
     let mut done = Vec::new();
     let mut batches = Vec::new();
+    let mut stages = Vec::new();
     let mut errors = 0;
     for t in tasks {
-        if let Ok((l, d, b, e)) = t.await {
+        if let Ok((l, d, b, s, e)) = t.await {
             lat.extend(l);
             done.extend(d);
             batches.extend(b);
+            stages.extend(s);
             errors += e;
         }
     }
@@ -236,6 +310,7 @@ pub async fn http_load(
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
         mean_batch: batches.iter().sum::<f64>() / batches.len().max(1) as f64,
+        stages: Stages::mean(&stages),
     }
 }
 
@@ -502,6 +577,31 @@ mod tests {
         assert_eq!(name, "completed");
         assert_eq!(data["result"]["batch_size"], 3);
         assert!(last_event("").is_none());
+    }
+
+    #[test]
+    fn a_request_splits_into_the_server_stages_and_the_rest() {
+        let answer = serde_json::json!({"batch_size": 2, "timings": {"queue_ms": 1.0,
+            "text_encoding_ms": 0.5, "denoising_ms": 10.0, "decoding_ms": 0.5,
+            "encoding_ms": 0.25, "total_ms": 12.5}});
+        let s = Stages::of(&answer, 14.0).unwrap();
+        assert_eq!(s.device_ms, 11.0);
+        assert_eq!(s.device_share_ms, 5.5);
+        assert_eq!(s.handoff_ms(), 0.25);
+        assert_eq!(s.outside_ms(), 1.5);
+        // 100 images/s at 5.5 ms of device each: busy 55% of the time.
+        assert!((s.device_busy(100.0) - 0.55).abs() < 1e-12);
+        // An answer without timings gives no stages; the mean of none is zeros.
+        assert!(Stages::of(&Value::Null, 14.0).is_none());
+        let two = Stages::mean(&[
+            s,
+            Stages {
+                round_trip_ms: 16.0,
+                ..s
+            },
+        ]);
+        assert_eq!(two.round_trip_ms, 15.0);
+        assert_eq!(Stages::mean(&[]).server_ms, 0.0);
     }
 
     #[test]

@@ -592,6 +592,25 @@ fn bench_http(args: &BenchArgs, manifest: &crate::manifest::Manifest) -> anyhow:
             w.adaptive.p50_ms / w.fixed.p50_ms
         );
     }
+    println!("\nwhere a request's time goes, adaptive wait (mean ms per request, from the server's own timings; device: its batch's pass; hand-offs: timed by the server in no stage; outside: HTTP, JSON and the client; device busy: the share of the steady run's wall time the device computed, same requests)");
+    println!(
+        "concurrency  round trip  server  queue  device  encoding  hand-offs  outside  device busy"
+    );
+    for w in &http_rows {
+        let s = &w.adaptive.stages;
+        println!(
+            "{:>11}  {:>10.2}  {:>6.2}  {:>5.2}  {:>6.2}  {:>8.2}  {:>9.2}  {:>7.2}  {:>11.3}",
+            w.concurrency,
+            s.round_trip_ms,
+            s.server_ms,
+            s.queue_ms,
+            s.device_ms,
+            s.encoding_ms,
+            s.handoff_ms(),
+            s.outside_ms(),
+            s.device_busy(w.adaptive.steady_images_per_s)
+        );
+    }
     if let Some(v) = versus {
         println!(
             "\nsync vs async jobs at concurrency {} (median of {ROUNDS} alternating rounds each)",
