@@ -208,6 +208,20 @@ fn student_name(model: &Manifest) -> String {
     }
 }
 
+/// The teacher as this run's family builds it. A served student that is continued keeps the
+/// schedule it samples with (its step times and re-noising levels come from it), even where
+/// the teacher's own sampling schedule has moved since the student was distilled: otherwise a
+/// refinement would silently train and ship it at other times than it was made for.
+fn with_student_schedule(mut teacher: Manifest, model: &Manifest) -> Manifest {
+    if model.teacher.is_some() {
+        let (t, s) = (&mut teacher.sampling, &model.sampling);
+        t.shift = s.shift;
+        t.video_shift = s.video_shift;
+        t.timesteps = s.timesteps.clone();
+    }
+    teacher
+}
+
 /// The manifest of an exported student: the teacher's architecture and serving limits, the
 /// few-step sampler without CFG, and a pointer back to the teacher (the family names its
 /// files when it writes them).
@@ -345,6 +359,7 @@ pub fn run(
     config
         .guidance
         .get_or_insert(teacher_manifest.sampling.default_guidance);
+    let teacher_manifest = with_student_schedule(teacher_manifest, &model);
     let dir = &opts.out;
     let (reward, prompts) = match &opts.from_log {
         Some(src) => from_log(src, &config, &model.name, dir, device)?,

@@ -186,6 +186,36 @@ fn an_sdxl_lora_student_trains_adapters_and_exports_merged_weights() -> anyhow::
 /// whose architecture differs (e.g. a DiT student of a UNet teacher) is refused by name,
 /// before anything is written.
 #[test]
+fn a_continued_student_keeps_its_own_schedule() -> anyhow::Result<()> {
+    let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models");
+    let student = Manifest::find(&models, "tiny-shapes")?;
+    let mut teacher = Manifest::find(&models, "tiny-shapes-teacher")?;
+    // The teacher's images move to another schedule after the student was distilled.
+    teacher.sampling.shift = student.sampling.shift + 2.0;
+    teacher.sampling.video_shift = Some(7.0);
+    let kept = with_student_schedule(teacher.clone(), &student);
+    assert_eq!(kept.sampling.shift, student.sampling.shift);
+    assert_eq!(kept.sampling.video_shift, student.sampling.video_shift);
+    assert_eq!(
+        kept.name, teacher.name,
+        "only the schedule is the student's"
+    );
+    assert_eq!(
+        kept.sampling.default_guidance,
+        teacher.sampling.default_guidance
+    );
+    // So the refined student's manifest keeps it too.
+    let cfg = DistillConfig::default();
+    let refined = student_manifest(&kept, student.name.clone(), &cfg);
+    assert_eq!(refined.sampling.shift, student.sampling.shift);
+    // A first distillation takes the teacher's schedule.
+    let fresh = with_student_schedule(teacher.clone(), &teacher);
+    assert_eq!(fresh.sampling.shift, teacher.sampling.shift);
+    assert_eq!(fresh.sampling.video_shift, Some(7.0));
+    Ok(())
+}
+
+#[test]
 fn a_tiny_student_of_another_architecture_than_its_teacher_is_refused() -> anyhow::Result<()> {
     let models = temp_dir("arch-models");
     let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny-shapes-teacher");
