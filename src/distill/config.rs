@@ -70,6 +70,11 @@ pub struct DistillConfig {
     pub guidance: Option<f32>,
     /// Two-time-scale update rule: the student steps every `generator_every`-th iteration.
     pub generator_every: u64,
+    /// The flow shift of the student's image schedule (its step times and re-noising levels);
+    /// `None` takes the teacher's `sampling.shift`. A teacher may sample better at a shift its
+    /// few-step students do not (the tiny teacher: 3 against 1, `models/tiny-shapes/DISTILL.md`).
+    /// Videos keep the teacher's `video_shift`; a continued student keeps its own schedule.
+    pub student_shift: Option<f32>,
     /// Range of the generator's re-noising time `tau` (fractions of the schedule, before its
     /// warp: a flow shift such as Wan's moves them toward noise).
     pub tau_min: f32,
@@ -114,6 +119,7 @@ impl Default for DistillConfig {
             video_prompts: 2,
             guidance: None,
             generator_every: 5,
+            student_shift: None,
             tau_min: 0.02,
             tau_max: 0.98,
             student_optim: optim.clone(),
@@ -160,6 +166,11 @@ impl DistillConfig {
         if !(0.0..1.0).contains(&self.amd.s_f) {
             return bad("amd.s_f must be in [0, 1) (weights 1 - s_f a stay positive)");
         }
+        if let Some(shift) = self.student_shift.filter(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(ConfigError(format!(
+                "student_shift {shift} must be a positive number"
+            )));
+        }
         if !(0.0 <= self.tau_min && self.tau_min < self.tau_max && self.tau_max <= 1.0) {
             return bad("need 0 <= tau_min < tau_max <= 1");
         }
@@ -183,6 +194,21 @@ impl DistillConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_student_shift_must_be_positive() {
+        let cfg: DistillConfig = toml::from_str("student_shift = 1.0\n").unwrap();
+        assert_eq!(cfg.student_shift, Some(1.0));
+        cfg.validate().unwrap();
+        for bad in ["0.0", "-3.0", "nan", "inf"] {
+            let cfg: DistillConfig = toml::from_str(&format!("student_shift = {bad}\n")).unwrap();
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains("student_shift"), "{bad}: {err}");
+        }
+        // Left out, it is absent from a written config too (old runs resume unchanged).
+        let text = toml::to_string(&DistillConfig::default()).unwrap();
+        assert!(!text.contains("student_shift"), "{text}");
+    }
 
     #[test]
     fn the_clip_reward_is_chosen_with_its_path() {

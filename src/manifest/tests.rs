@@ -191,7 +191,7 @@ fn family_keys_do_not_mix_and_sd_limits_are_checked() {
         .filter(|line| !line.starts_with("video_shift"))
         .collect::<Vec<_>>()
         .join("\n")
-        .replace("shift = 1.0", "shift = 1.0\ntimesteps = [999]");
+        .replacen("\nshift =", "\ntimesteps = [999]\nshift =", 1);
     let err = parse("tiny-ts", &teacher).unwrap_err().to_string();
     assert!(err.contains("sd family only"), "{err}");
     // Its shifts are positive numbers.

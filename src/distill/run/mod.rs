@@ -208,18 +208,35 @@ fn student_name(model: &Manifest) -> String {
     }
 }
 
-/// The teacher as this run's family builds it. A served student that is continued keeps the
-/// schedule it samples with (its step times and re-noising levels come from it), even where
-/// the teacher's own sampling schedule has moved since the student was distilled: otherwise a
-/// refinement would silently train and ship it at other times than it was made for.
-fn with_student_schedule(mut teacher: Manifest, model: &Manifest) -> Manifest {
-    if model.teacher.is_some() {
-        let (t, s) = (&mut teacher.sampling, &model.sampling);
-        t.shift = s.shift;
-        t.video_shift = s.video_shift;
-        t.timesteps = s.timesteps.clone();
+/// The teacher as this run's family builds it, with the student's schedule (its step times
+/// and re-noising levels come from it): `student_shift` for a first student, else the
+/// teacher's. A served student that is continued keeps its own, even where the teacher's
+/// sampling has moved since it was distilled: otherwise a refinement would silently train and
+/// ship it at other times than it was made for (and `student_shift` may not move it).
+fn with_student_schedule(
+    mut teacher: Manifest,
+    model: &Manifest,
+    student_shift: Option<f32>,
+) -> anyhow::Result<Manifest> {
+    let (t, own) = (&mut teacher.sampling, &model.sampling);
+    if model.teacher.is_none() {
+        if let Some(shift) = student_shift {
+            t.shift = shift;
+        }
+        return Ok(teacher);
     }
-    teacher
+    if let Some(shift) = student_shift.filter(|s| *s != own.shift) {
+        anyhow::bail!(
+            "{} samples images at shift {}, and student_shift {shift} would move it; \
+             distill a new student from the teacher instead",
+            model.name,
+            own.shift
+        );
+    }
+    t.shift = own.shift;
+    t.video_shift = own.video_shift;
+    t.timesteps = own.timesteps.clone();
+    Ok(teacher)
 }
 
 /// The manifest of an exported student: the teacher's architecture and serving limits, the
@@ -359,7 +376,7 @@ pub fn run(
     config
         .guidance
         .get_or_insert(teacher_manifest.sampling.default_guidance);
-    let teacher_manifest = with_student_schedule(teacher_manifest, &model);
+    let teacher_manifest = with_student_schedule(teacher_manifest, &model, config.student_shift)?;
     let dir = &opts.out;
     let (reward, prompts) = match &opts.from_log {
         Some(src) => from_log(src, &config, &model.name, dir, device)?,

@@ -193,7 +193,7 @@ fn a_continued_student_keeps_its_own_schedule() -> anyhow::Result<()> {
     // The teacher's images move to another schedule after the student was distilled.
     teacher.sampling.shift = student.sampling.shift + 2.0;
     teacher.sampling.video_shift = Some(7.0);
-    let kept = with_student_schedule(teacher.clone(), &student);
+    let kept = with_student_schedule(teacher.clone(), &student, None)?;
     assert_eq!(kept.sampling.shift, student.sampling.shift);
     assert_eq!(kept.sampling.video_shift, student.sampling.video_shift);
     assert_eq!(
@@ -208,10 +208,29 @@ fn a_continued_student_keeps_its_own_schedule() -> anyhow::Result<()> {
     let cfg = DistillConfig::default();
     let refined = student_manifest(&kept, student.name.clone(), &cfg);
     assert_eq!(refined.sampling.shift, student.sampling.shift);
-    // A first distillation takes the teacher's schedule.
-    let fresh = with_student_schedule(teacher.clone(), &teacher);
+    // Naming its own shift is fine; another one is refused, with both in the message.
+    let same = Some(student.sampling.shift);
+    assert!(with_student_schedule(teacher.clone(), &student, same).is_ok());
+    let err = with_student_schedule(teacher.clone(), &student, Some(5.0))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("student_shift 5") && err.contains("new student"),
+        "{err}"
+    );
+
+    // A first distillation takes the teacher's schedule, or `student_shift` for its images.
+    let fresh = with_student_schedule(teacher.clone(), &teacher, None)?;
     assert_eq!(fresh.sampling.shift, teacher.sampling.shift);
     assert_eq!(fresh.sampling.video_shift, Some(7.0));
+    let set = with_student_schedule(teacher.clone(), &teacher, Some(1.0))?;
+    assert_eq!(set.sampling.shift, 1.0);
+    assert_eq!(
+        set.sampling.video_shift,
+        Some(7.0),
+        "videos keep the teacher's"
+    );
+    assert_eq!(student_manifest(&set, "s".into(), &cfg).sampling.shift, 1.0);
     Ok(())
 }
 
