@@ -257,6 +257,7 @@ pub fn generate(parts: &WanParts, x: &WanInputs, spec: &WanSpec) -> Result<Gener
         kind: spec.sampler,
         steps: spec.steps,
         guidance: spec.guidance,
+        guidance_interval: None,
     };
     let mut supplied = std::iter::once(&x.latents).chain(&x.step_noise);
     device.synchronize()?;

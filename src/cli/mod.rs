@@ -373,6 +373,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
             sampler: s.sampler,
             steps: args.steps.unwrap_or(s.default_steps),
             guidance: args.cfg.unwrap_or(s.default_guidance),
+            guidance_interval: s.guidance_interval,
             t0: args.probe_t0,
             seed: args.seed,
         };

@@ -74,6 +74,7 @@ impl LoadedModel {
             kind: self.manifest.sampling.sampler,
             steps,
             guidance,
+            guidance_interval: self.manifest.sampling.guidance_interval,
         };
         self.model.generate_observed(spec, params, observer)
     }

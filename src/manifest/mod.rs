@@ -82,6 +82,11 @@ pub struct Sampling {
     /// other step counts use trailing spacing (`crate::families::sd::DdpmSchedule`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timesteps: Option<Vec<usize>>,
+    /// tiny family: `[lo, hi]`, the flow times at which guidance runs; the steps outside it take
+    /// the conditional prediction alone. Guidance at low noise sharpens edges past the
+    /// renders' (the teacher's README, "Session 22"). Absent: every step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance_interval: Option<[f64; 2]>,
 }
 
 impl Sampling {

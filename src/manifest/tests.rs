@@ -166,6 +166,10 @@ fn family_keys_do_not_mix_and_sd_limits_are_checked() {
         (sd_text("", "shift = 3.0"), "sampling.shift"),
         (sd_text("", "video_shift = 3.0"), "sampling.video_shift"),
         (
+            sd_text("", "guidance_interval = [0.2, 1.0]"),
+            "sampling.guidance_interval",
+        ),
+        (
             sd_text("", "timesteps = [249, 999]"),
             "must be strictly descending",
         ),
@@ -188,7 +192,7 @@ fn family_keys_do_not_mix_and_sd_limits_are_checked() {
     let teacher = std::fs::read_to_string(repo().join("models/tiny-shapes-teacher/manifest.toml"))
         .unwrap()
         .lines()
-        .filter(|line| !line.starts_with("video_shift"))
+        .filter(|line| !line.starts_with("video_shift") && !line.starts_with("guidance_interval"))
         .collect::<Vec<_>>()
         .join("\n")
         .replacen("\nshift =", "\ntimesteps = [999]\nshift =", 1);
@@ -204,6 +208,17 @@ fn family_keys_do_not_mix_and_sd_limits_are_checked() {
         let err = parse("tiny-shift", &text).unwrap_err().to_string();
         assert!(err.contains("must be a positive number"), "{bad}: {err}");
     }
+    // Its guidance interval is of flow times, low before high.
+    let interval =
+        |v: &str| teacher.replace("\ntimesteps = [999]", &format!("\nguidance_interval = {v}"));
+    for bad in ["[0.5, 0.2]", "[-0.1, 1.0]", "[0.2, 1.5]", "[nan, 1.0]"] {
+        let err = parse("tiny-interval", &interval(bad))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("0 <= lo < hi <= 1"), "{bad}: {err}");
+    }
+    let ok = parse("tiny-interval", &interval("[0.2, 1.0]")).unwrap();
+    assert_eq!(ok.sampling.guidance_interval, Some([0.2, 1.0]));
 }
 
 #[test]

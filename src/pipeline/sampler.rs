@@ -33,6 +33,19 @@ pub struct SamplerParams {
     pub kind: SamplerKind,
     pub steps: usize,
     pub guidance: f32,
+    /// The times `[lo, hi]` at which `guidance` runs (`sampling.guidance_interval`); outside
+    /// it a step takes the conditional prediction alone. `None`: every step.
+    pub guidance_interval: Option<[f64; 2]>,
+}
+
+impl SamplerParams {
+    /// The guidance of a step at time `t`.
+    fn guidance_at(&self, t: f32) -> f32 {
+        match self.guidance_interval {
+            Some([lo, hi]) if !(lo..=hi).contains(&f64::from(t)) => 1.0,
+            _ => self.guidance,
+        }
+    }
 }
 
 /// Watches a batch as it denoises: called once before the first step (`step` 0, no estimate)
@@ -157,11 +170,7 @@ fn run<M: Denoiser, S: NoiseSchedule>(
     noise: &mut dyn FnMut(&[usize]) -> Result<Tensor>,
     observer: &mut dyn StepObserver,
 ) -> Result<Option<Tensor>> {
-    let SamplerParams {
-        kind,
-        steps,
-        guidance,
-    } = params;
+    let SamplerParams { kind, steps, .. } = params;
     let times = match kind {
         SamplerKind::Euler => schedule.euler_times(steps),
         SamplerKind::UniPc => schedule.unipc_times(steps),
@@ -195,6 +204,7 @@ fn run<M: Denoiser, S: NoiseSchedule>(
         let c = narrowed.as_ref().unwrap_or(cond);
         let b = live.len();
         let t = times[i];
+        let guidance = params.guidance_at(t);
         // Sampling never needs a graph; detaching keeps a trainable model's steps from
         // chaining every forward pass into one.
         x0 = match &mut unipc {
@@ -300,6 +310,7 @@ mod tests {
                 kind,
                 steps: 4,
                 guidance: 1.0,
+                guidance_interval: None,
             };
             let run = |obs: &mut dyn StepObserver| {
                 let mut rows: Vec<RowNoise> = (0..3).map(|s| RowNoise::new(s as u64)).collect();
@@ -334,6 +345,70 @@ mod tests {
         Ok(())
     }
 
+    /// Records the time and guidance of every call.
+    struct Recorder(std::cell::RefCell<Vec<(f32, f32)>>);
+
+    impl Denoiser for Recorder {
+        type Cond = Tensor;
+
+        fn predict_x0(&self, x: &Tensor, t: &[f32], _: &Tensor, guidance: f32) -> Result<Tensor> {
+            self.0.borrow_mut().push((t[0], guidance));
+            x * 0.5
+        }
+
+        fn select_rows(&self, cond: &Tensor, idx: &Tensor) -> Result<Tensor> {
+            cond.index_select(idx, 0)
+        }
+    }
+
+    #[test]
+    fn guidance_runs_only_inside_its_interval() -> Result<()> {
+        let dev = Device::Cpu;
+        let cond = Tensor::new(&[[0.1f32]], &dev)?.reshape((1, 1, 1))?;
+        let guidances = |interval| -> Result<Vec<(f32, f32)>> {
+            let model = Recorder(Default::default());
+            let params = SamplerParams {
+                kind: SamplerKind::Euler,
+                steps: 4,
+                guidance: 3.0,
+                guidance_interval: interval,
+            };
+            let mut rows = vec![RowNoise::new(0)];
+            let schedule = FlowSchedule::default();
+            sample_observed(
+                &model,
+                &schedule,
+                params,
+                &cond,
+                &mut rows,
+                &[1, 2],
+                &dev,
+                &mut Unobserved,
+            )?;
+            Ok(model.0.into_inner())
+        };
+        // Euler at 4 steps visits t = 1, 0.75, 0.5, 0.25.
+        let every = guidances(None)?;
+        assert_eq!(
+            every,
+            vec![(1.0, 3.0), (0.75, 3.0), (0.5, 3.0), (0.25, 3.0)]
+        );
+        assert_eq!(
+            guidances(Some([0.0, 1.0]))?,
+            every,
+            "the whole range is no change"
+        );
+        // Below 0.3 the conditional prediction alone; the bounds are inclusive.
+        let high = guidances(Some([0.3, 1.0]))?;
+        assert_eq!(high, vec![(1.0, 3.0), (0.75, 3.0), (0.5, 3.0), (0.25, 1.0)]);
+        let middle = guidances(Some([0.5, 0.75]))?;
+        assert_eq!(
+            middle,
+            vec![(1.0, 1.0), (0.75, 3.0), (0.5, 3.0), (0.25, 1.0)]
+        );
+        Ok(())
+    }
+
     #[test]
     fn when_every_row_leaves_nothing_is_left() -> Result<()> {
         let dev = Device::Cpu;
@@ -342,6 +417,7 @@ mod tests {
             kind: SamplerKind::Student,
             steps: 4,
             guidance: 1.0,
+            guidance_interval: None,
         };
         let mut rows = vec![RowNoise::new(0)];
         let mut obs = DropAt {

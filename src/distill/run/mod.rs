@@ -264,6 +264,8 @@ fn student_manifest(teacher: &Manifest, name: String, cfg: &DistillConfig) -> Ma
         m.sampling.timesteps = None;
     }
     m.sampling.max_guidance = 1.0;
+    // A student runs without CFG, so the teacher's guidance interval means nothing to it.
+    m.sampling.guidance_interval = None;
     m.teacher = Some(teacher.name.clone());
     m
 }

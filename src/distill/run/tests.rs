@@ -193,6 +193,7 @@ fn a_continued_student_keeps_its_own_schedule() -> anyhow::Result<()> {
     // The teacher's images move to another schedule after the student was distilled.
     teacher.sampling.shift = student.sampling.shift + 2.0;
     teacher.sampling.video_shift = Some(7.0);
+    teacher.sampling.guidance_interval = Some([0.2, 1.0]);
     let kept = with_student_schedule(teacher.clone(), &student, None)?;
     assert_eq!(kept.sampling.shift, student.sampling.shift);
     assert_eq!(kept.sampling.video_shift, student.sampling.video_shift);
@@ -208,6 +209,10 @@ fn a_continued_student_keeps_its_own_schedule() -> anyhow::Result<()> {
     let cfg = DistillConfig::default();
     let refined = student_manifest(&kept, student.name.clone(), &cfg);
     assert_eq!(refined.sampling.shift, student.sampling.shift);
+    assert_eq!(
+        refined.sampling.guidance_interval, None,
+        "a student has no CFG"
+    );
     // Naming its own shift is fine; another one is refused, with both in the message.
     let same = Some(student.sampling.shift);
     assert!(with_student_schedule(teacher.clone(), &student, same).is_ok());

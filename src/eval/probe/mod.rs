@@ -49,6 +49,8 @@ pub struct ProbeOptions {
     /// the same size from `t0`.
     pub steps: usize,
     pub guidance: f32,
+    /// The model's `sampling.guidance_interval`, for the samples from pure noise.
+    pub guidance_interval: Option<[f64; 2]>,
     /// Noise level the wrong-shape probe starts from.
     pub t0: f32,
     pub seed: u64,
@@ -61,6 +63,7 @@ impl Default for ProbeOptions {
             sampler: SamplerKind::Euler,
             steps: 20,
             guidance: 3.0,
+            guidance_interval: None,
             t0: 0.6,
             seed: 0,
         }
@@ -447,6 +450,7 @@ fn sample_from_noise(
         kind: opts.sampler,
         steps: opts.steps,
         guidance: opts.guidance,
+        guidance_interval: opts.guidance_interval,
     };
     sample(
         model,

@@ -129,10 +129,10 @@ impl Section for SdSource {
         if serving.frames != [1] {
             return Err("serving.frames must be [1]: sd models make images".into());
         }
-        if s.shift != 1.0 || s.video_shift.is_some() {
+        if s.shift != 1.0 || s.video_shift.is_some() || s.guidance_interval.is_some() {
             return Err(
-                "sampling.shift and sampling.video_shift apply to the tiny family's flow \
-                 schedule only"
+                "sampling.shift, sampling.video_shift and sampling.guidance_interval apply to \
+                 the tiny family's flow schedule only"
                     .into(),
             );
         }

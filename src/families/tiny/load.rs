@@ -186,6 +186,7 @@ mod tests {
                 kind: SamplerKind::Euler,
                 steps: 3,
                 guidance: 1.0,
+                guidance_interval: None,
             };
             model.generate(&spec, params).unwrap().outputs
         };

@@ -81,6 +81,13 @@ impl Section for TinySource {
                 return Err(format!("sampling.{key} {s} must be a positive number"));
             }
         }
+        if let Some([lo, hi]) = sampling.guidance_interval {
+            if !(lo.is_finite() && hi.is_finite() && 0.0 <= lo && lo < hi && hi <= 1.0) {
+                return Err(format!(
+                    "sampling.guidance_interval [{lo}, {hi}] must be flow times with 0 <= lo < hi <= 1"
+                ));
+            }
+        }
         let a = &self.architecture;
         a.validate()?;
         let m = a.size_multiple();

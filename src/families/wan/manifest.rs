@@ -93,6 +93,9 @@ impl Section for WanSource {
         if serving.sizes.iter().any(|&[w, h]| w == 0 || h == 0) {
             return Err("serving.sizes must be positive".into());
         }
+        if s.guidance_interval.is_some() {
+            return Err("sampling.guidance_interval applies to the tiny family only".into());
+        }
         if s.shift != 1.0 || s.video_shift.is_some() {
             return Err(
                 "sampling.shift applies to the tiny family; Wan's shift is its scheduler's \

@@ -54,6 +54,7 @@ fn params(kind: SamplerKind, steps: usize, guidance: f32) -> SamplerParams {
         kind,
         steps,
         guidance,
+        guidance_interval: None,
     }
 }
 
