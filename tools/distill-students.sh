@@ -3,11 +3,13 @@
 # and AMD at 1 step, over seeds, two runs at a time with one thread each (on 2 cores this is
 # faster than one run on two threads: candle's thread barrier spins when cores are shared).
 # Usage: tools/distill-students.sh ITERATIONS OUT_DIR RUN...   (RUN = method:steps:seed)
-# FEWSTEP_BIN picks the binary; MODELS_DIR a models directory other than models/ (a candidate teacher).
+# FEWSTEP_BIN picks the binary; MODELS_DIR a models directory other than models/ (a candidate teacher);
+# DISTILL_CONFIG a distill config other than the shipped one (a variant of the recipe).
 set -euo pipefail
 iterations=$1 out=$2
 shift 2
 bin=${FEWSTEP_BIN:-target/release/fewstep}
+config=${DISTILL_CONFIG:-models/tiny-shapes-teacher/distill.toml}
 models=()
 [ -n "${MODELS_DIR:-}" ] && models=(--models-dir "$MODELS_DIR")
 run() {
@@ -16,7 +18,7 @@ run() {
     local resume=()
     [ -f "$dir/checkpoint.safetensors" ] && resume=(--resume)
     CANDLE_NUM_THREADS=1 RAYON_NUM_THREADS=1 "$bin" distill "${models[@]}" --model tiny-shapes-teacher \
-        --config models/tiny-shapes-teacher/distill.toml --method "$method" \
+        --config "$config" --method "$method" \
         --student-steps "$steps" --seed "$seed" --steps "$iterations" --out "$dir" \
         "${resume[@]}" >"$dir.log" 2>&1
 }

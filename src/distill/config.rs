@@ -68,6 +68,10 @@ pub struct DistillConfig {
     pub video_prompts: usize,
     /// CFG scale `w` of the real teacher; `None` takes the teacher's default guidance.
     pub guidance: Option<f32>,
+    /// The flow times `[lo, hi]` at which the real teacher's score is guided; outside them it
+    /// is the conditional prediction alone, as a teacher with `sampling.guidance_interval`
+    /// samples. Absent: every time.
+    pub guidance_interval: Option<[f64; 2]>,
     /// Two-time-scale update rule: the student steps every `generator_every`-th iteration.
     pub generator_every: u64,
     /// The flow shift of the student's image schedule (its step times and re-noising levels);
@@ -118,6 +122,7 @@ impl Default for DistillConfig {
             video_every: 4,
             video_prompts: 2,
             guidance: None,
+            guidance_interval: None,
             generator_every: 5,
             student_shift: None,
             tau_min: 0.02,
@@ -171,6 +176,14 @@ impl DistillConfig {
                 "student_shift {shift} must be a positive number"
             )));
         }
+        if let Some([lo, hi]) = self
+            .guidance_interval
+            .filter(|&i| !crate::pipeline::sampler::is_guidance_interval(i))
+        {
+            return Err(ConfigError(format!(
+                "guidance_interval [{lo}, {hi}] must be flow times with 0 <= lo < hi <= 1"
+            )));
+        }
         if !(0.0 <= self.tau_min && self.tau_min < self.tau_max && self.tau_max <= 1.0) {
             return bad("need 0 <= tau_min < tau_max <= 1");
         }
@@ -208,6 +221,27 @@ mod tests {
         // Left out, it is absent from a written config too (old runs resume unchanged).
         let text = toml::to_string(&DistillConfig::default()).unwrap();
         assert!(!text.contains("student_shift"), "{text}");
+    }
+
+    #[test]
+    fn a_guidance_interval_must_be_flow_times_in_order() {
+        let cfg: DistillConfig = toml::from_str("guidance_interval = [0.2, 1.0]\n").unwrap();
+        assert_eq!(cfg.guidance_interval, Some([0.2, 1.0]));
+        cfg.validate().unwrap();
+        for bad in [
+            "[0.5, 0.2]",
+            "[0.3, 0.3]",
+            "[-0.1, 1.0]",
+            "[0.0, 1.5]",
+            "[nan, 1.0]",
+        ] {
+            let text = format!("guidance_interval = {bad}\n");
+            let cfg: DistillConfig = toml::from_str(&text).unwrap();
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains("guidance_interval"), "{bad}: {err}");
+        }
+        let text = toml::to_string(&DistillConfig::default()).unwrap();
+        assert!(!text.contains("guidance_interval"), "{text}");
     }
 
     #[test]

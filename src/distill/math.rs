@@ -49,9 +49,10 @@ impl Adaptation {
     }
 }
 
-/// `xcfg = xu + w (xc - xu)`.
-pub fn cfg_target(p: &TeacherPredictions, w: f64) -> Result<Tensor> {
-    p.uncond + ((p.cond - p.uncond)? * w)?
+/// `xcfg = xu + w (xc - xu)`, with each sample's own `w` (a guidance interval gives the
+/// samples outside it `w = 1`).
+pub fn cfg_target(p: &TeacherPredictions, w: &[f32]) -> Result<Tensor> {
+    p.uncond + (p.cond - p.uncond)?.broadcast_mul(&row_scale(w, p.cond)?)?
 }
 
 /// The generator's update direction `H`, so that the loss is `0.5 |x - sg(x + H)|^2`.
@@ -63,7 +64,7 @@ pub fn cfg_target(p: &TeacherPredictions, w: f64) -> Result<Tensor> {
 pub fn generator_direction(
     x: &Tensor,
     p: &TeacherPredictions,
-    w: f64,
+    w: &[f32],
     adapt: Option<&Adaptation>,
 ) -> Result<Tensor> {
     let xcfg = cfg_target(p, w)?;
@@ -73,7 +74,8 @@ pub fn generator_direction(
         let alpha_m1: Vec<f32> = a
             .alpha
             .iter()
-            .map(|a| (a - 1.0) * (w as f32 - 1.0))
+            .zip(w)
+            .map(|(a, w)| (a - 1.0) * (w - 1.0))
             .collect();
         let beta_m1 = row_scale(&beta_m1, x)?;
         let alpha_m1 = row_scale(&alpha_m1, x)?;
@@ -196,7 +198,7 @@ mod tests {
             uncond: &xu,
             fake: &xf,
         };
-        let h = generator_direction(&x, &p, 3.0, None)?;
+        let h = generator_direction(&x, &p, &[3.0], None)?;
         close(&h.flatten_all()?.to_vec1()?, &[-4.0 / 3.5, -2.0 / 3.5]);
         Ok(())
     }
@@ -213,16 +215,43 @@ mod tests {
             fake: &xf,
         };
         let a = Adaptation::new(0.5, &[0.5]);
-        let h = generator_direction(&x, &p, 3.0, Some(&a))?;
+        let h = generator_direction(&x, &p, &[3.0], Some(&a))?;
         close(&h.flatten_all()?.to_vec1()?, &[-4.0 / 3.5, -2.5 / 3.5]);
         // s = 0 is DMD2, bit for bit.
         let zero = Adaptation::new(0.0, &[0.7]);
-        let h0 = generator_direction(&x, &p, 3.0, Some(&zero))?;
-        let hd = generator_direction(&x, &p, 3.0, None)?;
+        let h0 = generator_direction(&x, &p, &[3.0], Some(&zero))?;
+        let hd = generator_direction(&x, &p, &[3.0], None)?;
         assert_eq!(
             h0.flatten_all()?.to_vec1::<f32>()?,
             hd.flatten_all()?.to_vec1::<f32>()?
         );
+        Ok(())
+    }
+
+    #[test]
+    fn each_sample_is_guided_by_its_own_scale() -> Result<()> {
+        // Two samples with the inputs above; the second is outside a guidance interval
+        // (w = 1), so its target is the conditional prediction alone: H = (xc - xf) / mean|x - xc|.
+        let two = |v: &[f32]| Tensor::from_slice(&[v, v].concat(), (2, v.len()), &Device::Cpu);
+        let (x, xc, xu, xf) = (
+            two(&[1., 2.])?,
+            two(&[0., 0.])?,
+            two(&[1., 1.])?,
+            two(&[2., 0.])?,
+        );
+        let p = TeacherPredictions {
+            cond: &xc,
+            uncond: &xu,
+            fake: &xf,
+        };
+        let h = generator_direction(&x, &p, &[3.0, 1.0], None)?.to_vec2::<f32>()?;
+        close(&h[0], &[-4.0 / 3.5, -2.0 / 3.5]);
+        close(&h[1], &[-2.0 / 1.5, 0.0]);
+        // With adaptation, the CFG term (w - 1) d_ca vanishes for the unguided sample.
+        let a = Adaptation::new(0.5, &[0.5, 0.5]);
+        let h = generator_direction(&x, &p, &[3.0, 1.0], Some(&a))?.to_vec2::<f32>()?;
+        close(&h[0], &[-4.0 / 3.5, -2.5 / 3.5]);
+        close(&h[1], &[0.75 * -2.0 / 1.5, 0.0]);
         Ok(())
     }
 
@@ -235,7 +264,7 @@ mod tests {
             uncond: &xu,
             fake: &xf,
         };
-        let h = generator_direction(&x, &p, 2.0, None)?;
+        let h = generator_direction(&x, &p, &[2.0], None)?;
         assert_eq!(h.flatten_all()?.to_vec1::<f32>()?, vec![0.0, 0.0]);
         Ok(())
     }

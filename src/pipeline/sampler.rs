@@ -41,11 +41,23 @@ pub struct SamplerParams {
 impl SamplerParams {
     /// The guidance of a step at time `t`.
     fn guidance_at(&self, t: f32) -> f32 {
-        match self.guidance_interval {
-            Some([lo, hi]) if !(lo..=hi).contains(&f64::from(t)) => 1.0,
-            _ => self.guidance,
-        }
+        guidance_at(self.guidance, self.guidance_interval, t)
     }
+}
+
+/// The CFG scale at flow time `t`: `guidance` inside `interval` (or everywhere without one), 1
+/// (the conditional prediction alone) outside it. Shared by the samplers and distillation's
+/// real score, so that both read an interval the same way.
+pub fn guidance_at(guidance: f32, interval: Option<[f64; 2]>, t: f32) -> f32 {
+    match interval {
+        Some([lo, hi]) if !(lo..=hi).contains(&f64::from(t)) => 1.0,
+        _ => guidance,
+    }
+}
+
+/// Whether `[lo, hi]` is a guidance interval: flow times with `0 <= lo < hi <= 1`.
+pub fn is_guidance_interval([lo, hi]: [f64; 2]) -> bool {
+    lo.is_finite() && hi.is_finite() && 0.0 <= lo && lo < hi && hi <= 1.0
 }
 
 /// Watches a batch as it denoises: called once before the first step (`step` 0, no estimate)

@@ -57,6 +57,11 @@ pub struct TeacherConfig {
     /// because at 10 the last of 20 Euler steps spans t = 0.34 to 0 and the video FD rose 60%.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub video_shift: f32,
+    /// The same flow shift for the image rows (1 = none). A shape, and which object gets it,
+    /// is decided at high noise, which the unshifted draw trains least; the manifest samples
+    /// images at `shift` 3 (README, "Session 22"), and SD3 trains at the shift it samples at.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub image_shift: f32,
     /// Name prefixes of the only parameters that train (all of them when absent); the rest
     /// keep their warm-start values. With only video-only parts (`dit.frame_words`,
     /// `dit.motion`, `dit.blocks.N.temporal`), images are unchanged by construction, which a
@@ -122,6 +127,7 @@ impl Default for TeacherConfig {
             scene_kinds: None,
             video_scene_kinds: None,
             video_shift: 1.0,
+            image_shift: 1.0,
             train_only: None,
             ema_decay: 0.999,
             seed: 0,
@@ -190,6 +196,14 @@ impl TeacherConfig {
         }
         if self.image_batch == 0 {
             return Err("image_batch must be at least 1".into());
+        }
+        for (key, shift) in [
+            ("image_shift", self.image_shift),
+            ("video_shift", self.video_shift),
+        ] {
+            if !(shift.is_finite() && shift > 0.0) {
+                return Err(format!("{key} {shift} must be a positive number"));
+            }
         }
         check_weights("shape_weights", self.shape_weights)?;
         check_weights("scene_kinds", self.scene_kinds)?;
@@ -454,7 +468,13 @@ pub fn train_teacher(
             config.cfg_dropout,
             device,
         )?;
-        let li = flow_matching_loss(&model, &ib, config.loss_weighting, 1.0, &mut rng)?;
+        let li = flow_matching_loss(
+            &model,
+            &ib,
+            config.loss_weighting,
+            config.image_shift,
+            &mut rng,
+        )?;
         let (loss, lv) = if config.video_batch > 0 {
             let vbt = world_batch(
                 &mut rng,
@@ -1064,11 +1084,20 @@ mod tests {
         );
 
         let json = serde_json::to_value(TeacherConfig::default()).unwrap();
-        assert!(
-            json.get("video_shift").is_none(),
-            "the default is not written out"
-        );
+        for key in ["video_shift", "image_shift"] {
+            assert!(
+                json.get(key).is_none(),
+                "the default {key} is not written out"
+            );
+        }
         let old: TeacherConfig = serde_json::from_value(json).unwrap();
-        assert_eq!(old.video_shift, 1.0);
+        assert_eq!((old.video_shift, old.image_shift), (1.0, 1.0));
+        for bad in [0.0, -2.0, f32::NAN] {
+            let c = TeacherConfig {
+                image_shift: bad,
+                ..TeacherConfig::default()
+            };
+            assert!(c.validate().unwrap_err().contains("image_shift"), "{bad}");
+        }
     }
 }

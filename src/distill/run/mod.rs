@@ -500,6 +500,7 @@ impl Settings<'_> {
             method = ?config.method,
             steps = config.student_steps,
             guidance = config.guidance,
+            guidance_interval = ?config.guidance_interval,
             "distilling"
         );
 

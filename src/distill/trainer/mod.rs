@@ -18,6 +18,7 @@ use super::family::DistillFamily;
 use super::gan::{self, GanHead};
 use super::math::{self, Adaptation, RunningStats, TeacherPredictions};
 use super::prompts::PromptSource;
+use crate::pipeline::sampler::guidance_at;
 use crate::reward::Reward;
 use crate::train::{named_vars, tensors_of, AdamW, Checkpoint, Ema, StepStats};
 
@@ -367,14 +368,18 @@ impl<F: DistillFamily> Distiller<F> {
         // Real teacher, conditional and unconditional in one pass; critic conditional.
         let (xc, xu) = self.family.teacher_x0(&x_tau, &tau, cond)?;
         let xf = self.family.x0(&self.critic, &x_tau, &tau, cond)?.detach();
-        let w = cfg.guidance.unwrap_or(1.0) as f64; // set in `new`
+        let guidance = cfg.guidance.unwrap_or(1.0); // set in `new`
+        let w: Vec<f32> = tau
+            .iter()
+            .map(|&t| guidance_at(guidance, cfg.guidance_interval, t))
+            .collect();
         let preds = TeacherPredictions {
             cond: &xc,
             uncond: &xu,
             fake: &xf,
         };
         let adapt = amd.then(|| Adaptation::new(cfg.amd.s, adv));
-        let h = math::generator_direction(x_sg, &preds, w, adapt.as_ref())?;
+        let h = math::generator_direction(x_sg, &preds, &w, adapt.as_ref())?;
         let mut loss = math::generator_loss(x, &h)?;
         let dm_loss = loss.to_scalar::<f32>()? as f64;
         let mut gan_g_loss = None;

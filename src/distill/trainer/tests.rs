@@ -147,7 +147,7 @@ fn assert_every_variable_learns<F: DistillFamily>(
         fake: &xf,
     };
     let a = Adaptation::new(0.5, &[0.5, -0.5]);
-    let h = math::generator_direction(&x.detach(), &p, 2.0, Some(&a))?;
+    let h = math::generator_direction(&x.detach(), &p, &[2.0, 2.0], Some(&a))?;
     assert_all_grads(d.student_vars(), &math::generator_loss(&x, &h)?.backward()?);
 
     // Critic: its weighted denoising loss ...

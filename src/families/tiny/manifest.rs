@@ -82,7 +82,7 @@ impl Section for TinySource {
             }
         }
         if let Some([lo, hi]) = sampling.guidance_interval {
-            if !(lo.is_finite() && hi.is_finite() && 0.0 <= lo && lo < hi && hi <= 1.0) {
+            if !crate::pipeline::sampler::is_guidance_interval([lo, hi]) {
                 return Err(format!(
                     "sampling.guidance_interval [{lo}, {hi}] must be flow times with 0 <= lo < hi <= 1"
                 ));
