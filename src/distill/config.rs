@@ -176,14 +176,11 @@ impl DistillConfig {
                 "student_shift {shift} must be a positive number"
             )));
         }
-        if let Some([lo, hi]) = self
-            .guidance_interval
-            .filter(|&i| !crate::pipeline::sampler::is_guidance_interval(i))
-        {
-            return Err(ConfigError(format!(
-                "guidance_interval [{lo}, {hi}] must be flow times with 0 <= lo < hi <= 1"
-            )));
-        }
+        crate::pipeline::sampler::check_guidance_interval(
+            "guidance_interval",
+            self.guidance_interval,
+        )
+        .map_err(ConfigError)?;
         if !(0.0 <= self.tau_min && self.tau_min < self.tau_max && self.tau_max <= 1.0) {
             return bad("need 0 <= tau_min < tau_max <= 1");
         }

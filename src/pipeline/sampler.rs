@@ -55,9 +55,22 @@ pub fn guidance_at(guidance: f32, interval: Option<[f64; 2]>, t: f32) -> f32 {
     }
 }
 
-/// Whether `[lo, hi]` is a guidance interval: flow times with `0 <= lo < hi <= 1`.
-pub fn is_guidance_interval([lo, hi]: [f64; 2]) -> bool {
-    lo.is_finite() && hi.is_finite() && 0.0 <= lo && lo < hi && hi <= 1.0
+/// Checks a guidance interval (flow times with `0 <= lo < hi <= 1`); the error names `key`,
+/// so the manifest and the distill config refuse a bad one in the same words.
+pub fn check_guidance_interval(
+    key: &str,
+    interval: Option<[f64; 2]>,
+) -> std::result::Result<(), String> {
+    match interval {
+        Some([lo, hi])
+            if !(lo.is_finite() && hi.is_finite() && 0.0 <= lo && lo < hi && hi <= 1.0) =>
+        {
+            Err(format!(
+                "{key} [{lo}, {hi}] must be flow times with 0 <= lo < hi <= 1"
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Watches a batch as it denoises: called once before the first step (`step` 0, no estimate)

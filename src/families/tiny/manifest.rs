@@ -81,13 +81,10 @@ impl Section for TinySource {
                 return Err(format!("sampling.{key} {s} must be a positive number"));
             }
         }
-        if let Some([lo, hi]) = sampling.guidance_interval {
-            if !crate::pipeline::sampler::is_guidance_interval([lo, hi]) {
-                return Err(format!(
-                    "sampling.guidance_interval [{lo}, {hi}] must be flow times with 0 <= lo < hi <= 1"
-                ));
-            }
-        }
+        crate::pipeline::sampler::check_guidance_interval(
+            "sampling.guidance_interval",
+            sampling.guidance_interval,
+        )?;
         let a = &self.architecture;
         a.validate()?;
         let m = a.size_multiple();
