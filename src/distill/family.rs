@@ -48,8 +48,21 @@ pub trait DistillFamily {
     /// The frozen teacher's x0 estimates, conditional and unconditional, in one pass.
     fn teacher_x0(&self, x: &Tensor, t: &[f32], cond: &Self::Cond) -> Result<(Tensor, Tensor)>;
 
-    /// A trainable denoiser's conditional x0 estimate.
+    /// A trainable denoiser's conditional x0 estimate, under the teacher's encoding of the
+    /// prompts (what the critic, a copy of the teacher, reads).
     fn x0(&self, net: &Self::Net, x: &Tensor, t: &[f32], cond: &Self::Cond) -> Result<Tensor>;
+
+    /// The student's conditional x0 estimate. A family whose served student keeps prompt
+    /// encoders of its own (see [`Self::student_weights`]) conditions it on them here.
+    fn student_x0(
+        &self,
+        net: &Self::Net,
+        x: &Tensor,
+        t: &[f32],
+        cond: &Self::Cond,
+    ) -> Result<Tensor> {
+        self.x0(net, x, t, cond)
+    }
 
     /// The family's own per-sample denoising loss `[B]` of `net` on `x0` noised with `noise`
     /// to times `t` (what the critic minimises), and the GAN features of that pass when
@@ -80,9 +93,11 @@ pub trait DistillFamily {
     /// The variables a trainable denoiser starts from when it copies the teacher.
     fn teacher_weights(&self) -> &HashMap<String, Tensor>;
 
-    /// The variables a served `student` of `teacher` continues from (its own weights).
+    /// The variables a served `student` of `teacher` continues from (its own weights). The
+    /// family also adopts whatever else of the student's own it reads and ships, so that a
+    /// student outlives a change of its teacher (the tiny family: its text encoder).
     fn student_weights(
-        &self,
+        &mut self,
         student: &Manifest,
         teacher: &Manifest,
     ) -> anyhow::Result<HashMap<String, Tensor>>;

@@ -446,6 +446,7 @@ impl Run<'_> {
             prompts,
         } = self;
         // A served student continues from its own weights; a first one from the teacher's.
+        let mut family = family;
         let student_init = if run.model.teacher.is_some() {
             family.student_weights(run.model, run.teacher)?
         } else {

@@ -284,6 +284,115 @@ fn a_tiny_student_of_another_architecture_than_its_teacher_is_refused() -> anyho
     Ok(())
 }
 
+/// A continued tiny student keeps the text encoder it was distilled on, so that its teacher
+/// can train on (and its encoder move) without moving what the served student reads: the run
+/// conditions the student on its own encoder, and exports that encoder. A student that reads
+/// its teacher's encoder needs no second one; one of another vocabulary is refused.
+#[test]
+fn a_continued_tiny_student_keeps_its_own_text_encoder() -> anyhow::Result<()> {
+    use crate::distill::family::DistillFamily;
+    use crate::families::tiny::TinyFamily;
+    let dev = Device::Cpu;
+    let models = temp_dir("own-text-models");
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models");
+    for (name, files) in [
+        (
+            "tiny-shapes-teacher",
+            ["manifest.toml", "teacher.safetensors", "tokenizer.json"],
+        ),
+        (
+            "tiny-shapes",
+            ["manifest.toml", "student.safetensors", "tokenizer.json"],
+        ),
+    ] {
+        std::fs::create_dir_all(models.join(name))?;
+        for f in files {
+            std::fs::copy(shipped.join(name).join(f), models.join(name).join(f))?;
+        }
+    }
+    let teacher = Manifest::find(&models, "tiny-shapes-teacher")?;
+    let student = Manifest::find(&models, "tiny-shapes")?;
+    let prompts = ["a red circle and a blue cross"];
+
+    // The shipped student reads its teacher's encoder.
+    let mut family = TinyFamily::from_manifest(&teacher, &dev)?;
+    family.student_weights(&student, &teacher)?;
+    assert!(family.condition(&prompts)?.student.is_none());
+
+    // The teacher trains on: its text encoder moves away from the student's.
+    let mut moved = candle_core::safetensors::load(teacher.weights_path(), &dev)?;
+    let names: Vec<String> = moved
+        .keys()
+        .filter(|n| n.starts_with("text."))
+        .cloned()
+        .collect();
+    for n in &names {
+        moved.insert(n.clone(), (&moved[n] * 1.5)?);
+    }
+    candle_core::safetensors::save(&moved, teacher.weights_path())?;
+    let mut family = TinyFamily::from_manifest(&teacher, &dev)?;
+    let init = family.student_weights(&student, &teacher)?;
+    let texts = family.condition(&prompts)?;
+    let own = texts.student.as_ref().expect("the student's own encoding");
+    let tokens = family
+        .model
+        .tokenizer
+        .encode_batch(&prompts, family.model.cfg.text_max_len)?;
+    let vb = candle_nn::VarBuilder::from_tensors(init.clone(), candle_core::DType::F32, &dev);
+    let served = crate::families::tiny::TextEncoder::new(vb.pp("text"), &family.model.cfg)?;
+    let max_diff = |a: &Tensor, b: &Tensor| -> anyhow::Result<f32> {
+        Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?)
+    };
+    assert_eq!(
+        max_diff(&own.pooled, &served.forward(&tokens)?.pooled)?,
+        0.0
+    );
+    assert!(max_diff(&own.pooled, &texts.cond.pooled)? > 1e-3);
+    // The student's x0 reads its own encoding, the critic's the teacher's.
+    let net = family.trainable(&init, 0, None)?.net;
+    let x = Tensor::randn(0f32, 1.0, family.sample_shape(1, false), &dev)?;
+    let (xs, xc) = (
+        family.student_x0(&net, &x, &[0.9], &texts)?,
+        family.x0(&net, &x, &[0.9], &texts)?,
+    );
+    assert!(max_diff(&xs, &xc)? > 1e-4);
+
+    // A run continues the student and exports its own encoder, not the teacher's.
+    let mut opts = RunOptions {
+        models_dir: models.clone(),
+        model: "tiny-shapes".into(),
+        out: temp_dir("own-text-run"),
+        eval: None,
+        ..options("unused", &models, None)
+    };
+    opts.config.reward = "verifier".into();
+    opts.config.reward_path = None;
+    opts.config.iterations = 1;
+    let out = run(&opts, &dev, |_, _| {})?;
+    let exported = candle_core::safetensors::load(out.manifest.weights_path(), &dev)?;
+    for n in &names {
+        assert_eq!(
+            max_diff(&exported[n], &init[n])?,
+            0.0,
+            "{n} is the student's own"
+        );
+    }
+
+    // A student of another vocabulary is refused by name.
+    let path = models.join("tiny-shapes/tokenizer.json");
+    let json = std::fs::read_to_string(&path)?.replace("\"circle\"", "\"disc\"");
+    std::fs::write(&path, json)?;
+    let err = family.student_weights(&student, &teacher).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("tiny-shapes has another vocabulary than its teacher"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(models).ok();
+    std::fs::remove_dir_all(&opts.out).ok();
+    Ok(())
+}
+
 const WAN_PROMPT: &str = "a red cat walks on the beach";
 
 #[test]

@@ -263,14 +263,14 @@ impl<F: DistillFamily> Distiller<F> {
         for i in 0..sim {
             let x0 = self
                 .family
-                .x0(&self.student, &z, &vec![times[i]; b], &cond)?
+                .student_x0(&self.student, &z, &vec![times[i]; b], &cond)?
                 .detach();
             let n = randn(&mut rng, &shape, &dev)?;
             z = schedule.add_noise(&x0, &n, &vec![times[i + 1]; b])?;
         }
         let x = self
             .family
-            .x0(&self.student, &z, &vec![times[sim]; b], &cond)?;
+            .student_x0(&self.student, &z, &vec![times[sim]; b], &cond)?;
         let x = if generator_turn { x } else { x.detach() };
         let x_sg = x.detach();
 

@@ -137,7 +137,7 @@ fn assert_every_variable_learns<F: DistillFamily>(
     let z = randn(&mut rng, &shape, &dev)?;
 
     // Student: the real generator loss.
-    let x = f.x0(&d.student, &z, &[1.0, 1.0], &cond)?;
+    let x = f.student_x0(&d.student, &z, &[1.0, 1.0], &cond)?;
     let x_tau = f.schedule(1).add_noise(&x.detach(), &z, &[0.5, 0.7])?;
     let (xc, xu) = f.teacher_x0(&x_tau, &[0.5, 0.7], &cond)?;
     let xf = f.x0(&d.critic, &x_tau, &[0.5, 0.7], &cond)?.detach();

@@ -192,7 +192,7 @@ impl DistillFamily for SdFamily {
     }
 
     fn student_weights(
-        &self,
+        &mut self,
         student: &Manifest,
         _teacher: &Manifest,
     ) -> anyhow::Result<HashMap<String, Tensor>> {

@@ -10,7 +10,8 @@ use candle_nn::VarBuilder;
 use rand_chacha::ChaCha8Rng;
 
 use super::manifest::{flow_schedule, video_flow_schedule, TinySource};
-use super::{TextCond, TinyModel, TinyNet, TinyTokenizer};
+use super::tokenizer::TokenBatch;
+use super::{TextCond, TextEncoder, TinyModel, TinyNet, TinyTokenizer};
 use crate::distill::family::{
     check_init, save_student, var_map_from, DistillFamily, GanSupport, Trainable,
 };
@@ -20,22 +21,32 @@ use crate::nn::LoraConfig;
 use crate::pipeline::NoiseSchedule;
 use crate::train::named_vars;
 
-/// The frozen tiny teacher with its full weights (the text encoder the student ships with).
+/// The frozen tiny teacher with its full weights (the text encoder a first student ships
+/// with), and the text encoder of a served student being continued when it is not the
+/// teacher's: a student keeps the encoder it was distilled on, so that a teacher trained on
+/// can ship without moving the features the served student reads.
 pub struct TinyFamily {
     pub model: TinyModel,
     tensors: HashMap<String, Tensor>,
+    student_text: Option<TextEncoder>,
 }
 
-/// Prompts and empty negatives, encoded.
+/// Prompts and empty negatives, encoded by the teacher, and the prompts as the student's own
+/// text encoder reads them (`None`: the student's encoder is the teacher's).
 pub struct TinyTexts {
     pub cond: TextCond,
     pub uncond: TextCond,
+    pub student: Option<TextCond>,
 }
 
 impl TinyFamily {
     /// `tensors` are the weights `model` was built from.
     pub fn new(model: TinyModel, tensors: HashMap<String, Tensor>) -> Self {
-        Self { model, tensors }
+        Self {
+            model,
+            tensors,
+            student_text: None,
+        }
     }
 
     /// The frozen teacher a manifest describes. Its file is read once: its tensors build the
@@ -51,6 +62,39 @@ impl TinyFamily {
         )?
         .with_video_schedule(video_flow_schedule(&teacher.sampling));
         Ok(Self::new(model, tensors))
+    }
+
+    fn tokens(&self, prompts: &[&str]) -> Result<TokenBatch> {
+        self.model
+            .tokenizer
+            .encode_batch(prompts, self.model.cfg.text_max_len)
+            .map_err(candle_core::Error::wrap)
+    }
+
+    /// The text encoder in a student's `weights`, unless it is the teacher's to the bit.
+    fn own_text_encoder(
+        &self,
+        weights: &HashMap<String, Tensor>,
+    ) -> anyhow::Result<Option<TextEncoder>> {
+        let is_text = |n: &str| n.starts_with("text.");
+        let mut same = true;
+        for (name, t) in self.tensors.iter().filter(|(n, _)| is_text(n)) {
+            let theirs = weights
+                .get(name)
+                .with_context(|| format!("the student's weights lack {name}"))?;
+            same &= theirs.dims() == t.dims()
+                && (theirs - t)?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0;
+        }
+        if same {
+            return Ok(None);
+        }
+        let text: HashMap<String, Tensor> = weights
+            .iter()
+            .filter(|(n, _)| is_text(n))
+            .map(|(n, t)| (n.clone(), t.clone()))
+            .collect();
+        let vb = VarBuilder::from_tensors(text, DType::F32, self.device());
+        Ok(Some(TextEncoder::new(vb.pp("text"), &self.model.cfg)?))
     }
 
     /// Whether a weight belongs to the denoiser (what distillation trains).
@@ -83,9 +127,14 @@ impl DistillFamily for TinyFamily {
     }
 
     fn condition(&self, prompts: &[&str]) -> Result<TinyTexts> {
+        let student = match &self.student_text {
+            Some(text) => Some(text.forward(&self.tokens(prompts)?)?),
+            None => None,
+        };
         Ok(TinyTexts {
             cond: self.model.encode(prompts)?,
             uncond: self.model.encode(&vec![""; prompts.len()])?,
+            student,
         })
     }
 
@@ -102,6 +151,11 @@ impl DistillFamily for TinyFamily {
 
     fn x0(&self, net: &TinyNet, x: &Tensor, t: &[f32], cond: &TinyTexts) -> Result<Tensor> {
         let v = net.forward(x, t, &cond.cond)?;
+        self.model.x0_from_velocity(x, t, &v)
+    }
+
+    fn student_x0(&self, net: &TinyNet, x: &Tensor, t: &[f32], cond: &TinyTexts) -> Result<Tensor> {
+        let v = net.forward(x, t, cond.student.as_ref().unwrap_or(&cond.cond))?;
         self.model.x0_from_velocity(x, t, &v)
     }
 
@@ -146,21 +200,39 @@ impl DistillFamily for TinyFamily {
         &self.tensors
     }
 
+    /// The student's full weights, its text encoder adopted when it is not the teacher's.
     fn student_weights(
-        &self,
+        &mut self,
         student: &Manifest,
         teacher: &Manifest,
     ) -> anyhow::Result<HashMap<String, Tensor>> {
-        // The student trains as a copy of the teacher's network.
-        let student_arch = &TinySource::of(student, "fewstep distill")?.architecture;
-        anyhow::ensure!(
-            student_arch == &TinySource::of(teacher, "fewstep distill")?.architecture,
-            "{} has another architecture than its teacher {}; distill a new student \
-             from the teacher instead",
-            student.name,
-            teacher.name,
-        );
-        load_tensors(&student.weights_path(), self.device())
+        // The student trains as a copy of the teacher's network, on the teacher's vocabulary.
+        let own = TinySource::of(student, "fewstep distill")?;
+        let theirs = TinySource::of(teacher, "fewstep distill")?;
+        let refuse = |what: &str| {
+            anyhow::anyhow!(
+                "{} has another {what} than its teacher {}; distill a new student from the \
+                 teacher instead",
+                student.name,
+                teacher.name
+            )
+        };
+        if own.architecture != theirs.architecture {
+            return Err(refuse("architecture"));
+        }
+        let vocabulary = TinyTokenizer::from_file(&own.tokenizer_path(&student.dir))?.vocabulary();
+        if vocabulary != self.model.tokenizer.vocabulary() {
+            return Err(refuse("vocabulary"));
+        }
+        let weights = load_tensors(&student.weights_path(), self.device())?;
+        self.student_text = self.own_text_encoder(&weights)?;
+        if self.student_text.is_some() {
+            tracing::info!(
+                student = %student.name,
+                "the student keeps its own text encoder (not its teacher's)"
+            );
+        }
+        Ok(weights)
     }
 
     /// The full weights file (the teacher's text encoder included) and the teacher's
@@ -185,12 +257,13 @@ impl DistillFamily for TinyFamily {
 
     fn export(
         &self,
-        _init: &HashMap<String, Tensor>,
+        init: &HashMap<String, Tensor>,
         tensors: &HashMap<String, Tensor>,
         _lora: Option<&LoraConfig>,
     ) -> anyhow::Result<HashMap<String, Tensor>> {
-        // The student's own text encoder is the teacher's: only the denoiser trains.
-        let mut out = self.tensors.clone();
+        // Only the denoiser trains: the text encoder is the one the student started with (the
+        // teacher's for a first student, its own when continued).
+        let mut out = init.clone();
         out.extend(tensors.iter().map(|(n, t)| (n.clone(), t.clone())));
         Ok(out)
     }

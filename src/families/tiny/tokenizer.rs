@@ -88,6 +88,11 @@ impl TinyTokenizer {
         })
     }
 
+    /// Every token and its id (what a text encoder's embedding rows are indexed by).
+    pub fn vocabulary(&self) -> HashMap<String, u32> {
+        self.inner.get_vocab(true)
+    }
+
     /// Writes the tokenizer as `tokenizer.json` (atomically).
     pub fn save(&self, path: &Path) -> Result<(), TokenizerError> {
         let json = self.inner.to_string(true).map_err(err)?;

@@ -202,7 +202,7 @@ impl DistillFamily for WanFamily {
     }
 
     fn student_weights(
-        &self,
+        &mut self,
         student: &Manifest,
         _teacher: &Manifest,
     ) -> anyhow::Result<HashMap<String, Tensor>> {
