@@ -8,12 +8,13 @@
 #      learning rate) is published the same way, and the policy must roll it back.
 # Usage: load-tests/canary-loop.sh [OUT_DIR [BINARY [STAGES]]]   (default binary
 # target/release/fewstep; STAGES "refine bad", the default, or one of them; about 30 minutes
-# on 2 cores)
+# on 2 cores). REFINE_STEPS sets the refinement's iterations (default 300).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/canary-loop}
 bin=${2:-target/release/fewstep}
 stages=${3:-refine bad}
+refine_steps=${REFINE_STEPS:-300}
 port=${PORT:-8097}
 url=http://127.0.0.1:$port
 rm -rf "$out" && mkdir -p "$out"
@@ -57,7 +58,7 @@ if [[ " $stages " == *" refine "* ]]; then
     users --users 300 --seed 0 --held-out-share 1.0 | tee "$out/before.txt"
     echo "== refine from the log, publish as a 50% canary"
     "$bin" distill --model tiny-shapes --from-log "sqlite://$out/log.db" \
-        --config models/tiny-shapes-teacher/distill.toml --steps 300 --out "$out/refine" \
+        --config models/tiny-shapes-teacher/distill.toml --steps "$refine_steps" --out "$out/refine" \
         --eval-prompts 0 --publish "$url" --canary 0.5 >"$out/refine.log" 2>&1
     echo "== users rate both versions until the policy decides"
     until_decided refine
