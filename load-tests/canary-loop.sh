@@ -8,13 +8,13 @@
 #      learning rate) is published the same way, and the policy must roll it back.
 # Usage: load-tests/canary-loop.sh [OUT_DIR [BINARY [STAGES]]]   (default binary
 # target/release/fewstep; STAGES "refine bad", the default, or one of them; about 30 minutes
-# on 2 cores). REFINE_STEPS sets the refinement's iterations (default 300).
+# on 2 cores). REFINE_STEPS sets the refinement's iterations (default 400).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/canary-loop}
 bin=${2:-target/release/fewstep}
 stages=${3:-refine bad}
-refine_steps=${REFINE_STEPS:-300}
+refine_steps=${REFINE_STEPS:-400}
 port=${PORT:-8097}
 url=http://127.0.0.1:$port
 rm -rf "$out" && mkdir -p "$out"
