@@ -10,7 +10,6 @@ use candle_nn::VarBuilder;
 use rand_chacha::ChaCha8Rng;
 
 use super::manifest::{flow_schedule, video_flow_schedule, TinySource};
-use super::tokenizer::TokenBatch;
 use super::{TextCond, TextEncoder, TinyModel, TinyNet, TinyTokenizer};
 use crate::distill::family::{
     check_init, save_student, var_map_from, DistillFamily, GanSupport, Trainable,
@@ -62,13 +61,6 @@ impl TinyFamily {
         )?
         .with_video_schedule(video_flow_schedule(&teacher.sampling));
         Ok(Self::new(model, tensors))
-    }
-
-    fn tokens(&self, prompts: &[&str]) -> Result<TokenBatch> {
-        self.model
-            .tokenizer
-            .encode_batch(prompts, self.model.cfg.text_max_len)
-            .map_err(candle_core::Error::wrap)
     }
 
     /// The text encoder in a student's `weights`, unless it is the teacher's to the bit.
@@ -127,12 +119,14 @@ impl DistillFamily for TinyFamily {
     }
 
     fn condition(&self, prompts: &[&str]) -> Result<TinyTexts> {
+        // One tokenisation for both encoders: they share the teacher's vocabulary.
+        let tokens = self.model.tokens(prompts)?;
         let student = match &self.student_text {
-            Some(text) => Some(text.forward(&self.tokens(prompts)?)?),
+            Some(text) => Some(text.forward(&tokens)?),
             None => None,
         };
         Ok(TinyTexts {
-            cond: self.model.encode(prompts)?,
+            cond: self.model.text.forward(&tokens)?,
             uncond: self.model.encode(&vec![""; prompts.len()])?,
             student,
         })

@@ -23,7 +23,7 @@ pub use dit::Dit;
 pub use family::Tiny;
 pub use manifest::{flow_schedule, teacher_identity, TinySource};
 pub use text::{TextCond, TextEncoder};
-pub use tokenizer::TinyTokenizer;
+pub use tokenizer::{TinyTokenizer, TokenBatch};
 pub use unet::UNet;
 
 use crate::pipeline::{to_frames, BatchSpec, Denoiser, FlowSchedule, Generator};
@@ -171,11 +171,14 @@ impl TinyModel {
     /// Encodes prompts (always padded to the full text length, so a row's result does not
     /// depend on the other prompts of its batch).
     pub fn encode(&self, prompts: &[&str]) -> Result<TextCond> {
-        let tokens = self
-            .tokenizer
+        self.text.forward(&self.tokens(prompts)?)
+    }
+
+    /// The token ids every text encoder of this architecture reads, padded to the full length.
+    pub fn tokens(&self, prompts: &[&str]) -> Result<TokenBatch> {
+        self.tokenizer
             .encode_batch(prompts, self.cfg.text_max_len)
-            .map_err(candle_core::Error::wrap)?;
-        self.text.forward(&tokens)
+            .map_err(candle_core::Error::wrap)
     }
 
     /// Flow velocity for `x` `[B, F, C, H, W]`.
