@@ -258,6 +258,7 @@ pub fn generate(parts: &WanParts, x: &WanInputs, spec: &WanSpec) -> Result<Gener
         steps: spec.steps,
         guidance: spec.guidance,
         guidance_interval: None,
+        eta: 1.0,
     };
     let mut supplied = std::iter::once(&x.latents).chain(&x.step_noise);
     device.synchronize()?;

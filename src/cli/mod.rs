@@ -374,6 +374,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
             steps: args.steps.unwrap_or(s.default_steps),
             guidance: args.cfg.unwrap_or(s.default_guidance),
             guidance_interval: s.guidance_interval,
+            eta: s.eta(),
             t0: args.probe_t0,
             seed: args.seed,
         };

@@ -75,6 +75,7 @@ impl LoadedModel {
             steps,
             guidance,
             guidance_interval: self.manifest.sampling.guidance_interval,
+            eta: self.manifest.sampling.eta(),
         };
         self.model.generate_observed(spec, params, observer)
     }

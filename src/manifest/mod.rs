@@ -87,9 +87,32 @@ pub struct Sampling {
     /// renders' (the teacher's README, "Session 22"). Absent: every step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guidance_interval: Option<[f64; 2]>,
+    /// Ancestral sampler: the share of fresh noise per step, k-diffusion's `eta` (1, the
+    /// default: Euler ancestral; 0: deterministic DDIM; see `NoiseSchedule::ancestral_step`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta: Option<f32>,
 }
 
 impl Sampling {
+    /// The ancestral sampler's `eta` (1 when the manifest leaves it out).
+    pub fn eta(&self) -> f32 {
+        self.eta.unwrap_or(1.0)
+    }
+
+    /// `eta` only for the ancestral sampler, and a number from 0 up.
+    fn check_eta(&self) -> Result<(), String> {
+        let Some(eta) = self.eta else {
+            return Ok(());
+        };
+        if self.sampler != SamplerKind::Ancestral {
+            return Err("sampling.eta is for the ancestral sampler".into());
+        }
+        if !(eta.is_finite() && eta >= 0.0) {
+            return Err(format!("sampling.eta {eta} must be a number from 0 up"));
+        }
+        Ok(())
+    }
+
     /// A student's own `timesteps` list: only for the student and ancestral samplers,
     /// strictly descending, and of a length `allowed_steps` allows (families whose schedules
     /// take such a list call this from their `Section::validate`).
@@ -257,6 +280,7 @@ impl Manifest {
         if s.allowed_steps.contains(&0) {
             return Err("sampling.allowed_steps must be at least 1".into());
         }
+        s.check_eta()?;
         if self.serving.max_batch == 0 {
             return Err("serving.max_batch must be at least 1".into());
         }

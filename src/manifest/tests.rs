@@ -219,6 +219,31 @@ fn family_keys_do_not_mix_and_sd_limits_are_checked() {
     }
     let ok = parse("tiny-interval", &interval("[0.2, 1.0]")).unwrap();
     assert_eq!(ok.sampling.guidance_interval, Some([0.2, 1.0]));
+    // Its `eta` belongs to the ancestral sampler and is a number from 0 up (1 when absent).
+    assert_eq!(ok.sampling.eta(), 1.0);
+    let eta = |sampler: &str, v: &str| {
+        teacher
+            .replace("\ntimesteps = [999]", &format!("\neta = {v}"))
+            .replace(
+                "\nsampler = \"ancestral\"",
+                &format!("\nsampler = \"{sampler}\""),
+            )
+    };
+    for (sampler, bad, want) in [
+        ("euler", "0.5", "sampling.eta is for the ancestral sampler"),
+        ("ancestral", "-0.5", "must be a number from 0 up"),
+        ("ancestral", "nan", "must be a number from 0 up"),
+    ] {
+        let err = parse("tiny-eta", &eta(sampler, bad))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{sampler} {bad}: {err}");
+    }
+    let ok = parse("tiny-eta", &eta("ancestral", "0.5")).unwrap();
+    assert_eq!(
+        (ok.sampling.sampler, ok.sampling.eta()),
+        (crate::pipeline::SamplerKind::Ancestral, 0.5)
+    );
 }
 
 #[test]

@@ -36,6 +36,9 @@ pub struct SamplerParams {
     /// The times `[lo, hi]` at which `guidance` runs (`sampling.guidance_interval`); outside
     /// it a step takes the conditional prediction alone. `None`: every step.
     pub guidance_interval: Option<[f64; 2]>,
+    /// The ancestral sampler's share of fresh noise per step (`sampling.eta`; 1: Euler
+    /// ancestral, 0: DDIM), see [`NoiseSchedule::ancestral_step`]. Other samplers ignore it.
+    pub eta: f32,
 }
 
 impl SamplerParams {
@@ -250,7 +253,9 @@ fn run<M: Denoiser, S: NoiseSchedule>(
                 if let Some(&next) = times.get(i + 1) {
                     let n = noise(live)?;
                     x = match kind {
-                        SamplerKind::Ancestral => schedule.ancestral_step(&x, &x0, t, next, &n)?,
+                        SamplerKind::Ancestral => {
+                            schedule.ancestral_step(&x, &x0, (t, next), &n, params.eta)?
+                        }
                         _ => schedule.add_noise(&x0, &n, &vec![next; b])?,
                     };
                 }
@@ -336,6 +341,7 @@ mod tests {
                 steps: 4,
                 guidance: 1.0,
                 guidance_interval: None,
+                eta: 1.0,
             };
             let run = |obs: &mut dyn StepObserver| {
                 let mut rows: Vec<RowNoise> = (0..3).map(|s| RowNoise::new(s as u64)).collect();
@@ -370,6 +376,27 @@ mod tests {
         Ok(())
     }
 
+    /// Samples one `[1, 2]` row per row of `cond` (noise seeds 0, 1, ...), unobserved.
+    fn sample_rows<M: Denoiser<Cond = Tensor>>(
+        model: &M,
+        schedule: FlowSchedule,
+        params: SamplerParams,
+        cond: &Tensor,
+    ) -> Result<Sampled> {
+        let mut rows: Vec<RowNoise> = (0..cond.dim(0)?).map(|s| RowNoise::new(s as u64)).collect();
+        let device = cond.device().clone();
+        sample_observed(
+            model,
+            &schedule,
+            params,
+            cond,
+            &mut rows,
+            &[1, 2],
+            &device,
+            &mut Unobserved,
+        )
+    }
+
     /// Records the time and guidance of every call.
     struct Recorder(std::cell::RefCell<Vec<(f32, f32)>>);
 
@@ -397,19 +424,9 @@ mod tests {
                 steps: 4,
                 guidance: 3.0,
                 guidance_interval: interval,
+                eta: 1.0,
             };
-            let mut rows = vec![RowNoise::new(0)];
-            let schedule = FlowSchedule::default();
-            sample_observed(
-                &model,
-                &schedule,
-                params,
-                &cond,
-                &mut rows,
-                &[1, 2],
-                &dev,
-                &mut Unobserved,
-            )?;
+            sample_rows(&model, FlowSchedule::default(), params, &cond)?;
             Ok(model.0.into_inner())
         };
         // Euler at 4 steps visits t = 1, 0.75, 0.5, 0.25.
@@ -435,6 +452,41 @@ mod tests {
     }
 
     #[test]
+    fn the_ancestral_sampler_at_eta_0_is_the_euler_sampler() -> Result<()> {
+        let dev = Device::Cpu;
+        let cond = Tensor::new(&[[0.1f32], [0.2]], &dev)?.reshape((2, 1, 1))?;
+        let run = |kind, eta| -> Result<Vec<Vec<Vec<f32>>>> {
+            let params = SamplerParams {
+                kind,
+                steps: 5,
+                guidance: 1.0,
+                guidance_interval: None,
+                eta,
+            };
+            sample_rows(&Toy, FlowSchedule { shift: 3.0 }, params, &cond)?
+                .x
+                .expect("no row left")
+                .to_vec3::<f32>()
+        };
+        let close = |a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]| {
+            let flat =
+                |v: &[Vec<Vec<f32>>]| v.iter().flatten().flatten().copied().collect::<Vec<_>>();
+            flat(a)
+                .iter()
+                .zip(flat(b))
+                .all(|(x, y)| (x - y).abs() < 1e-5)
+        };
+        // Without fresh noise the ancestral steps are Euler's, the last landing on x0.
+        let euler = run(SamplerKind::Euler, 1.0)?;
+        assert!(close(&run(SamplerKind::Ancestral, 0.0)?, &euler));
+        // With it they are not, and eta moves the result.
+        let half = run(SamplerKind::Ancestral, 0.5)?;
+        let full = run(SamplerKind::Ancestral, 1.0)?;
+        assert!(!close(&half, &euler) && !close(&full, &euler) && !close(&half, &full));
+        Ok(())
+    }
+
+    #[test]
     fn when_every_row_leaves_nothing_is_left() -> Result<()> {
         let dev = Device::Cpu;
         let cond = Tensor::new(&[[0.1f32]], &dev)?.reshape((1, 1, 1))?;
@@ -443,6 +495,7 @@ mod tests {
             steps: 4,
             guidance: 1.0,
             guidance_interval: None,
+            eta: 1.0,
         };
         let mut rows = vec![RowNoise::new(0)];
         let mut obs = DropAt {

@@ -69,19 +69,21 @@ pub trait NoiseSchedule {
         (x0 * an as f64)? + (eps * sn as f64)?
     }
 
-    /// One Euler ancestral step from `x_t` to `t_next` (eta = 1): in the variance-exploding
-    /// view (`sigma = s / a`), keep `sigma_down = sigma_next^2 / sigma` of the predicted noise
-    /// and add `sigma_up = sqrt(sigma_next^2 - sigma_down^2)` of fresh `noise`, as diffusers'
-    /// `EulerAncestralDiscreteScheduler` does. Back in this schedule's scale that is
-    /// `an x0 + sn (r eps_hat + sqrt(1 - r^2) noise)` with `r = sigma_next / sigma`: between
-    /// DDIM (`r = 1`) and the student's fresh re-noising (`r = 0`).
+    /// One Euler ancestral step from `x_t` to `t_next`. In the variance-exploding view
+    /// (`sigma = s / a`) it adds `sigma_up = min(sigma_next, eta sqrt(sigma_next^2 (sigma^2 -
+    /// sigma_next^2) / sigma^2))` of fresh `noise` and keeps `sigma_down = sqrt(sigma_next^2 -
+    /// sigma_up^2)` of the predicted noise: k-diffusion's `get_ancestral_step`, and at `eta = 1`
+    /// diffusers' `EulerAncestralDiscreteScheduler`. Back in this schedule's scale that is
+    /// `an x0 + sn (kept eps_hat + fresh noise)` with `fresh = min(1, eta sqrt(1 - r^2))`,
+    /// `kept = sqrt(1 - fresh^2)` and `r = sigma_next / sigma`: DDIM at `eta = 0`, the
+    /// student's fresh re-noising once `eta sqrt(1 - r^2)` reaches 1.
     fn ancestral_step(
         &self,
         x_t: &Tensor,
         x0: &Tensor,
-        t: f32,
-        t_next: f32,
+        (t, t_next): (f32, f32),
         noise: &Tensor,
+        eta: f32,
     ) -> Result<Tensor> {
         let (a, s) = self.alpha_sigma(t);
         let (an, sn) = self.alpha_sigma(t_next);
@@ -89,9 +91,11 @@ pub trait NoiseSchedule {
             return Ok(x0.clone());
         }
         let r = ((a as f64 * sn as f64) / (s as f64 * an as f64)).clamp(0.0, 1.0);
+        let fresh = (f64::from(eta) * (1.0 - r * r).sqrt()).min(1.0);
+        let kept = (1.0 - fresh * fresh).sqrt();
         let eps = ((x_t - (x0 * a as f64)?)? / s as f64)?;
-        let kept = (eps * (sn as f64 * r))?;
-        let fresh = (noise * (sn as f64 * (1.0 - r * r).sqrt()))?;
+        let kept = (eps * (sn as f64 * kept))?;
+        let fresh = (noise * (sn as f64 * fresh))?;
         ((x0 * an as f64)? + kept)? + fresh
     }
 }
@@ -148,27 +152,40 @@ mod tests {
 
     #[test]
     fn the_ancestral_step_matches_the_variance_exploding_form() -> Result<()> {
-        // diffusers' EulerAncestralDiscreteScheduler on x_ve = x / a with sigma = s / a.
+        // k-diffusion's `get_ancestral_step` + Euler step on x_ve = x / a with sigma = s / a
+        // (at eta = 1 diffusers' EulerAncestralDiscreteScheduler).
         let s = FlowSchedule::default();
         let dev = candle_core::Device::Cpu;
         let (t, tn) = (0.9f32, 0.4f32);
         let x0 = Tensor::new(&[[0.5f32, -0.25, 1.5]], &dev)?;
         let xt = Tensor::new(&[[0.1f32, 2.0, -1.0]], &dev)?;
         let z = Tensor::new(&[[0.3f32, -0.7, 1.1]], &dev)?;
-        let got = s.ancestral_step(&xt, &x0, t, tn, &z)?;
+        let max_diff =
+            |a: Tensor, b: Tensor| -> Result<f32> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
         let (a, sg) = s.alpha_sigma(t);
         let (an, sn) = s.alpha_sigma(tn);
         let (sig, sig_n) = ((sg / a) as f64, (sn / an) as f64);
-        let up = (sig_n * sig_n * (sig * sig - sig_n * sig_n) / (sig * sig)).sqrt();
-        let down = (sig_n * sig_n - up * up).sqrt();
-        let x_ve = (&xt / a as f64)?;
-        let d = ((&x_ve - &x0)? / sig)?;
-        let next_ve = ((x_ve + (d * (down - sig))?)? + (&z * up)?)?;
-        let want = (next_ve * an as f64)?;
-        let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(diff < 1e-5, "{diff}");
+        for eta in [1.0f32, 0.5, 0.0] {
+            let got = s.ancestral_step(&xt, &x0, (t, tn), &z, eta)?;
+            let up = (eta as f64
+                * (sig_n * sig_n * (sig * sig - sig_n * sig_n) / (sig * sig)).sqrt())
+            .min(sig_n);
+            let down = (sig_n * sig_n - up * up).sqrt();
+            let x_ve = (&xt / a as f64)?;
+            let d = ((&x_ve - &x0)? / sig)?;
+            let next_ve = ((x_ve + (d * (down - sig))?)? + (&z * up)?)?;
+            let want = (next_ve * an as f64)?;
+            let diff = max_diff(got, want)?;
+            assert!(diff < 1e-5, "eta {eta}: {diff}");
+        }
+        // eta = 0 is the deterministic DDIM step; a large eta re-noises x0 afresh, as the
+        // student sampler does.
+        let ddim = s.step(&xt, &x0, t, tn)?;
+        assert!(max_diff(s.ancestral_step(&xt, &x0, (t, tn), &z, 0.0)?, ddim)? < 1e-6);
+        let fresh = s.add_noise(&x0, &z, &[tn])?;
+        assert!(max_diff(s.ancestral_step(&xt, &x0, (t, tn), &z, 10.0)?, fresh)? < 1e-6);
         // Landing on t = 0 returns x0; the step's noise has the target time's sigma.
-        let end = s.ancestral_step(&xt, &x0, t, 0.0, &z)?;
+        let end = s.ancestral_step(&xt, &x0, (t, 0.0), &z, 1.0)?;
         assert_eq!(end.to_vec2::<f32>()?, x0.to_vec2::<f32>()?);
         Ok(())
     }

@@ -266,6 +266,8 @@ fn student_manifest(teacher: &Manifest, name: String, cfg: &DistillConfig) -> Ma
     m.sampling.max_guidance = 1.0;
     // A student runs without CFG, so the teacher's guidance interval means nothing to it.
     m.sampling.guidance_interval = None;
+    // Nor does a teacher's ancestral `eta` (the student sampler re-noises afresh).
+    m.sampling.eta = None;
     m.teacher = Some(teacher.name.clone());
     m
 }

@@ -51,6 +51,8 @@ pub struct ProbeOptions {
     pub guidance: f32,
     /// The model's `sampling.guidance_interval`, for the samples from pure noise.
     pub guidance_interval: Option<[f64; 2]>,
+    /// The model's `sampling.eta` (the ancestral sampler's share of fresh noise).
+    pub eta: f32,
     /// Noise level the wrong-shape probe starts from.
     pub t0: f32,
     pub seed: u64,
@@ -64,6 +66,7 @@ impl Default for ProbeOptions {
             steps: 20,
             guidance: 3.0,
             guidance_interval: None,
+            eta: 1.0,
             t0: 0.6,
             seed: 0,
         }
@@ -451,6 +454,7 @@ fn sample_from_noise(
         steps: opts.steps,
         guidance: opts.guidance,
         guidance_interval: opts.guidance_interval,
+        eta: opts.eta,
     };
     sample(
         model,

@@ -187,6 +187,7 @@ mod tests {
                 steps: 3,
                 guidance: 1.0,
                 guidance_interval: None,
+                eta: 1.0,
             };
             model.generate(&spec, params).unwrap().outputs
         };

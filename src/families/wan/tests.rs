@@ -276,6 +276,7 @@ fn wan_tiny_t2v_generation_matches_the_diffusers_pipeline() {
         steps: call["num_inference_steps"].as_u64().unwrap() as usize,
         guidance: call["guidance_scale"].as_f64().unwrap() as f32,
         guidance_interval: None,
+        eta: 1.0,
     };
     let fin = sample_with_noise(&model, model.schedule(), params, &cond, || {
         Ok(latents.clone())
@@ -341,6 +342,7 @@ fn wan_unipc_sampling_matches_the_diffusers_scheduler_at_orders_2_and_3() {
             steps,
             guidance: case.call["guidance_scale"].as_f64().unwrap() as f32,
             guidance_interval: None,
+            eta: 1.0,
         };
         let fin = sample_with_noise(&case.model, &schedule, params, &case.cond, || {
             Ok(case.latents.clone())

@@ -55,6 +55,7 @@ fn params(kind: SamplerKind, steps: usize, guidance: f32) -> SamplerParams {
         steps,
         guidance,
         guidance_interval: None,
+        eta: 1.0,
     }
 }
 
