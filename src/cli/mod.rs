@@ -370,11 +370,10 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
         let s = &model.manifest.sampling;
         let opts = crate::eval::probe::ProbeOptions {
             samples_per_shape: args.probe_samples,
-            sampler: s.sampler,
-            steps: args.steps.unwrap_or(s.default_steps),
-            guidance: args.cfg.unwrap_or(s.default_guidance),
-            guidance_interval: s.guidance_interval,
-            eta: s.eta(),
+            sampler: s.params(
+                args.steps.unwrap_or(s.default_steps),
+                args.cfg.unwrap_or(s.default_guidance),
+            ),
             t0: args.probe_t0,
             seed: args.seed,
         };

@@ -8,9 +8,7 @@ use candle_core::Device;
 use image::RgbImage;
 
 use super::{Manifest, ManifestError};
-use crate::pipeline::{
-    BatchResult, BatchSpec, SamplerParams, ServedModel, StepObserver, Unobserved,
-};
+use crate::pipeline::{BatchResult, BatchSpec, ServedModel, StepObserver, Unobserved};
 
 /// A model resident on a device, ready to run batches.
 #[derive(Clone)]
@@ -70,13 +68,7 @@ impl LoadedModel {
         guidance: f32,
         observer: &mut dyn StepObserver,
     ) -> candle_core::Result<BatchResult> {
-        let params = SamplerParams {
-            kind: self.manifest.sampling.sampler,
-            steps,
-            guidance,
-            guidance_interval: self.manifest.sampling.guidance_interval,
-            eta: self.manifest.sampling.eta(),
-        };
+        let params = self.manifest.sampling.params(steps, guidance);
         self.model.generate_observed(spec, params, observer)
     }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::families::{Capabilities, Family, Section};
-use crate::pipeline::SamplerKind;
+use crate::pipeline::{SamplerKind, SamplerParams};
 
 pub use loaded::{check_shapes, LoadedModel};
 
@@ -97,6 +97,17 @@ impl Sampling {
     /// The ancestral sampler's `eta` (1 when the manifest leaves it out).
     pub fn eta(&self) -> f32 {
         self.eta.unwrap_or(1.0)
+    }
+
+    /// This model's sampler at `steps` and `guidance`: its kind, guidance interval and `eta`.
+    pub fn params(&self, steps: usize, guidance: f32) -> SamplerParams {
+        SamplerParams {
+            kind: self.sampler,
+            steps,
+            guidance,
+            guidance_interval: self.guidance_interval,
+            eta: self.eta(),
+        }
     }
 
     /// `eta` only for the ancestral sampler, and a number from 0 up.

@@ -100,7 +100,7 @@ pub(super) fn beside_hits(
         for (c, chunk) in specs.chunks(CHUNK).enumerate() {
             let first = 13_000_003 + k * 1_000_003 + c * CHUNK;
             let prompts: Vec<String> = chunk.iter().map(world::prompt).collect();
-            let cond = conditioning(model, &prompts, opts.guidance)?;
+            let cond = conditioning(model, &prompts, opts.sampler.guidance)?;
             let renders: Vec<_> = chunk.iter().map(|s| world::render(s, rng)).collect();
             for (spec, frames) in chunk.iter().zip(&renders) {
                 hit.clean += recognised(spec, frames);
@@ -108,11 +108,11 @@ pub(super) fn beside_hits(
             let x0 = stack_renders(&renders, model)?;
             let noise = noise_for(&chunk_seeds(opts.seed, first, chunk.len()), model, 1)?;
             for (level, &t0) in BESIDE_T0.iter().enumerate() {
-                let steps = ((opts.steps as f32 * t0).round() as usize).max(1);
+                let steps = ((opts.sampler.steps as f32 * t0).round() as usize).max(1);
                 let xt = model
                     .schedule
                     .add_noise(&x0, &noise, &vec![t0; chunk.len()])?;
-                let out_x = euler_from(model, xt, &cond, t0, steps, opts.guidance)?;
+                let out_x = euler_from(model, xt, &cond, t0, steps, opts.sampler.guidance)?;
                 for (spec, frames) in chunk.iter().zip(to_frames(&out_x)?) {
                     hit.from_render[level] += recognised(spec, &frames);
                 }

@@ -42,17 +42,9 @@ use crate::world::{
 pub struct ProbeOptions {
     /// Samples per shape for the from-noise and wrong-shape probes.
     pub samples_per_shape: usize,
-    /// The sampler from pure noise (the model's own: Euler for teachers, the few-step sampler
-    /// for students).
-    pub sampler: SamplerKind,
-    /// Sampler steps from pure noise. The wrong-shape probe runs deterministic Euler steps of
-    /// the same size from `t0`.
-    pub steps: usize,
-    pub guidance: f32,
-    /// The model's `sampling.guidance_interval`, for the samples from pure noise.
-    pub guidance_interval: Option<[f64; 2]>,
-    /// The model's `sampling.eta` (the ancestral sampler's share of fresh noise).
-    pub eta: f32,
+    /// The sampler from pure noise (the model's own, `Sampling::params`). The wrong-shape
+    /// probe runs deterministic Euler steps of the same size and guidance from `t0`.
+    pub sampler: SamplerParams,
     /// Noise level the wrong-shape probe starts from.
     pub t0: f32,
     pub seed: u64,
@@ -62,11 +54,13 @@ impl Default for ProbeOptions {
     fn default() -> Self {
         Self {
             samples_per_shape: 24,
-            sampler: SamplerKind::Euler,
-            steps: 20,
-            guidance: 3.0,
-            guidance_interval: None,
-            eta: 1.0,
+            sampler: SamplerParams {
+                kind: SamplerKind::Euler,
+                steps: 20,
+                guidance: 3.0,
+                guidance_interval: None,
+                eta: 1.0,
+            },
             t0: 0.6,
             seed: 0,
         }
@@ -326,7 +320,7 @@ const CHUNK: usize = 32;
 
 /// Runs every probe on `model`.
 pub fn probe(model: &TinyModel, opts: &ProbeOptions) -> Result<ProbeReport> {
-    if opts.samples_per_shape == 0 || opts.steps == 0 {
+    if opts.samples_per_shape == 0 || opts.sampler.steps == 0 {
         candle_core::bail!("probe: samples_per_shape and steps must be at least 1");
     }
     if !(opts.t0 > 0.0 && opts.t0 <= 1.0) {
@@ -343,9 +337,9 @@ pub fn probe(model: &TinyModel, opts: &ProbeOptions) -> Result<ProbeReport> {
         (Vec::new(), Vec::new())
     };
     Ok(ProbeReport {
-        sampler: opts.sampler,
-        steps: opts.steps,
-        guidance: opts.guidance,
+        sampler: opts.sampler.kind,
+        steps: opts.sampler.steps,
+        guidance: opts.sampler.guidance,
         t0: opts.t0,
         from_noise,
         wrong_shape,
@@ -449,17 +443,10 @@ fn sample_from_noise(
     frames: usize,
 ) -> Result<Tensor> {
     let mut rows: Vec<RowNoise> = seeds.iter().map(|&s| RowNoise::new(s)).collect();
-    let params = SamplerParams {
-        kind: opts.sampler,
-        steps: opts.steps,
-        guidance: opts.guidance,
-        guidance_interval: opts.guidance_interval,
-        eta: opts.eta,
-    };
     sample(
         model,
         model.schedule_for_frames(frames),
-        params,
+        opts.sampler,
         cond,
         &mut rows,
         &sample_shape(model, frames),
@@ -506,7 +493,7 @@ fn from_noise_hits(model: &TinyModel, opts: &ProbeOptions) -> Result<Vec<ShapeHi
         };
         for (c, chunk) in specs.chunks(CHUNK).enumerate() {
             let prompts: Vec<String> = chunk.iter().map(world::prompt).collect();
-            let cond = conditioning(model, &prompts, opts.guidance)?;
+            let cond = conditioning(model, &prompts, opts.sampler.guidance)?;
             let seeds = chunk_seeds(opts.seed, k * 1_000_003 + c * CHUNK, chunk.len());
             let x0 = sample_from_noise(model, opts, &cond, &seeds, 1)?;
             for (spec, frames) in chunk.iter().zip(to_frames(&x0)?) {
@@ -526,7 +513,7 @@ fn wrong_shape_hits(
     rng: &mut WorldRng,
 ) -> Result<Vec<WrongShape>> {
     let shapes = Shape::all();
-    let steps = ((opts.steps as f32 * opts.t0).round() as usize).max(1);
+    let steps = ((opts.sampler.steps as f32 * opts.t0).round() as usize).max(1);
     let mut out = Vec::new();
     for (k, &prompted) in shapes.iter().enumerate() {
         // Inputs cycle through the other shapes; prompt and input share colour and place.
@@ -563,8 +550,8 @@ fn wrong_shape_hits(
                 .schedule
                 .add_noise(&x0, &noise, &vec![opts.t0; chunk.len()])?;
             let prompts: Vec<String> = chunk.iter().map(|(_, p)| world::prompt(p)).collect();
-            let cond = conditioning(model, &prompts, opts.guidance)?;
-            let out_x = euler_from(model, xt, &cond, opts.t0, steps, opts.guidance)?;
+            let cond = conditioning(model, &prompts, opts.sampler.guidance)?;
+            let out_x = euler_from(model, xt, &cond, opts.t0, steps, opts.sampler.guidance)?;
             for ((input, spec), frames) in chunk.iter().zip(to_frames(&out_x)?) {
                 let drawn = drawn_shape(spec, &frames, spec.objects[0].color);
                 w.follows_prompt += (drawn == Some(prompted)) as usize;
@@ -833,10 +820,14 @@ mod tests {
     fn probes_run_and_attention_sums_to_one() {
         for denoiser in ["dit", "unet"] {
             let model = tiny_model(denoiser);
+            let defaults = ProbeOptions::default();
             let opts = ProbeOptions {
                 samples_per_shape: 3,
-                steps: 2,
-                ..ProbeOptions::default()
+                sampler: SamplerParams {
+                    steps: 2,
+                    ..defaults.sampler
+                },
+                ..defaults
             };
             let r = probe(&model, &opts).unwrap();
             assert_eq!(r.from_noise.len(), 4);

@@ -226,7 +226,7 @@ pub(super) fn motion_hits(
         for (c, chunk) in specs.chunks(chunk_len).enumerate() {
             let first = 29_000_003 + k * 1_000_003 + c * chunk_len;
             let prompts: Vec<String> = chunk.iter().map(world::prompt).collect();
-            let cond = conditioning(model, &prompts, opts.guidance)?;
+            let cond = conditioning(model, &prompts, opts.sampler.guidance)?;
             let renders: Vec<Vec<RgbImage>> = chunk.iter().map(|s| world::render(s, rng)).collect();
             for (spec, frames) in chunk.iter().zip(&renders) {
                 hit.clean += moves_as(spec, frames, motion) as usize;
@@ -253,8 +253,8 @@ pub(super) fn motion_hits(
                 let xt = model
                     .schedule
                     .add_noise(&x0, &noise, &vec![t0; chunk.len()])?;
-                let steps = ((opts.steps as f32 * t0).round() as usize).max(1);
-                let out_x = euler_from(model, xt, &cond, t0, steps, opts.guidance)?;
+                let steps = ((opts.sampler.steps as f32 * t0).round() as usize).max(1);
+                let out_x = euler_from(model, xt, &cond, t0, steps, opts.sampler.guidance)?;
                 for (spec, frames) in chunk.iter().zip(to_frames(&out_x)?) {
                     let seen = seen_motion(spec, &frames);
                     hit.follows_prompt[level] += (seen == Some(motion)) as usize;
