@@ -2,6 +2,7 @@
 //! gradient clipping, EMA weights, and atomic, resumable checkpoints.
 
 pub mod checkpoint;
+pub mod edge_weight;
 pub mod ema;
 pub mod optim;
 

@@ -29,6 +29,9 @@ pub struct TeacherConfig {
     /// How the per-row velocity error is weighted over noise levels.
     #[serde(default, skip_serializing_if = "LossWeighting::is_velocity")]
     pub loss_weighting: LossWeighting,
+    /// Extra weight on the pixels near an edge of the clean frame (none when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge_weighting: Option<EdgeWeighting>,
     /// Simple scenes (one large object on black) mixed into the image batches early on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub curriculum: Option<Curriculum>,
@@ -122,6 +125,7 @@ impl Default for TeacherConfig {
             video_batch: 4,
             cfg_dropout: 0.1,
             loss_weighting: LossWeighting::Velocity,
+            edge_weighting: None,
             curriculum: None,
             shape_weights: None,
             scene_kinds: None,
@@ -159,6 +163,21 @@ pub enum LossWeighting {
     /// `t^2 |v - v*|^2 = |x0 - x0*|^2`, uniform in the clean-sample estimate. Rescaled by the
     /// batch's mean `t^2` so the loss keeps the velocity loss's scale (and learning rate).
     X0,
+}
+
+/// Pixel weights `1 + strength` within `radius` pixels of a colour edge of the target, 1
+/// elsewhere, scaled to mean 1 ([`super::edge_weight::edge_weights`]): the loss of a shape's
+/// outline (a cross's notches) against the plain background that fills most of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeWeighting {
+    pub strength: f32,
+    #[serde(default = "one_pixel")]
+    pub radius: usize,
+}
+
+fn one_pixel() -> usize {
+    1
 }
 
 impl LossWeighting {
@@ -203,6 +222,14 @@ impl TeacherConfig {
         ] {
             if !(shift.is_finite() && shift > 0.0) {
                 return Err(format!("{key} {shift} must be a positive number"));
+            }
+        }
+        if let Some(e) = self.edge_weighting {
+            if !(e.strength.is_finite() && e.strength >= 0.0) || e.radius > 4 {
+                return Err(format!(
+                    "edge_weighting: strength must be a number >= 0 and radius at most 4 (got strength {}, radius {})",
+                    e.strength, e.radius
+                ));
             }
         }
         check_weights("shape_weights", self.shape_weights)?;
@@ -339,12 +366,13 @@ fn draw_times(n: usize, shift: f32, rng: &mut ChaCha8Rng) -> Vec<f32> {
         .collect()
 }
 
-/// Flow-matching loss `mean w(t) |v(x_t, t) - (noise - x0)|^2` with logit-normal `t`,
-/// flow-shifted by `shift`.
+/// Flow-matching loss `mean w(t) e(x0) |v(x_t, t) - (noise - x0)|^2` with logit-normal `t`,
+/// flow-shifted by `shift`; `e` is 1 or the edge weighting's pixel weights.
 pub fn flow_matching_loss(
     model: &TinyModel,
     batch: &WorldBatch,
     weighting: LossWeighting,
+    edges: Option<EdgeWeighting>,
     shift: f32,
     rng: &mut ChaCha8Rng,
 ) -> Result<Tensor> {
@@ -358,7 +386,11 @@ pub fn flow_matching_loss(
     let prompts: Vec<&str> = batch.prompts.iter().map(String::as_str).collect();
     let text = model.encode(&prompts)?;
     let v = model.velocity(&xt, &t, &text)?;
-    let err = (v - (noise - &batch.x0)?)?.sqr()?;
+    let mut err = (v - (noise - &batch.x0)?)?.sqr()?;
+    if let Some(e) = edges {
+        let w = super::edge_weight::edge_weights(&batch.x0, e.strength, e.radius)?;
+        err = err.broadcast_mul(&w)?;
+    }
     match weighting {
         LossWeighting::Velocity => err.mean_all(),
         w => {
@@ -472,6 +504,7 @@ pub fn train_teacher(
             &model,
             &ib,
             config.loss_weighting,
+            config.edge_weighting,
             config.image_shift,
             &mut rng,
         )?;
@@ -495,6 +528,7 @@ pub fn train_teacher(
                 &model,
                 &vbt,
                 config.loss_weighting,
+                config.edge_weighting,
                 config.video_shift,
                 &mut rng,
             )?;
@@ -721,6 +755,68 @@ mod tests {
         Ok(())
     }
 
+    /// A DiT grown by blocks appended after the trained ones starts as its parent: every
+    /// branch of a fresh block is gated by a zero-initialised adaLN or output projection. So a
+    /// teacher can gain depth without losing what it learned.
+    #[test]
+    fn a_dit_grown_by_appended_blocks_reproduces_its_parent() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let dir = std::env::temp_dir().join(format!("fewstep-grow-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("parent.safetensors");
+        let tok = || TinyTokenizer::from_vocabulary(&world::vocabulary());
+        let parent_cfg = TinyConfig {
+            refiner: 4,
+            frame_words: true,
+            motion_coords: true,
+            ..cfg(tok()?.vocab_size(), 4)
+        };
+        let old_map = VarMap::new();
+        let parent = TinyModel::new(
+            crate::nn::random_var_builder(&old_map, 1, DType::F32, &dev),
+            &parent_cfg,
+            tok()?,
+            FlowSchedule::default(),
+        )?;
+        candle_core::safetensors::save(&tensors_of(&named_vars(&old_map)), &file)?;
+
+        let grown_cfg = TinyConfig {
+            depth: parent_cfg.depth + 2,
+            ..parent_cfg.clone()
+        };
+        let map = VarMap::new();
+        let grown = TinyModel::new(
+            crate::nn::seeded_var_builder(&map, 2, DType::F32, &dev),
+            &grown_cfg,
+            tok()?,
+            FlowSchedule::default(),
+        )?;
+        let vars = named_vars(&map);
+        let (_, fresh) = warm_start(&vars, &file, &dev)?;
+        assert!(fresh > 0 && vars.iter().any(|(n, _)| n.contains("blocks.2.")));
+
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        for frames in [1, 4] {
+            let x: Vec<f32> = (0..2 * frames * 3 * 32 * 32)
+                .map(|_| StandardNormal.sample(&mut rng))
+                .collect();
+            let x = Tensor::from_vec(x, (2, frames, 3, 32, 32), &dev)?;
+            let prompts = ["a red circle moving left", ""];
+            let v_parent = parent.velocity(&x, &[0.3, 0.8], &parent.encode(&prompts)?)?;
+            let v_grown = grown.velocity(&x, &[0.3, 0.8], &grown.encode(&prompts)?)?;
+            let diff = (&v_parent - &v_grown)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(
+                diff < 1e-5,
+                "{frames} frames: growth changed the output by {diff}"
+            );
+        }
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
     /// `train_only` steps the named parameters and leaves every other one at its warm start;
     /// a prefix that names nothing is refused before any step.
     #[test]
@@ -837,6 +933,62 @@ mod tests {
         let x0: TeacherConfig =
             serde_json::from_str(&text.replacen('{', "{\"loss_weighting\":\"x0\",", 1)).unwrap();
         assert_eq!(x0.loss_weighting, LossWeighting::X0);
+    }
+
+    #[test]
+    fn edge_weighting_is_optional_validated_and_weighs_the_loss() {
+        let cfg = TeacherConfig::default();
+        let text = serde_json::to_string(&cfg).unwrap();
+        assert!(!text.contains("edge_weighting"));
+        let with = |json: &str| {
+            serde_json::from_str::<TeacherConfig>(&text.replacen('{', json, 1)).unwrap()
+        };
+        let e = with("{\"edge_weighting\":{\"strength\":3},");
+        assert_eq!(
+            e.edge_weighting,
+            Some(EdgeWeighting {
+                strength: 3.0,
+                radius: 1
+            })
+        );
+        assert!(e.validate().is_ok());
+        for bad in [
+            "{\"edge_weighting\":{\"strength\":-1},",
+            "{\"edge_weighting\":{\"strength\":1,\"radius\":9},",
+        ] {
+            assert!(with(bad)
+                .validate()
+                .unwrap_err()
+                .starts_with("edge_weighting"));
+        }
+
+        // On a real batch the weighted loss differs from the plain one (and both are finite).
+        let map = VarMap::new();
+        let vb = crate::nn::seeded_var_builder(&map, 1, DType::F32, &Device::Cpu);
+        let model = model(vb, 0).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let batch =
+            world_batch(&mut rng, 4, false, SceneMix::default(), 0.0, &Device::Cpu).unwrap();
+        let loss = |edges| {
+            let mut rng = ChaCha8Rng::seed_from_u64(4);
+            flow_matching_loss(
+                &model,
+                &batch,
+                LossWeighting::Velocity,
+                edges,
+                1.0,
+                &mut rng,
+            )
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+        };
+        let (plain, weighted) = (loss(None), loss(e.edge_weighting));
+        assert!(plain.is_finite() && weighted.is_finite());
+        assert!(
+            (plain - weighted).abs() > 1e-4 * plain,
+            "{plain} vs {weighted}"
+        );
     }
 
     #[test]
