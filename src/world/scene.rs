@@ -233,9 +233,35 @@ pub struct Tilt {
     /// Relative weights of the scene kinds: one object, two distinct objects, "two X"
     /// (the world's own mix is 0.45 / 0.35 / 0.2).
     pub kinds: Option<[f64; 3]>,
+    /// Relative weights of black, gray and white for every scene's background, stated in
+    /// the prompt or not (uniform when absent).
+    pub backgrounds: Option<[f64; 3]>,
 }
 
 impl Tilt {
+    /// `spec` as a training scene of this tilt: what to render (its background drawn by
+    /// the weights) and what to caption (that background named only where `spec` named
+    /// one). Without background weights both are `spec`.
+    pub fn backdrop(&self, spec: SceneSpec, rng: &mut impl Rng) -> (SceneSpec, SceneSpec) {
+        let Some(weights) = self.backgrounds else {
+            return (spec.clone(), spec);
+        };
+        let stated = spec.background.is_some();
+        let drawn = SceneSpec {
+            background: Some(pick_weighted(rng, Background::all(), &weights)),
+            ..spec
+        };
+        let caption = if stated {
+            drawn.clone()
+        } else {
+            SceneSpec {
+                background: None,
+                ..drawn.clone()
+            }
+        };
+        (drawn, caption)
+    }
+
     /// Upper bounds of a uniform draw for "one object" and "two distinct objects".
     fn kind_thresholds(&self) -> (f32, f32) {
         match self.kinds {
