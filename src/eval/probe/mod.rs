@@ -13,6 +13,8 @@
 //!    the clean render, after denoising it from a low and a middle noise level, and from noise.
 //! 6. **Motion** ([`motion`]): single-object videos per motion word, from noise and from a
 //!    render of the opposite motion: is the motion word drawn, and is it read at all?
+//! 7. **Backgrounds** ([`backgrounds`]): each shape alone from noise on black, gray, white and
+//!    an unstated background, and which background an unstated prompt gets.
 //!
 //! Everything is deterministic given the seed, and scored by the world's verifier.
 
@@ -21,10 +23,12 @@ use image::RgbImage;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+mod backgrounds;
 mod beside;
 #[cfg(test)]
 mod learnability;
 mod motion;
+pub use backgrounds::{BackgroundHit, PROBED_BACKGROUNDS};
 pub use beside::{BesideHit, BESIDE_T0};
 pub use motion::{opposite, MeanPath, MotionGain, MotionHit, MOTION_T0};
 
@@ -149,6 +153,9 @@ pub struct ProbeReport {
     /// Probe 6's x0-loss gain of the motion word, per noise level.
     #[serde(default)]
     pub motion_gain: Vec<MotionGain>,
+    /// Probe 7 (reports written before it existed have none).
+    #[serde(default)]
+    pub backgrounds: Vec<BackgroundHit>,
 }
 
 fn euler() -> SamplerKind {
@@ -232,6 +239,22 @@ impl ProbeReport {
                     levels.join(" / "),
                     b.from_noise,
                     b.n
+                );
+            }
+        }
+        if !self.backgrounds.is_empty() {
+            out += "\nlarge shapes alone from noise by background (circle / square / triangle / \
+                    cross; drawn black / gray / white):";
+            for b in &self.backgrounds {
+                let name = b
+                    .background
+                    .map_or("unstated".to_string(), |bg| bg.to_string());
+                let [c, s, t, x] = b.hits;
+                let [k, g, w] = b.drawn;
+                out += &format!(
+                    " {name} {c} / {s} / {t} / {x} of {} each ({:.3}; drawn {k} / {g} / {w});",
+                    b.n,
+                    b.shape_hit()
                 );
             }
         }
@@ -331,6 +354,8 @@ pub fn probe(model: &TinyModel, opts: &ProbeOptions) -> Result<ProbeReport> {
     let wrong_shape = wrong_shape_hits(model, opts, &mut rng)?;
     let (sensitivity, attention) = word_sensitivity(model, opts, &mut rng)?;
     let beside = beside::beside_hits(model, opts, &mut rng)?;
+    let backgrounds =
+        backgrounds::background_hits(model, opts, opts.samples_per_shape.div_ceil(2))?;
     let (motion, motion_gain) = if model.cfg.max_frames >= world::VIDEO_FRAMES {
         motion::motion_hits(model, opts, opts.samples_per_shape.div_ceil(2), &mut rng)?
     } else {
@@ -348,6 +373,7 @@ pub fn probe(model: &TinyModel, opts: &ProbeOptions) -> Result<ProbeReport> {
         beside,
         motion,
         motion_gain,
+        backgrounds,
     })
 }
 
@@ -844,6 +870,13 @@ mod tests {
                 && b.from_render.len() == BESIDE_T0.len()
                 && b.from_render.iter().all(|&k| k <= 3)
                 && b.from_noise_by_size.iter().sum::<usize>() == b.from_noise));
+            // Probe 7: every background, 2 samples per shape (3 halved, rounded up), each
+            // sample's drawn background counted once.
+            assert_eq!(r.backgrounds.len(), PROBED_BACKGROUNDS.len());
+            assert!(r.backgrounds.iter().all(|b| b.n == 2
+                && b.hits.iter().all(|&k| k <= 2)
+                && b.drawn.iter().sum::<usize>() == 8));
+            assert!(r.summary().contains("unstated"));
             assert!(r.sensitivity.iter().all(|s| s.shape > 0.0 && s.color > 0.0));
             // Probe 6: every motion word, 2 clips each (half the samples, rounded up).
             assert_eq!(r.motion.len(), crate::world::Motion::all().len());
