@@ -1,5 +1,7 @@
 //! 7. **Backgrounds**: each shape alone and large, sampled from noise on each background and
 //!    with none stated. Is the shape drawn, and which background does an unstated prompt get?
+//!    And is a true render kept when denoised from the probe's `t0` under its own prompt?
+//!    A shape lost from there is drawn wrong at middle noise, not decided wrong at high noise.
 //!
 //! Why: probe 1 samples on black only, and phase 16 drew crosses there (23 of 24) while the
 //! eval missed the cross in 30 of 33 gray-background prompts. Unstated backgrounds are half
@@ -9,10 +11,13 @@ use candle_core::Result;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-use super::{chunk_seeds, conditioning, drawn_shape, sample_from_noise, train_color, CHUNK};
+use super::{
+    chunk_seeds, conditioning, drawn_shape, euler_from, noise_for, sample_from_noise,
+    stack_renders, train_color, CHUNK,
+};
 use crate::families::tiny::TinyModel;
-use crate::pipeline::to_frames;
-use crate::world::{self, Background, ObjectSpec, SceneSpec, Shape, SizeClass};
+use crate::pipeline::{to_frames, NoiseSchedule};
+use crate::world::{self, Background, ObjectSpec, SceneSpec, Shape, SizeClass, WorldRng};
 
 /// The backgrounds probed, in [`BackgroundHit`]'s order: each stated, then unstated.
 pub const PROBED_BACKGROUNDS: [Option<Background>; 4] = [
@@ -32,6 +37,10 @@ pub struct BackgroundHit {
     pub hits: [usize; 4],
     /// The backgrounds drawn (black, gray, white), read from the frame's border.
     pub drawn: [usize; 3],
+    /// Recognised shapes after denoising a true render (on the stated background, or a
+    /// random one when unstated) from the probe's `t0`, in [`Shape::all`]'s order.
+    #[serde(default)]
+    pub from_render: [usize; 4],
 }
 
 impl BackgroundHit {
@@ -78,7 +87,9 @@ pub(super) fn background_hits(
     model: &TinyModel,
     opts: &super::ProbeOptions,
     n: usize,
+    rng: &mut WorldRng,
 ) -> Result<Vec<BackgroundHit>> {
+    let steps = ((opts.sampler.steps as f32 * opts.t0).round() as usize).max(1);
     let mut out = Vec::new();
     for (b, &background) in PROBED_BACKGROUNDS.iter().enumerate() {
         let mut hit = BackgroundHit {
@@ -86,6 +97,7 @@ pub(super) fn background_hits(
             n,
             hits: [0; 4],
             drawn: [0; 3],
+            from_render: [0; 4],
         };
         let specs: Vec<(usize, SceneSpec)> = Shape::all()
             .iter()
@@ -104,6 +116,22 @@ pub(super) fn background_hits(
                 let drawn = drawn_background(&frames[0]);
                 let i = Background::all().iter().position(|&bg| bg == drawn);
                 hit.drawn[i.unwrap_or(0)] += 1;
+            }
+            let renders: Vec<_> = chunk.iter().map(|(_, s)| world::render(s, rng)).collect();
+            let x0 = stack_renders(&renders, model)?;
+            let noise = noise_for(
+                &chunk_seeds(opts.seed, first + 500_000, chunk.len()),
+                model,
+                1,
+            )?;
+            let xt = model
+                .schedule
+                .add_noise(&x0, &noise, &vec![opts.t0; chunk.len()])?;
+            let out_x = euler_from(model, xt, &cond, opts.t0, steps, opts.sampler.guidance)?;
+            for ((k, spec), frames) in chunk.iter().zip(to_frames(&out_x)?) {
+                let o = spec.objects[0];
+                hit.from_render[*k] +=
+                    (drawn_shape(spec, &frames, o.color) == Some(o.shape)) as usize;
             }
         }
         out.push(hit);

@@ -251,10 +251,13 @@ impl ProbeReport {
                     .map_or("unstated".to_string(), |bg| bg.to_string());
                 let [c, s, t, x] = b.hits;
                 let [k, g, w] = b.drawn;
+                let [rc, rs, rt, rx] = b.from_render;
                 out += &format!(
-                    " {name} {c} / {s} / {t} / {x} of {} each ({:.3}; drawn {k} / {g} / {w});",
+                    " {name} {c} / {s} / {t} / {x} of {} each ({:.3}; drawn {k} / {g} / {w}; \
+                     from a render at t0 = {}: {rc} / {rs} / {rt} / {rx});",
                     b.n,
-                    b.shape_hit()
+                    b.shape_hit(),
+                    self.t0
                 );
             }
         }
@@ -355,7 +358,7 @@ pub fn probe(model: &TinyModel, opts: &ProbeOptions) -> Result<ProbeReport> {
     let (sensitivity, attention) = word_sensitivity(model, opts, &mut rng)?;
     let beside = beside::beside_hits(model, opts, &mut rng)?;
     let backgrounds =
-        backgrounds::background_hits(model, opts, opts.samples_per_shape.div_ceil(2))?;
+        backgrounds::background_hits(model, opts, opts.samples_per_shape.div_ceil(2), &mut rng)?;
     let (motion, motion_gain) = if model.cfg.max_frames >= world::VIDEO_FRAMES {
         motion::motion_hits(model, opts, opts.samples_per_shape.div_ceil(2), &mut rng)?
     } else {
@@ -875,7 +878,8 @@ mod tests {
             assert_eq!(r.backgrounds.len(), PROBED_BACKGROUNDS.len());
             assert!(r.backgrounds.iter().all(|b| b.n == 2
                 && b.hits.iter().all(|&k| k <= 2)
-                && b.drawn.iter().sum::<usize>() == 8));
+                && b.drawn.iter().sum::<usize>() == 8
+                && b.from_render.iter().all(|&k| k <= 2)));
             assert!(r.summary().contains("unstated"));
             assert!(r.sensitivity.iter().all(|s| s.shape > 0.0 && s.color > 0.0));
             // Probe 6: every motion word, 2 clips each (half the samples, rounded up).
