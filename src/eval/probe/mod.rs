@@ -357,13 +357,14 @@ pub fn probe(model: &TinyModel, opts: &ProbeOptions) -> Result<ProbeReport> {
     let wrong_shape = wrong_shape_hits(model, opts, &mut rng)?;
     let (sensitivity, attention) = word_sensitivity(model, opts, &mut rng)?;
     let beside = beside::beside_hits(model, opts, &mut rng)?;
-    let backgrounds =
-        backgrounds::background_hits(model, opts, opts.samples_per_shape.div_ceil(2), &mut rng)?;
     let (motion, motion_gain) = if model.cfg.max_frames >= world::VIDEO_FRAMES {
         motion::motion_hits(model, opts, opts.samples_per_shape.div_ceil(2), &mut rng)?
     } else {
         (Vec::new(), Vec::new())
     };
+    // Last, so that the probes before it draw the same renders as before it existed.
+    let backgrounds =
+        backgrounds::background_hits(model, opts, opts.samples_per_shape.div_ceil(2), &mut rng)?;
     Ok(ProbeReport {
         sampler: opts.sampler.kind,
         steps: opts.sampler.steps,
