@@ -12,11 +12,11 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    chunk_seeds, conditioning, drawn_shape, euler_from, noise_for, sample_from_noise,
+    chunk_seeds, conditioning, denoise_from, noise_for, recognised, sample_from_noise,
     stack_renders, train_color, CHUNK,
 };
 use crate::families::tiny::TinyModel;
-use crate::pipeline::{to_frames, NoiseSchedule};
+use crate::pipeline::to_frames;
 use crate::world::{self, Background, ObjectSpec, SceneSpec, Shape, SizeClass, WorldRng};
 
 /// The backgrounds probed, in [`BackgroundHit`]'s order: each stated, then unstated.
@@ -89,7 +89,6 @@ pub(super) fn background_hits(
     n: usize,
     rng: &mut WorldRng,
 ) -> Result<Vec<BackgroundHit>> {
-    let steps = ((opts.sampler.steps as f32 * opts.t0).round() as usize).max(1);
     let mut out = Vec::new();
     for (b, &background) in PROBED_BACKGROUNDS.iter().enumerate() {
         let mut hit = BackgroundHit {
@@ -111,8 +110,7 @@ pub(super) fn background_hits(
             let seeds = chunk_seeds(opts.seed, first, chunk.len());
             let x0 = sample_from_noise(model, opts, &cond, &seeds, 1)?;
             for ((k, spec), frames) in chunk.iter().zip(to_frames(&x0)?) {
-                let o = spec.objects[0];
-                hit.hits[*k] += (drawn_shape(spec, &frames, o.color) == Some(o.shape)) as usize;
+                hit.hits[*k] += recognised(spec, &frames);
                 let drawn = drawn_background(&frames[0]);
                 let i = Background::all().iter().position(|&bg| bg == drawn);
                 hit.drawn[i.unwrap_or(0)] += 1;
@@ -124,14 +122,9 @@ pub(super) fn background_hits(
                 model,
                 1,
             )?;
-            let xt = model
-                .schedule
-                .add_noise(&x0, &noise, &vec![opts.t0; chunk.len()])?;
-            let out_x = euler_from(model, xt, &cond, opts.t0, steps, opts.sampler.guidance)?;
+            let out_x = denoise_from(model, &x0, &noise, &cond, opts.t0, opts)?;
             for ((k, spec), frames) in chunk.iter().zip(to_frames(&out_x)?) {
-                let o = spec.objects[0];
-                hit.from_render[*k] +=
-                    (drawn_shape(spec, &frames, o.color) == Some(o.shape)) as usize;
+                hit.from_render[*k] += recognised(spec, &frames);
             }
         }
         out.push(hit);
@@ -141,6 +134,7 @@ pub(super) fn background_hits(
 
 #[cfg(test)]
 mod tests {
+    use super::super::drawn_shape;
     use super::*;
     use rand::SeedableRng;
 

@@ -11,11 +11,11 @@ use candle_core::Result;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    chunk_seeds, conditioning, drawn_shape, euler_from, noise_for, sample_from_noise,
+    chunk_seeds, conditioning, denoise_from, noise_for, recognised, sample_from_noise,
     stack_renders, train_color, CHUNK,
 };
 use crate::families::tiny::TinyModel;
-use crate::pipeline::{to_frames, NoiseSchedule};
+use crate::pipeline::to_frames;
 use crate::world::{self, Color, ObjectSpec, SceneSpec, Shape, SizeClass, Split, WorldRng};
 
 /// Noise levels the clean render is denoised from.
@@ -75,11 +75,6 @@ fn scenes(shape: Shape, n: usize) -> Vec<SceneSpec> {
         .collect()
 }
 
-fn recognised(spec: &SceneSpec, frames: &[image::RgbImage]) -> usize {
-    let o = spec.objects[0];
-    (drawn_shape(spec, frames, o.color) == Some(o.shape)) as usize
-}
-
 /// Runs probe 5 for every shape.
 pub(super) fn beside_hits(
     model: &TinyModel,
@@ -108,11 +103,7 @@ pub(super) fn beside_hits(
             let x0 = stack_renders(&renders, model)?;
             let noise = noise_for(&chunk_seeds(opts.seed, first, chunk.len()), model, 1)?;
             for (level, &t0) in BESIDE_T0.iter().enumerate() {
-                let steps = ((opts.sampler.steps as f32 * t0).round() as usize).max(1);
-                let xt = model
-                    .schedule
-                    .add_noise(&x0, &noise, &vec![t0; chunk.len()])?;
-                let out_x = euler_from(model, xt, &cond, t0, steps, opts.sampler.guidance)?;
+                let out_x = denoise_from(model, &x0, &noise, &cond, t0, opts)?;
                 for (spec, frames) in chunk.iter().zip(to_frames(&out_x)?) {
                     hit.from_render[level] += recognised(spec, &frames);
                 }

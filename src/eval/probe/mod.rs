@@ -427,24 +427,32 @@ fn conditioning(model: &TinyModel, prompts: &[String], guidance: f32) -> Result<
     Ok(TinyCond { cond, uncond })
 }
 
-/// Deterministic Euler steps from `x` at `t0` down to 0, `steps` of them.
-fn euler_from(
+/// `x0` noised to `t0` with `noise`, then brought back to 0 by deterministic Euler steps: the
+/// share of the sampler's steps that `t0` spans, at its guidance.
+fn denoise_from(
     model: &TinyModel,
-    x: Tensor,
+    x0: &Tensor,
+    noise: &Tensor,
     cond: &TinyCond,
     t0: f32,
-    steps: usize,
-    guidance: f32,
+    opts: &ProbeOptions,
 ) -> Result<Tensor> {
-    let b = x.dim(0)?;
-    let mut x = x;
+    let b = x0.dim(0)?;
+    let steps = ((opts.sampler.steps as f32 * t0).round() as usize).max(1);
+    let mut x = model.schedule.add_noise(x0, noise, &vec![t0; b])?;
     for i in 0..steps {
         let t = t0 * (1.0 - i as f32 / steps as f32);
         let next = t0 * (1.0 - (i + 1) as f32 / steps as f32);
-        let x0 = model.predict_x0(&x, &vec![t; b], cond, guidance)?;
+        let x0 = model.predict_x0(&x, &vec![t; b], cond, opts.sampler.guidance)?;
         x = model.schedule.step(&x, &x0, t, next)?;
     }
     Ok(x)
+}
+
+/// 1 when the first object of `spec` is drawn with its shape (the largest blob of its colour).
+fn recognised(spec: &SceneSpec, frames: &[RgbImage]) -> usize {
+    let o = spec.objects[0];
+    (drawn_shape(spec, frames, o.color) == Some(o.shape)) as usize
 }
 
 /// Noise seeds of `len` consecutive rows starting at row `first` of a probe.
@@ -527,8 +535,7 @@ fn from_noise_hits(model: &TinyModel, opts: &ProbeOptions) -> Result<Vec<ShapeHi
             let seeds = chunk_seeds(opts.seed, k * 1_000_003 + c * CHUNK, chunk.len());
             let x0 = sample_from_noise(model, opts, &cond, &seeds, 1)?;
             for (spec, frames) in chunk.iter().zip(to_frames(&x0)?) {
-                let o = spec.objects[0];
-                hit.hits += (drawn_shape(spec, &frames, o.color) == Some(shape)) as usize;
+                hit.hits += recognised(spec, &frames);
                 hit.passes += world::verify(spec, &frames).pass as usize;
             }
         }
@@ -543,7 +550,6 @@ fn wrong_shape_hits(
     rng: &mut WorldRng,
 ) -> Result<Vec<WrongShape>> {
     let shapes = Shape::all();
-    let steps = ((opts.sampler.steps as f32 * opts.t0).round() as usize).max(1);
     let mut out = Vec::new();
     for (k, &prompted) in shapes.iter().enumerate() {
         // Inputs cycle through the other shapes; prompt and input share colour and place.
@@ -576,12 +582,9 @@ fn wrong_shape_hits(
                 chunk.len(),
             );
             let noise = noise_for(&seeds, model, 1)?;
-            let xt = model
-                .schedule
-                .add_noise(&x0, &noise, &vec![opts.t0; chunk.len()])?;
             let prompts: Vec<String> = chunk.iter().map(|(_, p)| world::prompt(p)).collect();
             let cond = conditioning(model, &prompts, opts.sampler.guidance)?;
-            let out_x = euler_from(model, xt, &cond, opts.t0, steps, opts.sampler.guidance)?;
+            let out_x = denoise_from(model, &x0, &noise, &cond, opts.t0, opts)?;
             for ((input, spec), frames) in chunk.iter().zip(to_frames(&out_x)?) {
                 let drawn = drawn_shape(spec, &frames, spec.objects[0].color);
                 w.follows_prompt += (drawn == Some(prompted)) as usize;

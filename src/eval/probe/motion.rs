@@ -17,7 +17,7 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    chunk_seeds, conditioning, encode_specs, euler_from, noise_for, sample_from_noise,
+    chunk_seeds, conditioning, denoise_from, encode_specs, noise_for, sample_from_noise,
     stack_renders, train_color, ProbeOptions, CHUNK,
 };
 use crate::families::tiny::TinyModel;
@@ -250,11 +250,7 @@ pub(super) fn motion_hits(
                 VIDEO_FRAMES,
             )?;
             for (level, &t0) in MOTION_T0.iter().enumerate() {
-                let xt = model
-                    .schedule
-                    .add_noise(&x0, &noise, &vec![t0; chunk.len()])?;
-                let steps = ((opts.sampler.steps as f32 * t0).round() as usize).max(1);
-                let out_x = euler_from(model, xt, &cond, t0, steps, opts.sampler.guidance)?;
+                let out_x = denoise_from(model, &x0, &noise, &cond, t0, opts)?;
                 for (spec, frames) in chunk.iter().zip(to_frames(&out_x)?) {
                     let seen = seen_motion(spec, &frames);
                     hit.follows_prompt[level] += (seen == Some(motion)) as usize;
