@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod edge_weight;
 pub mod ema;
 pub mod optim;
+pub mod shape_head;
 
 pub mod teacher;
 

@@ -11,6 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
+use super::shape_head::{ShapeHead, ShapeSupervision};
 use super::{named_vars, tensors_of, AdamW, AdamWConfig, Checkpoint, Ema};
 use crate::families::tiny::{TinyConfig, TinyModel, TinyTokenizer};
 use crate::pipeline::from_frames;
@@ -32,6 +33,10 @@ pub struct TeacherConfig {
     /// Extra weight on the pixels near an edge of the clean frame (none when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub edge_weighting: Option<EdgeWeighting>,
+    /// A cross-entropy on every pixel's shape, read from the DiT's mid-network tokens by a
+    /// training-only head ([`super::shape_head`]); none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape_supervision: Option<ShapeSupervision>,
     /// Simple scenes (one large object on black) mixed into the image batches early on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub curriculum: Option<Curriculum>,
@@ -131,6 +136,7 @@ impl Default for TeacherConfig {
             cfg_dropout: 0.1,
             loss_weighting: LossWeighting::Velocity,
             edge_weighting: None,
+            shape_supervision: None,
             curriculum: None,
             shape_weights: None,
             scene_kinds: None,
@@ -238,6 +244,14 @@ impl TeacherConfig {
                 ));
             }
         }
+        if let Some(s) = self.shape_supervision {
+            s.validate()?;
+            if self.architecture.denoiser != crate::families::tiny::DenoiserKind::Dit {
+                return Err(
+                    "shape_supervision: needs the DiT denoiser (it reads its tokens)".into(),
+                );
+            }
+        }
         check_weights("shape_weights", self.shape_weights)?;
         check_weights("scene_kinds", self.scene_kinds)?;
         check_weights("background_weights", self.background_weights)?;
@@ -307,6 +321,9 @@ pub struct TeacherLog {
     pub loss: f64,
     pub image_loss: f64,
     pub video_loss: f64,
+    /// The shape head's cross-entropy, images and videos by frames (0 without it).
+    #[serde(default)]
+    pub shape_loss: f64,
     pub grad_norm: f64,
     pub lr: f64,
     pub samples_per_s: f64,
@@ -316,6 +333,8 @@ pub struct TeacherLog {
 pub struct WorldBatch {
     pub x0: Tensor,
     pub prompts: Vec<String>,
+    /// Every frame's per-pixel shape classes ([`world::render_labelled`]), row after row.
+    pub shapes: Vec<u8>,
 }
 
 /// What a training batch draws from the world; the default is the grammar's own mix.
@@ -341,6 +360,7 @@ pub fn world_batch(
 ) -> Result<WorldBatch> {
     let mut xs = Vec::with_capacity(n);
     let mut prompts = Vec::with_capacity(n);
+    let mut shapes = Vec::new();
     for _ in 0..n {
         let spec = if !video && mix.simple_share > 0.0 && rng.random::<f64>() < mix.simple_share {
             world::sample_simple_spec(rng, Split::Train, mix.simple_shapes.as_ref())
@@ -348,8 +368,9 @@ pub fn world_batch(
             world::sample_spec_weighted(rng, Split::Train, video, mix.tilt)
         };
         let (drawn, caption) = mix.tilt.backdrop(spec, rng);
-        let frames = world::render(&drawn, rng);
+        let (frames, maps) = world::render_labelled(&drawn, rng);
         xs.push(from_frames(&frames, device)?);
+        shapes.extend(maps.into_iter().flatten());
         let drop = rng.random::<f64>() < cfg_dropout;
         prompts.push(if drop {
             String::new()
@@ -360,6 +381,7 @@ pub fn world_batch(
     Ok(WorldBatch {
         x0: Tensor::stack(&xs, 0)?,
         prompts,
+        shapes,
     })
 }
 
@@ -374,16 +396,47 @@ fn draw_times(n: usize, shift: f32, rng: &mut ChaCha8Rng) -> Vec<f32> {
         .collect()
 }
 
+/// How a batch's loss is computed, beside the model and the batch.
+#[derive(Clone, Copy)]
+pub struct LossTerms<'a> {
+    pub weighting: LossWeighting,
+    pub edges: Option<EdgeWeighting>,
+    /// The shape head and its settings, when shapes are supervised.
+    pub shapes: Option<(&'a ShapeHead, ShapeSupervision)>,
+    pub shift: f32,
+}
+
+/// A batch's losses: flow matching, and the shape head's cross-entropy when there is one.
+pub struct BatchLoss {
+    pub flow: Tensor,
+    pub shape: Option<Tensor>,
+}
+
+impl BatchLoss {
+    /// What the optimizer minimises: `flow + weight * shape`.
+    pub fn total(&self, terms: &LossTerms) -> Result<Tensor> {
+        match (&self.shape, terms.shapes) {
+            (Some(s), Some((_, cfg))) => &self.flow + (s * f64::from(cfg.weight))?,
+            _ => Ok(self.flow.clone()),
+        }
+    }
+}
+
 /// Flow-matching loss `mean w(t) e(x0) |v(x_t, t) - (noise - x0)|^2` with logit-normal `t`,
-/// flow-shifted by `shift`; `e` is 1 or the edge weighting's pixel weights.
+/// flow-shifted by `shift`; `e` is 1 or the edge weighting's pixel weights. With a shape head,
+/// also its cross-entropy on the same forward pass's mid-network tokens.
 pub fn flow_matching_loss(
     model: &TinyModel,
     batch: &WorldBatch,
-    weighting: LossWeighting,
-    edges: Option<EdgeWeighting>,
-    shift: f32,
+    terms: LossTerms,
     rng: &mut ChaCha8Rng,
-) -> Result<Tensor> {
+) -> Result<BatchLoss> {
+    let LossTerms {
+        weighting,
+        edges,
+        shapes,
+        shift,
+    } = terms;
     let b = batch.x0.dim(0)?;
     let t = draw_times(b, shift, rng);
     let n = batch.x0.elem_count();
@@ -393,19 +446,29 @@ pub fn flow_matching_loss(
     let xt = (batch.x0.broadcast_mul(&(1.0 - &tt)?)? + noise.broadcast_mul(&tt)?)?;
     let prompts: Vec<&str> = batch.prompts.iter().map(String::as_str).collect();
     let text = model.encode(&prompts)?;
-    let v = model.velocity(&xt, &t, &text)?;
+    let (v, features) = model
+        .net
+        .forward_with_features(&xt, &t, &text, shapes.is_some())?;
+    let shape = match (shapes, features) {
+        (Some((head, cfg)), Some(f)) => {
+            let (_, _, _, h, w) = batch.x0.dims5()?;
+            Some(head.loss(&f, &batch.shapes, &t, cfg.min_t, (h, w))?)
+        }
+        _ => None,
+    };
     let mut err = (v - (noise - &batch.x0)?)?.sqr()?;
     if let Some(e) = edges {
         let w = super::edge_weight::edge_weights(&batch.x0, e.strength, e.radius)?;
         err = err.broadcast_mul(&w)?;
     }
-    match weighting {
-        LossWeighting::Velocity => err.mean_all(),
+    let flow = match weighting {
+        LossWeighting::Velocity => err.mean_all()?,
         w => {
             let w = crate::pipeline::schedule::row_scale(&w.weights(&t), &err)?;
-            err.broadcast_mul(&w)?.mean_all()
+            err.broadcast_mul(&w)?.mean_all()?
         }
-    }
+    };
+    Ok(BatchLoss { flow, shape })
 }
 
 /// Where a run keeps its files.
@@ -455,13 +518,33 @@ pub fn train_teacher(
     let vb = crate::nn::seeded_var_builder(&map, config.seed, DType::F32, device);
     let model = TinyModel::new(vb, &arch, tokenizer, FlowSchedule::default())?;
     let vars = named_vars(&map);
+    // The shape head lives in a map of its own: checkpointed and trained, never averaged
+    // into or shipped with the weights.
+    let head_map = VarMap::new();
+    let head = config
+        .shape_supervision
+        .map(|s| {
+            let vb = crate::nn::seeded_var_builder(
+                &head_map,
+                config.seed ^ 0x5_4A9E,
+                DType::F32,
+                device,
+            );
+            ShapeHead::new(vb, model.net.feature_dim(), arch.patch).map(|h| (h, s))
+        })
+        .transpose()?;
+    let head_vars = named_vars(&head_map);
+    let all_vars: Vec<(String, Var)> = vars.iter().chain(&head_vars).cloned().collect();
     let resuming = resume && paths.checkpoint().is_file();
     if let (Some(path), false) = (init_from, resuming) {
         let (loaded, fresh) = warm_start(&vars, path, device)?;
         tracing::info!(loaded, fresh, from = %path.display(), "warm start");
     }
     let mut opt = AdamW::new(
-        trained_vars(&vars, config.train_only.as_deref())?,
+        trained_vars(&vars, config.train_only.as_deref())?
+            .into_iter()
+            .chain(head_vars.iter().cloned())
+            .collect(),
         config.optim.clone(),
     )?;
     let mut ema = Ema::new(&vars, config.ema_decay)?;
@@ -469,7 +552,7 @@ pub fn train_teacher(
     if resuming {
         let (meta, groups): (Meta, _) =
             Checkpoint::load(&paths.checkpoint(), &["param.", "ema.", "opt."], device)?;
-        for (name, var) in &vars {
+        for (name, var) in &all_vars {
             let t = groups[0]
                 .get(name)
                 .ok_or_else(|| anyhow::anyhow!("checkpoint lacks {name}"))?;
@@ -485,7 +568,7 @@ pub fn train_teacher(
         .append(true)
         .open(paths.log())?;
     let mut window = Instant::now();
-    let mut acc = (0f64, 0f64, 0f64, 0f64, 0u64);
+    let mut acc = Window::default();
     while opt.step < config.iterations {
         let step = opt.step;
         // A fresh RNG per step, derived from (seed, step): a resumed run sees the same data.
@@ -509,14 +592,13 @@ pub fn train_teacher(
             config.cfg_dropout,
             device,
         )?;
-        let li = flow_matching_loss(
-            &model,
-            &ib,
-            config.loss_weighting,
-            config.edge_weighting,
-            config.image_shift,
-            &mut rng,
-        )?;
+        let terms = LossTerms {
+            weighting: config.loss_weighting,
+            edges: config.edge_weighting,
+            shapes: head.as_ref().map(|(h, s)| (h, *s)),
+            shift: config.image_shift,
+        };
+        let li = flow_matching_loss(&model, &ib, terms, &mut rng)?;
         let (loss, lv) = if config.video_batch > 0 {
             let vbt = world_batch(
                 &mut rng,
@@ -533,54 +615,96 @@ pub fn train_teacher(
                 config.cfg_dropout,
                 device,
             )?;
-            let lv = flow_matching_loss(
-                &model,
-                &vbt,
-                config.loss_weighting,
-                config.edge_weighting,
-                config.video_shift,
-                &mut rng,
-            )?;
+            let video_terms = LossTerms {
+                shift: config.video_shift,
+                ..terms
+            };
+            let lv = flow_matching_loss(&model, &vbt, video_terms, &mut rng)?;
             // Each loss is a mean over its own pixels; weigh them by frames so that a video
             // frame counts as much as an image.
             let ni = config.image_batch as f64;
             let nv = (config.video_batch * world::VIDEO_FRAMES) as f64;
-            let loss = (((&li * ni)? + (&lv * nv)?)? / (ni + nv))?;
-            (loss, Some(lv))
+            let by_frames = |a: &Tensor, b: &Tensor| ((a * ni)? + (b * nv)?)? / (ni + nv);
+            let loss = by_frames(&li.total(&terms)?, &lv.total(&video_terms)?)?;
+            let shape = match (&li.shape, &lv.shape) {
+                (Some(a), Some(b)) => Some(by_frames(a, b)?),
+                _ => None,
+            };
+            (loss, Some((lv.flow, shape)))
         } else {
-            (li.clone(), None)
+            (li.total(&terms)?, None)
         };
         let stats = opt.backward_step(&loss)?;
         ema.update(opt.vars(), opt.step)?;
         let l = loss.to_scalar::<f32>()? as f64;
-        acc.0 += l;
-        acc.1 += li.to_scalar::<f32>()? as f64;
-        acc.2 += lv.map(|t| t.to_scalar::<f32>()).transpose()?.unwrap_or(0.0) as f64;
-        acc.3 += stats.grad_norm;
-        acc.4 += 1;
+        let scalar = |t: Option<&Tensor>| -> Result<f64> {
+            Ok(t.map(|t| t.to_scalar::<f32>()).transpose()?.unwrap_or(0.0) as f64)
+        };
+        let shape = match &lv {
+            Some((_, s)) => s.as_ref(),
+            None => li.shape.as_ref(),
+        };
+        acc.add(
+            l,
+            scalar(Some(&li.flow))?,
+            scalar(lv.as_ref().map(|(v, _)| v))?,
+            scalar(shape)?,
+            stats.grad_norm,
+        );
         progress(opt.step, l);
 
         if opt.step % config.log_every == 0 || opt.step == config.iterations {
-            let k = acc.4 as f64;
-            let samples = k * (config.image_batch + config.video_batch) as f64;
-            let entry = TeacherLog {
-                step: opt.step,
-                loss: acc.0 / k,
-                image_loss: acc.1 / k,
-                video_loss: acc.2 / k,
-                grad_norm: acc.3 / k,
-                lr: stats.lr,
-                samples_per_s: samples / window.elapsed().as_secs_f64(),
-            };
+            let entry = acc.entry(
+                opt.step,
+                stats.lr,
+                (config.image_batch + config.video_batch) as f64,
+                window.elapsed().as_secs_f64(),
+            );
             writeln!(log, "{}", serde_json::to_string(&entry)?)?;
-            acc = (0.0, 0.0, 0.0, 0.0, 0);
+            acc = Window::default();
             window = Instant::now();
         }
         if opt.step % config.checkpoint_every == 0 || opt.step == config.iterations {
-            save(&paths, config, &opt, &ema, &vars)?;
+            save(&paths, config, &opt, &ema, &all_vars)?;
         }
     }
     Ok(paths.weights())
+}
+
+/// The sums of one logging window.
+#[derive(Default)]
+struct Window {
+    loss: f64,
+    image: f64,
+    video: f64,
+    shape: f64,
+    grad_norm: f64,
+    steps: u64,
+}
+
+impl Window {
+    fn add(&mut self, loss: f64, image: f64, video: f64, shape: f64, grad_norm: f64) {
+        self.loss += loss;
+        self.image += image;
+        self.video += video;
+        self.shape += shape;
+        self.grad_norm += grad_norm;
+        self.steps += 1;
+    }
+
+    fn entry(&self, step: u64, lr: f64, samples_per_step: f64, seconds: f64) -> TeacherLog {
+        let k = self.steps as f64;
+        TeacherLog {
+            step,
+            loss: self.loss / k,
+            image_loss: self.image / k,
+            video_loss: self.video / k,
+            shape_loss: self.shape / k,
+            grad_norm: self.grad_norm / k,
+            lr,
+            samples_per_s: k * samples_per_step / seconds,
+        }
+    }
 }
 
 /// Copies the tensors of `path` into `vars`; returns (loaded, left at init) counts.
@@ -829,6 +953,129 @@ mod tests {
     /// `train_only` steps the named parameters and leaves every other one at its warm start;
     /// a prefix that names nothing is refused before any step.
     #[test]
+    fn shape_supervision_adds_a_head_that_resumes_but_does_not_ship() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let tok = TinyTokenizer::from_vocabulary(&world::vocabulary()).unwrap();
+        let arch = cfg(tok.vocab_size(), 0);
+        // The key parses, validates, and is left out of configs without it.
+        let text = serde_json::to_string(&TeacherConfig::default())?;
+        assert!(!text.contains("shape_supervision"));
+        let with: TeacherConfig = serde_json::from_str(&text.replacen(
+            '{',
+            "{\"shape_supervision\":{\"weight\":0.5,\"min_t\":0.4},",
+            1,
+        ))?;
+        assert_eq!(
+            with.shape_supervision,
+            Some(ShapeSupervision {
+                weight: 0.5,
+                min_t: 0.4
+            })
+        );
+        let unet = TeacherConfig {
+            architecture: TinyConfig {
+                denoiser: crate::families::tiny::DenoiserKind::Unet,
+                unet_channels: vec![32, 64],
+                ..with.architecture.clone()
+            },
+            ..with.clone()
+        };
+        assert!(unet.validate().unwrap_err().contains("DiT"));
+
+        // On a real batch the head leaves the flow loss as it was and adds its cross-entropy,
+        // near ln 5 for a fresh head.
+        let map = VarMap::new();
+        let model = model(crate::nn::seeded_var_builder(&map, 1, DType::F32, &dev), 0)?;
+        let head_map = VarMap::new();
+        let head = ShapeHead::new(
+            crate::nn::seeded_var_builder(&head_map, 2, DType::F32, &dev),
+            model.net.feature_dim(),
+            arch.patch,
+        )?;
+        let batch = world_batch(
+            &mut ChaCha8Rng::seed_from_u64(3),
+            3,
+            false,
+            SceneMix::default(),
+            0.0,
+            &dev,
+        )?;
+        assert_eq!(batch.shapes.len(), 3 * 32 * 32);
+        let sup = ShapeSupervision {
+            weight: 0.5,
+            min_t: 0.0,
+        };
+        let terms = |shapes| LossTerms {
+            weighting: LossWeighting::Velocity,
+            edges: None,
+            shapes,
+            shift: 1.0,
+        };
+        let loss =
+            |t: LossTerms| flow_matching_loss(&model, &batch, t, &mut ChaCha8Rng::seed_from_u64(4));
+        let plain = loss(terms(None))?;
+        let both = loss(terms(Some((&head, sup))))?;
+        assert!(plain.shape.is_none());
+        assert_eq!(
+            plain.flow.to_scalar::<f32>()?,
+            both.flow.to_scalar::<f32>()?
+        );
+        let ce = both
+            .shape
+            .as_ref()
+            .expect("shape loss")
+            .to_scalar::<f32>()?;
+        assert!((ce - 5f32.ln()).abs() < 1.0, "{ce}");
+        let total = both.total(&terms(Some((&head, sup))))?.to_scalar::<f32>()?;
+        assert!((total - plain.flow.to_scalar::<f32>()? - 0.5 * ce).abs() < 1e-5);
+
+        // Trained three steps straight, or two then resumed for one: the same weights, so
+        // the head (and its optimizer state) came back from the checkpoint. It is never in
+        // the shipped weights.
+        let dir = std::env::temp_dir().join(format!("fewstep-shape-head-{}", std::process::id()));
+        let mut config = TeacherConfig {
+            architecture: arch,
+            iterations: 3,
+            image_batch: 2,
+            video_batch: 1,
+            checkpoint_every: 1,
+            log_every: 1,
+            shape_supervision: Some(ShapeSupervision {
+                weight: 1.0,
+                min_t: 0.0,
+            }),
+            ..TeacherConfig::default()
+        };
+        config.optim.warmup_steps = 0;
+        let straight = train_teacher(&config, &dir.join("straight"), false, None, &dev, |_, _| {})?;
+        config.iterations = 2;
+        train_teacher(&config, &dir.join("resumed"), false, None, &dev, |_, _| {})?;
+        config.iterations = 3;
+        let resumed = train_teacher(&config, &dir.join("resumed"), true, None, &dev, |_, _| {})?;
+        let (a, b) = (
+            candle_core::safetensors::load(&straight, &dev)?,
+            candle_core::safetensors::load(&resumed, &dev)?,
+        );
+        assert!(
+            !a.is_empty()
+                && a.keys()
+                    .all(|k| !k.starts_with(super::super::shape_head::PREFIX))
+        );
+        for (name, t) in &a {
+            let diff = (t - &b[name])?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "{name}");
+        }
+        let ckpt =
+            candle_core::safetensors::load(dir.join("straight/checkpoint.safetensors"), &dev)?;
+        assert!(ckpt.keys().any(|k| k.starts_with("param.aux_shape")));
+        let log = std::fs::read_to_string(dir.join("straight/metrics.jsonl"))?;
+        let last: TeacherLog = serde_json::from_str(log.lines().last().unwrap())?;
+        assert!(last.shape_loss > 0.1, "{}", last.shape_loss);
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
     fn train_only_freezes_every_other_parameter() -> anyhow::Result<()> {
         let dev = Device::Cpu;
         let dir = std::env::temp_dir().join(format!("fewstep-train-only-{}", std::process::id()));
@@ -980,17 +1227,17 @@ mod tests {
             world_batch(&mut rng, 4, false, SceneMix::default(), 0.0, &Device::Cpu).unwrap();
         let loss = |edges| {
             let mut rng = ChaCha8Rng::seed_from_u64(4);
-            flow_matching_loss(
-                &model,
-                &batch,
-                LossWeighting::Velocity,
+            let terms = LossTerms {
+                weighting: LossWeighting::Velocity,
                 edges,
-                1.0,
-                &mut rng,
-            )
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+                shapes: None,
+                shift: 1.0,
+            };
+            flow_matching_loss(&model, &batch, terms, &mut rng)
+                .unwrap()
+                .flow
+                .to_scalar::<f32>()
+                .unwrap()
         };
         let (plain, weighted) = (loss(None), loss(e.edge_weighting));
         assert!(plain.is_finite() && weighted.is_finite());

@@ -76,7 +76,7 @@ use serde::{Deserialize, Serialize};
 
 pub use grammar::{parse, prompt, vocabulary, ParseError, MAX_PROMPT_WORDS};
 pub use metrics::{diversity, features, frechet_by_block, frechet_distance, FEATURE_BLOCKS};
-pub use render::render;
+pub use render::{render, render_labelled, BACKGROUND_CLASS};
 pub(crate) use scene::frame_time;
 pub use scene::{sample_simple_spec, sample_spec, sample_spec_weighted, Tilt};
 pub use split::split_of;
@@ -98,6 +98,9 @@ macro_rules! vocab_enum {
         pub enum $name { $($variant),+ }
 
         impl $name {
+            /// How many values there are.
+            pub const COUNT: usize = [$($name::$variant),+].len();
+
             /// Every value, in a fixed order (used for sampling and indexing).
             pub fn all() -> &'static [$name] {
                 &[$($name::$variant),+]

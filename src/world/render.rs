@@ -6,7 +6,7 @@ use rand::Rng;
 
 use super::geometry::inside;
 use super::scene::{frame_time, render_layout, Layout};
-use super::{SceneSpec, IMAGE_SIZE, MAX_FRAMES};
+use super::{SceneSpec, Shape, IMAGE_SIZE, MAX_FRAMES};
 
 /// Supersamples per pixel axis.
 const SUPERSAMPLE: usize = 4;
@@ -18,6 +18,45 @@ pub fn render(spec: &SceneSpec, rng: &mut impl Rng) -> Vec<RgbImage> {
     let layout = render_layout(spec, rng);
     let n = spec.frames.min(MAX_FRAMES);
     (0..n).map(|i| draw(&layout, frame_time(i, n))).collect()
+}
+
+/// The class of a pixel that no object covers in [`render_labelled`]'s maps; shapes are
+/// their [`Shape::index`].
+pub const BACKGROUND_CLASS: u8 = Shape::COUNT as u8;
+
+/// [`render`], also returning each frame's shape map: per pixel (row-major), the
+/// [`Shape::index`] of the topmost object covering the pixel's centre, or
+/// [`BACKGROUND_CLASS`]. It draws from `rng` exactly as [`render`] does, so the frames are
+/// the same.
+pub fn render_labelled(spec: &SceneSpec, rng: &mut impl Rng) -> (Vec<RgbImage>, Vec<Vec<u8>>) {
+    let layout = render_layout(spec, rng);
+    let n = spec.frames.min(MAX_FRAMES);
+    (0..n)
+        .map(|i| {
+            let t = frame_time(i, n);
+            (draw(&layout, t), shape_map(&layout, t))
+        })
+        .unzip()
+}
+
+/// Which shape covers each pixel's centre at clip time `t` (later objects on top, as drawn).
+fn shape_map(layout: &Layout, t: f32) -> Vec<u8> {
+    let size = IMAGE_SIZE as usize;
+    let mut map = vec![BACKGROUND_CLASS; size * size];
+    for o in &layout.objects {
+        let (cx, cy, r) = o.at(t);
+        if r <= 0.0 {
+            continue;
+        }
+        for (i, class) in map.iter_mut().enumerate() {
+            let u = ((i % size) as f32 + 0.5 - cx) / r;
+            let v = ((i / size) as f32 + 0.5 - cy) / r;
+            if inside(o.shape, u, v) {
+                *class = o.shape.index() as u8;
+            }
+        }
+    }
+    map
 }
 
 /// Draws one frame of a layout at clip time `t`.
@@ -81,6 +120,46 @@ mod tests {
             .filter(|p| p.0[0] > 10 && p.0[0] < 200)
             .count();
         assert!(blended >= 8, "{blended}");
+    }
+
+    #[test]
+    fn labelled_frames_match_render_and_mark_each_shape_where_it_is_drawn() {
+        for (prompt, seed) in [
+            ("a large red cross on a gray background", 7),
+            (
+                "a small blue triangle on the left and a green circle on the right",
+                8,
+            ),
+            ("two yellow squares moving up", 9),
+        ] {
+            let spec = parse(prompt).expect("prompt");
+            let plain = render(&spec, &mut WorldRng::seed_from_u64(seed));
+            let (frames, maps) = render_labelled(&spec, &mut WorldRng::seed_from_u64(seed));
+            assert_eq!(frames, plain, "{prompt}");
+            assert_eq!(maps.len(), frames.len());
+            for (frame, map) in frames.iter().zip(&maps) {
+                let bg = frame.get_pixel(0, 0).0;
+                for (i, &class) in map.iter().enumerate() {
+                    let p = frame.get_pixel(i as u32 % 32, i as u32 / 32).0;
+                    let far = p.iter().zip(bg).map(|(a, b)| a.abs_diff(b)).max().unwrap();
+                    // A labelled pixel's centre is covered, so at least 1/4 of its samples
+                    // are: it differs from the background; an unlabelled one is mostly bare.
+                    if class == BACKGROUND_CLASS {
+                        assert!(far < 200, "{prompt}: pixel {i} unlabelled but drawn");
+                    } else {
+                        assert!(far > 20, "{prompt}: pixel {i} labelled but bare");
+                    }
+                }
+            }
+            let classes: std::collections::BTreeSet<u8> = maps.iter().flatten().copied().collect();
+            let want: std::collections::BTreeSet<u8> = spec
+                .objects
+                .iter()
+                .map(|o| o.shape.index() as u8)
+                .chain([BACKGROUND_CLASS])
+                .collect();
+            assert_eq!(classes, want, "{prompt}");
+        }
     }
 
     #[test]

@@ -1,0 +1,243 @@
+//! Shape supervision for the teacher: a linear head on the DiT's mid-network tokens that names,
+//! for every pixel, the shape drawn there (or the background), trained with cross-entropy
+//! beside the flow-matching loss.
+//!
+//! Why: the velocity loss teaches a shape only through pixel errors at its edges, which are
+//! small next to colour and position errors and vanish under high noise, where the shape is
+//! decided. The shape's class, given per pixel over the whole object, asks the middle of the
+//! network to carry the prompt's shape word to the object's tokens at every noise level
+//! (supervised representation alignment, in the spirit of REPA). The head is a training aid
+//! only: it is checkpointed for resuming but not shipped with the weights.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use crate::nn::{layer_norm, Linear};
+use crate::world::{Shape, BACKGROUND_CLASS};
+
+/// The parameter prefix of the head.
+pub const PREFIX: &str = "aux_shape";
+
+/// Classes per pixel: every shape, then the background.
+const CLASSES: usize = Shape::COUNT + 1;
+
+/// The `shape_supervision` key of a teacher config.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShapeSupervision {
+    /// The cross-entropy's weight beside the flow-matching loss.
+    pub weight: f32,
+    /// Rows below this noise level do not count (0: every row). The image shows the shape
+    /// at low noise, so only the upper levels ask the prompt for it.
+    #[serde(default)]
+    pub min_t: f32,
+}
+
+impl ShapeSupervision {
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if !(self.weight.is_finite() && self.weight > 0.0 && (0.0..1.0).contains(&self.min_t)) {
+            return Err(format!(
+                "shape_supervision: weight must be a number > 0 and min_t in [0, 1) (got weight {}, min_t {})",
+                self.weight, self.min_t
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `layer_norm` then a linear map from a token to its patch's `patch^2` pixels' class logits.
+pub struct ShapeHead {
+    proj: Linear,
+    patch: usize,
+}
+
+impl ShapeHead {
+    pub fn new(vb: VarBuilder, dim: usize, patch: usize) -> Result<Self> {
+        Ok(Self {
+            proj: Linear::new(vb.pp(PREFIX).pp("proj"), dim, patch * patch * CLASSES)?,
+            patch,
+        })
+    }
+
+    /// The mean cross-entropy over the counted rows' pixels of `features` `[B, F*N, D]`
+    /// (tokens row-major within each frame of `[F, H, W]`) against `maps`, the per-pixel
+    /// classes of [`crate::world::render_labelled`] (`B*F` row-major `H x W` maps). Rows with
+    /// `t < min_t` are left out; with none left the loss is 0.
+    pub fn loss(
+        &self,
+        features: &Tensor,
+        maps: &[u8],
+        t: &[f32],
+        min_t: f32,
+        (h, w): (usize, usize),
+    ) -> Result<Tensor> {
+        let (b, tokens, _) = features.dims3()?;
+        let p = self.patch;
+        let pixels = b * tokens * p * p;
+        if maps.len() != pixels || t.len() != b || h % p != 0 || w % p != 0 {
+            candle_core::bail!(
+                "shape head: {} map pixels and {} times for {b} rows of {tokens} tokens of {p}x{p}",
+                maps.len(),
+                t.len()
+            );
+        }
+        let logits = self
+            .proj
+            .forward(&layer_norm(features, 1e-6)?)?
+            .reshape((pixels, CLASSES))?;
+        let logp = candle_nn::ops::log_softmax(&logits, 1)?;
+        let targets = Tensor::from_vec(patch_order(maps, p, h, w), (pixels, 1), logp.device())?;
+        let nll = logp.gather(&targets, 1)?.neg()?.reshape(pixels)?;
+        let per_row = pixels / b;
+        let keep: Vec<f32> = t
+            .iter()
+            .flat_map(|&ti| std::iter::repeat_n(f32::from(ti >= min_t), per_row))
+            .collect();
+        let counted: f32 = keep.iter().sum();
+        let keep = Tensor::from_vec(keep, pixels, logp.device())?.to_dtype(nll.dtype())?;
+        (nll * keep)?.sum_all()? / f64::from(counted.max(1.0))
+    }
+}
+
+/// Row-major `H x W` maps, reordered as the DiT's tokens hold their pixels: token by token
+/// (row-major within a frame), then `p x p` pixels row-major within each token.
+fn patch_order(maps: &[u8], p: usize, h: usize, w: usize) -> Vec<u32> {
+    let (gh, gw) = (h / p, w / p);
+    let mut out = Vec::with_capacity(maps.len());
+    for frame in maps.chunks(h * w) {
+        for gy in 0..gh {
+            for gx in 0..gw {
+                for py in 0..p {
+                    for px in 0..p {
+                        out.push(u32::from(frame[(gy * p + py) * w + gx * p + px]));
+                    }
+                }
+            }
+        }
+    }
+    debug_assert!(out.iter().all(|&c| c <= u32::from(BACKGROUND_CLASS)));
+    out
+}
+
+/// The head's class logits are only read through [`ShapeHead::loss`]; this is its accuracy on
+/// a batch, for tests and logs: the share of counted pixels whose argmax class is right.
+pub fn accuracy(
+    head: &ShapeHead,
+    features: &Tensor,
+    maps: &[u8],
+    (h, w): (usize, usize),
+) -> Result<f32> {
+    let logits = head
+        .proj
+        .forward(&layer_norm(features, 1e-6)?)?
+        .reshape(((), CLASSES))?
+        .argmax(1)?
+        .to_dtype(DType::U32)?
+        .to_vec1::<u32>()?;
+    let want = patch_order(maps, head.patch, h, w);
+    let right = logits.iter().zip(&want).filter(|(a, b)| a == b).count();
+    Ok(right as f32 / want.len().max(1) as f32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    #[test]
+    fn patch_order_walks_tokens_then_their_pixels() {
+        // One 4x4 frame holding its own indices, patch 2: token (0,0) is pixels 0,1,4,5.
+        let map: Vec<u8> = (0..16).collect();
+        let got = patch_order(&map, 2, 4, 4);
+        assert_eq!(
+            got,
+            vec![0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15]
+        );
+    }
+
+    #[test]
+    fn the_loss_counts_only_rows_above_min_t_and_learns_the_classes() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let vb = crate::nn::seeded_var_builder(&map, 3, DType::F32, &dev);
+        let head = ShapeHead::new(vb, 8, 2)?;
+        // Two rows of one frame, 4x4 pixels (4 tokens of 2x2); the classes follow the
+        // features' first coordinate, so a linear head can learn them.
+        let feats = Tensor::randn(0f32, 1.0, (2, 4, 8), &dev)?;
+        let first = feats.narrow(2, 0, 1)?.flatten_all()?.to_vec1::<f32>()?;
+        let maps: Vec<u8> = (0..2)
+            .flat_map(|r| {
+                let first = &first;
+                (0..16).map(move |i| {
+                    let token = (i / 4 / 2) * 2 + (i % 4) / 2;
+                    if first[r * 4 + token] > 0.0 {
+                        3
+                    } else {
+                        BACKGROUND_CLASS
+                    }
+                })
+            })
+            .collect();
+        let both = head.loss(&feats, &maps, &[0.9, 0.9], 0.5, (4, 4))?;
+        let first_row = head.loss(&feats.narrow(0, 0, 1)?, &maps[..16], &[0.9], 0.5, (4, 4))?;
+        let upper_only = head.loss(&feats, &maps, &[0.9, 0.1], 0.5, (4, 4))?;
+        assert!((upper_only.to_scalar::<f32>()? - first_row.to_scalar::<f32>()?).abs() < 1e-5);
+        let none = head.loss(&feats, &maps, &[0.1, 0.1], 0.5, (4, 4))?;
+        assert_eq!(none.to_scalar::<f32>()?, 0.0);
+        // A few hundred plain gradient steps fit the classes.
+        let start = both.to_scalar::<f32>()?;
+        let mut opt = crate::train::AdamW::new(
+            crate::train::named_vars(&map),
+            crate::train::AdamWConfig {
+                lr: 0.05,
+                warmup_steps: 0,
+                ..Default::default()
+            },
+        )?;
+        for _ in 0..200 {
+            let l = head.loss(&feats, &maps, &[0.9, 0.9], 0.0, (4, 4))?;
+            opt.backward_step(&l)?;
+        }
+        let end = head
+            .loss(&feats, &maps, &[0.9, 0.9], 0.0, (4, 4))?
+            .to_scalar::<f32>()?;
+        assert!(end < 0.2 * start, "{start} -> {end}");
+        assert_eq!(accuracy(&head, &feats, &maps, (4, 4))?, 1.0);
+        // Bad shapes are an error, not a panic.
+        assert!(head
+            .loss(&feats, &maps[..16], &[0.9, 0.9], 0.0, (4, 4))
+            .is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn the_config_is_validated() {
+        let ok = ShapeSupervision {
+            weight: 0.3,
+            min_t: 0.5,
+        };
+        assert!(ok.validate().is_ok());
+        for bad in [
+            ShapeSupervision {
+                weight: 0.0,
+                min_t: 0.0,
+            },
+            ShapeSupervision {
+                weight: f32::NAN,
+                min_t: 0.0,
+            },
+            ShapeSupervision {
+                weight: 1.0,
+                min_t: 1.0,
+            },
+            ShapeSupervision {
+                weight: 1.0,
+                min_t: -0.1,
+            },
+        ] {
+            assert!(bad.validate().unwrap_err().starts_with("shape_supervision"));
+        }
+    }
+}
