@@ -19,6 +19,9 @@ use crate::world::{Shape, BACKGROUND_CLASS};
 /// The parameter prefix of the head.
 pub const PREFIX: &str = "aux_shape";
 
+/// The widest hidden layer a config may ask for (a typo should not allocate gigabytes).
+const MAX_HIDDEN: usize = 4096;
+
 /// Classes per pixel: every shape, then the background.
 const CLASSES: usize = Shape::COUNT + 1;
 
@@ -32,32 +35,63 @@ pub struct ShapeSupervision {
     /// at low noise, so only the upper levels ask the prompt for it.
     #[serde(default)]
     pub min_t: f32,
+    /// Width of the head's hidden layer (0: one linear map). A linear head asks the tokens to
+    /// hold the classes in a fixed direction of the residual stream; a hidden layer (REPA's
+    /// MLP projector) only asks that they be readable.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub hidden: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl ShapeSupervision {
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if !(self.weight.is_finite() && self.weight > 0.0 && (0.0..1.0).contains(&self.min_t)) {
+        if !(self.weight.is_finite()
+            && self.weight > 0.0
+            && (0.0..1.0).contains(&self.min_t)
+            && self.hidden <= MAX_HIDDEN)
+        {
             return Err(format!(
-                "shape_supervision: weight must be a number > 0 and min_t in [0, 1) (got weight {}, min_t {})",
-                self.weight, self.min_t
+                "shape_supervision: weight must be a number > 0, min_t in [0, 1) and hidden at most {MAX_HIDDEN} (got weight {}, min_t {}, hidden {})",
+                self.weight, self.min_t, self.hidden
             ));
         }
         Ok(())
     }
 }
 
-/// `layer_norm` then a linear map from a token to its patch's `patch^2` pixels' class logits.
+/// `layer_norm`, then a linear map (or two around a SiLU) from a token to its patch's
+/// `patch^2` pixels' class logits.
 pub struct ShapeHead {
+    hidden: Option<Linear>,
     proj: Linear,
     patch: usize,
 }
 
 impl ShapeHead {
-    pub fn new(vb: VarBuilder, dim: usize, patch: usize) -> Result<Self> {
+    pub fn new(vb: VarBuilder, dim: usize, patch: usize, hidden: usize) -> Result<Self> {
+        let vb = vb.pp(PREFIX);
+        let out = patch * patch * CLASSES;
         Ok(Self {
-            proj: Linear::new(vb.pp(PREFIX).pp("proj"), dim, patch * patch * CLASSES)?,
+            hidden: match hidden {
+                0 => None,
+                h => Some(Linear::new(vb.pp("hidden"), dim, h)?),
+            },
+            proj: Linear::new(vb.pp("proj"), if hidden == 0 { dim } else { hidden }, out)?,
             patch,
         })
+    }
+
+    /// Class logits, `[pixels, CLASSES]` in [`patch_order`].
+    fn logits(&self, features: &Tensor) -> Result<Tensor> {
+        let x = layer_norm(features, 1e-6)?;
+        let x = match &self.hidden {
+            Some(h) => crate::nn::silu(&h.forward(&x)?)?,
+            None => x,
+        };
+        self.proj.forward(&x)?.reshape(((), CLASSES))
     }
 
     /// The mean cross-entropy over the counted rows' pixels of `features` `[B, F*N, D]`
@@ -82,10 +116,7 @@ impl ShapeHead {
                 t.len()
             );
         }
-        let logits = self
-            .proj
-            .forward(&layer_norm(features, 1e-6)?)?
-            .reshape((pixels, CLASSES))?;
+        let logits = self.logits(features)?;
         let logp = candle_nn::ops::log_softmax(&logits, 1)?;
         let targets = Tensor::from_vec(patch_order(maps, p, h, w), (pixels, 1), logp.device())?;
         let nll = logp.gather(&targets, 1)?.neg()?.reshape(pixels)?;
@@ -129,9 +160,7 @@ pub fn accuracy(
     (h, w): (usize, usize),
 ) -> Result<f32> {
     let logits = head
-        .proj
-        .forward(&layer_norm(features, 1e-6)?)?
-        .reshape(((), CLASSES))?
+        .logits(features)?
         .argmax(1)?
         .to_dtype(DType::U32)?
         .to_vec1::<u32>()?;
@@ -159,10 +188,17 @@ mod tests {
 
     #[test]
     fn the_loss_counts_only_rows_above_min_t_and_learns_the_classes() -> anyhow::Result<()> {
+        for hidden in [0, 16] {
+            loss_counts_and_learns(hidden)?;
+        }
+        Ok(())
+    }
+
+    fn loss_counts_and_learns(hidden: usize) -> anyhow::Result<()> {
         let dev = Device::Cpu;
         let map = VarMap::new();
         let vb = crate::nn::seeded_var_builder(&map, 3, DType::F32, &dev);
-        let head = ShapeHead::new(vb, 8, 2)?;
+        let head = ShapeHead::new(vb, 8, 2, hidden)?;
         // Two rows of one frame, 4x4 pixels (4 tokens of 2x2); the classes follow the
         // features' first coordinate, so a linear head can learn them.
         let feats = Tensor::randn(0f32, 1.0, (2, 4, 8), &dev)?;
@@ -203,7 +239,7 @@ mod tests {
         let end = head
             .loss(&feats, &maps, &[0.9, 0.9], 0.0, (4, 4))?
             .to_scalar::<f32>()?;
-        assert!(end < 0.2 * start, "{start} -> {end}");
+        assert!(end < 0.2 * start, "hidden {hidden}: {start} -> {end}");
         assert_eq!(accuracy(&head, &feats, &maps, (4, 4))?, 1.0);
         // Bad shapes are an error, not a panic.
         assert!(head
@@ -217,24 +253,34 @@ mod tests {
         let ok = ShapeSupervision {
             weight: 0.3,
             min_t: 0.5,
+            hidden: 0,
         };
         assert!(ok.validate().is_ok());
         for bad in [
             ShapeSupervision {
                 weight: 0.0,
                 min_t: 0.0,
+                hidden: 0,
             },
             ShapeSupervision {
                 weight: f32::NAN,
                 min_t: 0.0,
+                hidden: 0,
             },
             ShapeSupervision {
                 weight: 1.0,
                 min_t: 1.0,
+                hidden: 0,
             },
             ShapeSupervision {
                 weight: 1.0,
                 min_t: -0.1,
+                hidden: 0,
+            },
+            ShapeSupervision {
+                weight: 1.0,
+                min_t: 0.0,
+                hidden: 1 << 20,
             },
         ] {
             assert!(bad.validate().unwrap_err().starts_with("shape_supervision"));

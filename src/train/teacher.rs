@@ -530,7 +530,7 @@ pub fn train_teacher(
                 DType::F32,
                 device,
             );
-            ShapeHead::new(vb, model.net.feature_dim(), arch.patch).map(|h| (h, s))
+            ShapeHead::new(vb, model.net.feature_dim(), arch.patch, s.hidden).map(|h| (h, s))
         })
         .transpose()?;
     let head_vars = named_vars(&head_map);
@@ -962,14 +962,15 @@ mod tests {
         assert!(!text.contains("shape_supervision"));
         let with: TeacherConfig = serde_json::from_str(&text.replacen(
             '{',
-            "{\"shape_supervision\":{\"weight\":0.5,\"min_t\":0.4},",
+            "{\"shape_supervision\":{\"weight\":0.5,\"min_t\":0.4,\"hidden\":64},",
             1,
         ))?;
         assert_eq!(
             with.shape_supervision,
             Some(ShapeSupervision {
                 weight: 0.5,
-                min_t: 0.4
+                min_t: 0.4,
+                hidden: 64,
             })
         );
         let unet = TeacherConfig {
@@ -991,6 +992,7 @@ mod tests {
             crate::nn::seeded_var_builder(&head_map, 2, DType::F32, &dev),
             model.net.feature_dim(),
             arch.patch,
+            0,
         )?;
         let batch = world_batch(
             &mut ChaCha8Rng::seed_from_u64(3),
@@ -1004,6 +1006,7 @@ mod tests {
         let sup = ShapeSupervision {
             weight: 0.5,
             min_t: 0.0,
+            hidden: 0,
         };
         let terms = |shapes| LossTerms {
             weighting: LossWeighting::Velocity,
@@ -1043,6 +1046,7 @@ mod tests {
             shape_supervision: Some(ShapeSupervision {
                 weight: 1.0,
                 min_t: 0.0,
+                hidden: 16,
             }),
             ..TeacherConfig::default()
         };
