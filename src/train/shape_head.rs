@@ -109,6 +109,11 @@ impl ShapeHead {
         let (b, tokens, _) = features.dims3()?;
         let p = self.patch;
         let pixels = b * tokens * p * p;
+        if let Some(c) = maps.iter().find(|&&c| c > BACKGROUND_CLASS) {
+            candle_core::bail!(
+                "shape head: class {c} in a map (classes are 0..={BACKGROUND_CLASS})"
+            );
+        }
         if maps.len() != pixels || t.len() != b || h % p != 0 || w % p != 0 {
             candle_core::bail!(
                 "shape head: {} map pixels and {} times for {b} rows of {tokens} tokens of {p}x{p}",
@@ -147,7 +152,6 @@ fn patch_order(maps: &[u8], p: usize, h: usize, w: usize) -> Vec<u32> {
             }
         }
     }
-    debug_assert!(out.iter().all(|&c| c <= u32::from(BACKGROUND_CLASS)));
     out
 }
 
@@ -241,10 +245,13 @@ mod tests {
             .to_scalar::<f32>()?;
         assert!(end < 0.2 * start, "hidden {hidden}: {start} -> {end}");
         assert_eq!(accuracy(&head, &feats, &maps, (4, 4))?, 1.0);
-        // Bad shapes are an error, not a panic.
+        // Bad shapes and classes are errors, not panics.
         assert!(head
             .loss(&feats, &maps[..16], &[0.9, 0.9], 0.0, (4, 4))
             .is_err());
+        let mut bad = maps.clone();
+        bad[5] = BACKGROUND_CLASS + 1;
+        assert!(head.loss(&feats, &bad, &[0.9, 0.9], 0.0, (4, 4)).is_err());
         Ok(())
     }
 
