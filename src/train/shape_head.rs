@@ -9,10 +9,11 @@
 //! (supervised representation alignment, in the spirit of REPA). The head is a training aid
 //! only: it is checkpointed for resuming but not shipped with the weights.
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use crate::families::tiny::dit::patchify;
 use crate::nn::{layer_norm, Linear};
 use crate::world::{Shape, BACKGROUND_CLASS};
 
@@ -123,7 +124,7 @@ impl ShapeHead {
         }
         let logits = self.logits(features)?;
         let logp = candle_nn::ops::log_softmax(&logits, 1)?;
-        let targets = Tensor::from_vec(patch_order(maps, p, h, w), (pixels, 1), logp.device())?;
+        let targets = patch_order(maps, p, h, w, logp.device())?;
         let nll = logp.gather(&targets, 1)?.neg()?.reshape(pixels)?;
         let per_row = pixels / b;
         let keep: Vec<f32> = t
@@ -136,54 +137,53 @@ impl ShapeHead {
     }
 }
 
-/// Row-major `H x W` maps, reordered as the DiT's tokens hold their pixels: token by token
-/// (row-major within a frame), then `p x p` pixels row-major within each token.
-fn patch_order(maps: &[u8], p: usize, h: usize, w: usize) -> Vec<u32> {
-    let (gh, gw) = (h / p, w / p);
-    let mut out = Vec::with_capacity(maps.len());
-    for frame in maps.chunks(h * w) {
-        for gy in 0..gh {
-            for gx in 0..gw {
-                for py in 0..p {
-                    for px in 0..p {
-                        out.push(u32::from(frame[(gy * p + py) * w + gx * p + px]));
-                    }
-                }
-            }
-        }
-    }
-    out
-}
-
-/// The head's class logits are only read through [`ShapeHead::loss`]; this is its accuracy on
-/// a batch, for tests and logs: the share of counted pixels whose argmax class is right.
-pub fn accuracy(
-    head: &ShapeHead,
-    features: &Tensor,
-    maps: &[u8],
-    (h, w): (usize, usize),
-) -> Result<f32> {
-    let logits = head
-        .logits(features)?
-        .argmax(1)?
-        .to_dtype(DType::U32)?
-        .to_vec1::<u32>()?;
-    let want = patch_order(maps, head.patch, h, w);
-    let right = logits.iter().zip(&want).filter(|(a, b)| a == b).count();
-    Ok(right as f32 / want.len().max(1) as f32)
+/// Row-major `H x W` maps as class targets `[pixels, 1]` in the order the DiT's tokens hold
+/// their pixels ([`patchify`]): token by token, then `p x p` pixels row-major within each.
+fn patch_order(maps: &[u8], p: usize, h: usize, w: usize, device: &Device) -> Result<Tensor> {
+    let frames = maps.len() / (h * w);
+    let maps = Tensor::from_vec(
+        maps.iter().map(|&c| u32::from(c)).collect(),
+        (frames, 1, 1, h, w),
+        device,
+    )?;
+    patchify(&maps, p)?.reshape(((), 1))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::DType;
     use candle_nn::VarMap;
+
+    /// The share of pixels whose argmax class is right.
+    fn accuracy(
+        head: &ShapeHead,
+        features: &Tensor,
+        maps: &[u8],
+        (h, w): (usize, usize),
+    ) -> Result<f32> {
+        let logits = head
+            .logits(features)?
+            .argmax(1)?
+            .to_dtype(DType::U32)?
+            .to_vec1::<u32>()?;
+        let want = patch_order(maps, head.patch, h, w, &Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<u32>()?;
+        let right = logits.iter().zip(&want).filter(|(a, b)| a == b).count();
+        Ok(right as f32 / want.len().max(1) as f32)
+    }
 
     #[test]
     fn patch_order_walks_tokens_then_their_pixels() {
         // One 4x4 frame holding its own indices, patch 2: token (0,0) is pixels 0,1,4,5.
         let map: Vec<u8> = (0..16).collect();
-        let got = patch_order(&map, 2, 4, 4);
+        let got = patch_order(&map, 2, 4, 4, &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
         assert_eq!(
             got,
             vec![0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15]

@@ -471,6 +471,10 @@ pub fn flow_matching_loss(
     Ok(BatchLoss { flow, shape })
 }
 
+/// Mixed into the run's seed for the shape head's initialisation, so that adding the head
+/// leaves the model's own initialisation as it was.
+const SHAPE_HEAD_SEED: u64 = 0x5_4A9E;
+
 /// Where a run keeps its files.
 pub struct RunPaths {
     pub dir: PathBuf,
@@ -526,7 +530,7 @@ pub fn train_teacher(
         .map(|s| {
             let vb = crate::nn::seeded_var_builder(
                 &head_map,
-                config.seed ^ 0x5_4A9E,
+                config.seed ^ SHAPE_HEAD_SEED,
                 DType::F32,
                 device,
             );
@@ -950,8 +954,6 @@ mod tests {
         Ok(())
     }
 
-    /// `train_only` steps the named parameters and leaves every other one at its warm start;
-    /// a prefix that names nothing is refused before any step.
     #[test]
     fn shape_supervision_adds_a_head_that_resumes_but_does_not_ship() -> anyhow::Result<()> {
         let dev = Device::Cpu;
@@ -1079,6 +1081,8 @@ mod tests {
         Ok(())
     }
 
+    /// `train_only` steps the named parameters and leaves every other one at its warm start;
+    /// a prefix that names nothing is refused before any step.
     #[test]
     fn train_only_freezes_every_other_parameter() -> anyhow::Result<()> {
         let dev = Device::Cpu;

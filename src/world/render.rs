@@ -20,6 +20,14 @@ pub fn render(spec: &SceneSpec, rng: &mut impl Rng) -> Vec<RgbImage> {
     (0..n).map(|i| draw(&layout, frame_time(i, n))).collect()
 }
 
+/// The pixels `[start, end)` along one axis that an object centred at `c` with half-extent
+/// `r` can touch, with a pixel's margin, clipped to the frame.
+fn pixel_span(c: f32, r: f32, size: usize) -> (usize, usize) {
+    let start = (c - r - 1.0).floor().max(0.0) as usize;
+    let end = ((c + r + 1.0).ceil().max(0.0) as usize).min(size);
+    (start, end)
+}
+
 /// The class of a pixel that no object covers in [`render_labelled`]'s maps; shapes are
 /// their [`Shape::index`].
 pub const BACKGROUND_CLASS: u8 = Shape::COUNT as u8;
@@ -48,11 +56,16 @@ fn shape_map(layout: &Layout, t: f32) -> Vec<u8> {
         if r <= 0.0 {
             continue;
         }
-        for (i, class) in map.iter_mut().enumerate() {
-            let u = ((i % size) as f32 + 0.5 - cx) / r;
-            let v = ((i / size) as f32 + 0.5 - cy) / r;
-            if inside(o.shape, u, v) {
-                *class = o.shape.index() as u8;
+        // Only the object's box can hold its pixel centres.
+        let (x0, x1) = pixel_span(cx, r, size);
+        let (y0, y1) = pixel_span(cy, r, size);
+        for py in y0..y1 {
+            for px in x0..x1 {
+                let u = (px as f32 + 0.5 - cx) / r;
+                let v = (py as f32 + 0.5 - cy) / r;
+                if inside(o.shape, u, v) {
+                    map[py * size + px] = o.shape.index() as u8;
+                }
             }
         }
     }
@@ -70,10 +83,8 @@ pub(crate) fn draw(layout: &Layout, t: f32) -> RgbImage {
             continue;
         }
         let color = o.color.rgb().map(f32::from);
-        let x0 = (cx - r - 1.0).floor().max(0.0) as usize;
-        let y0 = (cy - r - 1.0).floor().max(0.0) as usize;
-        let x1 = ((cx + r + 1.0).ceil().max(0.0) as usize).min(size);
-        let y1 = ((cy + r + 1.0).ceil().max(0.0) as usize).min(size);
+        let (x0, x1) = pixel_span(cx, r, size);
+        let (y0, y1) = pixel_span(cy, r, size);
         for py in y0..y1 {
             for px in x0..x1 {
                 let mut hits = 0;

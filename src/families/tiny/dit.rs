@@ -96,6 +96,17 @@ fn clip_offsets(frames: usize) -> Vec<f32> {
         .collect()
 }
 
+/// `[B, F, C, H, W]` -> `[B, F*N, C*p*p]`: the DiT's tokens, row-major within each frame,
+/// each holding its `p x p` pixels channel by channel.
+pub fn patchify(x: &Tensor, p: usize) -> Result<Tensor> {
+    let (b, f, c, h, w) = x.dims5()?;
+    let (gh, gw) = (h / p, w / p);
+    x.reshape((b * f, c, gh, p, gw, p))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .contiguous()?
+        .reshape((b, f * gh * gw, c * p * p))
+}
+
 /// `[B, F*N, D]` as `[rows, F*N*B/rows, D]`: one row per conditioning vector (a sample, or a
 /// frame of one with `frame_time`).
 fn per_cond(x: &Tensor, rows: usize) -> Result<Tensor> {
@@ -188,15 +199,8 @@ impl Dit {
             .reshape((b * frames, d))
     }
 
-    /// `[B, F, C, H, W]` -> `[B, F*N, C*p*p]`.
     fn patchify(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, f, c, h, w) = x.dims5()?;
-        let p = self.cfg.patch;
-        let (gh, gw) = (h / p, w / p);
-        x.reshape((b * f, c, gh, p, gw, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .contiguous()?
-            .reshape((b, f * gh * gw, c * p * p))
+        patchify(x, self.cfg.patch)
     }
 
     /// `[B, F*N, C*p*p]` -> `[B, F, C, H, W]`.
