@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
-use super::shape_head::{ShapeHead, ShapeSupervision};
+use super::shape_head::{ShapeHead, ShapeSupervision, Targets};
 use super::{named_vars, tensors_of, AdamW, AdamWConfig, Checkpoint, Ema};
 use crate::families::tiny::{TinyConfig, TinyModel, TinyTokenizer};
 use crate::pipeline::from_frames;
@@ -335,6 +335,8 @@ pub struct WorldBatch {
     pub prompts: Vec<String>,
     /// Every frame's per-pixel shape classes ([`world::render_labelled`]), row after row.
     pub shapes: Vec<u8>,
+    /// Every frame's per-pixel colour classes, as `shapes`.
+    pub colors: Vec<u8>,
 }
 
 /// What a training batch draws from the world; the default is the grammar's own mix.
@@ -361,6 +363,7 @@ pub fn world_batch(
     let mut xs = Vec::with_capacity(n);
     let mut prompts = Vec::with_capacity(n);
     let mut shapes = Vec::new();
+    let mut colors = Vec::new();
     for _ in 0..n {
         let spec = if !video && mix.simple_share > 0.0 && rng.random::<f64>() < mix.simple_share {
             world::sample_simple_spec(rng, Split::Train, mix.simple_shapes.as_ref())
@@ -368,9 +371,12 @@ pub fn world_batch(
             world::sample_spec_weighted(rng, Split::Train, video, mix.tilt)
         };
         let (drawn, caption) = mix.tilt.backdrop(spec, rng);
-        let (frames, maps) = world::render_labelled(&drawn, rng);
+        let (frames, labels) = world::render_labelled(&drawn, rng);
         xs.push(from_frames(&frames, device)?);
-        shapes.extend(maps.into_iter().flatten());
+        for l in labels {
+            shapes.extend(l.shape);
+            colors.extend(l.color);
+        }
         let drop = rng.random::<f64>() < cfg_dropout;
         prompts.push(if drop {
             String::new()
@@ -382,6 +388,7 @@ pub fn world_batch(
         x0: Tensor::stack(&xs, 0)?,
         prompts,
         shapes,
+        colors,
     })
 }
 
@@ -452,7 +459,11 @@ pub fn flow_matching_loss(
     let shape = match (shapes, features) {
         (Some((head, cfg)), Some(f)) => {
             let (_, _, _, h, w) = batch.x0.dims5()?;
-            Some(head.loss(&f, &batch.shapes, &t, cfg.min_t, (h, w))?)
+            let targets = Targets {
+                shapes: &batch.shapes,
+                colors: &batch.colors,
+            };
+            Some(head.loss(&f, targets, &t, cfg.min_t, (h, w))?)
         }
         _ => None,
     };
@@ -534,7 +545,7 @@ pub fn train_teacher(
                 DType::F32,
                 device,
             );
-            ShapeHead::new(vb, model.net.feature_dim(), arch.patch, s.hidden).map(|h| (h, s))
+            ShapeHead::new(vb, model.net.feature_dim(), arch.patch, &s).map(|h| (h, s))
         })
         .transpose()?;
     let head_vars = named_vars(&head_map);
@@ -964,7 +975,7 @@ mod tests {
         assert!(!text.contains("shape_supervision"));
         let with: TeacherConfig = serde_json::from_str(&text.replacen(
             '{',
-            "{\"shape_supervision\":{\"weight\":0.5,\"min_t\":0.4,\"hidden\":64},",
+            "{\"shape_supervision\":{\"weight\":0.5,\"min_t\":0.4,\"hidden\":64,\"colors\":true},",
             1,
         ))?;
         assert_eq!(
@@ -973,6 +984,7 @@ mod tests {
                 weight: 0.5,
                 min_t: 0.4,
                 hidden: 64,
+                colors: true,
             })
         );
         let unet = TeacherConfig {
@@ -990,11 +1002,17 @@ mod tests {
         let map = VarMap::new();
         let model = model(crate::nn::seeded_var_builder(&map, 1, DType::F32, &dev), 0)?;
         let head_map = VarMap::new();
+        let sup = ShapeSupervision {
+            weight: 0.5,
+            min_t: 0.0,
+            hidden: 0,
+            colors: false,
+        };
         let head = ShapeHead::new(
             crate::nn::seeded_var_builder(&head_map, 2, DType::F32, &dev),
             model.net.feature_dim(),
             arch.patch,
-            0,
+            &sup,
         )?;
         let batch = world_batch(
             &mut ChaCha8Rng::seed_from_u64(3),
@@ -1005,11 +1023,7 @@ mod tests {
             &dev,
         )?;
         assert_eq!(batch.shapes.len(), 3 * 32 * 32);
-        let sup = ShapeSupervision {
-            weight: 0.5,
-            min_t: 0.0,
-            hidden: 0,
-        };
+        assert_eq!(batch.colors.len(), 3 * 32 * 32);
         let terms = |shapes| LossTerms {
             weighting: LossWeighting::Velocity,
             edges: None,
@@ -1036,7 +1050,7 @@ mod tests {
 
         // Trained three steps straight, or two then resumed for one: the same weights, so
         // the head (and its optimizer state) came back from the checkpoint. It is never in
-        // the shipped weights.
+        // the shipped weights. The head names colours too, so their part resumes as well.
         let dir = std::env::temp_dir().join(format!("fewstep-shape-head-{}", std::process::id()));
         let mut config = TeacherConfig {
             architecture: arch,
@@ -1049,6 +1063,7 @@ mod tests {
                 weight: 1.0,
                 min_t: 0.0,
                 hidden: 16,
+                colors: true,
             }),
             ..TeacherConfig::default()
         };

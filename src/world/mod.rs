@@ -76,7 +76,7 @@ use serde::{Deserialize, Serialize};
 
 pub use grammar::{parse, prompt, vocabulary, ParseError, MAX_PROMPT_WORDS};
 pub use metrics::{diversity, features, frechet_by_block, frechet_distance, FEATURE_BLOCKS};
-pub use render::{render, render_labelled, BACKGROUND_CLASS};
+pub use render::{render, render_labelled, PixelLabels, BACKGROUND_CLASS, BACKGROUND_COLOR_CLASS};
 pub(crate) use scene::frame_time;
 pub use scene::{sample_simple_spec, sample_spec, sample_spec_weighted, Tilt};
 pub use split::split_of;

@@ -6,7 +6,7 @@ use rand::Rng;
 
 use super::geometry::inside;
 use super::scene::{frame_time, render_layout, Layout};
-use super::{SceneSpec, Shape, IMAGE_SIZE, MAX_FRAMES};
+use super::{Color, SceneSpec, Shape, IMAGE_SIZE, MAX_FRAMES};
 
 /// Supersamples per pixel axis.
 const SUPERSAMPLE: usize = 4;
@@ -28,29 +28,43 @@ fn pixel_span(c: f32, r: f32, size: usize) -> (usize, usize) {
     (start, end)
 }
 
-/// The class of a pixel that no object covers in [`render_labelled`]'s maps; shapes are
-/// their [`Shape::index`].
+/// The shape class of a pixel that no object covers in [`render_labelled`]'s maps; shapes
+/// are their [`Shape::index`].
 pub const BACKGROUND_CLASS: u8 = Shape::COUNT as u8;
 
-/// [`render`], also returning each frame's shape map: per pixel (row-major), the
-/// [`Shape::index`] of the topmost object covering the pixel's centre, or
-/// [`BACKGROUND_CLASS`]. It draws from `rng` exactly as [`render`] does, so the frames are
-/// the same.
-pub fn render_labelled(spec: &SceneSpec, rng: &mut impl Rng) -> (Vec<RgbImage>, Vec<Vec<u8>>) {
+/// The colour class of a pixel that no object covers; colours are their [`Color::index`].
+pub const BACKGROUND_COLOR_CLASS: u8 = Color::COUNT as u8;
+
+/// One frame's per-pixel labels (row-major): what the topmost object covering the pixel's
+/// centre is, or the background classes where none does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PixelLabels {
+    /// [`Shape::index`], or [`BACKGROUND_CLASS`].
+    pub shape: Vec<u8>,
+    /// [`Color::index`], or [`BACKGROUND_COLOR_CLASS`].
+    pub color: Vec<u8>,
+}
+
+/// [`render`], also returning each frame's [`PixelLabels`]. It draws from `rng` exactly as
+/// [`render`] does, so the frames are the same.
+pub fn render_labelled(spec: &SceneSpec, rng: &mut impl Rng) -> (Vec<RgbImage>, Vec<PixelLabels>) {
     let layout = render_layout(spec, rng);
     let n = spec.frames.min(MAX_FRAMES);
     (0..n)
         .map(|i| {
             let t = frame_time(i, n);
-            (draw(&layout, t), shape_map(&layout, t))
+            (draw(&layout, t), label(&layout, t))
         })
         .unzip()
 }
 
-/// Which shape covers each pixel's centre at clip time `t` (later objects on top, as drawn).
-fn shape_map(layout: &Layout, t: f32) -> Vec<u8> {
+/// Which object covers each pixel's centre at clip time `t` (later objects on top, as drawn).
+fn label(layout: &Layout, t: f32) -> PixelLabels {
     let size = IMAGE_SIZE as usize;
-    let mut map = vec![BACKGROUND_CLASS; size * size];
+    let mut labels = PixelLabels {
+        shape: vec![BACKGROUND_CLASS; size * size],
+        color: vec![BACKGROUND_COLOR_CLASS; size * size],
+    };
     for o in &layout.objects {
         let (cx, cy, r) = o.at(t);
         if r <= 0.0 {
@@ -64,12 +78,13 @@ fn shape_map(layout: &Layout, t: f32) -> Vec<u8> {
                 let u = (px as f32 + 0.5 - cx) / r;
                 let v = (py as f32 + 0.5 - cy) / r;
                 if inside(o.shape, u, v) {
-                    map[py * size + px] = o.shape.index() as u8;
+                    labels.shape[py * size + px] = o.shape.index() as u8;
+                    labels.color[py * size + px] = o.color.index() as u8;
                 }
             }
         }
     }
-    map
+    labels
 }
 
 /// Draws one frame of a layout at clip time `t`.
@@ -145,31 +160,56 @@ mod tests {
         ] {
             let spec = parse(prompt).expect("prompt");
             let plain = render(&spec, &mut WorldRng::seed_from_u64(seed));
-            let (frames, maps) = render_labelled(&spec, &mut WorldRng::seed_from_u64(seed));
+            let (frames, labels) = render_labelled(&spec, &mut WorldRng::seed_from_u64(seed));
             assert_eq!(frames, plain, "{prompt}");
-            assert_eq!(maps.len(), frames.len());
-            for (frame, map) in frames.iter().zip(&maps) {
+            assert_eq!(labels.len(), frames.len());
+            for (frame, labels) in frames.iter().zip(&labels) {
                 let bg = frame.get_pixel(0, 0).0;
-                for (i, &class) in map.iter().enumerate() {
+                for (i, (&shape, &color)) in labels.shape.iter().zip(&labels.color).enumerate() {
                     let p = frame.get_pixel(i as u32 % 32, i as u32 / 32).0;
                     let far = p.iter().zip(bg).map(|(a, b)| a.abs_diff(b)).max().unwrap();
                     // A labelled pixel's centre is covered, so at least 1/4 of its samples
                     // are: it differs from the background; an unlabelled one is mostly bare.
-                    if class == BACKGROUND_CLASS {
+                    if shape == BACKGROUND_CLASS {
+                        assert_eq!(color, BACKGROUND_COLOR_CLASS, "{prompt}: pixel {i}");
                         assert!(far < 200, "{prompt}: pixel {i} unlabelled but drawn");
                     } else {
                         assert!(far > 20, "{prompt}: pixel {i} labelled but bare");
+                        // The labelled colour is the one drawn there (the nearest of the
+                        // palette to the pixel, once the pixel is mostly covered).
+                        if far > 100 {
+                            let nearest = Color::all()
+                                .iter()
+                                .min_by_key(|c| {
+                                    c.rgb()
+                                        .iter()
+                                        .zip(p)
+                                        .map(|(&a, b)| u32::from(a.abs_diff(b)).pow(2))
+                                        .sum::<u32>()
+                                })
+                                .unwrap();
+                            assert_eq!(nearest.index() as u8, color, "{prompt}: pixel {i}");
+                        }
                     }
                 }
             }
-            let classes: std::collections::BTreeSet<u8> = maps.iter().flatten().copied().collect();
-            let want: std::collections::BTreeSet<u8> = spec
+            let classes = |pick: fn(&PixelLabels) -> &Vec<u8>| -> std::collections::BTreeSet<u8> {
+                labels.iter().flat_map(pick).copied().collect()
+            };
+            let want_shapes = spec
                 .objects
                 .iter()
                 .map(|o| o.shape.index() as u8)
                 .chain([BACKGROUND_CLASS])
                 .collect();
-            assert_eq!(classes, want, "{prompt}");
+            assert_eq!(classes(|l| &l.shape), want_shapes, "{prompt}");
+            let want_colors = spec
+                .objects
+                .iter()
+                .map(|o| o.color.index() as u8)
+                .chain([BACKGROUND_COLOR_CLASS])
+                .collect::<std::collections::BTreeSet<u8>>();
+            assert_eq!(classes(|l| &l.color), want_colors, "{prompt}");
         }
     }
 
