@@ -477,6 +477,15 @@ pub fn score(groups: &[GroupSamples], reference_seed: u64, nfe_per_sample: usize
                     seed: p.seeds.get(j).copied(),
                     pass: v.pass,
                     score: v.score,
+                    seen: if v.pass {
+                        Vec::new()
+                    } else {
+                        v.detected
+                            .iter()
+                            .filter(|d| d.frame == 0)
+                            .map(ToString::to_string)
+                            .collect()
+                    },
                     failures: v.failures,
                 });
             }
@@ -831,6 +840,40 @@ mod tests {
         );
         assert_eq!(truth.rows[4].name, "in-distribution");
         assert!(fd_n > 10.0 * fd_t, "{fd_t} vs {fd_n}");
+        // Passing samples list nothing seen; failed ones list what their first frame holds.
+        assert!(truth
+            .samples
+            .iter()
+            .filter(|s| s.pass)
+            .all(|s| s.seen.is_empty()));
+    }
+
+    #[test]
+    fn a_failed_sample_says_what_was_seen() {
+        // A red circle scored against a prompt for a red cross: the miss names the circle.
+        let drawn = world::parse("a large red circle on a black background").expect("prompt");
+        let asked = world::parse("a large red cross on a black background").expect("prompt");
+        let frames = world::render(&drawn, &mut WorldRng::seed_from_u64(1));
+        let group = GroupSamples {
+            split: Split::Train,
+            video: false,
+            prompts: vec![PromptSamples {
+                spec: asked,
+                seeds: Vec::new(),
+                samples: vec![frames],
+            }],
+            diversity: Vec::new(),
+            generation_s: 0.0,
+        };
+        let scores = score(&[group], 7, 1);
+        let sample = &scores.samples[0];
+        assert!(!sample.pass);
+        assert_eq!(sample.seen.len(), 1, "{:?}", sample.seen);
+        assert!(
+            sample.seen[0].starts_with("red circle (shape IoU 0.9"),
+            "{:?}",
+            sample.seen
+        );
     }
 
     #[test]

@@ -102,6 +102,10 @@ pub struct SampleRecord {
     pub score: f32,
     /// Why the verifier failed it (empty when it passed).
     pub failures: Vec<String>,
+    /// What the verifier saw in a failed sample's first frame, so a miss reads as a wrong
+    /// shape, a wrong colour or a missing object (empty when it passed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seen: Vec<String>,
 }
 
 /// The whole result of `fewstep eval`.

@@ -66,6 +66,17 @@ pub struct DetectedObject {
     pub area: f32,
 }
 
+impl std::fmt::Display for DetectedObject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [x, y] = self.center;
+        write!(
+            f,
+            "{} {} (shape IoU {:.2}) at ({x:.1}, {y:.1}), half-extent {:.1} px",
+            self.color, self.shape, self.shape_iou, self.radius
+        )
+    }
+}
+
 /// The verifier's judgement of frames against a spec.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Verdict {
