@@ -6,7 +6,9 @@
 //! 2. **Wrong-shape input**: a true render of shape A noised to `t0` and denoised under a
 //!    prompt naming shape B: does the output follow the prompt (B) or the input (A)?
 //! 3. **Word sensitivity**: the rms change of the predicted velocity when only the shape,
-//!    colour or position word of the prompt changes, at a few noise levels.
+//!    colour or position word of the prompt changes, at a few noise levels; for the shape
+//!    word, also when it reaches the model only through the pooled prompt (adaLN, global) or
+//!    only through the tokens (cross-attention, local).
 //! 4. **Attention mass per word**: the share of an object pixel's cross-attention that each
 //!    kind of prompt word gets (averaged over heads, layers and the object's tokens).
 //! 5. **Beside another object** ([`beside`]): each shape in two-object scenes, recognised in
@@ -110,6 +112,15 @@ pub struct Sensitivity {
     /// long before samples change shape.
     #[serde(default)]
     pub x0_loss_wrong_shape: f64,
+    /// `shape` when the swapped word reaches the model only through the pooled prompt (the
+    /// adaLN path, the same for every token), the tokens keeping the true word.
+    #[serde(default)]
+    pub shape_pooled_only: f64,
+    /// `shape` when the swapped word reaches the model only through the tokens (the
+    /// cross-attention path, local to the object), the pooled prompt keeping the true word.
+    /// A shape carried mostly by the pooled path is pushed onto every object of a scene.
+    #[serde(default)]
+    pub shape_tokens_only: f64,
 }
 
 impl Sensitivity {
@@ -205,6 +216,13 @@ impl ProbeReport {
             out += &format!(
                 " t={}: shape {:.3} colour {:.3} position {:.3};",
                 s.t, s.shape, s.color, s.position
+            );
+        }
+        out += "\nshape word swapped through the pooled prompt only / the tokens only:";
+        for s in &self.sensitivity {
+            out += &format!(
+                " t={}: {:.3} / {:.3};",
+                s.t, s.shape_pooled_only, s.shape_tokens_only
             );
         }
         out += "\nx0 loss with the true / a wrong shape word (gain):";
@@ -679,15 +697,23 @@ fn word_sensitivity(
             let e = (v - &target)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
             Ok(e * (t as f64).powi(2))
         };
-        let mut rms = [0f64; 3];
-        let mut wrong_shape = 0.0;
-        for (k, text) in variant_text.iter().enumerate() {
+        let rms_change = |text: &TextCond| -> Result<f64> {
             let vk = model.velocity(&xt, &tt, text)?;
-            if k == 0 {
-                wrong_shape = x0_loss(&vk)?;
-            }
-            rms[k] = (vk - &v)?.sqr()?.mean_all()?.to_scalar::<f32>()?.sqrt() as f64;
+            Ok((vk - &v)?.sqr()?.mean_all()?.to_scalar::<f32>()?.sqrt() as f64)
+        };
+        let mut rms = [0f64; 3];
+        for (k, text) in variant_text.iter().enumerate() {
+            rms[k] = rms_change(text)?;
         }
+        let wrong_shape = x0_loss(&model.velocity(&xt, &tt, &variant_text[0])?)?;
+        let pooled_only = TextCond {
+            pooled: variant_text[0].pooled.clone(),
+            ..base_text.clone()
+        };
+        let tokens_only = TextCond {
+            pooled: base_text.pooled.clone(),
+            ..variant_text[0].clone()
+        };
         sensitivity.push(Sensitivity {
             t,
             shape: rms[0],
@@ -695,6 +721,8 @@ fn word_sensitivity(
             position: rms[2],
             x0_loss: x0_loss(&v)?,
             x0_loss_wrong_shape: wrong_shape,
+            shape_pooled_only: rms_change(&pooled_only)?,
+            shape_tokens_only: rms_change(&tokens_only)?,
         });
     }
     Ok((sensitivity, attention))
@@ -886,6 +914,11 @@ mod tests {
                 && b.from_render.iter().all(|&k| k <= 2)));
             assert!(r.summary().contains("unstated"));
             assert!(r.sensitivity.iter().all(|s| s.shape > 0.0 && s.color > 0.0));
+            // The two paths each carry part of the shape word.
+            assert!(r
+                .sensitivity
+                .iter()
+                .all(|s| s.shape_pooled_only > 0.0 && s.shape_tokens_only > 0.0));
             // Probe 6: every motion word, 2 clips each (half the samples, rounded up).
             assert_eq!(r.motion.len(), crate::world::Motion::all().len());
             assert!(r.motion.iter().all(|m| m.n == 2

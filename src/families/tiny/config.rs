@@ -144,6 +144,15 @@ pub struct TinyConfig {
     /// time product they need.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub frame_words: bool,
+    /// The prompt reaches the blocks only through cross-attention (and the per-word tables):
+    /// the pooled prompt that joins the time in every adaLN modulation is always the empty
+    /// prompt's. A shape word in the pooled prompt modulates every token of the frame alike,
+    /// so in a two-object scene each object is pushed toward both shapes (the probe's
+    /// pooled-only sensitivity is as large as the tokens'); through cross-attention a word
+    /// reaches the tokens that attend to it. With the empty prompt's vector, a warm start
+    /// begins where the network already works: its guidance-dropout rows.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local_text: bool,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -174,6 +183,7 @@ impl Default for TinyConfig {
             frame_time: false,
             motion_coords: false,
             frame_words: false,
+            local_text: false,
         }
     }
 }

@@ -72,6 +72,8 @@ pub struct TextEncoder {
     mix: Option<(Linear, usize)>,
     heads: usize,
     vocab: usize,
+    /// The pooled prompt is the empty prompt's ([`TinyConfig::local_text`]).
+    local: bool,
 }
 
 impl TextEncoder {
@@ -118,6 +120,7 @@ impl TextEncoder {
             mix,
             heads: cfg.heads,
             vocab: cfg.vocab_size,
+            local: cfg.local_text,
         })
     }
 
@@ -127,11 +130,44 @@ impl TextEncoder {
         let b = tokens.ids.len() / l;
         let ids = Tensor::from_slice(&tokens.ids, (b, l), device)?;
         let mask = Tensor::from_slice(&tokens.mask, (b, l), device)?;
+        let (x, key_bias) = self.encode(&ids, &mask)?;
+        let pooled = if self.local {
+            // Every row starts with `[BOS]`; alone it is the empty prompt.
+            let bos = ids.narrow(0, 0, 1)?.narrow(1, 0, 1)?;
+            let one = Tensor::ones((1, 1), mask.dtype(), device)?;
+            let (empty, _) = self.encode(&bos, &one)?;
+            empty
+                .reshape((1, ()))?
+                .broadcast_as((b, x.dim(2)?))?
+                .contiguous()?
+        } else {
+            let m = mask.unsqueeze(2)?;
+            x.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?)?
+        };
+        let mut words = vec![0f32; b * self.vocab];
+        for (i, (&id, &real)) in tokens.ids.iter().zip(&tokens.mask).enumerate() {
+            if real > 0.0 && (id as usize) < self.vocab {
+                words[(i / l) * self.vocab + id as usize] += 1.0;
+            }
+        }
+        let words = Tensor::from_vec(words, (b, self.vocab), device)?.to_dtype(x.dtype())?;
+        Ok(TextCond {
+            tokens: x,
+            key_bias,
+            pooled,
+            words,
+        })
+    }
+
+    /// Token features `[B, L, D]` (final layer norm applied) and the key-padding bias of
+    /// `ids` `[B, L]` under `mask` `[B, L]` (1 real, 0 padding).
+    fn encode(&self, ids: &Tensor, mask: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, l) = ids.dims2()?;
         // (mask - 1) is 0 for real tokens and -1 for padding.
         let key_bias = ((mask.clone() - 1.0)? * -NEG_INF)?.reshape((b, 1, 1, l))?;
         let mut x = self
             .embed
-            .forward(&ids)?
+            .forward(ids)?
             .broadcast_add(&self.pos.narrow(0, 0, l)?)?;
         let head_bias = head_bias(&key_bias, self.heads)?;
         for blk in &self.blocks {
@@ -151,22 +187,7 @@ impl TextEncoder {
             }
             x = (&x + mix.forward(&Tensor::cat(&parts, 2)?)?)?;
         }
-        let x = layer_norm(&x, 1e-5)?;
-        let m = mask.unsqueeze(2)?;
-        let pooled = x.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?)?;
-        let mut words = vec![0f32; b * self.vocab];
-        for (i, (&id, &real)) in tokens.ids.iter().zip(&tokens.mask).enumerate() {
-            if real > 0.0 && (id as usize) < self.vocab {
-                words[(i / l) * self.vocab + id as usize] += 1.0;
-            }
-        }
-        let words = Tensor::from_vec(words, (b, self.vocab), device)?.to_dtype(x.dtype())?;
-        Ok(TextCond {
-            tokens: x,
-            key_bias,
-            pooled,
-            words,
-        })
+        Ok((layer_norm(&x, 1e-5)?, key_bias))
     }
 }
 
@@ -182,6 +203,10 @@ mod tests {
     use candle_nn::VarMap;
 
     fn encoder(text_mix: usize, seed: u64) -> (TextEncoder, VarMap) {
+        encoder_with(text_mix, false, seed)
+    }
+
+    fn encoder_with(text_mix: usize, local_text: bool, seed: u64) -> (TextEncoder, VarMap) {
         let cfg = TinyConfig {
             text_dim: 16,
             heads: 2,
@@ -189,6 +214,7 @@ mod tests {
             text_max_len: 5,
             text_mix,
             vocab_size: 10,
+            local_text,
             ..TinyConfig::default()
         };
         let map = VarMap::new();
@@ -254,5 +280,37 @@ mod tests {
             );
         }
         assert_eq!(crate::nn::max_diff(&row(0, 4), &row(1, 4)), 0.0);
+    }
+
+    /// With `local_text` every prompt's pooled vector is the empty prompt's (as a plain
+    /// encoder pools it for a `[BOS]`-only row), and the tokens are the plain encoder's.
+    #[test]
+    fn local_text_pools_the_empty_prompt_for_every_prompt() {
+        let (plain, _) = encoder_with(2, false, 11);
+        let (local, _) = encoder_with(2, true, 11);
+        let batch = |rows: &[[u32; 5]]| {
+            let ids: Vec<u32> = rows.iter().flatten().copied().collect();
+            let mask = ids.iter().map(|&i| f32::from(u8::from(i != 0))).collect();
+            TokenBatch {
+                ids,
+                mask,
+                max_len: 5,
+            }
+        };
+        let prompts = batch(&[[1, 2, 3, 4, 0], [1, 5, 0, 0, 0]]);
+        let empty = batch(&[[1, 0, 0, 0, 0]]);
+        let (p, l) = (
+            plain.forward(&prompts).unwrap(),
+            local.forward(&prompts).unwrap(),
+        );
+        assert_eq!(crate::nn::max_diff(&p.tokens, &l.tokens), 0.0);
+        let want = plain.forward(&empty).unwrap().pooled;
+        for row in 0..2 {
+            let got = l.pooled.get(row).unwrap().unsqueeze(0).unwrap();
+            assert!(crate::nn::max_diff(&got, &want) < 1e-6);
+        }
+        // The plain encoder's pooled vectors do depend on the prompt.
+        let rows = |t: &Tensor, r: usize| t.get(r).unwrap();
+        assert!(crate::nn::max_diff(&rows(&p.pooled, 0), &rows(&p.pooled, 1)) > 1e-3);
     }
 }
