@@ -7,9 +7,9 @@
 //! decided. The shape's class, given per pixel over the whole object, asks the middle of the
 //! network to carry the prompt's shape word to the object's tokens at every noise level
 //! (supervised representation alignment, in the spirit of REPA). Colour classes beside the
-//! shapes ask the same tokens to bind each colour word to its object, which is where
-//! two-object scenes fail. The head is a training aid only: it is checkpointed for resuming
-//! but not shipped with the weights.
+//! shapes ask the same tokens to bind each colour word to its object (session 28 found that
+//! colours already bind, and the colour classes did not help; the teacher README). The head
+//! is a training aid only: it is checkpointed for resuming but not shipped with the weights.
 
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
