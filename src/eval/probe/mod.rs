@@ -697,15 +697,17 @@ fn word_sensitivity(
             let e = (v - &target)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
             Ok(e * (t as f64).powi(2))
         };
-        let rms_change = |text: &TextCond| -> Result<f64> {
-            let vk = model.velocity(&xt, &tt, text)?;
+        let rms = |vk: &Tensor| -> Result<f64> {
             Ok((vk - &v)?.sqr()?.mean_all()?.to_scalar::<f32>()?.sqrt() as f64)
         };
-        let mut rms = [0f64; 3];
-        for (k, text) in variant_text.iter().enumerate() {
-            rms[k] = rms_change(text)?;
-        }
-        let wrong_shape = x0_loss(&model.velocity(&xt, &tt, &variant_text[0])?)?;
+        let rms_change = |text: &TextCond| rms(&model.velocity(&xt, &tt, text)?);
+        let wrong_shape_v = model.velocity(&xt, &tt, &variant_text[0])?;
+        let wrong_shape = x0_loss(&wrong_shape_v)?;
+        let rms = [
+            rms(&wrong_shape_v)?,
+            rms_change(&variant_text[1])?,
+            rms_change(&variant_text[2])?,
+        ];
         let pooled_only = TextCond {
             pooled: variant_text[0].pooled.clone(),
             ..base_text.clone()

@@ -222,15 +222,19 @@ mod tests {
         (TextEncoder::new(vb, &cfg).unwrap(), map)
     }
 
-    fn tokens(encoder: &TextEncoder, rows: &[[u32; 5]]) -> Tensor {
+    /// Rows of 5 ids, id 0 being padding.
+    fn token_batch(rows: &[[u32; 5]]) -> TokenBatch {
         let ids: Vec<u32> = rows.iter().flatten().copied().collect();
         let mask = ids.iter().map(|&i| f32::from(u8::from(i != 0))).collect();
-        let batch = TokenBatch {
+        TokenBatch {
             ids,
             mask,
             max_len: 5,
-        };
-        encoder.forward(&batch).unwrap().tokens
+        }
+    }
+
+    fn tokens(encoder: &TextEncoder, rows: &[[u32; 5]]) -> Tensor {
+        encoder.forward(&token_batch(rows)).unwrap().tokens
     }
 
     /// The bag of words counts each real token's id once per occurrence and ignores padding.
@@ -288,17 +292,8 @@ mod tests {
     fn local_text_pools_the_empty_prompt_for_every_prompt() {
         let (plain, _) = encoder_with(2, false, 11);
         let (local, _) = encoder_with(2, true, 11);
-        let batch = |rows: &[[u32; 5]]| {
-            let ids: Vec<u32> = rows.iter().flatten().copied().collect();
-            let mask = ids.iter().map(|&i| f32::from(u8::from(i != 0))).collect();
-            TokenBatch {
-                ids,
-                mask,
-                max_len: 5,
-            }
-        };
-        let prompts = batch(&[[1, 2, 3, 4, 0], [1, 5, 0, 0, 0]]);
-        let empty = batch(&[[1, 0, 0, 0, 0]]);
+        let prompts = token_batch(&[[1, 2, 3, 4, 0], [1, 5, 0, 0, 0]]);
+        let empty = token_batch(&[[1, 0, 0, 0, 0]]);
         let (p, l) = (
             plain.forward(&prompts).unwrap(),
             local.forward(&prompts).unwrap(),
