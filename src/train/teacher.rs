@@ -82,6 +82,12 @@ pub struct TeacherConfig {
     /// per step costs image pass rate (README, "Session 19").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_only: Option<Vec<String>>,
+    /// With `local_text`, the pooled prompt fades from the prompt's own to the empty prompt's
+    /// over these steps instead of switching at once (none when absent). Switched at once from
+    /// a trained teacher, `local_text` lost 23 points that 2,000 steps did not win back
+    /// (README, "Session 28"): what the global path carried has to move to cross-attention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_text_fade: Option<LocalTextFade>,
     pub ema_decay: f64,
     pub seed: u64,
     pub checkpoint_every: u64,
@@ -119,6 +125,28 @@ impl Curriculum {
     }
 }
 
+/// The empty prompt's share of the pooled prompt: 0 until step `start`, rising linearly to 1
+/// at step `end`, and 1 from then on (where the model is the `local_text` it is saved as).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalTextFade {
+    pub start: u64,
+    pub end: u64,
+}
+
+impl LocalTextFade {
+    /// The empty prompt's share at `step`.
+    pub fn share_at(&self, step: u64) -> f32 {
+        if step <= self.start {
+            0.0
+        } else if step >= self.end {
+            1.0
+        } else {
+            (step - self.start) as f32 / (self.end - self.start) as f32
+        }
+    }
+}
+
 impl Default for TeacherConfig {
     fn default() -> Self {
         Self {
@@ -145,6 +173,7 @@ impl Default for TeacherConfig {
             video_shift: 1.0,
             image_shift: 1.0,
             train_only: None,
+            local_text_fade: None,
             ema_decay: 0.999,
             seed: 0,
             checkpoint_every: 100,
@@ -258,6 +287,17 @@ impl TeacherConfig {
         check_weights("video_scene_kinds", self.video_scene_kinds)?;
         if self.train_only.as_ref().is_some_and(Vec::is_empty) {
             return Err("train_only is empty: it would train nothing (leave it out to train every parameter)".into());
+        }
+        if let Some(f) = self.local_text_fade {
+            if !self.architecture.local_text {
+                return Err("local_text_fade: needs `local_text = true` in the architecture (the fade ends there)".into());
+            }
+            if f.start >= f.end || f.end > self.iterations {
+                return Err(format!(
+                    "local_text_fade: needs start < end <= iterations (got start {}, end {}, iterations {})",
+                    f.start, f.end, self.iterations
+                ));
+            }
         }
         if let Some(c) = &self.curriculum {
             check_weights("curriculum: shape_weights", c.shape_weights)?;
@@ -411,6 +451,9 @@ pub struct LossTerms<'a> {
     /// The shape head and its settings, when shapes are supervised.
     pub shapes: Option<(&'a ShapeHead, ShapeSupervision)>,
     pub shift: f32,
+    /// The empty prompt's share of the pooled prompt while `local_text` fades in; the
+    /// model's own pooling when `None`.
+    pub empty_share: Option<f32>,
 }
 
 /// A batch's losses: flow matching, and the shape head's cross-entropy when there is one.
@@ -443,6 +486,7 @@ pub fn flow_matching_loss(
         edges,
         shapes,
         shift,
+        empty_share,
     } = terms;
     let b = batch.x0.dim(0)?;
     let t = draw_times(b, shift, rng);
@@ -452,7 +496,10 @@ pub fn flow_matching_loss(
     let tt = crate::pipeline::schedule::row_scale(&t, &batch.x0)?;
     let xt = (batch.x0.broadcast_mul(&(1.0 - &tt)?)? + noise.broadcast_mul(&tt)?)?;
     let prompts: Vec<&str> = batch.prompts.iter().map(String::as_str).collect();
-    let text = model.encode(&prompts)?;
+    let text = match empty_share {
+        Some(s) => model.encode_pooling(&prompts, s)?,
+        None => model.encode(&prompts)?,
+    };
     let (v, features) = model
         .net
         .forward_with_features(&xt, &t, &text, shapes.is_some())?;
@@ -612,6 +659,7 @@ pub fn train_teacher(
             edges: config.edge_weighting,
             shapes: head.as_ref().map(|(h, s)| (h, *s)),
             shift: config.image_shift,
+            empty_share: config.local_text_fade.map(|f| f.share_at(step)),
         };
         let li = flow_matching_loss(&model, &ib, terms, &mut rng)?;
         let (loss, lv) = if config.video_batch > 0 {
@@ -1029,6 +1077,7 @@ mod tests {
             edges: None,
             shapes,
             shift: 1.0,
+            empty_share: None,
         };
         let loss =
             |t: LossTerms| flow_matching_loss(&model, &batch, t, &mut ChaCha8Rng::seed_from_u64(4));
@@ -1255,6 +1304,7 @@ mod tests {
                 edges,
                 shapes: None,
                 shift: 1.0,
+                empty_share: None,
             };
             flow_matching_loss(&model, &batch, terms, &mut rng)
                 .unwrap()
@@ -1268,6 +1318,34 @@ mod tests {
             (plain - weighted).abs() > 1e-4 * plain,
             "{plain} vs {weighted}"
         );
+    }
+
+    #[test]
+    fn local_text_fade_rises_from_zero_to_one_and_is_validated() {
+        let f = LocalTextFade {
+            start: 100,
+            end: 300,
+        };
+        assert_eq!(f.share_at(0), 0.0);
+        assert_eq!(f.share_at(100), 0.0);
+        assert!((f.share_at(150) - 0.25).abs() < 1e-6);
+        assert_eq!(f.share_at(300), 1.0);
+        assert_eq!(f.share_at(10_000), 1.0);
+        let mut cfg = TeacherConfig {
+            local_text_fade: Some(f),
+            ..TeacherConfig::default()
+        };
+        // The fade ends in a `local_text` model: without it the weights would be saved as
+        // the wrong architecture.
+        assert!(cfg.validate().unwrap_err().contains("local_text = true"));
+        cfg.architecture.local_text = true;
+        assert!(cfg.validate().is_ok());
+        for (start, end) in [(300, 300), (300, 100), (0, cfg.iterations + 1)] {
+            cfg.local_text_fade = Some(LocalTextFade { start, end });
+            assert!(cfg.validate().unwrap_err().contains("start < end"));
+        }
+        let json = r#"{"start": 0, "end": 10, "steps": 3}"#;
+        assert!(serde_json::from_str::<LocalTextFade>(json).is_err());
     }
 
     #[test]

@@ -174,6 +174,13 @@ impl TinyModel {
         self.text.forward(&self.tokens(prompts)?)
     }
 
+    /// [`Self::encode`] with the pooled vector faded toward the empty prompt's by
+    /// `empty_share` ([`TextEncoder::forward_pooling`]).
+    pub fn encode_pooling(&self, prompts: &[&str], empty_share: f32) -> Result<TextCond> {
+        self.text
+            .forward_pooling(&self.tokens(prompts)?, empty_share)
+    }
+
     /// The token ids every text encoder of this architecture reads, padded to the full length.
     pub fn tokens(&self, prompts: &[&str]) -> Result<TokenBatch> {
         self.tokenizer

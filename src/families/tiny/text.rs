@@ -125,13 +125,26 @@ impl TextEncoder {
     }
 
     pub fn forward(&self, tokens: &TokenBatch) -> Result<TextCond> {
+        self.forward_pooling(tokens, if self.local { 1.0 } else { 0.0 })
+    }
+
+    /// [`Self::forward`] with the pooled vector `(1 - s) mean + s empty`: `s = 0` pools the
+    /// prompt's own tokens, `s = 1` is the empty prompt's vector (`local_text`). Training
+    /// fades `s` from 0 to 1, so that what the global path carried moves to cross-attention
+    /// gradually (the teacher's `local_text_fade`).
+    pub fn forward_pooling(&self, tokens: &TokenBatch, empty_share: f32) -> Result<TextCond> {
         let device = self.pos.device();
         let l = tokens.max_len;
         let b = tokens.ids.len() / l;
         let ids = Tensor::from_slice(&tokens.ids, (b, l), device)?;
         let mask = Tensor::from_slice(&tokens.mask, (b, l), device)?;
         let (x, key_bias) = self.encode(&ids, &mask)?;
-        let pooled = if self.local {
+        let s = f64::from(empty_share.clamp(0.0, 1.0));
+        let own = || -> Result<Tensor> {
+            let m = mask.unsqueeze(2)?;
+            x.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?)
+        };
+        let empty = || -> Result<Tensor> {
             // Every row starts with `[BOS]`; alone it is the empty prompt.
             let bos = ids.narrow(0, 0, 1)?.narrow(1, 0, 1)?;
             let one = Tensor::ones((1, 1), mask.dtype(), device)?;
@@ -139,10 +152,14 @@ impl TextEncoder {
             empty
                 .reshape((1, ()))?
                 .broadcast_as((b, x.dim(2)?))?
-                .contiguous()?
+                .contiguous()
+        };
+        let pooled = if s == 0.0 {
+            own()?
+        } else if s == 1.0 {
+            empty()?
         } else {
-            let m = mask.unsqueeze(2)?;
-            x.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?)?
+            ((own()? * (1.0 - s))? + (empty()? * s)?)?
         };
         let mut words = vec![0f32; b * self.vocab];
         for (i, (&id, &real)) in tokens.ids.iter().zip(&tokens.mask).enumerate() {
@@ -307,5 +324,24 @@ mod tests {
         // The plain encoder's pooled vectors do depend on the prompt.
         let rows = |t: &Tensor, r: usize| t.get(r).unwrap();
         assert!(crate::nn::max_diff(&rows(&p.pooled, 0), &rows(&p.pooled, 1)) > 1e-3);
+    }
+
+    /// The fade's pooled vector runs from the plain encoder's (share 0) to `local_text`'s
+    /// (share 1) along a straight line, and the tokens never change.
+    #[test]
+    fn pooling_fades_from_the_prompt_to_the_empty_prompt() {
+        let (plain, _) = encoder_with(2, false, 13);
+        let (local, _) = encoder_with(2, true, 13);
+        let prompts = token_batch(&[[1, 2, 3, 4, 0], [1, 5, 0, 0, 0]]);
+        let own = plain.forward(&prompts).unwrap();
+        let empty = local.forward(&prompts).unwrap();
+        let at = |s: f32| local.forward_pooling(&prompts, s).unwrap();
+        assert_eq!(crate::nn::max_diff(&at(0.0).pooled, &own.pooled), 0.0);
+        assert_eq!(crate::nn::max_diff(&at(1.0).pooled, &empty.pooled), 0.0);
+        let quarter = at(0.25);
+        let want = ((&own.pooled * 0.75).unwrap() + (&empty.pooled * 0.25).unwrap()).unwrap();
+        assert!(crate::nn::max_diff(&quarter.pooled, &want) < 1e-6);
+        assert!(crate::nn::max_diff(&quarter.pooled, &own.pooled) > 1e-3);
+        assert_eq!(crate::nn::max_diff(&quarter.tokens, &own.tokens), 0.0);
     }
 }
