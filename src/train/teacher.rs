@@ -37,7 +37,8 @@ pub struct TeacherConfig {
     /// training-only head ([`super::shape_head`]); none when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shape_supervision: Option<ShapeSupervision>,
-    /// Simple scenes (one large object on black) mixed into the image batches early on.
+    /// Simple scenes (one large object on black, or on `background_weights`' backgrounds
+    /// when set) mixed into the image batches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub curriculum: Option<Curriculum>,
     /// Relative weights of circle, square, triangle and cross for every object of every
@@ -1406,6 +1407,47 @@ mod tests {
                 assert!(cfg.validate().unwrap_err().starts_with(name), "{name}");
             }
         }
+    }
+
+    /// Simple scenes are on black unless `background_weights` is set; then they are drawn
+    /// on its backgrounds and say so (the early curriculum taught crosses on black only).
+    #[test]
+    fn background_weights_reach_the_simple_scenes() {
+        let count = |backgrounds| {
+            let mix = SceneMix {
+                simple_share: 1.0,
+                simple_shapes: None,
+                tilt: world::Tilt {
+                    backgrounds,
+                    ..world::Tilt::default()
+                },
+            };
+            let mut rng = ChaCha8Rng::seed_from_u64(6);
+            let b = world_batch(&mut rng, 300, false, mix, 0.0, &Device::Cpu).unwrap();
+            let mut counts = [0usize; 3];
+            for (p, x) in b.prompts.iter().zip(b.x0.chunk(300, 0).unwrap()) {
+                let bg = world::parse(p).unwrap().background.unwrap();
+                let i = world::Background::all()
+                    .iter()
+                    .position(|b| *b == bg)
+                    .unwrap();
+                counts[i] += 1;
+                // Most of a simple scene's pixels are background: the caption names what
+                // was drawn.
+                let red = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let want = f32::from(bg.rgb()[0]) / 127.5 - 1.0;
+                let on_bg = red[..32 * 32].iter().filter(|v| (*v - want).abs() < 1e-3);
+                assert!(on_bg.count() > 32 * 32 / 2, "{p}");
+            }
+            counts
+        };
+        assert_eq!(count(None), [300, 0, 0]);
+        let tilted = count(Some([1.0, 2.0, 1.0]));
+        assert!(
+            tilted[1] > tilted[0] + 40 && tilted[1] > tilted[2] + 40,
+            "{tilted:?}"
+        );
+        assert!(tilted[0] > 40 && tilted[2] > 40, "{tilted:?}");
     }
 
     #[test]
