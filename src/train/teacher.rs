@@ -87,6 +87,7 @@ pub struct TeacherConfig {
     /// over these steps instead of switching at once (none when absent). Switched at once from
     /// a trained teacher, `local_text` lost 23 points that 2,000 steps did not win back
     /// (README, "Session 28"): what the global path carried has to move to cross-attention.
+    /// Faded over 1,500 steps from phase 16, it cost as much (README, "Session 30").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_text_fade: Option<LocalTextFade>,
     pub ema_decay: f64,
