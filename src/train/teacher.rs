@@ -559,8 +559,9 @@ impl RunPaths {
 /// number and the last loss. Returns the final EMA weights' path.
 ///
 /// `init_from` warm-starts a fresh run from trained weights: every tensor of that file must
-/// exist in the model with the same shape, and parameters it lacks (a newly added head) keep
-/// their initialization. It is ignored when the run resumes from its own checkpoint.
+/// exist in the model with the same shape, or grown in a way that keeps the parent's function
+/// (a longer prompt, wider DiT MLPs), and parameters it lacks (a newly added head, appended
+/// blocks) keep their initialization. It is ignored when the run resumes from its own checkpoint.
 pub fn train_teacher(
     config: &TeacherConfig,
     out: &Path,
@@ -793,6 +794,8 @@ fn warm_start(
                 var.set(&t)?;
             } else if let Some(grown) = longer_text_positions(name, &t, var.as_tensor())? {
                 var.set(&grown)?;
+            } else if let Some(grown) = wider_mlp(name, &t, var.as_tensor())? {
+                var.set(&grown)?;
             } else {
                 anyhow::bail!(
                     "{}: {name} has shape {:?}, the model wants {:?}",
@@ -805,6 +808,30 @@ fn warm_start(
         }
     }
     Ok((loaded, vars.len() - loaded))
+}
+
+/// A DiT block's MLP of a smaller `mlp_ratio`, widened to this model's: the trained hidden
+/// units are kept, the new ones keep their `fc1` initialization and read out through `fc2`
+/// columns of zero, so the grown model computes its parent's function and every new unit
+/// still gets a gradient (unlike appended blocks, whose zero gates left them shut).
+fn wider_mlp(name: &str, old: &Tensor, init: &Tensor) -> Result<Option<Tensor>> {
+    let (o, n) = (old.dims(), init.dims());
+    if !name.starts_with("dit.blocks.") || o.len() != n.len() {
+        return Ok(None);
+    }
+    // The hidden axis: fc1's rows (and its bias), or fc2's columns, which start at zero.
+    let (axis, zero_tail) = match (name.rsplit_once(".fc"), o.len()) {
+        (Some((_, "1.weight")), 2) | (Some((_, "1.bias")), 1) => (0, false),
+        (Some((_, "2.weight")), 2) => (1, true),
+        _ => return Ok(None),
+    };
+    let others_agree = (0..o.len()).all(|a| a == axis || o[a] == n[a]);
+    if !others_agree || o[axis] >= n[axis] {
+        return Ok(None);
+    }
+    let tail = init.narrow(axis, o[axis], n[axis] - o[axis])?;
+    let tail = if zero_tail { tail.zeros_like()? } else { tail };
+    Ok(Some(Tensor::cat(&[old, &tail], axis)?))
 }
 
 /// The text encoder's position table of a shorter prompt length, extended to this model's:
@@ -958,8 +985,30 @@ mod tests {
     /// teacher can gain depth without losing what it learned.
     #[test]
     fn a_dit_grown_by_appended_blocks_reproduces_its_parent() -> anyhow::Result<()> {
+        grown_dit_reproduces_its_parent("depth", |c| TinyConfig {
+            depth: c.depth + 2,
+            ..c.clone()
+        })
+    }
+
+    /// A DiT whose blocks' MLPs are widened starts as its parent too: the new hidden units read
+    /// out through zero columns of `fc2`.
+    #[test]
+    fn a_dit_grown_by_wider_mlps_reproduces_its_parent() -> anyhow::Result<()> {
+        grown_dit_reproduces_its_parent("mlp", |c| TinyConfig {
+            mlp_ratio: c.mlp_ratio * 2,
+            ..c.clone()
+        })
+    }
+
+    /// Warm-starts the DiT that `grow` makes of a random parent and checks that both give the
+    /// same velocity for images and videos.
+    fn grown_dit_reproduces_its_parent(
+        what: &str,
+        grow: impl Fn(&TinyConfig) -> TinyConfig,
+    ) -> anyhow::Result<()> {
         let dev = Device::Cpu;
-        let dir = std::env::temp_dir().join(format!("fewstep-grow-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("fewstep-grow-{what}-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let file = dir.join("parent.safetensors");
         let tok = || TinyTokenizer::from_vocabulary(&world::vocabulary());
@@ -978,10 +1027,7 @@ mod tests {
         )?;
         candle_core::safetensors::save(&tensors_of(&named_vars(&old_map)), &file)?;
 
-        let grown_cfg = TinyConfig {
-            depth: parent_cfg.depth + 2,
-            ..parent_cfg.clone()
-        };
+        let grown_cfg = grow(&parent_cfg);
         let map = VarMap::new();
         let grown = TinyModel::new(
             crate::nn::seeded_var_builder(&map, 2, DType::F32, &dev),
@@ -990,8 +1036,17 @@ mod tests {
             FlowSchedule::default(),
         )?;
         let vars = named_vars(&map);
-        let (_, fresh) = warm_start(&vars, &file, &dev)?;
-        assert!(fresh > 0 && vars.iter().any(|(n, _)| n.contains("blocks.2.")));
+        let (loaded, fresh) = warm_start(&vars, &file, &dev)?;
+        assert_eq!(
+            loaded,
+            named_vars(&old_map).len(),
+            "{what}: every parent tensor is used"
+        );
+        assert_eq!(
+            fresh > 0,
+            grown_cfg.depth > parent_cfg.depth,
+            "{what}: only appended blocks are fresh"
+        );
 
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         for frames in [1, 4] {
@@ -1008,7 +1063,7 @@ mod tests {
                 .to_scalar::<f32>()?;
             assert!(
                 diff < 1e-5,
-                "{frames} frames: growth changed the output by {diff}"
+                "{what}, {frames} frames: growth changed the output by {diff}"
             );
         }
         std::fs::remove_dir_all(&dir)?;
