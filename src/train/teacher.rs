@@ -815,35 +815,39 @@ fn warm_start(
 /// columns of zero, so the grown model computes its parent's function and every new unit
 /// still gets a gradient (unlike appended blocks, whose zero gates left them shut).
 fn wider_mlp(name: &str, old: &Tensor, init: &Tensor) -> Result<Option<Tensor>> {
-    let (o, n) = (old.dims(), init.dims());
-    if !name.starts_with("dit.blocks.") || o.len() != n.len() {
+    if !name.starts_with("dit.blocks.") {
         return Ok(None);
     }
     // The hidden axis: fc1's rows (and its bias), or fc2's columns, which start at zero.
-    let (axis, zero_tail) = match (name.rsplit_once(".fc"), o.len()) {
+    let (axis, zero_tail) = match (name.rsplit_once(".fc"), old.rank()) {
         (Some((_, "1.weight")), 2) | (Some((_, "1.bias")), 1) => (0, false),
         (Some((_, "2.weight")), 2) => (1, true),
         _ => return Ok(None),
     };
-    let others_agree = (0..o.len()).all(|a| a == axis || o[a] == n[a]);
-    if !others_agree || o[axis] >= n[axis] {
-        return Ok(None);
-    }
-    let tail = init.narrow(axis, o[axis], n[axis] - o[axis])?;
-    let tail = if zero_tail { tail.zeros_like()? } else { tail };
-    Ok(Some(Tensor::cat(&[old, &tail], axis)?))
+    extended(old, init, axis, zero_tail)
 }
 
 /// The text encoder's position table of a shorter prompt length, extended to this model's:
 /// the trained rows are kept and the new tail keeps its initialization (teachers trained
 /// before prompts fitted the grammar had 16 positions; the grammar needs 24).
 fn longer_text_positions(name: &str, old: &Tensor, init: &Tensor) -> Result<Option<Tensor>> {
-    let (o, n) = (old.dims(), init.dims());
-    if !name.ends_with("text.pos") || o.len() != 2 || n.len() != 2 || o[1] != n[1] || o[0] >= n[0] {
+    if !name.ends_with("text.pos") || old.rank() != 2 {
         return Ok(None);
     }
-    let tail = init.narrow(0, o[0], n[0] - o[0])?;
-    Ok(Some(Tensor::cat(&[old, &tail], 0)?))
+    extended(old, init, 0, false)
+}
+
+/// `old` followed along `axis` by the rest of `init` (zeros with `zero_tail`), when the two
+/// agree on every other axis and `init` is longer on this one; `None` otherwise.
+fn extended(old: &Tensor, init: &Tensor, axis: usize, zero_tail: bool) -> Result<Option<Tensor>> {
+    let (o, n) = (old.dims(), init.dims());
+    let others_agree = o.len() == n.len() && (0..o.len()).all(|a| a == axis || o[a] == n[a]);
+    if !others_agree || o[axis] >= n[axis] {
+        return Ok(None);
+    }
+    let tail = init.narrow(axis, o[axis], n[axis] - o[axis])?;
+    let tail = if zero_tail { tail.zeros_like()? } else { tail };
+    Ok(Some(Tensor::cat(&[old, &tail], axis)?))
 }
 
 fn save(
