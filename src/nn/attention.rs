@@ -147,17 +147,19 @@ impl CrossAttention {
         let kv = self.kv.forward(context)?;
         let k = kv.narrow(D::Minus1, 0, d)?;
         let v = kv.narrow(D::Minus1, d, d)?;
-        if CAPTURE.with(|c| c.borrow().is_some()) {
+        if let Some(grad) = CAPTURE.with(|c| c.borrow().as_ref().map(|c| c.grad)) {
             let (qh, kh) = (split_heads(&q, self.heads)?, split_heads(&k, self.heads)?);
-            let probs = attention_probs(&qh, &kh, bias)?.detach();
+            let probs = attention_probs(&qh, &kh, bias)?;
             let (bh, tq, l) = probs.dims3()?;
-            let per_row = probs
-                .reshape((b, bh / b, tq, l))?
-                .mean(1)?
-                .to_device(&candle_core::Device::Cpu)?;
+            let per_row = probs.reshape((b, bh / b, tq, l))?.mean(1)?;
+            let per_row = if grad {
+                per_row
+            } else {
+                per_row.detach().to_device(&candle_core::Device::Cpu)?
+            };
             CAPTURE.with(|c| {
-                if let Some(v) = c.borrow_mut().as_mut() {
-                    v.push(per_row)
+                if let Some(c) = c.borrow_mut().as_mut() {
+                    c.maps.push(per_row)
                 }
             });
         }
@@ -175,8 +177,15 @@ fn attention_probs(q: &Tensor, k: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     super::softmax_last_dim(&scores)
 }
 
+/// What [`capture_cross_attention`] collects on this thread.
+struct Capture {
+    /// Keep the weights in the graph, on their device (a training loss reads them).
+    grad: bool,
+    maps: Vec<Tensor>,
+}
+
 thread_local! {
-    static CAPTURE: std::cell::RefCell<Option<Vec<Tensor>>> = const { std::cell::RefCell::new(None) };
+    static CAPTURE: std::cell::RefCell<Option<Capture>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Runs `f` and returns, beside its result, the cross-attention weights of every
@@ -184,10 +193,25 @@ thread_local! {
 /// heads, on the CPU. A diagnostic hook (`fewstep eval --probe`): how much of an image
 /// token's attention each prompt word gets. Outside it, forward costs nothing extra.
 pub fn capture_cross_attention<R>(f: impl FnOnce() -> R) -> (R, Vec<Tensor>) {
-    let previous = CAPTURE.with(|c| c.borrow_mut().replace(Vec::new()));
+    capture(false, f)
+}
+
+/// [`capture_cross_attention`] with the weights left in the autograd graph and on their
+/// device, for a training loss on where each word is read (`train::binding`). Computing them
+/// costs a second `q k^T` per cross-attention, small beside the rest (the prompt has 24 keys).
+pub fn capture_cross_attention_with_grad<R>(f: impl FnOnce() -> R) -> (R, Vec<Tensor>) {
+    capture(true, f)
+}
+
+fn capture<R>(grad: bool, f: impl FnOnce() -> R) -> (R, Vec<Tensor>) {
+    let fresh = Capture {
+        grad,
+        maps: Vec::new(),
+    };
+    let previous = CAPTURE.with(|c| c.borrow_mut().replace(fresh));
     let out = f();
     let captured = CAPTURE.with(|c| std::mem::replace(&mut *c.borrow_mut(), previous));
-    (out, captured.unwrap_or_default())
+    (out, captured.map(|c| c.maps).unwrap_or_default())
 }
 
 #[cfg(test)]

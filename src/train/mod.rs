@@ -1,6 +1,7 @@
 //! Training machinery shared by `train-teacher` and `distill`: AdamW with warmup and
 //! gradient clipping, EMA weights, and atomic, resumable checkpoints.
 
+pub mod binding;
 pub mod checkpoint;
 pub mod edge_weight;
 pub mod ema;

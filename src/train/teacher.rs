@@ -11,9 +11,11 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
+use super::binding::TokenBinding;
 use super::shape_head::{ShapeHead, ShapeSupervision, Targets};
 use super::{named_vars, tensors_of, AdamW, AdamWConfig, Checkpoint, Ema};
 use crate::families::tiny::{TinyConfig, TinyModel, TinyTokenizer};
+use crate::nn::attention::capture_cross_attention_with_grad;
 use crate::pipeline::from_frames;
 use crate::pipeline::{FlowSchedule, NoiseSchedule};
 use crate::world::{self, Split};
@@ -37,6 +39,10 @@ pub struct TeacherConfig {
     /// training-only head ([`super::shape_head`]); none when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shape_supervision: Option<ShapeSupervision>,
+    /// A loss on the DiT's cross-attention asking each object's tokens to read their own
+    /// shape word, not their neighbour's ([`super::binding`]); none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_binding: Option<TokenBinding>,
     /// Simple scenes (one large object on black, or on `background_weights`' backgrounds
     /// when set) mixed into the image batches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -167,6 +173,7 @@ impl Default for TeacherConfig {
             loss_weighting: LossWeighting::Velocity,
             edge_weighting: None,
             shape_supervision: None,
+            token_binding: None,
             curriculum: None,
             shape_weights: None,
             scene_kinds: None,
@@ -190,6 +197,10 @@ fn one() -> f32 {
 
 fn is_one(x: &f32) -> bool {
     *x == 1.0
+}
+
+fn is_zero_f64(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// The weight of a row's squared velocity error as a function of its noise level `t`.
@@ -283,6 +294,15 @@ impl TeacherConfig {
                 );
             }
         }
+        if let Some(b) = self.token_binding {
+            b.validate()?;
+            if self.architecture.denoiser != crate::families::tiny::DenoiserKind::Dit {
+                return Err(
+                    "token_binding: needs the DiT denoiser (it reads its patch tokens' attention)"
+                        .into(),
+                );
+            }
+        }
         check_weights("shape_weights", self.shape_weights)?;
         check_weights("scene_kinds", self.scene_kinds)?;
         check_weights("background_weights", self.background_weights)?;
@@ -366,6 +386,9 @@ pub struct TeacherLog {
     /// The shape head's cross-entropy, images and videos by frames (0 without it).
     #[serde(default)]
     pub shape_loss: f64,
+    /// The binding loss, images and videos by frames (0 without it).
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub binding_loss: f64,
     pub grad_norm: f64,
     pub lr: f64,
     pub samples_per_s: f64,
@@ -452,25 +475,32 @@ pub struct LossTerms<'a> {
     pub edges: Option<EdgeWeighting>,
     /// The shape head and its settings, when shapes are supervised.
     pub shapes: Option<(&'a ShapeHead, ShapeSupervision)>,
+    pub binding: Option<TokenBinding>,
     pub shift: f32,
     /// The empty prompt's share of the pooled prompt while `local_text` fades in; the
     /// model's own pooling when `None`.
     pub empty_share: Option<f32>,
 }
 
-/// A batch's losses: flow matching, and the shape head's cross-entropy when there is one.
+/// A batch's losses: flow matching, the shape head's cross-entropy and the binding loss when
+/// asked for (the binding loss is also absent from a batch naming no two shapes).
 pub struct BatchLoss {
     pub flow: Tensor,
     pub shape: Option<Tensor>,
+    pub binding: Option<Tensor>,
 }
 
 impl BatchLoss {
-    /// What the optimizer minimises: `flow + weight * shape`.
+    /// What the optimizer minimises: `flow + weight * shape + weight * binding`.
     pub fn total(&self, terms: &LossTerms) -> Result<Tensor> {
-        match (&self.shape, terms.shapes) {
-            (Some(s), Some((_, cfg))) => &self.flow + (s * f64::from(cfg.weight))?,
-            _ => Ok(self.flow.clone()),
+        let mut total = self.flow.clone();
+        if let (Some(s), Some((_, cfg))) = (&self.shape, terms.shapes) {
+            total = (total + (s * f64::from(cfg.weight))?)?;
         }
+        if let (Some(b), Some(cfg)) = (&self.binding, terms.binding) {
+            total = (total + (b * f64::from(cfg.weight))?)?;
+        }
+        Ok(total)
     }
 }
 
@@ -487,6 +517,7 @@ pub fn flow_matching_loss(
         weighting,
         edges,
         shapes,
+        binding,
         shift,
         empty_share,
     } = terms;
@@ -502,9 +533,32 @@ pub fn flow_matching_loss(
         Some(s) => model.encode_pooling(&prompts, s)?,
         None => model.encode(&prompts)?,
     };
-    let (v, features) = model
-        .net
-        .forward_with_features(&xt, &t, &text, shapes.is_some())?;
+    let forward = || {
+        model
+            .net
+            .forward_with_features(&xt, &t, &text, shapes.is_some())
+    };
+    let ((v, features), maps) = if binding.is_some() {
+        let (out, maps) = capture_cross_attention_with_grad(forward);
+        (out?, maps)
+    } else {
+        (forward()?, Vec::new())
+    };
+    let (_, frames, _, size, _) = batch.x0.dims5()?;
+    let binding = match binding {
+        Some(_) => super::binding::targets(
+            &batch.prompts,
+            &batch.shapes,
+            frames,
+            size,
+            model.cfg.patch,
+            model.cfg.text_max_len,
+            batch.x0.device(),
+        )?
+        .map(|targets| super::binding::loss(&maps, &targets))
+        .transpose()?,
+        None => None,
+    };
     let shape = match (shapes, features) {
         (Some((head, cfg)), Some(f)) => {
             let (_, _, _, h, w) = batch.x0.dims5()?;
@@ -528,7 +582,11 @@ pub fn flow_matching_loss(
             err.broadcast_mul(&w)?.mean_all()?
         }
     };
-    Ok(BatchLoss { flow, shape })
+    Ok(BatchLoss {
+        flow,
+        shape,
+        binding,
+    })
 }
 
 /// Mixed into the run's seed for the shape head's initialisation, so that adding the head
@@ -661,6 +719,7 @@ pub fn train_teacher(
             weighting: config.loss_weighting,
             edges: config.edge_weighting,
             shapes: head.as_ref().map(|(h, s)| (h, *s)),
+            binding: config.token_binding,
             shift: config.image_shift,
             empty_share: config.local_text_fade.map(|f| f.share_at(step)),
         };
@@ -696,7 +755,7 @@ pub fn train_teacher(
                 (Some(a), Some(b)) => Some(by_frames(a, b)?),
                 _ => None,
             };
-            (loss, Some((lv.flow, shape)))
+            (loss, Some((lv.flow, shape, lv.binding)))
         } else {
             (li.total(&terms)?, None)
         };
@@ -707,14 +766,31 @@ pub fn train_teacher(
             Ok(t.map(|t| t.to_scalar::<f32>()).transpose()?.unwrap_or(0.0) as f64)
         };
         let shape = match &lv {
-            Some((_, s)) => s.as_ref(),
+            Some((_, s, _)) => s.as_ref(),
             None => li.shape.as_ref(),
         };
+        // The binding loss by frames, over the batches that named two shapes.
+        let ni = config.image_batch as f64;
+        let nv = (config.video_batch * world::VIDEO_FRAMES) as f64;
+        let binding = [
+            (li.binding.as_ref(), ni),
+            (lv.as_ref().and_then(|(_, _, b)| b.as_ref()), nv),
+        ]
+        .into_iter()
+        .filter_map(|(b, n)| b.map(|b| (b, n)))
+        .try_fold((0.0, 0.0), |(sum, n), (b, k)| {
+            Ok::<_, candle_core::Error>((sum + scalar(Some(b))? * k, n + k))
+        })?;
         acc.add(
             l,
             scalar(Some(&li.flow))?,
-            scalar(lv.as_ref().map(|(v, _)| v))?,
+            scalar(lv.as_ref().map(|(v, _, _)| v))?,
             scalar(shape)?,
+            if binding.1 > 0.0 {
+                binding.0 / binding.1
+            } else {
+                0.0
+            },
             stats.grad_norm,
         );
         progress(opt.step, l);
@@ -744,16 +820,18 @@ struct Window {
     image: f64,
     video: f64,
     shape: f64,
+    binding: f64,
     grad_norm: f64,
     steps: u64,
 }
 
 impl Window {
-    fn add(&mut self, loss: f64, image: f64, video: f64, shape: f64, grad_norm: f64) {
+    fn add(&mut self, loss: f64, image: f64, video: f64, shape: f64, binding: f64, grad_norm: f64) {
         self.loss += loss;
         self.image += image;
         self.video += video;
         self.shape += shape;
+        self.binding += binding;
         self.grad_norm += grad_norm;
         self.steps += 1;
     }
@@ -766,6 +844,7 @@ impl Window {
             image_loss: self.image / k,
             video_loss: self.video / k,
             shape_loss: self.shape / k,
+            binding_loss: self.binding / k,
             grad_norm: self.grad_norm / k,
             lr,
             samples_per_s: k * samples_per_step / seconds,
@@ -1137,6 +1216,7 @@ mod tests {
             weighting: LossWeighting::Velocity,
             edges: None,
             shapes,
+            binding: None,
             shift: 1.0,
             empty_share: None,
         };
@@ -1208,6 +1288,93 @@ mod tests {
 
     /// `train_only` steps the named parameters and leaves every other one at its warm start;
     /// a prefix that names nothing is refused before any step.
+    /// The binding loss is read from two-object batches beside an unchanged flow loss, and
+    /// its gradient binds: a few steps on it alone raise each object's share of attention on
+    /// its own shape word.
+    #[test]
+    fn token_binding_leaves_the_flow_loss_and_its_gradient_binds() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let map = VarMap::new();
+        let model = model(crate::nn::seeded_var_builder(&map, 1, DType::F32, &dev), 0)?;
+        let two_objects = SceneMix {
+            tilt: world::Tilt {
+                kinds: Some([0.0, 1.0, 0.0]),
+                ..world::Tilt::default()
+            },
+            ..SceneMix::default()
+        };
+        let batch = world_batch(
+            &mut ChaCha8Rng::seed_from_u64(3),
+            8,
+            false,
+            two_objects,
+            0.0,
+            &dev,
+        )?;
+        let binding = TokenBinding { weight: 0.5 };
+        let terms = |binding| LossTerms {
+            weighting: LossWeighting::Velocity,
+            edges: None,
+            shapes: None,
+            binding,
+            shift: 1.0,
+            empty_share: None,
+        };
+        let loss =
+            |t: LossTerms| flow_matching_loss(&model, &batch, t, &mut ChaCha8Rng::seed_from_u64(4));
+        let plain = loss(terms(None))?;
+        let with = loss(terms(Some(binding)))?;
+        assert!(plain.binding.is_none());
+        assert_eq!(
+            plain.flow.to_scalar::<f32>()?,
+            with.flow.to_scalar::<f32>()?
+        );
+        let first = with
+            .binding
+            .as_ref()
+            .expect("binding loss")
+            .to_scalar::<f32>()?;
+        // A fresh model does not bind (a bound one is near 0).
+        assert!(first.is_finite() && first > 0.3, "{first}");
+        let total = with.total(&terms(Some(binding)))?.to_scalar::<f32>()?;
+        assert!((total - plain.flow.to_scalar::<f32>()? - 0.5 * first).abs() < 1e-5);
+        // One-object batches have nothing to bind.
+        let one = SceneMix {
+            tilt: world::Tilt {
+                kinds: Some([1.0, 0.0, 0.0]),
+                ..world::Tilt::default()
+            },
+            ..SceneMix::default()
+        };
+        let single = world_batch(&mut ChaCha8Rng::seed_from_u64(3), 4, false, one, 0.0, &dev)?;
+        let lone = flow_matching_loss(
+            &model,
+            &single,
+            terms(Some(binding)),
+            &mut ChaCha8Rng::seed_from_u64(4),
+        )?;
+        assert!(lone.binding.is_none());
+
+        let mut opt = AdamW::new(
+            named_vars(&map),
+            AdamWConfig {
+                lr: 1e-2,
+                warmup_steps: 0,
+                ..AdamWConfig::default()
+            },
+        )?;
+        for _ in 0..20 {
+            let l = loss(terms(Some(binding)))?;
+            opt.backward_step(l.binding.as_ref().unwrap())?;
+        }
+        let last = loss(terms(Some(binding)))?
+            .binding
+            .unwrap()
+            .to_scalar::<f32>()?;
+        assert!(last < 0.5 * first, "binding loss {first} -> {last}");
+        Ok(())
+    }
+
     #[test]
     fn train_only_freezes_every_other_parameter() -> anyhow::Result<()> {
         let dev = Device::Cpu;
@@ -1364,6 +1531,7 @@ mod tests {
                 weighting: LossWeighting::Velocity,
                 edges,
                 shapes: None,
+                binding: None,
                 shift: 1.0,
                 empty_share: None,
             };

@@ -6,8 +6,11 @@
 //! Why: a shape lost from the low level is a rendering problem (too few pixels or too little
 //! resolution in the denoiser); one kept from the low level but lost from noise is a decision
 //! made wrong at high noise. The two call for different levers.
+//!
+//! It also reads the binding in the cross-attention: of the attention that each object's
+//! tokens pay to the two shape words, the share on their own (1: bound, 1/2: blind).
 
-use candle_core::Result;
+use candle_core::{Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -15,11 +18,16 @@ use super::{
     stack_renders, train_color, CHUNK,
 };
 use crate::families::tiny::TinyModel;
-use crate::pipeline::to_frames;
+use crate::nn::attention::capture_cross_attention;
+use crate::pipeline::{to_frames, NoiseSchedule};
+use crate::train::binding;
 use crate::world::{self, Color, ObjectSpec, SceneSpec, Shape, SizeClass, Split, WorldRng};
 
 /// Noise levels the clean render is denoised from.
 pub const BESIDE_T0: [f32; 2] = [0.3, 0.6];
+
+/// Noise levels at which the binding is read from the clean render's noised copy.
+pub const BINDING_T: [f32; 2] = [0.6, 0.9];
 
 /// How often one shape is recognised beside a second object.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,6 +44,11 @@ pub struct BesideHit {
     /// cycle through them, so each holds a third of `n`).
     #[serde(default)]
     pub from_noise_by_size: [usize; 3],
+    /// At each level of [`BINDING_T`], the share of the shape words' attention that goes to
+    /// the object's own shape word, over the probed object's tokens and over its neighbour's
+    /// (averaged over heads, layers and tokens, weighted by coverage).
+    #[serde(default)]
+    pub own_word_share: Vec<[f64; 2]>,
 }
 
 /// The sizes the scenes cycle through, in [`BesideHit::from_noise_by_size`]'s order.
@@ -91,17 +104,52 @@ pub(super) fn beside_hits(
             from_render: vec![0; BESIDE_T0.len()],
             from_noise: 0,
             from_noise_by_size: [0; 3],
+            own_word_share: Vec::new(),
         };
+        let mut shares = [[(0f64, 0f64); 2]; BINDING_T.len()];
         for (c, chunk) in specs.chunks(CHUNK).enumerate() {
             let first = 13_000_003 + k * 1_000_003 + c * CHUNK;
             let prompts: Vec<String> = chunk.iter().map(world::prompt).collect();
             let cond = conditioning(model, &prompts, opts.sampler.guidance)?;
-            let renders: Vec<_> = chunk.iter().map(|s| world::render(s, rng)).collect();
+            let (renders, labels): (Vec<_>, Vec<_>) =
+                chunk.iter().map(|s| world::render_labelled(s, rng)).unzip();
             for (spec, frames) in chunk.iter().zip(&renders) {
                 hit.clean += recognised(spec, frames);
             }
             let x0 = stack_renders(&renders, model)?;
             let noise = noise_for(&chunk_seeds(opts.seed, first, chunk.len()), model, 1)?;
+            let pixel_shapes: Vec<u8> = labels
+                .iter()
+                .flatten()
+                .flat_map(|l| l.shape.clone())
+                .collect();
+            let targets = binding::targets(
+                &prompts,
+                &pixel_shapes,
+                1,
+                world::IMAGE_SIZE as usize,
+                model.cfg.patch,
+                model.cfg.text_max_len,
+                &candle_core::Device::Cpu,
+            )?;
+            if let Some(targets) = targets {
+                let text = model.encode(&prompts.iter().map(String::as_str).collect::<Vec<_>>())?;
+                for (level, &t) in BINDING_T.iter().enumerate() {
+                    let tt = vec![t; chunk.len()];
+                    let xt = model.schedule.add_noise(&x0, &noise, &tt)?;
+                    let (v, maps) = capture_cross_attention(|| model.velocity(&xt, &tt, &text));
+                    v?;
+                    let probed: Vec<usize> = chunk
+                        .iter()
+                        .map(|s| word_token(&world::prompt(s), s.objects[0].shape))
+                        .collect();
+                    let sums = own_shares(&maps, &targets, &probed)?;
+                    for (acc, (num, den)) in shares[level].iter_mut().zip(sums) {
+                        acc.0 += num;
+                        acc.1 += den;
+                    }
+                }
+            }
             for (level, &t0) in BESIDE_T0.iter().enumerate() {
                 let out_x = denoise_from(model, &x0, &noise, &cond, t0, opts)?;
                 for (spec, frames) in chunk.iter().zip(to_frames(&out_x)?) {
@@ -117,7 +165,52 @@ pub(super) fn beside_hits(
                 hit.from_noise_by_size[size.unwrap_or(2)] += r;
             }
         }
+        hit.own_word_share = shares
+            .iter()
+            .map(|s| s.map(|(num, den)| if den > 0.0 { num / den } else { 0.0 }))
+            .collect();
         out.push(hit);
+    }
+    Ok(out)
+}
+
+/// The token of the first word naming `shape` (`[BOS]` is token 0).
+fn word_token(prompt: &str, shape: Shape) -> usize {
+    prompt
+        .split_whitespace()
+        .position(|w| w == shape.name())
+        .map_or(0, |i| i + 1)
+}
+
+/// Over every captured map, the coverage-weighted sums of `own / named` and of the coverage,
+/// for the tokens of the object whose shape word is at `probed[b]` and for the others.
+fn own_shares(
+    maps: &[Tensor],
+    targets: &binding::BindingTargets,
+    probed: &[usize],
+) -> Result<[(f64, f64); 2]> {
+    let (own, named, weight) = (
+        &targets.own,
+        &targets.named,
+        targets.weight.to_vec2::<f32>()?,
+    );
+    let own_v = own.to_vec3::<f32>()?;
+    let mut out = [(0f64, 0f64); 2];
+    for a in maps {
+        if a.dims() != own.dims() {
+            continue; // not this scene's token grid
+        }
+        let share = ((a * own)?.sum(D::Minus1)? + 1e-6)?
+            .div(&((a * named)?.sum(D::Minus1)? + 1e-6)?)?
+            .to_vec2::<f32>()?;
+        for (b, row) in share.iter().enumerate() {
+            for (q, &s) in row.iter().enumerate() {
+                let w = weight[b][q] as f64;
+                let k = if own_v[b][q][probed[b]] > 0.0 { 0 } else { 1 };
+                out[k].0 += w * s as f64;
+                out[k].1 += w;
+            }
+        }
     }
     Ok(out)
 }

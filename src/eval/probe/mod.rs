@@ -31,7 +31,7 @@ mod beside;
 mod learnability;
 mod motion;
 pub use backgrounds::{BackgroundHit, PROBED_BACKGROUNDS};
-pub use beside::{BesideHit, BESIDE_T0};
+pub use beside::{BesideHit, BESIDE_T0, BINDING_T};
 pub use motion::{opposite, MeanPath, MotionGain, MotionHit, MOTION_T0};
 
 use crate::families::tiny::{TextCond, TinyCond, TinyModel};
@@ -258,6 +258,15 @@ impl ProbeReport {
                     b.from_noise,
                     b.n
                 );
+            }
+            out += &format!("\nown shape word's share of the shape words' attention (this object / its neighbour), at t = {BINDING_T:?}:");
+            for b in &self.beside {
+                let levels: Vec<String> = b
+                    .own_word_share
+                    .iter()
+                    .map(|[a, n]| format!("{a:.2} / {n:.2}"))
+                    .collect();
+                out += &format!(" {} {};", b.shape, levels.join(", "));
             }
         }
         if !self.backgrounds.is_empty() {
