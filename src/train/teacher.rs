@@ -1084,6 +1084,15 @@ mod tests {
         })
     }
 
+    /// A DiT given local modulation starts as its parent: the new maps are zero.
+    #[test]
+    fn a_dit_given_local_modulation_reproduces_its_parent() -> anyhow::Result<()> {
+        grown_dit_reproduces_its_parent("local", |c| TinyConfig {
+            local_modulation: true,
+            ..c.clone()
+        })
+    }
+
     /// Warm-starts the DiT that `grow` makes of a random parent and checks that both give the
     /// same velocity for images and videos.
     fn grown_dit_reproduces_its_parent(
@@ -1127,8 +1136,8 @@ mod tests {
         );
         assert_eq!(
             fresh > 0,
-            grown_cfg.depth > parent_cfg.depth,
-            "{what}: only appended blocks are fresh"
+            grown_cfg.depth > parent_cfg.depth || grown_cfg.local_modulation,
+            "{what}: only appended blocks and new local modulations are fresh"
         );
 
         let mut rng = ChaCha8Rng::seed_from_u64(0);

@@ -200,8 +200,8 @@ fn own_shares(
         if a.dims() != own.dims() {
             continue; // not this scene's token grid
         }
-        let share = ((a * own)?.sum(D::Minus1)? + 1e-6)?
-            .div(&((a * named)?.sum(D::Minus1)? + 1e-6)?)?
+        let share = ((a * own)?.sum(D::Minus1)? + 1e-30)?
+            .div(&((a * named)?.sum(D::Minus1)? + 1e-30)?)?
             .to_vec2::<f32>()?;
         for (b, row) in share.iter().enumerate() {
             for (q, &s) in row.iter().enumerate() {

@@ -155,6 +155,16 @@ pub struct TinyConfig {
     /// "Session 28".)
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub local_text: bool,
+    /// Each block's cross-attention output also modulates that token's MLP input
+    /// (`+ LN(x) * scale_l + shift_l`, a zero-initialised map of the output), beside the
+    /// pooled prompt's adaLN. A word read through cross-attention otherwise only adds one
+    /// vector to the token; the pooled prompt scales and shifts every channel, which is what
+    /// draws a shape alone, but in a two-object scene it carries both shapes to every token.
+    /// Session 32 made the attention read each object's own shape word (share 1.00) and
+    /// the objects drew no better; this gives what they read the pooled path's power. Zero
+    /// at the start, so a trained DiT warm-starts into it unchanged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local_modulation: bool,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -186,6 +196,7 @@ impl Default for TinyConfig {
             motion_coords: false,
             frame_words: false,
             local_text: false,
+            local_modulation: false,
         }
     }
 }

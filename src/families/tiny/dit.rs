@@ -40,6 +40,9 @@ struct Block {
     /// The clip-wide branch of `temporal = "frames+clip"`.
     clip: Option<Attention>,
     cross: CrossAttention,
+    /// `local_modulation`: the cross-attention output's per-token shift and scale of the MLP
+    /// input.
+    local: Option<Linear>,
     fc1: Linear,
     fc2: Linear,
 }
@@ -132,6 +135,11 @@ impl Dit {
                         _ => None,
                     },
                     cross: CrossAttention::new(vb.pp("cross"), d, cfg.text_dim, cfg.heads)?,
+                    local: if cfg.local_modulation {
+                        Some(Linear::zeros(vb.pp("local"), d, 2 * d)?)
+                    } else {
+                        None
+                    },
                     fc1: Linear::new(vb.pp("fc1"), d, cfg.mlp_ratio * d)?,
                     fc2: Linear::new(vb.pp("fc2"), cfg.mlp_ratio * d, d)?,
                 })
@@ -281,10 +289,17 @@ impl Dit {
             let hc = blk
                 .cross
                 .forward(&layer_norm(&tok, EPS)?, &text.tokens, Some(&cross_bias))?;
-            tok = (tok + hc)?;
+            tok = (tok + &hc)?;
             // MLP.
             let tok_c = per_cond(&tok, rows)?;
-            let hm = layer_norm_modulate(&tok_c, &m[3], &m[4], EPS)?;
+            let mut hm = layer_norm_modulate(&tok_c, &m[3], &m[4], EPS)?;
+            if let Some(local) = &blk.local {
+                let sl = local.forward(&hc)?.chunk(2, 2)?;
+                let normed = layer_norm(&tok, EPS)?;
+                let extra = ((normed * &sl[1])? + &sl[0])?;
+                let extra = extra.reshape(hm.shape())?;
+                hm = (hm + extra)?;
+            }
             let hm = blk.fc2.forward(&silu(&blk.fc1.forward(&hm)?)?)?;
             tok = gated_residual(&tok_c, &m[5], &hm)?.reshape((b, f * n, d))?;
         }
