@@ -58,7 +58,7 @@ pub struct BindingTargets {
     /// image token's patch.
     pub(crate) own: Tensor,
     /// `[B, F*N, L]`: 1 where the token is any shape word of a row naming two shapes or more.
-    pub(crate) named: Tensor,
+    named: Tensor,
     /// `[B, F*N]`: the share of the patch's pixels its shape covers (0 for background
     /// patches and rows naming fewer than two shapes).
     pub(crate) weight: Tensor,
@@ -153,6 +153,22 @@ pub fn targets(
     }))
 }
 
+/// For one captured map `a` (`[B, F*N, L]`), each image token's attention on its own shape's
+/// words and on every shape word, `[B, F*N]` each.
+pub(crate) fn masses(a: &Tensor, targets: &BindingTargets) -> Result<(Tensor, Tensor)> {
+    if a.dims() != targets.own.dims() {
+        candle_core::bail!(
+            "binding: attention {:?} against targets {:?}",
+            a.dims(),
+            targets.own.dims()
+        );
+    }
+    Ok((
+        (a * &targets.own)?.sum(D::Minus1)?,
+        (a * &targets.named)?.sum(D::Minus1)?,
+    ))
+}
+
 /// The loss over every captured cross-attention map (`[B, F*N, L]`, averaged over heads),
 /// averaged over the maps: the patch-weighted mean of `-log(own / named)`.
 pub fn loss(maps: &[Tensor], targets: &BindingTargets) -> Result<Tensor> {
@@ -161,15 +177,7 @@ pub fn loss(maps: &[Tensor], targets: &BindingTargets) -> Result<Tensor> {
     }
     let mut sum: Option<Tensor> = None;
     for a in maps {
-        if a.dims() != targets.own.dims() {
-            candle_core::bail!(
-                "binding loss: attention {:?} against targets {:?}",
-                a.dims(),
-                targets.own.dims()
-            );
-        }
-        let own = (a * &targets.own)?.sum(D::Minus1)?;
-        let named = (a * &targets.named)?.sum(D::Minus1)?;
+        let (own, named) = masses(a, targets)?;
         let per_token = ((named + EPS)?.log()? - (own + EPS)?.log()?)?;
         let term = (per_token * &targets.weight)?.sum_all()?;
         sum = Some(match sum {

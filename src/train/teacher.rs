@@ -724,6 +724,9 @@ pub fn train_teacher(
             empty_share: config.local_text_fade.map(|f| f.share_at(step)),
         };
         let li = flow_matching_loss(&model, &ib, terms, &mut rng)?;
+        // Frames per step of each kind: the weights of the image and video losses.
+        let ni = config.image_batch as f64;
+        let nv = (config.video_batch * world::VIDEO_FRAMES) as f64;
         let (loss, lv) = if config.video_batch > 0 {
             let vbt = world_batch(
                 &mut rng,
@@ -747,8 +750,6 @@ pub fn train_teacher(
             let lv = flow_matching_loss(&model, &vbt, video_terms, &mut rng)?;
             // Each loss is a mean over its own pixels; weigh them by frames so that a video
             // frame counts as much as an image.
-            let ni = config.image_batch as f64;
-            let nv = (config.video_batch * world::VIDEO_FRAMES) as f64;
             let by_frames = |a: &Tensor, b: &Tensor| ((a * ni)? + (b * nv)?)? / (ni + nv);
             let loss = by_frames(&li.total(&terms)?, &lv.total(&video_terms)?)?;
             let shape = match (&li.shape, &lv.shape) {
@@ -770,24 +771,21 @@ pub fn train_teacher(
             None => li.shape.as_ref(),
         };
         // The binding loss by frames, over the batches that named two shapes.
-        let ni = config.image_batch as f64;
-        let nv = (config.video_batch * world::VIDEO_FRAMES) as f64;
-        let binding = [
-            (li.binding.as_ref(), ni),
-            (lv.as_ref().and_then(|(_, _, b)| b.as_ref()), nv),
-        ]
-        .into_iter()
-        .filter_map(|(b, n)| b.map(|b| (b, n)))
-        .try_fold((0.0, 0.0), |(sum, n), (b, k)| {
-            Ok::<_, candle_core::Error>((sum + scalar(Some(b))? * k, n + k))
-        })?;
+        let (mut binding, mut binding_frames) = (0.0, 0.0);
+        let video_binding = lv.as_ref().and_then(|(_, _, b)| b.as_ref());
+        for (b, frames) in [(li.binding.as_ref(), ni), (video_binding, nv)] {
+            if let Some(b) = b {
+                binding += scalar(Some(b))? * frames;
+                binding_frames += frames;
+            }
+        }
         acc.add(
             l,
             scalar(Some(&li.flow))?,
             scalar(lv.as_ref().map(|(v, _, _)| v))?,
             scalar(shape)?,
-            if binding.1 > 0.0 {
-                binding.0 / binding.1
+            if binding_frames > 0.0 {
+                binding / binding_frames
             } else {
                 0.0
             },

@@ -10,7 +10,7 @@
 //! It also reads the binding in the cross-attention: of the attention that each object's
 //! tokens pay to the two shape words, the share on their own (1: bound, 1/2: blind).
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -121,7 +121,7 @@ pub(super) fn beside_hits(
             let pixel_shapes: Vec<u8> = labels
                 .iter()
                 .flatten()
-                .flat_map(|l| l.shape.clone())
+                .flat_map(|l| l.shape.iter().copied())
                 .collect();
             let targets = binding::targets(
                 &prompts,
@@ -134,15 +134,16 @@ pub(super) fn beside_hits(
             )?;
             if let Some(targets) = targets {
                 let text = model.encode(&prompts.iter().map(String::as_str).collect::<Vec<_>>())?;
+                let probed: Vec<usize> = chunk
+                    .iter()
+                    .zip(&prompts)
+                    .map(|(s, p)| word_token(p, s.objects[0].shape))
+                    .collect();
                 for (level, &t) in BINDING_T.iter().enumerate() {
                     let tt = vec![t; chunk.len()];
                     let xt = model.schedule.add_noise(&x0, &noise, &tt)?;
                     let (v, maps) = capture_cross_attention(|| model.velocity(&xt, &tt, &text));
                     v?;
-                    let probed: Vec<usize> = chunk
-                        .iter()
-                        .map(|s| word_token(&world::prompt(s), s.objects[0].shape))
-                        .collect();
                     let sums = own_shares(&maps, &targets, &probed)?;
                     for (acc, (num, den)) in shares[level].iter_mut().zip(sums) {
                         acc.0 += num;
@@ -189,20 +190,15 @@ fn own_shares(
     targets: &binding::BindingTargets,
     probed: &[usize],
 ) -> Result<[(f64, f64); 2]> {
-    let (own, named, weight) = (
-        &targets.own,
-        &targets.named,
-        targets.weight.to_vec2::<f32>()?,
-    );
-    let own_v = own.to_vec3::<f32>()?;
+    let weight = targets.weight.to_vec2::<f32>()?;
+    let own_v = targets.own.to_vec3::<f32>()?;
     let mut out = [(0f64, 0f64); 2];
     for a in maps {
-        if a.dims() != own.dims() {
+        if a.dims() != targets.own.dims() {
             continue; // not this scene's token grid
         }
-        let share = ((a * own)?.sum(D::Minus1)? + 1e-30)?
-            .div(&((a * named)?.sum(D::Minus1)? + 1e-30)?)?
-            .to_vec2::<f32>()?;
+        let (own, named) = binding::masses(a, targets)?;
+        let share = ((own + 1e-30)? / (named + 1e-30)?)?.to_vec2::<f32>()?;
         for (b, row) in share.iter().enumerate() {
             for (q, &s) in row.iter().enumerate() {
                 let w = weight[b][q] as f64;
