@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod edge_weight;
 pub mod ema;
 pub mod optim;
+pub mod self_condition;
 pub mod shape_head;
 
 pub mod teacher;

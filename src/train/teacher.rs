@@ -533,10 +533,11 @@ pub fn flow_matching_loss(
         Some(s) => model.encode_pooling(&prompts, s)?,
         None => model.encode(&prompts)?,
     };
+    let estimate = super::self_condition::training_estimate(model, &xt, &t, &text, rng)?;
     let forward = || {
         model
             .net
-            .forward_with_features(&xt, &t, &text, shapes.is_some())
+            .forward_self_conditioned(&xt, estimate.as_ref(), &t, &text, shapes.is_some())
     };
     let ((v, features), maps) = if binding.is_some() {
         let (out, maps) = capture_cross_attention_with_grad(forward);
@@ -1091,6 +1092,16 @@ mod tests {
         })
     }
 
+    /// A DiT given self-conditioning starts as its parent, whatever estimate it reads: the new
+    /// map is zero.
+    #[test]
+    fn a_dit_given_self_condition_reproduces_its_parent() -> anyhow::Result<()> {
+        grown_dit_reproduces_its_parent("self-cond", |c| TinyConfig {
+            self_condition: true,
+            ..c.clone()
+        })
+    }
+
     /// Warm-starts the DiT that `grow` makes of a random parent and checks that both give the
     /// same velocity for images and videos.
     fn grown_dit_reproduces_its_parent(
@@ -1134,8 +1145,10 @@ mod tests {
         );
         assert_eq!(
             fresh > 0,
-            grown_cfg.depth > parent_cfg.depth || grown_cfg.local_modulation,
-            "{what}: only appended blocks and new local modulations are fresh"
+            grown_cfg.depth > parent_cfg.depth
+                || grown_cfg.local_modulation
+                || grown_cfg.self_condition,
+            "{what}: only appended blocks, local modulations and self-conditioning are fresh"
         );
 
         let mut rng = ChaCha8Rng::seed_from_u64(0);
@@ -1146,7 +1159,21 @@ mod tests {
             let x = Tensor::from_vec(x, (2, frames, 3, 32, 32), &dev)?;
             let prompts = ["a red circle moving left", ""];
             let v_parent = parent.velocity(&x, &[0.3, 0.8], &parent.encode(&prompts)?)?;
-            let v_grown = grown.velocity(&x, &[0.3, 0.8], &grown.encode(&prompts)?)?;
+            let grown_text = grown.encode(&prompts)?;
+            let v_grown = grown.velocity(&x, &[0.3, 0.8], &grown_text)?;
+            let estimate = (&x * 0.5)?;
+            let (v_read, _) = grown.net.forward_self_conditioned(
+                &x,
+                Some(&estimate),
+                &[0.3, 0.8],
+                &grown_text,
+                false,
+            )?;
+            let read_diff = (&v_grown - &v_read)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                read_diff < 1e-5,
+                "{what}: a fresh model reads no estimate, moved by {read_diff}"
+            );
             let diff = (&v_parent - &v_grown)?
                 .abs()?
                 .max_all()?

@@ -451,7 +451,7 @@ fn conditioning(model: &TinyModel, prompts: &[String], guidance: f32) -> Result<
     } else {
         None
     };
-    Ok(TinyCond { cond, uncond })
+    Ok(TinyCond::new(model, cond, uncond))
 }
 
 /// `x0` noised to `t0` with `noise`, then brought back to 0 by deterministic Euler steps: the
@@ -467,6 +467,7 @@ fn denoise_from(
     let b = x0.dim(0)?;
     let steps = ((opts.sampler.steps as f32 * t0).round() as usize).max(1);
     let mut x = model.schedule.add_noise(x0, noise, &vec![t0; b])?;
+    cond.start_chain();
     for i in 0..steps {
         let t = t0 * (1.0 - i as f32 / steps as f32);
         let next = t0 * (1.0 - (i + 1) as f32 / steps as f32);
@@ -508,6 +509,7 @@ fn sample_from_noise(
     frames: usize,
 ) -> Result<Tensor> {
     let mut rows: Vec<RowNoise> = seeds.iter().map(|&s| RowNoise::new(s)).collect();
+    cond.start_chain();
     sample(
         model,
         model.schedule_for_frames(frames),

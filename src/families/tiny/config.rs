@@ -165,6 +165,14 @@ pub struct TinyConfig {
     /// at the start, so a trained DiT warm-starts into it unchanged.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub local_modulation: bool,
+    /// Self-conditioning (Chen et al., "Analog Bits"): the DiT also reads an earlier estimate
+    /// of the clean sample, patch by patch through a zero-initialised map. A sampler passes
+    /// its previous step's x0, so a shape decided at high noise is carried to the next step
+    /// instead of re-read from a re-noised input; training feeds half the rows a detached
+    /// estimate from a first pass and the rest zeros (what the first step and every
+    /// distillation score see). Zero at the start, so a trained DiT warm-starts into it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub self_condition: bool,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -197,6 +205,7 @@ impl Default for TinyConfig {
             frame_words: false,
             local_text: false,
             local_modulation: false,
+            self_condition: false,
         }
     }
 }
@@ -241,6 +250,9 @@ impl TinyConfig {
                 }
                 if self.refiner > 0 {
                     return Err("architecture: refiner is for the DiT".into());
+                }
+                if self.self_condition {
+                    return Err("architecture: self_condition is for the DiT".into());
                 }
                 if self.frame_time || self.motion_coords || self.frame_words {
                     return Err(

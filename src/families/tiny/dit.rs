@@ -89,6 +89,8 @@ pub struct Dit {
     motion: Option<Linear>,
     /// `frame_words`: each word's slope of the conditioning in clip time, `[vocab] -> [D]`.
     frame_words: Option<Linear>,
+    /// `self_condition`: an earlier x0 estimate's patches into the tokens, zero-initialised.
+    self_cond: Option<Linear>,
 }
 
 /// Each frame's clip time minus 1/2 (0 for an image): where a motion is relative to the
@@ -172,6 +174,11 @@ impl Dit {
             } else {
                 None
             },
+            self_cond: if cfg.self_condition {
+                Some(Linear::zeros(vb.pp("self_cond"), pd, d)?)
+            } else {
+                None
+            },
         })
     }
 
@@ -225,9 +232,12 @@ impl Dit {
 
     /// The flow velocity (see [`super::TinyNet::forward`]), also returning the tokens after the
     /// middle block (`[B, F*N, D]`) when `features` is set: what a discriminator head reads.
+    /// `self_cond` is an earlier x0 estimate shaped like `x` (zeros when `None`); a model
+    /// without `self_condition` ignores it.
     pub fn forward_with_features(
         &self,
         x: &Tensor,
+        self_cond: Option<&Tensor>,
         t: &[f32],
         text: &TextCond,
         features: bool,
@@ -255,6 +265,13 @@ impl Dit {
             .patch_in
             .forward(&self.patchify(x)?)?
             .broadcast_add(&pos)?;
+        if let Some(map) = &self.self_cond {
+            let estimate = match self_cond {
+                Some(s) => s.clone(),
+                None => x.zeros_like()?,
+            };
+            tok = (tok + map.forward(&self.patchify(&estimate)?)?)?;
+        }
 
         let cond = self.frame_conditioning(self.cond.forward(t, text)?, f, text)?;
         let rows = cond.dim(0)?;

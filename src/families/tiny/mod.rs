@@ -16,6 +16,7 @@ pub mod unet;
 use candle_core::{Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use image::RgbImage;
+use std::sync::Mutex;
 
 pub use config::{DenoiserKind, Prediction, TemporalAttention, TinyConfig};
 pub use distill::TinyFamily;
@@ -64,17 +65,18 @@ impl TinyNet {
         Ok(self.forward_with_features(x, t, text, false)?.0)
     }
 
-    /// [`Self::forward`], also returning mid-network tokens `[B, T, feature_dim]` when
-    /// `features` is set: what a discriminator head reads.
-    pub fn forward_with_features(
+    /// [`Self::forward`] reading `self_cond`, an earlier x0 estimate shaped like `x`
+    /// ([`TinyConfig::self_condition`]; zeros when `None`, ignored by a model without it).
+    pub fn forward_self_conditioned(
         &self,
         x: &Tensor,
+        self_cond: Option<&Tensor>,
         t: &[f32],
         text: &TextCond,
         features: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (out, feats) = match &self.body {
-            NetBody::Dit(n) => n.forward_with_features(x, t, text, features)?,
+            NetBody::Dit(n) => n.forward_with_features(x, self_cond, t, text, features)?,
             NetBody::UNet(n) => n.forward_with_features(x, t, text, features)?,
         };
         let v = match self.prediction {
@@ -85,6 +87,18 @@ impl TinyNet {
             }
         };
         Ok((v, feats))
+    }
+
+    /// [`Self::forward`], also returning mid-network tokens `[B, T, feature_dim]` when
+    /// `features` is set: what a discriminator head reads.
+    pub fn forward_with_features(
+        &self,
+        x: &Tensor,
+        t: &[f32],
+        text: &TextCond,
+        features: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        self.forward_self_conditioned(x, None, t, text, features)
     }
 
     /// The velocity `motion_coords` reads from each prompt, in px per clip `[B, 2]` (x, y);
@@ -112,6 +126,42 @@ impl TinyNet {
 pub struct TinyCond {
     pub cond: TextCond,
     pub uncond: Option<TextCond>,
+    /// A self-conditioned model's last x0 estimate for these rows, which the next
+    /// [`Denoiser::predict_x0`] reads and replaces: one chain of sampler steps per
+    /// conditioning. `None` for a model without `self_condition` and for conditionings
+    /// scored at unrelated points (distillation), which read zeros.
+    pub self_cond: Option<Mutex<Option<Tensor>>>,
+}
+
+impl TinyCond {
+    /// Prompts (and negatives) for one sampling chain of `model`.
+    pub fn new(model: &TinyModel, cond: TextCond, uncond: Option<TextCond>) -> Self {
+        Self {
+            cond,
+            uncond,
+            self_cond: model.cfg.self_condition.then(|| Mutex::new(None)),
+        }
+    }
+
+    /// Forgets the last estimate, so that the next step starts a new chain (a conditioning
+    /// reused for another sampling run).
+    pub fn start_chain(&self) {
+        if let Some(state) = &self.self_cond {
+            *state.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+    }
+
+    /// The estimate the next step reads (`None`: zeros).
+    fn estimate(&self) -> Option<Tensor> {
+        let state = self.self_cond.as_ref()?;
+        state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn remember(&self, x0: &Tensor) {
+        if let Some(state) = &self.self_cond {
+            *state.lock().unwrap_or_else(|e| e.into_inner()) = Some(x0.detach());
+        }
+    }
 }
 
 /// Text encoder + denoiser + tokenizer: everything needed to go from prompts to pixels.
@@ -233,7 +283,7 @@ impl Generator for TinyModel {
         } else {
             None
         };
-        Ok(TinyCond { cond, uncond })
+        Ok(TinyCond::new(self, cond, uncond))
     }
 
     fn frames(&self, x0: &Tensor) -> Result<Vec<Vec<RgbImage>>> {
@@ -245,38 +295,49 @@ impl Denoiser for TinyModel {
     type Cond = TinyCond;
 
     fn select_rows(&self, cond: &TinyCond, idx: &Tensor) -> Result<TinyCond> {
-        let rows = |c: &TextCond| -> Result<TextCond> {
-            Ok(TextCond {
-                tokens: c.tokens.index_select(idx, 0)?,
-                key_bias: c.key_bias.index_select(idx, 0)?,
-                pooled: c.pooled.index_select(idx, 0)?,
-                words: c.words.index_select(idx, 0)?,
-            })
-        };
+        let estimate = cond
+            .estimate()
+            .map(|e| e.index_select(idx, 0))
+            .transpose()?;
         Ok(TinyCond {
-            cond: rows(&cond.cond)?,
-            uncond: cond.uncond.as_ref().map(rows).transpose()?,
+            cond: cond.cond.select(idx)?,
+            uncond: cond.uncond.as_ref().map(|u| u.select(idx)).transpose()?,
+            self_cond: cond.self_cond.as_ref().map(|_| Mutex::new(estimate)),
         })
     }
 
     fn predict_x0(&self, x: &Tensor, t: &[f32], cond: &TinyCond, guidance: f32) -> Result<Tensor> {
-        match (&cond.uncond, guidance > 1.0) {
+        let estimate = cond.estimate();
+        let x0 = match (&cond.uncond, guidance > 1.0) {
             (Some(uncond), true) => {
-                // One pass over [cond; uncond], then v = vu + w (vc - vu).
+                // One pass over [cond; uncond], then v = vu + w (vc - vu); both branches read
+                // the guided estimate of the step before.
                 let b = x.dim(0)?;
                 let xx = Tensor::cat(&[x, x], 0)?;
+                let ee = estimate.map(|e| Tensor::cat(&[&e, &e], 0)).transpose()?;
                 let tt: Vec<f32> = t.iter().chain(t.iter()).copied().collect();
-                let v = self.velocity(&xx, &tt, &cond.cond.cat(uncond)?)?;
+                let both = cond.cond.cat(uncond)?;
+                let (v, _) =
+                    self.net
+                        .forward_self_conditioned(&xx, ee.as_ref(), &tt, &both, false)?;
                 let vc = v.narrow(0, 0, b)?;
                 let vu = v.narrow(0, b, b)?;
                 let v = (&vu + ((vc - &vu)? * guidance as f64)?)?;
-                self.x0_from_velocity(x, t, &v)
+                self.x0_from_velocity(x, t, &v)?
             }
             _ => {
-                let v = self.velocity(x, t, &cond.cond)?;
-                self.x0_from_velocity(x, t, &v)
+                let (v, _) = self.net.forward_self_conditioned(
+                    x,
+                    estimate.as_ref(),
+                    t,
+                    &cond.cond,
+                    false,
+                )?;
+                self.x0_from_velocity(x, t, &v)?
             }
-        }
+        };
+        cond.remember(&x0);
+        Ok(x0)
     }
 }
 
@@ -441,6 +502,49 @@ mod tests {
             gap(0)?,
             gap(2)?
         );
+        Ok(())
+    }
+
+    /// A self-conditioned model's sampler carries each step's x0 to the next: the first step
+    /// reads zeros, the next reads the first's estimate, rows that leave keep their own, and a
+    /// new chain starts from zeros again. A model without the option keeps no state.
+    #[test]
+    fn self_conditioning_carries_each_steps_estimate_to_the_next() -> Result<()> {
+        let dev = Device::Cpu;
+        let (tok, plain_cfg, sc_cfg) = test_config_and("self_condition = true");
+        let (map, plain, sc) = plain_and_variant(&plain_cfg, &sc_cfg, "self_condition", tok, 17)?;
+        let set = set_vars(&map, "self_cond.", |v| {
+            Tensor::randn(0f32, 0.5, v.shape(), &dev)
+        })?;
+        assert_eq!(set, 2, "one weight and bias");
+        let text = sc.encode(&["a red circle", "a blue cross", "two green squares"])?;
+        let x = Tensor::randn(0f32, 1.0, (3, 1, 3, 32, 32), &dev)?;
+        let t = [0.9f32; 3];
+        let reading = |x: &Tensor, t: &[f32], text: &TextCond, e: Option<&Tensor>| {
+            let (v, _) = sc.net.forward_self_conditioned(x, e, t, text, false)?;
+            sc.x0_from_velocity(x, t, &v)
+        };
+        let gap = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+        };
+
+        let chain = TinyCond::new(&sc, text.clone(), None);
+        let first = sc.predict_x0(&x, &t, &chain, 1.0)?;
+        assert_eq!(gap(&first, &reading(&x, &t, &text, None)?)?, 0.0);
+        let second = sc.predict_x0(&x, &t, &chain, 1.0)?;
+        assert!(gap(&second, &reading(&x, &t, &text, Some(&first))?)? < 1e-6);
+        assert!(gap(&second, &first)? > 1e-3, "the estimate must be read");
+
+        let idx = Tensor::new(&[0u32, 2], &dev)?;
+        let kept = sc.select_rows(&chain, &idx)?;
+        let (x2, text2) = (x.index_select(&idx, 0)?, text.select(&idx)?);
+        let third = sc.predict_x0(&x2, &t[..2], &kept, 1.0)?;
+        let own = second.index_select(&idx, 0)?;
+        assert!(gap(&third, &reading(&x2, &t[..2], &text2, Some(&own))?)? < 1e-6);
+
+        chain.start_chain();
+        assert_eq!(gap(&sc.predict_x0(&x, &t, &chain, 1.0)?, &first)?, 0.0);
+        assert!(TinyCond::new(&plain, text, None).self_cond.is_none());
         Ok(())
     }
 

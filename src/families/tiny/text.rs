@@ -41,6 +41,16 @@ impl TextCond {
         })
     }
 
+    /// The rows at positions `idx` (a `u32` index tensor).
+    pub fn select(&self, idx: &Tensor) -> Result<TextCond> {
+        Ok(TextCond {
+            tokens: self.tokens.index_select(idx, 0)?,
+            key_bias: self.key_bias.index_select(idx, 0)?,
+            pooled: self.pooled.index_select(idx, 0)?,
+            words: self.words.index_select(idx, 0)?,
+        })
+    }
+
     /// Key bias repeated per attention head: `[B*H, 1, L]`.
     pub fn head_bias(&self, heads: usize) -> Result<Tensor> {
         head_bias(&self.key_bias, heads)
