@@ -2,7 +2,8 @@
 //! design is learning what the prompt says, before it gets hours of training.
 //!
 //! 1. **From-noise shape hit**: "a large <colour> <shape> on a black background" sampled from
-//!    pure noise; does the largest blob of that colour have the prompted shape?
+//!    pure noise; does the largest blob of that colour have the prompted shape? The same for
+//!    small shapes, run last so that the other probes draw what they drew before it existed.
 //! 2. **Wrong-shape input**: a true render of shape A noised to `t0` and denoised under a
 //!    prompt naming shape B: does the output follow the prompt (B) or the input (A)?
 //! 3. **Word sensitivity**: the rms change of the predicted velocity when only the shape,
@@ -152,6 +153,11 @@ pub struct ProbeReport {
     pub guidance: f32,
     pub t0: f32,
     pub from_noise: Vec<ShapeHit>,
+    /// Probe 1 for small shapes alone on black (reports written before it existed have none):
+    /// a small cross is about 2 x 2 of the DiT's patches, and the eval's missed crosses are
+    /// mostly drawn small.
+    #[serde(default)]
+    pub small_from_noise: Vec<ShapeHit>,
     pub wrong_shape: Vec<WrongShape>,
     pub sensitivity: Vec<Sensitivity>,
     pub attention: AttentionMass,
@@ -199,6 +205,12 @@ impl ProbeReport {
         );
         for h in &self.from_noise {
             out += &format!(" {} {}/{} (pass {})", h.shape, h.hits, h.n, h.passes);
+        }
+        if !self.small_from_noise.is_empty() {
+            out += "\nsmall shapes alone from noise:";
+            for h in &self.small_from_noise {
+                out += &format!(" {} {}/{} (pass {})", h.shape, h.hits, h.n, h.passes);
+            }
         }
         out += &format!(
             "\nwrong-shape input from t0 = {}: follows prompt {:.3}:",
@@ -380,7 +392,7 @@ pub fn probe(model: &TinyModel, opts: &ProbeOptions) -> Result<ProbeReport> {
         candle_core::bail!("probe: t0 must be in (0, 1], got {}", opts.t0);
     }
     let mut rng = WorldRng::seed_from_u64(opts.seed);
-    let from_noise = from_noise_hits(model, opts)?;
+    let from_noise = from_noise_hits(model, opts, SizeClass::Large, 0)?;
     let wrong_shape = wrong_shape_hits(model, opts, &mut rng)?;
     let (sensitivity, attention) = word_sensitivity(model, opts, &mut rng)?;
     let beside = beside::beside_hits(model, opts, &mut rng)?;
@@ -392,12 +404,14 @@ pub fn probe(model: &TinyModel, opts: &ProbeOptions) -> Result<ProbeReport> {
     // Last, so that the probes before it draw the same renders as before it existed.
     let backgrounds =
         backgrounds::background_hits(model, opts, opts.samples_per_shape.div_ceil(2), &mut rng)?;
+    let small_from_noise = from_noise_hits(model, opts, SizeClass::Small, 41_000_003)?;
     Ok(ProbeReport {
         sampler: opts.sampler.kind,
         steps: opts.sampler.steps,
         guidance: opts.sampler.guidance,
         t0: opts.t0,
         from_noise,
+        small_from_noise,
         wrong_shape,
         sensitivity,
         attention,
@@ -546,11 +560,22 @@ fn loss_gain(base: f64, wrong: f64) -> f64 {
     }
 }
 
-fn from_noise_hits(model: &TinyModel, opts: &ProbeOptions) -> Result<Vec<ShapeHit>> {
+/// Each shape of `size` alone on black, sampled from noise; `first_row` offsets the noise seeds
+/// (0 for the large shapes, as before sizes were probed).
+fn from_noise_hits(
+    model: &TinyModel,
+    opts: &ProbeOptions,
+    size: SizeClass,
+    first_row: usize,
+) -> Result<Vec<ShapeHit>> {
     let mut out = Vec::new();
     for (k, &shape) in Shape::all().iter().enumerate() {
         let specs: Vec<SceneSpec> = (0..opts.samples_per_shape)
-            .map(|i| large_on_black(shape, train_color(shape, i), None))
+            .map(|i| {
+                let mut spec = large_on_black(shape, train_color(shape, i), None);
+                spec.objects[0].size = Some(size);
+                spec
+            })
             .collect();
         let mut hit = ShapeHit {
             shape,
@@ -561,7 +586,8 @@ fn from_noise_hits(model: &TinyModel, opts: &ProbeOptions) -> Result<Vec<ShapeHi
         for (c, chunk) in specs.chunks(CHUNK).enumerate() {
             let prompts: Vec<String> = chunk.iter().map(world::prompt).collect();
             let cond = conditioning(model, &prompts, opts.sampler.guidance)?;
-            let seeds = chunk_seeds(opts.seed, k * 1_000_003 + c * CHUNK, chunk.len());
+            let first = first_row + k * 1_000_003 + c * CHUNK;
+            let seeds = chunk_seeds(opts.seed, first, chunk.len());
             let x0 = sample_from_noise(model, opts, &cond, &seeds, 1)?;
             for (spec, frames) in chunk.iter().zip(to_frames(&x0)?) {
                 hit.hits += recognised(spec, &frames);
@@ -906,6 +932,8 @@ mod tests {
             let r = probe(&model, &opts).unwrap();
             assert_eq!(r.from_noise.len(), 4);
             assert!(r.from_noise.iter().all(|h| h.n == 3 && h.hits <= 3));
+            assert_eq!(r.small_from_noise.len(), 4);
+            assert!(r.small_from_noise.iter().all(|h| h.n == 3 && h.hits <= 3));
             assert!(r
                 .wrong_shape
                 .iter()
