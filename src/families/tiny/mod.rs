@@ -157,6 +157,7 @@ impl TinyCond {
         state.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Keeps `x0` (detached) for the chain's next step.
     fn remember(&self, x0: &Tensor) {
         if let Some(state) = &self.self_cond {
             *state.lock().unwrap_or_else(|e| e.into_inner()) = Some(x0.detach());
