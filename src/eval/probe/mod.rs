@@ -434,9 +434,19 @@ fn train_color(shape: Shape, i: usize) -> Color {
 
 /// "a large <colour> <shape> [position] on a black background".
 fn large_on_black(shape: Shape, color: Color, position: Option<Position>) -> SceneSpec {
+    alone_on_black(shape, SizeClass::Large, color, position)
+}
+
+/// "a <size> <colour> <shape> [position] on a black background".
+fn alone_on_black(
+    shape: Shape,
+    size: SizeClass,
+    color: Color,
+    position: Option<Position>,
+) -> SceneSpec {
     SceneSpec {
         objects: vec![ObjectSpec {
-            size: Some(SizeClass::Large),
+            size: Some(size),
             position,
             ..ObjectSpec::new(shape, color)
         }],
@@ -571,11 +581,7 @@ fn from_noise_hits(
     let mut out = Vec::new();
     for (k, &shape) in Shape::all().iter().enumerate() {
         let specs: Vec<SceneSpec> = (0..opts.samples_per_shape)
-            .map(|i| {
-                let mut spec = large_on_black(shape, train_color(shape, i), None);
-                spec.objects[0].size = Some(size);
-                spec
-            })
+            .map(|i| alone_on_black(shape, size, train_color(shape, i), None))
             .collect();
         let mut hit = ShapeHit {
             shape,

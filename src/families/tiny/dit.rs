@@ -266,11 +266,12 @@ impl Dit {
             .forward(&self.patchify(x)?)?
             .broadcast_add(&pos)?;
         if let Some(map) = &self.self_cond {
-            let estimate = match self_cond {
-                Some(s) => s.clone(),
-                None => x.zeros_like()?,
+            tok = match (self_cond, map.bias()) {
+                (Some(s), _) => (tok + map.forward(&self.patchify(s)?)?)?,
+                // Zeros through the map leave its bias alone: no product over zeros.
+                (None, Some(bias)) => tok.broadcast_add(bias)?,
+                (None, None) => tok,
             };
-            tok = (tok + map.forward(&self.patchify(&estimate)?)?)?;
         }
 
         let cond = self.frame_conditioning(self.cond.forward(t, text)?, f, text)?;
