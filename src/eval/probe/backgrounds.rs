@@ -2,20 +2,23 @@
 //!    with none stated. Is the shape drawn, and which background does an unstated prompt get?
 //!    And is a true render kept when denoised from the probe's `t0` under its own prompt?
 //!    A shape lost from there is drawn wrong at middle noise, not decided wrong at high noise.
+//!    And how much worse is the x0 predicted from that render's noisy copy when the prompt
+//!    names another shape? Where that gain is small, the network does not read the shape word.
 //!
 //! Why: probe 1 samples on black only, and phase 16 drew crosses there (23 of 24) while the
 //! eval missed the cross in 30 of 33 gray-background prompts. Unstated backgrounds are half
 //! of the eval's prompts, so which background the model picks for them decides them too.
 
-use candle_core::Result;
+use candle_core::{Result, Tensor};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    chunk_seeds, conditioning, denoise_from, noise_for, recognised, sample_from_noise,
-    stack_renders, train_color, CHUNK,
+    chunk_seeds, conditioning, denoise_from, encode_specs, noise_for, recognised,
+    sample_from_noise, stack_renders, train_color, CHUNK,
 };
 use crate::families::tiny::TinyModel;
+use crate::pipeline::schedule::NoiseSchedule;
 use crate::pipeline::to_frames;
 use crate::world::{self, Background, ObjectSpec, SceneSpec, Shape, SizeClass, WorldRng};
 
@@ -26,6 +29,10 @@ pub const PROBED_BACKGROUNDS: [Option<Background>; 4] = [
     Some(Background::White),
     None,
 ];
+
+/// Noise levels at which probe 7 reads what the shape word is worth: where the shape is
+/// decided (0.9) and where a true cross on gray is lost (0.6).
+pub const WORD_GAIN_T: [f32; 2] = [0.6, 0.9];
 
 /// From-noise shape hits on one background (`None`: the prompt names none).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,6 +48,11 @@ pub struct BackgroundHit {
     /// random one when unstated) from the probe's `t0`, in [`Shape::all`]'s order.
     #[serde(default)]
     pub from_render: [usize; 4],
+    /// Per [`WORD_GAIN_T`] level and shape: how much the x0 predicted from a true render's
+    /// noisy copy gets worse when the prompt names another shape (`wrong / right - 1` of the
+    /// summed squared errors, one conditional pass each, no guidance).
+    #[serde(default)]
+    pub shape_word_gain: Vec<[f64; 4]>,
 }
 
 impl BackgroundHit {
@@ -97,7 +109,10 @@ pub(super) fn background_hits(
             hits: [0; 4],
             drawn: [0; 3],
             from_render: [0; 4],
+            shape_word_gain: Vec::new(),
         };
+        // Summed squared velocity errors (right word, wrong word) per level and shape.
+        let mut errors = [[(0f64, 0f64); 4]; WORD_GAIN_T.len()];
         let specs: Vec<(usize, SceneSpec)> = Shape::all()
             .iter()
             .enumerate()
@@ -126,10 +141,61 @@ pub(super) fn background_hits(
             for ((k, spec), frames) in chunk.iter().zip(to_frames(&out_x)?) {
                 hit.from_render[*k] += recognised(spec, &frames);
             }
+            word_errors(model, chunk, &x0, &noise, &mut errors)?;
         }
+        hit.shape_word_gain = errors
+            .iter()
+            .map(|level| level.map(|(right, wrong)| super::loss_gain(right, wrong)))
+            .collect();
         out.push(hit);
     }
     Ok(out)
+}
+
+/// The wrong shape word for row `i` of shape `k`: the other three shapes in turn.
+fn other_shape(k: usize, i: usize) -> Shape {
+    let shapes = Shape::all();
+    shapes[(k + 1 + i % (shapes.len() - 1)) % shapes.len()]
+}
+
+/// Adds each row's squared velocity error at every [`WORD_GAIN_T`] level, under its own prompt
+/// and under one naming another shape (rotated through the other three), to its shape's sums.
+fn word_errors(
+    model: &TinyModel,
+    chunk: &[(usize, SceneSpec)],
+    x0: &Tensor,
+    noise: &Tensor,
+    errors: &mut [[(f64, f64); 4]; WORD_GAIN_T.len()],
+) -> Result<()> {
+    let right: Vec<SceneSpec> = chunk.iter().map(|(_, s)| s.clone()).collect();
+    let wrong: Vec<SceneSpec> = chunk
+        .iter()
+        .enumerate()
+        .map(|(i, (k, s))| {
+            let mut s = s.clone();
+            s.objects[0].shape = other_shape(*k, i);
+            s
+        })
+        .collect();
+    let (right, wrong) = (encode_specs(model, &right)?, encode_specs(model, &wrong)?);
+    let target = (noise - x0)?;
+    for (level, &t) in errors.iter_mut().zip(&WORD_GAIN_T) {
+        let tt = vec![t; chunk.len()];
+        let xt = model.schedule.add_noise(x0, noise, &tt)?;
+        let row_errors = |text| -> Result<Vec<f32>> {
+            (model.velocity(&xt, &tt, text)? - &target)?
+                .sqr()?
+                .flatten_from(1)?
+                .sum(1)?
+                .to_vec1()
+        };
+        let (r, w) = (row_errors(&right)?, row_errors(&wrong)?);
+        for (((k, _), r), w) in chunk.iter().zip(r).zip(w) {
+            level[*k].0 += f64::from(r);
+            level[*k].1 += f64::from(w);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -158,5 +224,15 @@ mod tests {
             }
         }
         assert!(world::prompt(&scene(Shape::Cross, 0, None)).ends_with("cross"));
+    }
+
+    #[test]
+    fn the_wrong_shape_word_is_each_other_shape_in_turn() {
+        for (k, &shape) in Shape::all().iter().enumerate() {
+            let others: std::collections::HashSet<Shape> =
+                (0..3).map(|i| other_shape(k, i)).collect();
+            assert_eq!(others.len(), 3, "{shape}");
+            assert!(!others.contains(&shape), "{shape}");
+        }
     }
 }

@@ -17,7 +17,8 @@
 //! 6. **Motion** ([`motion`]): single-object videos per motion word, from noise and from a
 //!    render of the opposite motion: is the motion word drawn, and is it read at all?
 //! 7. **Backgrounds** ([`backgrounds`]): each shape alone from noise on black, gray, white and
-//!    an unstated background, and which background an unstated prompt gets.
+//!    an unstated background, and which background an unstated prompt gets, and how much the
+//!    shape word is worth on each.
 //!
 //! Everything is deterministic given the seed, and scored by the world's verifier.
 
@@ -291,12 +292,28 @@ impl ProbeReport {
                 let [c, s, t, x] = b.hits;
                 let [k, g, w] = b.drawn;
                 let [rc, rs, rt, rx] = b.from_render;
+                let gains: Vec<String> = b
+                    .shape_word_gain
+                    .iter()
+                    .zip(backgrounds::WORD_GAIN_T)
+                    .map(|(g, t)| {
+                        format!(
+                            "t = {t}: {:+.0}% / {:+.0}% / {:+.0}% / {:+.0}%",
+                            100.0 * g[0],
+                            100.0 * g[1],
+                            100.0 * g[2],
+                            100.0 * g[3]
+                        )
+                    })
+                    .collect();
                 out += &format!(
                     " {name} {c} / {s} / {t} / {x} of {} each ({:.3}; drawn {k} / {g} / {w}; \
-                     from a render at t0 = {}: {rc} / {rs} / {rt} / {rx});",
+                     from a render at t0 = {}: {rc} / {rs} / {rt} / {rx}; a wrong shape word's \
+                     x0 loss {});",
                     b.n,
                     b.shape_hit(),
-                    self.t0
+                    self.t0,
+                    gains.join(", ")
                 );
             }
         }
@@ -958,7 +975,12 @@ mod tests {
             assert!(r.backgrounds.iter().all(|b| b.n == 2
                 && b.hits.iter().all(|&k| k <= 2)
                 && b.drawn.iter().sum::<usize>() == 8
-                && b.from_render.iter().all(|&k| k <= 2)));
+                && b.from_render.iter().all(|&k| k <= 2)
+                && b.shape_word_gain.len() == backgrounds::WORD_GAIN_T.len()
+                && b.shape_word_gain
+                    .iter()
+                    .flatten()
+                    .all(|g| g.is_finite() && *g > -1.0)));
             assert!(r.summary().contains("unstated"));
             assert!(r.sensitivity.iter().all(|s| s.shape > 0.0 && s.color > 0.0));
             // The two paths each carry part of the shape word.
