@@ -53,6 +53,10 @@ pub struct BackgroundHit {
     /// summed squared errors, one conditional pass each, no guidance).
     #[serde(default)]
     pub shape_word_gain: Vec<[f64; 4]>,
+    /// The right word's x0 error under it, per [`WORD_GAIN_T`] level and shape (mean squared,
+    /// per value in [-1, 1] units): a gain over a large error says less than over a small one.
+    #[serde(default)]
+    pub shape_word_x0_loss: Vec<[f64; 4]>,
 }
 
 impl BackgroundHit {
@@ -110,6 +114,7 @@ pub(super) fn background_hits(
             drawn: [0; 3],
             from_render: [0; 4],
             shape_word_gain: Vec::new(),
+            shape_word_x0_loss: Vec::new(),
         };
         // Summed squared velocity errors (right word, wrong word) per level and shape.
         let mut errors = [[(0f64, 0f64); 4]; WORD_GAIN_T.len()];
@@ -146,6 +151,13 @@ pub(super) fn background_hits(
         hit.shape_word_gain = errors
             .iter()
             .map(|level| level.map(|(right, wrong)| super::loss_gain(right, wrong)))
+            .collect();
+        // x0 = x_t - t v, so an x0 error is t times the velocity error.
+        let values = (n * model.cfg.channels * (world::IMAGE_SIZE as usize).pow(2)) as f64;
+        hit.shape_word_x0_loss = errors
+            .iter()
+            .zip(WORD_GAIN_T)
+            .map(|(level, t)| level.map(|(right, _)| right * f64::from(t * t) / values))
             .collect();
         out.push(hit);
     }

@@ -296,13 +296,19 @@ impl ProbeReport {
                     .shape_word_gain
                     .iter()
                     .zip(backgrounds::WORD_GAIN_T)
-                    .map(|(g, t)| {
+                    .zip(&b.shape_word_x0_loss)
+                    .map(|((g, t), l)| {
                         format!(
-                            "t = {t}: {:+.0}% / {:+.0}% / {:+.0}% / {:+.0}%",
+                            "t = {t}: {:+.0}% / {:+.0}% / {:+.0}% / {:+.0}% over {:.4} / {:.4} / \
+                             {:.4} / {:.4}",
                             100.0 * g[0],
                             100.0 * g[1],
                             100.0 * g[2],
-                            100.0 * g[3]
+                            100.0 * g[3],
+                            l[0],
+                            l[1],
+                            l[2],
+                            l[3]
                         )
                     })
                     .collect();
@@ -977,6 +983,8 @@ mod tests {
                 && b.drawn.iter().sum::<usize>() == 8
                 && b.from_render.iter().all(|&k| k <= 2)
                 && b.shape_word_gain.len() == backgrounds::WORD_GAIN_T.len()
+                && b.shape_word_x0_loss.len() == backgrounds::WORD_GAIN_T.len()
+                && b.shape_word_x0_loss.iter().flatten().all(|l| *l > 0.0)
                 && b.shape_word_gain
                     .iter()
                     .flatten()
