@@ -17,7 +17,7 @@ use super::{
     chunk_seeds, conditioning, denoise_from, encode_specs, noise_for, recognised,
     sample_from_noise, stack_renders, train_color, CHUNK,
 };
-use crate::families::tiny::TinyModel;
+use crate::families::tiny::{TextCond, TinyModel};
 use crate::pipeline::schedule::NoiseSchedule;
 use crate::pipeline::to_frames;
 use crate::world::{self, Background, ObjectSpec, SceneSpec, Shape, SizeClass, WorldRng};
@@ -146,7 +146,7 @@ pub(super) fn background_hits(
             for ((k, spec), frames) in chunk.iter().zip(to_frames(&out_x)?) {
                 hit.from_render[*k] += recognised(spec, &frames);
             }
-            word_errors(model, chunk, &x0, &noise, &mut errors)?;
+            word_errors(model, chunk, &cond.cond, &x0, &noise, &mut errors)?;
         }
         hit.shape_word_gain = errors
             .iter()
@@ -172,14 +172,15 @@ fn other_shape(k: usize, i: usize) -> Shape {
 
 /// Adds each row's squared velocity error at every [`WORD_GAIN_T`] level, under its own prompt
 /// and under one naming another shape (rotated through the other three), to its shape's sums.
+/// `right` is the chunk's own prompts, already encoded for sampling.
 fn word_errors(
     model: &TinyModel,
     chunk: &[(usize, SceneSpec)],
+    right: &TextCond,
     x0: &Tensor,
     noise: &Tensor,
     errors: &mut [[(f64, f64); 4]; WORD_GAIN_T.len()],
 ) -> Result<()> {
-    let right: Vec<SceneSpec> = chunk.iter().map(|(_, s)| s.clone()).collect();
     let wrong: Vec<SceneSpec> = chunk
         .iter()
         .enumerate()
@@ -189,7 +190,7 @@ fn word_errors(
             s
         })
         .collect();
-    let (right, wrong) = (encode_specs(model, &right)?, encode_specs(model, &wrong)?);
+    let wrong = encode_specs(model, &wrong)?;
     let target = (noise - x0)?;
     for (level, &t) in errors.iter_mut().zip(&WORD_GAIN_T) {
         let tt = vec![t; chunk.len()];
@@ -201,7 +202,7 @@ fn word_errors(
                 .sum(1)?
                 .to_vec1()
         };
-        let (r, w) = (row_errors(&right)?, row_errors(&wrong)?);
+        let (r, w) = (row_errors(right)?, row_errors(&wrong)?);
         for (((k, _), r), w) in chunk.iter().zip(r).zip(w) {
             level[*k].0 += f64::from(r);
             level[*k].1 += f64::from(w);
