@@ -131,6 +131,61 @@ pub fn linear(
     })
 }
 
+/// A linear layer with bias followed by a SiLU, forward on untracked operands (serving): the
+/// SiLU in place on the product ([`crate::nn::fused_linear::linear_bias_silu`]) against the
+/// fused linear, then the fused SiLU.
+pub fn linear_silu(
+    (rows, in_dim, out_dim): (usize, usize, usize),
+    reps: usize,
+    device: &Device,
+) -> Result<OpRow> {
+    use crate::nn::fused_linear::{linear_bias, linear_bias_silu};
+    let x = Tensor::randn(0f32, 1.0, (rows, in_dim), device)?;
+    let w = Tensor::randn(0f32, 1.0, (out_dim, in_dim), device)?;
+    let b = Tensor::randn(0f32, 1.0, out_dim, device)?;
+    let (composed, fused) = interleaved(reps, |fused| {
+        if fused {
+            linear_bias_silu(&x, &w, &b).map(drop)
+        } else {
+            crate::nn::fused::silu(&linear_bias(&x, &w, &b)?).map(drop)
+        }
+    })?;
+    Ok(OpRow {
+        op: "linear + bias + SiLU, fwd".into(),
+        shape: vec![rows, in_dim, out_dim],
+        composed_ms: composed * 1e3,
+        fused_ms: fused * 1e3,
+        speedup: composed / fused,
+    })
+}
+
+/// The whole model's forward at `batch` on the weights as `serve` holds them (plain tensors)
+/// against the same weights as trainable `Var`s, whose forward records a graph and keeps every
+/// activation alive until the output is dropped.
+pub fn served_forward(
+    setup: &super::model::ModelBenchSetup,
+    batch: usize,
+    reps: usize,
+    device: &Device,
+) -> Result<OpRow> {
+    let (map, model) = setup.build(device)?;
+    let served = setup.served(&map, device)?;
+    let (x, t) = setup.rows(batch, 1, device)?;
+    let prompts = vec![super::model::PROMPT; batch];
+    let text = served.encode(&prompts)?;
+    let (c, f) = interleaved(reps, |plain| {
+        let m = if plain { &served } else { &model };
+        m.velocity(&x, &t, &text).map(drop)
+    })?;
+    Ok(OpRow {
+        op: "model forward, served weights (not Vars)".into(),
+        shape: vec![batch],
+        composed_ms: c * 1e3,
+        fused_ms: f * 1e3,
+        speedup: c / f,
+    })
+}
+
 /// A 3x3 convolution (stride 1, padding 1) of `[n, c, hw, hw]` images to `co` channels, forward:
 /// ours ([`crate::nn::direct_conv::conv3x3`]) against candle's im2col `conv2d`.
 pub fn conv3x3(
@@ -171,8 +226,8 @@ fn interleaved(reps: usize, mut step: impl FnMut(bool) -> Result<()>) -> Result<
 }
 
 /// The whole model at `batch` with one fused op (`what`, switched by `toggle`) against the
-/// composition it replaced, every other kernel on: a forward, and a training step (forward,
-/// backward, AdamW).
+/// composition it replaced, every other kernel on: a forward (of the served model), and a
+/// training step (forward, backward, AdamW).
 pub fn model_toggle(
     setup: &super::model::ModelBenchSetup,
     batch: usize,
@@ -181,16 +236,17 @@ pub fn model_toggle(
     (what, toggle): (&str, fn(bool)),
 ) -> Result<[OpRow; 2]> {
     let (map, model) = setup.build(device)?;
+    let served = setup.served(&map, device)?;
     let mut opt = crate::train::AdamW::new(
         crate::train::named_vars(&map),
         crate::train::AdamWConfig::default(),
     )?;
     let (x, t) = setup.rows(batch, 1, device)?;
     let prompts = vec![super::model::PROMPT; batch];
-    let text = model.encode(&prompts)?;
+    let text = served.encode(&prompts)?;
     let (fc, ff) = interleaved(reps, |fused| {
         toggle(fused);
-        let r = model.velocity(&x, &t, &text).map(drop);
+        let r = served.velocity(&x, &t, &text).map(drop);
         toggle(true);
         r
     })?;

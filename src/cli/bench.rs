@@ -235,6 +235,8 @@ pub(super) fn bench(args: BenchArgs) -> anyhow::Result<()> {
             ops::linear((batch * t, d, 3 * d), true, args.reps, &device)?,
             ops::linear((batch * t, a.mlp_ratio * d, d), true, args.reps, &device)?,
             ops::linear((4096, 320, 320), false, args.reps.min(3), &device)?,
+            // The MLP's up projection and its SiLU.
+            ops::linear_silu((batch * t, d, a.mlp_ratio * d), args.reps, &device)?,
         ];
         // An SD1.5 UNet's 3x3 convolutions at 64x64 latents, level by level.
         for (c, hw) in [(320, 64), (640, 32), (1280, 16), (1280, 8)] {
@@ -249,9 +251,11 @@ pub(super) fn bench(args: BenchArgs) -> anyhow::Result<()> {
                     crate::nn::fused_attention::set_fused_attention as fn(bool),
                 ),
                 ("linear", crate::nn::fused_linear::set_fused_linear),
+                ("SiLU epilogue", crate::nn::fused_linear::set_silu_epilogue),
             ] {
                 rows.extend(ops::model_toggle(&setup, b, args.reps, &device, toggle)?);
             }
+            rows.push(ops::served_forward(&setup, b, args.reps, &device)?);
         }
         println!(
             "\nop                               shape                 composed ms  fused ms  speedup"

@@ -70,6 +70,13 @@ fn silu_generic(xs: &[f32]) -> Vec<f32> {
 }
 
 #[inline(always)]
+fn silu_inplace_generic(xs: &mut [f32]) {
+    for x in xs.iter_mut() {
+        *x /= 1.0 + exp1(-*x);
+    }
+}
+
+#[inline(always)]
 fn silu_backward_generic(xs: &[f32], grad: &[f32]) -> Vec<f32> {
     map_blocks(xs, grad, |x, g| {
         let s = 1.0 / (1.0 + exp1(-x));
@@ -130,6 +137,12 @@ fn silu_avx2(xs: &[f32]) -> Vec<f32> {
 }
 
 #[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn silu_inplace_avx2(xs: &mut [f32]) {
+    silu_inplace_generic(xs)
+}
+
+#[cfg(target_arch = "x86_64")]
 fn has_avx2() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
@@ -155,6 +168,17 @@ pub fn silu(xs: &[f32]) -> Vec<f32> {
         return unsafe { silu_avx2(xs) };
     }
     silu_generic(xs)
+}
+
+/// [`silu`] in place, for a buffer that is not needed afterwards (an inference epilogue).
+pub fn silu_inplace(xs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above).
+        unsafe { silu_inplace_avx2(xs) };
+        return;
+    }
+    silu_inplace_generic(xs)
 }
 
 /// `grad[i] * d silu / dx (xs[i])`, with `d silu/dx = s (1 + x (1 - s))`.
@@ -262,6 +286,10 @@ mod tests {
                 "silu({x})"
             );
         }
+        // In place, bit for bit the same.
+        let mut inplace = xs.clone();
+        silu_inplace(&mut inplace);
+        assert_eq!(inplace, out);
     }
 
     #[test]

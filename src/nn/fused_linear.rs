@@ -7,6 +7,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
+use super::fastmath;
 use super::fused::{slice, sum_rows, use_kernel};
 use super::strided_gemm::{gemm_into_par, inner_parallelism};
 
@@ -28,12 +29,48 @@ pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     if !use_kernel(&[x, w, b]) || !ENABLED.with(|e| e.get()) {
         return composed(x, w, b);
     }
-    x.contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, LinearBias)
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        LinearBias { silu: false },
+    )
+}
+
+/// `silu(x W^T + b)`, the same as [`super::fused::silu`] of [`linear_bias`].
+///
+/// Where no operand records a graph (serving), the SiLU runs in place on the product's own
+/// buffer right after the GEMM: no second output is allocated and written, and no second op
+/// reads the product back. A graph needs the product before the SiLU for the backward, so
+/// there the two fused ops run one after the other.
+pub fn linear_bias_silu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let tracked = x.track_op() || w.track_op() || b.track_op();
+    let on = ENABLED.with(|e| e.get()) && EPILOGUE.with(|e| e.get());
+    if tracked || !use_kernel(&[x, w, b]) || !on {
+        return super::fused::silu(&linear_bias(x, w, b)?);
+    }
+    // `linear_bias` checks the shapes; here they are checked before the op runs.
+    let (_, in_dim) = x.dims2()?;
+    let (out_dim, w_in) = w.dims2()?;
+    if w_in != in_dim || b.dims() != [out_dim] {
+        return linear_bias(x, w, b);
+    }
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        LinearBias { silu: true },
+    )
 }
 
 thread_local! {
     static ENABLED: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+    static EPILOGUE: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Turns the SiLU epilogue of [`linear_bias_silu`] on or off for graphs built on this thread
+/// (on by default); off, the fused linear and the fused SiLU run one after the other.
+/// `fewstep bench --ops` times the model both ways.
+pub fn set_silu_epilogue(on: bool) {
+    EPILOGUE.with(|e| e.set(on));
 }
 
 /// Turns the fused linear alone on or off for graphs built on this thread (on by default;
@@ -48,7 +85,10 @@ pub fn composed(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     super::add_bias(&x.matmul(&w.t()?)?, b)
 }
 
-struct LinearBias;
+/// The op; `silu` applies the SiLU in place after the product (untracked operands only).
+struct LinearBias {
+    silu: bool,
+}
 
 impl CustomOp3 for LinearBias {
     fn name(&self) -> &'static str {
@@ -94,6 +134,9 @@ impl CustomOp3 for LinearBias {
                 );
             }
         }
+        if self.silu {
+            fastmath::silu_inplace(&mut out);
+        }
         Ok((CpuStorage::F32(out), Shape::from((rows, n))))
     }
 
@@ -110,6 +153,10 @@ impl CustomOp3 for LinearBias {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.silu {
+            // Unreachable: `linear_bias_silu` runs this op only on untracked operands.
+            candle_core::bail!("fewstep-linear-bias: the SiLU epilogue keeps no pre-activation");
+        }
         let dx = grad.matmul(&w.detach())?;
         let dw = grad.t()?.matmul(&x.detach())?;
         let db = sum_rows(grad, b)?;
@@ -154,6 +201,41 @@ mod tests {
 
         // A weight that does not fit is an error, not a panic.
         assert!(linear_bias(x.as_tensor(), &w.as_tensor().t()?, b.as_tensor()).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn the_silu_epilogue_matches_silu_of_the_linear_and_keeps_the_graph_where_one_is_needed(
+    ) -> Result<()> {
+        let dev = Device::Cpu;
+        let var = |shape: &[usize]| Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev)?);
+        let (x, w, b) = (var(&[37, 24])?, var(&[19, 24])?, var(&[19])?);
+        let composed =
+            crate::nn::fused::silu(&composed(x.as_tensor(), w.as_tensor(), b.as_tensor())?)?;
+
+        // Untracked operands (serving): the epilogue, with no graph.
+        let (xd, wd, bd) = (
+            x.as_tensor().detach(),
+            w.as_tensor().detach(),
+            b.as_tensor().detach(),
+        );
+        let served = linear_bias_silu(&xd, &wd, &bd)?;
+        assert!(!served.track_op());
+        assert!(max_diff(&served, &composed) < 1e-5, "epilogue differs");
+
+        // Tracked operands (training): the same values, and gradients that match.
+        let trained = linear_bias_silu(x.as_tensor(), w.as_tensor(), b.as_tensor())?;
+        assert!(max_diff(&trained, &composed) < 1e-5, "tracked path differs");
+        let g = Tensor::randn(0f32, 1.0, trained.shape(), &dev)?;
+        let gt = (&trained * &g)?.sum_all()?.backward()?;
+        let gc = (&composed * &g)?.sum_all()?.backward()?;
+        for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
+            let (a, c) = (gt.get(v).expect("grad"), gc.get(v).expect("grad"));
+            assert!(max_diff(a, c) < 1e-4, "{name}: gradient differs");
+        }
+
+        // A weight that does not fit is an error, not a panic.
+        assert!(linear_bias_silu(&xd, &wd.t()?, &bd).is_err());
         Ok(())
     }
 }

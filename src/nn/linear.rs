@@ -84,21 +84,41 @@ impl Linear {
     }
 }
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl Linear {
+    /// `silu(self.forward(x))`, with the SiLU fused into the product where the layer has a
+    /// bias and no adapter ([`super::fused_linear::linear_bias_silu`]).
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        match (&self.bias, &self.lora) {
+            (Some(b), None) => self.rows(x, |x2| {
+                super::fused_linear::linear_bias_silu(x2, &self.weight, b)
+            }),
+            _ => super::fused::silu(&self.forward(x)?),
+        }
+    }
+
+    /// `f` over `x` flattened to `[rows, in]`, its output given back `x`'s leading dimensions.
+    fn rows(&self, x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim.max(1);
-        let x2 = x.reshape((rows, in_dim))?;
-        let mut y = match &self.bias {
-            Some(b) => super::fused_linear::linear_bias(&x2, &self.weight, b)?,
-            None => x2.matmul(&self.weight.t()?)?,
-        };
-        if let Some(lora) = &self.lora {
-            y = (y + lora.delta(&x2)?)?;
-        }
+        let y = f(&x.reshape((rows, in_dim))?)?;
         let mut out_dims = dims;
         *out_dims.last_mut().expect("rank >= 1") = self.weight.dim(0)?;
         y.reshape(out_dims)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.rows(x, |x2| {
+            let y = match &self.bias {
+                Some(b) => super::fused_linear::linear_bias(x2, &self.weight, b)?,
+                None => x2.matmul(&self.weight.t()?)?,
+            };
+            match &self.lora {
+                Some(lora) => y + lora.delta(x2)?,
+                None => Ok(y),
+            }
+        })
     }
 }

@@ -318,7 +318,7 @@ impl Dit {
                 let extra = extra.reshape(hm.shape())?;
                 hm = (hm + extra)?;
             }
-            let hm = blk.fc2.forward(&silu(&blk.fc1.forward(&hm)?)?)?;
+            let hm = blk.fc2.forward(&blk.fc1.forward_silu(&hm)?)?;
             tok = gated_residual(&tok_c, &m[5], &hm)?.reshape((b, f * n, d))?;
         }
 

@@ -6,7 +6,7 @@ use candle_nn::{Embedding, VarBuilder};
 
 use super::config::TinyConfig;
 use super::tokenizer::TokenBatch;
-use crate::nn::{layer_norm, silu, Attention, Linear};
+use crate::nn::{layer_norm, Attention, Linear};
 
 /// Padding keys get this bias: exp() of it is exactly 0 in f32.
 const NEG_INF: f64 = -1e9;
@@ -202,7 +202,7 @@ impl TextEncoder {
             x = (x + h)?;
             let h = blk
                 .fc2
-                .forward(&silu(&blk.fc1.forward(&layer_norm(&x, 1e-5)?)?)?)?;
+                .forward(&blk.fc1.forward_silu(&layer_norm(&x, 1e-5)?)?)?;
             x = (x + h)?;
         }
         if let Some((mix, k)) = &self.mix {
