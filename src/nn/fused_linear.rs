@@ -16,24 +16,11 @@ use super::strided_gemm::{gemm_into_par, inner_parallelism};
 ///
 /// The op for f32 on the CPU with the kernels on; the composition otherwise.
 pub fn linear_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (_, in_dim) = x.dims2()?;
-    let (out_dim, w_in) = w.dims2()?;
-    if w_in != in_dim || b.dims() != [out_dim] {
-        candle_core::bail!(
-            "linear_bias: weight {:?} and bias {:?} do not fit input {:?}",
-            w.dims(),
-            b.dims(),
-            x.dims()
-        );
-    }
+    check_shapes(x, w, b)?;
     if !use_kernel(&[x, w, b]) || !ENABLED.with(|e| e.get()) {
         return composed(x, w, b);
     }
-    x.contiguous()?.apply_op3(
-        &w.contiguous()?,
-        &b.contiguous()?,
-        LinearBias { silu: false },
-    )
+    apply(x, w, b, LinearBias { silu: false })
 }
 
 /// `silu(x W^T + b)`, the same as [`super::fused::silu`] of [`linear_bias`].
@@ -48,17 +35,28 @@ pub fn linear_bias_silu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     if tracked || !use_kernel(&[x, w, b]) || !on {
         return super::fused::silu(&linear_bias(x, w, b)?);
     }
-    // `linear_bias` checks the shapes; here they are checked before the op runs.
+    check_shapes(x, w, b)?;
+    apply(x, w, b, LinearBias { silu: true })
+}
+
+/// `x [rows, in]`, `w [out, in]` and `b [out]`, or an error naming all three.
+fn check_shapes(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<()> {
     let (_, in_dim) = x.dims2()?;
     let (out_dim, w_in) = w.dims2()?;
     if w_in != in_dim || b.dims() != [out_dim] {
-        return linear_bias(x, w, b);
+        candle_core::bail!(
+            "linear_bias: weight {:?} and bias {:?} do not fit input {:?}",
+            w.dims(),
+            b.dims(),
+            x.dims()
+        );
     }
-    x.contiguous()?.apply_op3(
-        &w.contiguous()?,
-        &b.contiguous()?,
-        LinearBias { silu: true },
-    )
+    Ok(())
+}
+
+fn apply(x: &Tensor, w: &Tensor, b: &Tensor, op: LinearBias) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, op)
 }
 
 thread_local! {
@@ -171,11 +169,16 @@ mod tests {
     use crate::nn::max_diff;
     use candle_core::{Device, Var};
 
+    /// Trainable `x [37, 24]`, `w [19, 24]` and `b [19]`.
+    fn operands(dev: &Device) -> Result<(Var, Var, Var)> {
+        let var = |shape: &[usize]| Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, dev)?);
+        Ok((var(&[37, 24])?, var(&[19, 24])?, var(&[19])?))
+    }
+
     #[test]
     fn linear_bias_matches_matmul_plus_bias_and_its_gradients() -> Result<()> {
         let dev = Device::Cpu;
-        let var = |shape: &[usize]| Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev)?);
-        let (x, w, b) = (var(&[37, 24])?, var(&[19, 24])?, var(&[19])?);
+        let (x, w, b) = operands(&dev)?;
         // Through a transpose, so a non-contiguous input is covered too.
         let run = || -> Result<Tensor> {
             let xt = x.as_tensor().t()?.contiguous()?.t()?;
@@ -208,8 +211,7 @@ mod tests {
     fn the_silu_epilogue_matches_silu_of_the_linear_and_keeps_the_graph_where_one_is_needed(
     ) -> Result<()> {
         let dev = Device::Cpu;
-        let var = |shape: &[usize]| Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev)?);
-        let (x, w, b) = (var(&[37, 24])?, var(&[19, 24])?, var(&[19])?);
+        let (x, w, b) = operands(&dev)?;
         let composed =
             crate::nn::fused::silu(&composed(x.as_tensor(), w.as_tensor(), b.as_tensor())?)?;
 
