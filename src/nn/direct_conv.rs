@@ -1,29 +1,25 @@
-//! A 3x3 convolution with stride 1 and zero padding 1 on `[N, C, H, W]` images, as nine
-//! shifted matrix multiplies over copies of the input, with its backward.
+//! A 3x3 convolution with stride 1 and zero padding 1 on `[N, C, H, W]` images, with its
+//! backward.
 //!
 //! Why: candle's CPU conv2d builds an im2col matrix nine times the input's size in fresh
 //! memory; the copy and the kernel's zeroing of those pages were a third of an SD1.5 UNet
-//! forward. Here each tap `(ky, kx)` of the kernel is one strided view of a few copies of the
-//! input, and the convolution is `out = sum over taps of W_tap [Co, C] x view_tap`, accumulated
-//! in place.
+//! forward.
 //!
-//! - **Forward** ([`Band`]): three copies of a group of images, shifted by one column left,
-//!   none and right, stacked with a zero row between images. Small images share one product
-//!   per tap, so the weights are packed once for the group (an SD UNet's 8x8 level gives 64
-//!   columns per image against a [1280, 1280] weight), and no column is computed outside an
-//!   image except the rows between them.
-//! - **Backward** ([`Grid`]): one zero-padded plane per channel, `[C, H+2, W+2]`, per image. On
-//!   it the tap of output pixel `p = y (W+2) + x` is the element `p + ky (W+2) + kx` (the two
-//!   columns past each row's end are computed and dropped). The input gradient runs the nine
-//!   products transposed and scatters into a padded buffer; the weight gradient takes each
-//!   tap's view as its right operand.
+//! - **Forward** ([`tiles`]): one product of depth `9C` per tile of a few hundred
+//!   output pixels, over that tile's own im2col matrix; images smaller than a tile share one.
+//! - **Backward** ([`Grid`]): nine shifted products of depth `C`, one per tap `(ky, kx)`, on
+//!   one zero-padded plane per channel, `[C, H+2, W+2]`, per image. On it the tap of output
+//!   pixel `p = y (W+2) + x` is the element `p + ky (W+2) + kx` (the two columns past each
+//!   row's end are computed and dropped). The input gradient runs the nine products transposed
+//!   and scatters into a padded buffer; the weight gradient takes each tap's view as its right
+//!   operand.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use gemm::Parallelism;
-use rayon::prelude::*;
 
 use super::fused::{slice, use_kernel};
-use super::strided_gemm::{gemm_into_par, inner_parallelism, Out};
+use super::strided_gemm::{for_tasks, gemm_into_par, inner_parallelism, Out};
+
+mod tiles;
 
 /// `x [N, C, H, W]` convolved with `weight [Co, C, 3, 3]` (stride 1, zero padding 1, no bias):
 /// `[N, Co, H, W]`, the same as `x.conv2d(weight, 1, 1, 1, 1)`.
@@ -118,79 +114,6 @@ impl Grid {
     }
 }
 
-/// Output columns one product should reach before images share it. Below this the weights'
-/// packing, done once per product, is a large share of the work (an 8x8 image gives 64 columns
-/// against a [1280, 1280] weight per tap in an SD UNet's lowest level).
-const MIN_COLUMNS: usize = 512;
-
-/// The forward's layout for a group of images: three copies of them, `[3][C, R, W]` for the
-/// column offsets kx = 0, 1, 2 (copy kx holds input column x + kx - 1 at x, zero where that
-/// leaves the image), with a zero row above each image and below the last, so
-/// `R = images (H+1) + 1`. Output row r (counted from the first image's first row) takes tap
-/// `(ky, kx)` from row r + ky of copy kx, so each tap is one strided view `[C, (R-2) W]` of the
-/// copies, and the only columns computed outside an image are the rows between images (none
-/// for one image; the padded grid computed two extra columns per row).
-#[derive(Debug, Clone, Copy)]
-struct Band {
-    images: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-}
-
-impl Band {
-    fn rows(&self) -> usize {
-        self.images * (self.h + 1) + 1
-    }
-
-    /// Elements of one channel of one copy.
-    fn plane(&self) -> usize {
-        self.rows() * self.w
-    }
-
-    /// Output columns of one product: every row but the two outer zero rows.
-    fn span(&self) -> usize {
-        (self.rows() - 2) * self.w
-    }
-
-    /// The output row where image `i` starts.
-    fn first_row(&self, i: usize) -> usize {
-        i * (self.h + 1)
-    }
-
-    /// The three shifted copies of `images x [C, H, W]`.
-    fn fill(&self, src: &[f32]) -> Vec<f32> {
-        let (c, h, w, plane) = (self.c, self.h, self.w, self.plane());
-        let mut out = vec![0f32; 3 * c * plane];
-        for i in 0..self.images {
-            for ci in 0..c {
-                for y in 0..h {
-                    let s = &src[((i * c + ci) * h + y) * w..][..w];
-                    let d = ci * plane + (1 + self.first_row(i) + y) * w;
-                    out[d + 1..d + w].copy_from_slice(&s[..w - 1]);
-                    out[c * plane + d..][..w].copy_from_slice(s);
-                    out[2 * c * plane + d..][..w - 1].copy_from_slice(&s[1..]);
-                }
-            }
-        }
-        out
-    }
-}
-
-/// Calls `f(task, parallelism of its products)` for each of `n` tasks (images, or groups of
-/// them in the forward): one task per thread when there are enough for the pool, otherwise the
-/// tasks in turn with gemm's own threads inside each product.
-fn for_tasks(n: usize, f: impl Fn(usize, Parallelism) + Sync + Send) {
-    if n >= rayon::current_num_threads() {
-        (0..n)
-            .into_par_iter()
-            .for_each(|ni| f(ni, Parallelism::None));
-    } else {
-        let par = inner_parallelism();
-        (0..n).for_each(|ni| f(ni, par));
-    }
-}
-
 struct Conv3x3Op;
 
 impl CustomOp2 for Conv3x3Op {
@@ -208,55 +131,7 @@ impl CustomOp2 for Conv3x3Op {
         let (x, wt) = (slice(sx, lx, self.name())?, slice(sw, lw, self.name())?);
         let g = Grid::of_weight(lx.shape(), lw.shape())?;
         let shape = Shape::from((g.n, g.co, g.h, g.w));
-        if g.n * g.h * g.w == 0 {
-            return Ok((CpuStorage::F32(vec![]), shape));
-        }
-        let hw = g.h * g.w;
-        let per_group = MIN_COLUMNS.div_ceil(hw).clamp(1, g.n);
-        let mut out = vec![0f32; g.n * g.co * hw];
-        let dst = Out(out.as_mut_ptr());
-        for_tasks(g.n.div_ceil(per_group), |gi, par| {
-            let first = gi * per_group;
-            let band = Band {
-                images: per_group.min(g.n - first),
-                c: g.c,
-                h: g.h,
-                w: g.w,
-            };
-            let copies = band.fill(&x[first * g.c * hw..(first + band.images) * g.c * hw]);
-            let (plane, span) = (band.plane(), band.span());
-            let mut acc = vec![0f32; g.co * span];
-            for k in 0..9 {
-                let (ky, kx) = (k / 3, k % 3);
-                // SAFETY: the lhs reaches weight element (Co-1)*9C + (C-1)*9 + 8 < len; the rhs
-                // reaches (kx C + C-1) plane + ky W + span - 1 <= 3 C plane - 1 (see `Band`);
-                // `acc` is this task's own [Co, span] buffer.
-                unsafe {
-                    gemm_into_par(
-                        (g.co, span, g.c),
-                        acc.as_mut_ptr(),
-                        (span, 1),
-                        k > 0,
-                        wt.as_ptr().add(k),
-                        (g.c * 9, 9),
-                        copies.as_ptr().add(kx * g.c * plane + ky * g.w),
-                        (plane, 1),
-                        1.0,
-                        par,
-                    );
-                }
-            }
-            for i in 0..band.images {
-                for co in 0..g.co {
-                    let s = co * span + band.first_row(i) * g.w;
-                    let d = ((first + i) * g.co + co) * hw;
-                    // SAFETY: this group alone writes its images' [Co, H, W] blocks of `out`.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(acc.as_ptr().add(s), dst.at(d), hw);
-                    }
-                }
-            }
-        });
+        let out = tiles::forward(x, wt, g, tiles::TILE_COLUMNS);
         Ok((CpuStorage::F32(out), shape))
     }
 
@@ -409,8 +284,11 @@ mod tests {
             (1, 8, 4, 1, 1),
             (3, 2, 7, 5, 1),
             (1, 16, 16, 9, 7),
-            // Five images in bands of three and two (200 columns each).
+            // Five images in tiles of three and two (200 pixels each).
             (5, 2, 3, 10, 20),
+            // One image in tiles of 17, 17 and 6 rows; rows wider than a tile.
+            (1, 2, 3, 40, 30),
+            (2, 1, 2, 3, 600),
         ] {
             let x = Var::from_tensor(&randn(&[n, c, h, w], 1)).unwrap();
             let wt = Var::from_tensor(&randn(&[co, c, 3, 3], 2)).unwrap();

@@ -2,6 +2,7 @@
 //! uses), shared by the fused ops that address their operands in place.
 
 use gemm::Parallelism;
+use rayon::prelude::*;
 
 /// gemm's own threads for products run one at a time: all of rayon's pool, if it has more than
 /// one thread.
@@ -9,6 +10,20 @@ pub(crate) fn inner_parallelism() -> Parallelism {
     match rayon::current_num_threads() {
         1 => Parallelism::None,
         threads => Parallelism::Rayon(threads),
+    }
+}
+
+/// Calls `f(task, parallelism of its products)` for each of `n` tasks (images, or groups of
+/// them in the forward): one task per thread when there are enough for the pool, otherwise the
+/// tasks in turn with gemm's own threads inside each product.
+pub(crate) fn for_tasks(n: usize, f: impl Fn(usize, Parallelism) + Sync + Send) {
+    if n >= rayon::current_num_threads() {
+        (0..n)
+            .into_par_iter()
+            .for_each(|ni| f(ni, Parallelism::None));
+    } else {
+        let par = inner_parallelism();
+        (0..n).for_each(|ni| f(ni, par));
     }
 }
 
