@@ -15,9 +15,11 @@
 //!   operand.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
 
 use super::fused::{slice, use_kernel};
-use super::strided_gemm::{for_tasks, gemm_into_par, inner_parallelism, Out};
+use super::strided_gemm::{gemm_into_par, inner_parallelism, Out};
 
 mod tiles;
 
@@ -114,6 +116,20 @@ impl Grid {
     }
 }
 
+/// Calls `f(task, parallelism of its products)` for each of `n` tasks (images in the
+/// backward, tiles in the forward): one task per thread when there are enough for the pool,
+/// otherwise the tasks in turn with gemm's own threads inside each product.
+fn for_tasks(n: usize, f: impl Fn(usize, Parallelism) + Sync + Send) {
+    if n >= rayon::current_num_threads() {
+        (0..n)
+            .into_par_iter()
+            .for_each(|ni| f(ni, Parallelism::None));
+    } else {
+        let par = inner_parallelism();
+        (0..n).for_each(|ni| f(ni, par));
+    }
+}
+
 struct Conv3x3Op;
 
 impl CustomOp2 for Conv3x3Op {
@@ -131,7 +147,7 @@ impl CustomOp2 for Conv3x3Op {
         let (x, wt) = (slice(sx, lx, self.name())?, slice(sw, lw, self.name())?);
         let g = Grid::of_weight(lx.shape(), lw.shape())?;
         let shape = Shape::from((g.n, g.co, g.h, g.w));
-        let out = tiles::forward(x, wt, g, tiles::TILE_COLUMNS);
+        let out = tiles::forward(x, wt, g);
         Ok((CpuStorage::F32(out), shape))
     }
 

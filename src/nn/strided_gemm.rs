@@ -2,7 +2,6 @@
 //! uses), shared by the fused ops that address their operands in place.
 
 use gemm::Parallelism;
-use rayon::prelude::*;
 
 /// gemm's own threads for products run one at a time: all of rayon's pool, if it has more than
 /// one thread.
@@ -13,25 +12,11 @@ pub(crate) fn inner_parallelism() -> Parallelism {
     }
 }
 
-/// Calls `f(task, parallelism of its products)` for each of `n` tasks (images, or groups of
-/// them in the forward): one task per thread when there are enough for the pool, otherwise the
-/// tasks in turn with gemm's own threads inside each product.
-pub(crate) fn for_tasks(n: usize, f: impl Fn(usize, Parallelism) + Sync + Send) {
-    if n >= rayon::current_num_threads() {
-        (0..n)
-            .into_par_iter()
-            .for_each(|ni| f(ni, Parallelism::None));
-    } else {
-        let par = inner_parallelism();
-        (0..n).for_each(|ni| f(ni, par));
-    }
-}
-
 /// A raw pointer that parallel tasks share to write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
 pub(crate) struct Out(pub(crate) *mut f32);
 // SAFETY: users give every task its own elements to write (in attention, its batch-head's
-// rows and columns; in the convolution, its image), and the buffer outlives the parallel loop.
+// rows and columns; in the convolution, its image or tile), and the buffer outlives the parallel loop.
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 

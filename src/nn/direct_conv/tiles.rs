@@ -8,16 +8,16 @@
 //! megabytes, where candle's conv2d builds the whole batch's (9x the input, in fresh memory).
 //! Images smaller than a tile share one, so the weights are packed once for the group.
 
-use super::Grid;
-use crate::nn::strided_gemm::{for_tasks, gemm_into_par, Out};
+use super::{for_tasks, Grid};
+use crate::nn::strided_gemm::{gemm_into_par, Out};
 
 /// Output pixels one product aims at. Fewer and the weights' packing (once per product)
 /// grows against the work; more and the im2col matrix outgrows the caches.
-pub(super) const TILE_COLUMNS: usize = 512;
+const TILE_COLUMNS: usize = 512;
 
 /// One product's output pixels: rows `rows` of images `images` (several whole images, or part
 /// of one).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 struct Tile {
     images: std::ops::Range<usize>,
     rows: std::ops::Range<usize>,
@@ -53,9 +53,9 @@ impl Grid {
     /// The im2col matrix of `tile`, `[9C, pixels]`, row `9 ci + 3 ky + kx` (the weight's own
     /// order), column by image, row and column of the output pixel. Every element is written
     /// once, zeros where a tap falls outside its image.
-    fn fill(&self, x: &[f32], tile: &Tile, cols: &mut Vec<f32>) {
+    fn im2col(&self, x: &[f32], tile: &Tile) -> Vec<f32> {
         let (c, h, w) = (self.c, self.h, self.w);
-        cols.clear();
+        let mut cols = Vec::with_capacity(9 * c * tile.images.len() * tile.rows.len() * w);
         for ci in 0..c {
             for ky in 0..3 {
                 for kx in 0..3 {
@@ -87,24 +87,24 @@ impl Grid {
                 }
             }
         }
+        cols
     }
 }
 
 /// `x [N, C, H, W]` (contiguous) convolved with `wt [Co, C, 3, 3]`: `[N, Co, H, W]`.
-pub(super) fn forward(x: &[f32], wt: &[f32], d: Grid, columns: usize) -> Vec<f32> {
+pub(super) fn forward(x: &[f32], wt: &[f32], d: Grid) -> Vec<f32> {
     let hw = d.h * d.w;
     let mut out = vec![0f32; d.n * d.co * hw];
     if out.is_empty() || d.c == 0 {
         return out;
     }
-    let tiles = d.tiles(columns);
+    let tiles = d.tiles(TILE_COLUMNS);
     let dst = Out(out.as_mut_ptr());
     for_tasks(tiles.len(), |ti, par| {
         let tile = &tiles[ti];
         let (images, pixels) = (tile.images.len(), tile.rows.len() * d.w);
         let n = images * pixels;
-        let mut cols = Vec::with_capacity(9 * d.c * n);
-        d.fill(x, tile, &mut cols);
+        let cols = d.im2col(x, tile);
         let product = |dst: *mut f32, dst_rs: usize| {
             // SAFETY: lhs is the whole [Co, 9C] weight, rhs this tile's [9C, n] matrix, and
             // dst's [Co, n] block (row stride dst_rs) belongs to this tile alone.
