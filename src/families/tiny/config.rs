@@ -173,6 +173,13 @@ pub struct TinyConfig {
     /// distillation score see). Zero at the start, so a trained DiT warm-starts into it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub self_condition: bool,
+    /// The DiT also reads, patch by patch through a zero-initialised map, each pixel's distance
+    /// from its frame's mean colour. A shape on black and the same shape on white differ by a
+    /// per-frame offset and a sign, and from scratch the shape word was learnt separately on
+    /// each background (the teacher README, "Session 35"); this map has neither, so one
+    /// reading of it serves every background.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub contrast_input: bool,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -206,6 +213,7 @@ impl Default for TinyConfig {
             local_text: false,
             local_modulation: false,
             self_condition: false,
+            contrast_input: false,
         }
     }
 }
@@ -253,6 +261,9 @@ impl TinyConfig {
                 }
                 if self.self_condition {
                     return Err("architecture: self_condition is for the DiT".into());
+                }
+                if self.contrast_input {
+                    return Err("architecture: contrast_input is for the DiT".into());
                 }
                 if self.frame_time || self.motion_coords || self.frame_words {
                     return Err(
@@ -323,7 +334,10 @@ impl TinyConfig {
         } else {
             0
         };
-        self.depth as u64 * block + 2 * t * pd * d + refiner
+        // The optional input maps: an earlier estimate's patches, the contrast map's.
+        let extra_inputs = u64::from(self.self_condition) * t * pd * d
+            + u64::from(self.contrast_input) * t * (self.patch * self.patch) as u64 * d;
+        self.depth as u64 * block + 2 * t * pd * d + extra_inputs + refiner
     }
 }
 

@@ -91,6 +91,16 @@ pub struct Dit {
     frame_words: Option<Linear>,
     /// `self_condition`: an earlier x0 estimate's patches into the tokens, zero-initialised.
     self_cond: Option<Linear>,
+    /// `contrast_input`: [`contrast_map`]'s patches into the tokens, zero-initialised.
+    contrast: Option<Linear>,
+}
+
+/// `contrast_input`'s map of `x` (`[B, F, C, H, W]` -> `[B, F, 1, H, W]`): each pixel's
+/// distance from its frame's mean colour, `sqrt(|x - mean| ^ 2 + eps)`. Adding a colour to a
+/// frame or negating it leaves the map as it was, so a shape reads alike on any background.
+pub fn contrast_map(x: &Tensor) -> Result<Tensor> {
+    let mean = x.mean_keepdim(4)?.mean_keepdim(3)?;
+    (x.broadcast_sub(&mean)?.sqr()?.sum_keepdim(2)? + EPS)?.sqrt()
 }
 
 /// Each frame's clip time minus 1/2 (0 for an image): where a motion is relative to the
@@ -176,6 +186,11 @@ impl Dit {
             },
             self_cond: if cfg.self_condition {
                 Some(Linear::zeros(vb.pp("self_cond"), pd, d)?)
+            } else {
+                None
+            },
+            contrast: if cfg.contrast_input {
+                Some(Linear::zeros(vb.pp("contrast"), cfg.patch * cfg.patch, d)?)
             } else {
                 None
             },
@@ -272,6 +287,9 @@ impl Dit {
                 (None, Some(bias)) => tok.broadcast_add(bias)?,
                 (None, None) => tok,
             };
+        }
+        if let Some(map) = &self.contrast {
+            tok = (tok + map.forward(&self.patchify(&contrast_map(x)?)?)?)?;
         }
 
         let cond = self.frame_conditioning(self.cond.forward(t, text)?, f, text)?;

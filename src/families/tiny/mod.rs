@@ -549,6 +549,38 @@ mod tests {
         Ok(())
     }
 
+    /// `contrast_input` starts as the plain model, is refused by the UNet, and once trained
+    /// reads its map; the map is blind to a colour added to a frame and to the frame's
+    /// negation (a shape on black and on white), not to what is drawn.
+    #[test]
+    fn contrast_input_reads_a_map_blind_to_background_and_sign() -> Result<()> {
+        let dev = Device::Cpu;
+        let (tok, plain_cfg, cfg) = test_config_and("contrast_input = true");
+        let (map, plain, variant) = plain_and_variant(&plain_cfg, &cfg, "contrast_input", tok, 19)?;
+        assert_eq!(velocity_gap(&plain, &variant, 1)?, 0.0);
+        let set = set_vars(&map, "contrast.", |v| {
+            Tensor::randn(0f32, 0.5, v.shape(), &dev)
+        })?;
+        assert_eq!(set, 2, "one weight and bias");
+        assert!(
+            velocity_gap(&plain, &variant, 1)? > 1e-3,
+            "the map must be read"
+        );
+
+        let gap = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+        };
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 3, 32, 32), &dev)?;
+        let m = dit::contrast_map(&x)?;
+        assert_eq!(m.dims(), [2, 3, 1, 32, 32]);
+        let colour = Tensor::randn(0f32, 1.0, (2, 3, 3, 1, 1), &dev)?;
+        assert!(gap(&dit::contrast_map(&x.broadcast_add(&colour)?)?, &m)? < 1e-4);
+        assert!(gap(&dit::contrast_map(&x.neg()?)?, &m)? < 1e-6);
+        let other = Tensor::randn(0f32, 1.0, (2, 3, 3, 32, 32), &dev)?;
+        assert!(gap(&dit::contrast_map(&other)?, &m)? > 0.1);
+        Ok(())
+    }
+
     /// `motion_coords` starts as the plain model (zero velocity), is refused by the UNet, and
     /// a video's loss sends gradient to the velocity map through the moving positions (what a
     /// fixed embedding computed on the host could not).
