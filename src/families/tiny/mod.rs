@@ -394,7 +394,12 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (2, frames, 3, 32, 32), &Device::Cpu)?;
         let va = a.velocity(&x, &[0.4, 0.8], &text)?;
         let vb = b.velocity(&x, &[0.4, 0.8], &text)?;
-        (va - vb)?.abs()?.max_all()?.to_scalar::<f32>()
+        gap(&va, &vb)
+    }
+
+    /// The largest elementwise difference of two tensors.
+    fn gap(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
     }
 
     /// The tokenizer, the small test config, and that config with one more manifest line (as
@@ -525,10 +530,6 @@ mod tests {
             let (v, _) = sc.net.forward_self_conditioned(x, e, t, text, false)?;
             sc.x0_from_velocity(x, t, &v)
         };
-        let gap = |a: &Tensor, b: &Tensor| -> Result<f32> {
-            (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
-        };
-
         let chain = TinyCond::new(&sc, text.clone(), None);
         let first = sc.predict_x0(&x, &t, &chain, 1.0)?;
         assert_eq!(gap(&first, &reading(&x, &t, &text, None)?)?, 0.0);
@@ -567,9 +568,6 @@ mod tests {
             "the map must be read"
         );
 
-        let gap = |a: &Tensor, b: &Tensor| -> Result<f32> {
-            (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
-        };
         let x = Tensor::randn(0f32, 1.0, (2, 3, 3, 32, 32), &dev)?;
         let m = dit::contrast_map(&x)?;
         assert_eq!(m.dims(), [2, 3, 1, 32, 32]);
